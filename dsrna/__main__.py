@@ -1,0 +1,5 @@
+import sys
+
+from dsrna.cli import main
+
+sys.exit(main())

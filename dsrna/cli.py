@@ -1,0 +1,76 @@
+"""The ``dsrna`` command. Each subcommand lives in its own module under :mod:`dsrna.commands`
+exposing ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only
+when their subcommand runs, so ``dsrna info`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+SUBCOMMANDS = {
+    "search": "dsrna.commands.search",
+    "train": "dsrna.commands.train",
+    "attack": "dsrna.commands.attack",
+    "certify": "dsrna.commands.certify",
+    "compare": "dsrna.commands.compare",
+    "report": "dsrna.commands.report",
+    "bench": "dsrna.commands.bench",
+    "info": "dsrna.commands.info",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage first by default)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(SUBCOMMANDS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name == SUBCOMMANDS[name]:
+            return None
+        raise
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="dsrna", description="Differentiable search of robust neural architectures.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in SUBCOMMANDS:
+        module = _load(name) if only in (None, name) else None
+        help_text = getattr(module, "HELP", "not available yet in this version")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if module is not None:
+            module.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsrna.errors import DsrnaError
+
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    module = _load(args.command)
+    if module is None:
+        print(f"dsrna {args.command}: error: this subcommand is not available in this version", file=sys.stderr)
+        return 2
+    try:
+        return int(module.run(args) or 0)
+    except (DsrnaError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("DSRNA_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"dsrna {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dsrna {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The DARTS super-network: mixed ops on every edge, weighted by softmax(alpha) (and PC-DARTS beta)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsrna import backend as _backend
+from dsrna.ops import weighted_sum
+from dsrna.space.genotype import PRIMITIVES, Genotype
+from dsrna.space.ops import (
+    BatchNorm2d,
+    FactorizedReduce,
+    Normalize,
+    ReLUConvBN,
+    Zero,
+    channel_shuffle,
+    make_op,
+)
+
+
+class MixedOp(nn.Module):
+    """One edge: every candidate of ``PRIMITIVES`` (in order) on ``C // partial_channels`` channels.
+
+    With ``partial_channels=K > 1`` (PC-DARTS) only the first ``C/K`` channels go through the
+    candidates; the rest bypass (max-pooled 2x2 at stride 2) and the result is channel-shuffled.
+    """
+
+    def __init__(self, C: int, stride: int, partial_channels: int = 1):
+        super().__init__()
+        if C % partial_channels:
+            raise ValueError(f"partial_channels={partial_channels} must divide the channel count {C}")
+        self.stride = stride
+        self.partial_channels = partial_channels
+        self.C_op = C // partial_channels
+        self.ops = nn.ModuleList(make_op(p, self.C_op, stride, affine=False, pool_bn=True) for p in PRIMITIVES)
+        if partial_channels > 1 and stride == 2:
+            self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True)
+
+    def terms(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The non-``none`` candidate outputs and their weights; ``none`` adds nothing to the sum."""
+        outs, ws = [], []
+        relu_x = None
+        for k, op in enumerate(self.ops):
+            if isinstance(op, Zero):
+                continue
+            if hasattr(op, "after_relu"):
+                # The conv candidates (and the strided skip) all start with ReLU: compute it once per edge.
+                relu_x = F.relu(x) if relu_x is None else relu_x
+                outs.append(op.after_relu(relu_x))
+            else:
+                outs.append(op(x))  # the stride-1 skip returns x itself: no copy
+            ws.append(weights[k])
+        return outs, ws
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.partial_channels == 1:
+            outs, ws = self.terms(x, weights)
+            return weighted_sum(outs, torch.stack(ws))
+        active, bypass = x[:, : self.C_op], x[:, self.C_op:]
+        outs, ws = self.terms(active, weights)
+        mixed = weighted_sum(outs, torch.stack(ws))
+        if self.stride == 2:
+            bypass = self.bypass_pool(bypass)
+        return channel_shuffle(torch.cat([mixed, bypass], dim=1), self.partial_channels)
+
+
+class SearchCell(nn.Module):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, partial_channels=1):
+        super().__init__()
+        self.reduction = reduction
+        self.steps = steps
+        self.multiplier = multiplier
+        self.partial_channels = partial_channels
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self.edges = nn.ModuleList()
+        for i in range(steps):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self.edges.append(MixedOp(C, stride, partial_channels))
+
+    def edge_index(self):
+        """Yield ``(node, edge, input_state)`` for every edge in order (node counts from 2)."""
+        e = 0
+        for i in range(self.steps):
+            for j in range(2 + i):
+                yield 2 + i, e, j
+                e += 1
+
+    def forward(self, s0, s1, weights, edge_weights=None):
+        """``weights``: softmax(alpha) ``[edges, ops]``; ``edge_weights``: per-edge beta weights or None."""
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        outs, ws = [], []
+        for node, e, j in self.edge_index():
+            if self.partial_channels == 1:
+                # Node-level fusion: every candidate of every incoming edge goes into one weighted sum.
+                o, w = self.edges[e].terms(states[j], weights[e])
+                outs += o
+                ws += w
+            else:
+                outs.append(self.edges[e](states[j], weights[e]))
+                ws.append(edge_weights[e])
+            if j == node - 1:  # last incoming edge of this node
+                states.append(weighted_sum(outs, torch.stack(ws)))
+                outs, ws = [], []
+        return torch.cat(states[-self.multiplier:], dim=1)
+
+
+def _parse(weights: torch.Tensor, steps: int) -> list[tuple[str, int]]:
+    """DARTS discretisation: per node the two inputs whose best non-``none`` weight is largest."""
+    none = PRIMITIVES.index("none")
+    gene, start = [], 0
+    for i in range(steps):
+        end = start + 2 + i
+        W = weights[start:end].clone()
+        W[:, none] = float("-inf")
+        best_weight, best_op = W.max(dim=1)
+        # stable sort, so ties go to the lower input index as in DARTS' sorted()
+        order = sorted(range(2 + i), key=lambda j: -best_weight[j].item())[:2]
+        gene += [(PRIMITIVES[best_op[j].item()], j) for j in order]
+        start = end
+    return gene
+
+
+class SearchNetwork(nn.Module):
+    """The DARTS super-network (METHOD.md §1). Inputs are in [0, 1]; ``mean``/``std`` normalise inside.
+
+    ``arch_parameters()`` are ``alphas_normal``/``alphas_reduce`` ``[14, 8]`` (and, for
+    ``partial_channels > 1``, ``betas_normal``/``betas_reduce`` ``[14]``); they are registered
+    parameters, so they are saved in ``state_dict``. ``weight_parameters()`` are all the others.
+    """
+
+    def __init__(self, C=16, num_classes=10, layers=8, in_channels=3, steps=4, multiplier=4,
+                 partial_channels=1, backend="auto", stem_multiplier=3, mean=None, std=None):
+        super().__init__()
+        if backend not in _backend.CHOICES:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(_backend.CHOICES)}")
+        self.C, self.num_classes, self.layers = C, num_classes, layers
+        self.in_channels, self.steps, self.multiplier = in_channels, steps, multiplier
+        self.partial_channels, self.backend, self.stem_multiplier = partial_channels, backend, stem_multiplier
+        self.normalize = Normalize(mean if mean is not None else [0.0] * in_channels,
+                                   std if std is not None else [1.0] * in_channels)
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), BatchNorm2d(C_curr, affine=False))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                C_curr *= 2
+            self.cells.append(SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, partial_channels))
+            reduction_prev = reduction
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+        n_edges = sum(2 + i for i in range(steps))
+        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(n_edges, len(PRIMITIVES)))
+        self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges, len(PRIMITIVES)))
+        if partial_channels > 1:
+            self.betas_normal = nn.Parameter(1e-3 * torch.randn(n_edges))
+            self.betas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges))
+
+    # --- parameters ---------------------------------------------------------------------------------
+
+    _ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in self._ARCH_NAMES if hasattr(self, n)]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def new(self) -> "SearchNetwork":
+        """A fresh network of the same configuration with a copy of the architecture parameters."""
+        net = SearchNetwork(self.C, self.num_classes, self.layers, self.in_channels, self.steps, self.multiplier,
+                            self.partial_channels, self.backend, self.stem_multiplier,
+                            self.normalize.mean.flatten().tolist(), self.normalize.std.flatten().tolist())
+        net = net.to(self.alphas_normal.device)
+        for mine, theirs in zip(net.arch_parameters(), self.arch_parameters()):
+            mine.data.copy_(theirs.data)
+        return net
+
+    # --- weights of the mixed ops -------------------------------------------------------------------
+
+    def edge_weights(self, reduction: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax(alpha) ``[edges, ops]`` and, for PC-DARTS, per-edge softmax(beta) within each node."""
+        alpha = self.alphas_reduce if reduction else self.alphas_normal
+        weights = F.softmax(alpha, dim=-1)
+        if self.partial_channels == 1:
+            return weights, None
+        beta = self.betas_reduce if reduction else self.betas_normal
+        parts, start = [], 0
+        for i in range(self.steps):
+            parts.append(F.softmax(beta[start:start + 2 + i], dim=-1))
+            start += 2 + i
+        return weights, torch.cat(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The model's own backend, when set, overrides the global choice for every op inside.
+        with contextlib.nullcontext() if self.backend == "auto" else _backend.use_backend(self.backend):
+            s0 = s1 = self.stem(self.normalize(x))
+            mixing = {False: self.edge_weights(False), True: self.edge_weights(True)}
+            for cell in self.cells:
+                weights, edge_weights = mixing[cell.reduction]
+                s0, s1 = s1, cell(s0, s1, weights, edge_weights)
+            return self.classifier(self.global_pooling(s1).flatten(1))
+
+    # --- discretisation -----------------------------------------------------------------------------
+
+    def genotype(self) -> Genotype:
+        """The discrete architecture by the DARTS rule (PC-DARTS: edge strength = alpha weight * beta weight)."""
+        genes = []
+        for reduction in (False, True):
+            weights, edge_weights = self.edge_weights(reduction)
+            weights = weights.detach().float().cpu()
+            if edge_weights is not None:
+                weights = weights * edge_weights.detach().float().cpu()[:, None]
+            genes.append(_parse(weights, self.steps))
+        concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
+        return Genotype(normal=genes[0], normal_concat=concat, reduce=genes[1], reduce_concat=concat)
