@@ -1,11 +1,21 @@
 """Fast ops with their pure-PyTorch reference twins, one module per op family.
 
 Each module registers its implementations with :mod:`dsrna.backend`; importing this package
-registers all of them. Fast implementations that cannot load (no Triton, no built extension)
-simply stay unregistered and the reference path is used.
+registers all of them. The Triton implementations live in :mod:`dsrna.kernels` and register
+themselves when it imports; without Triton they stay unregistered and `auto` uses another path.
 """
+
+import warnings
 
 from dsrna.ops.depthwise import depthwise_conv2d, depthwise_conv2d_reference
 from dsrna.ops.weighted_sum import weighted_sum, weighted_sum_reference
+
+try:
+    import dsrna.kernels  # noqa: F401  (registers the triton backend)
+except Exception as exc:  # no triton, or a triton too old for the kernels: never fail at import
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"dsrna: Triton kernels unavailable ({TRITON_IMPORT_ERROR}); using other backends", RuntimeWarning)
+else:
+    TRITON_IMPORT_ERROR = None
 
 __all__ = ["depthwise_conv2d", "depthwise_conv2d_reference", "weighted_sum", "weighted_sum_reference"]

@@ -1,0 +1,6 @@
+"""Triton kernels, installed as the subpackage ``dsrna.kernels``.
+
+Each module holds one kernel family with its launcher and ``torch.library`` registration, and
+registers itself as the ``triton`` backend of the matching op in :mod:`dsrna.backend` on import.
+Importing this package needs Triton; :mod:`dsrna.ops` imports it inside a guard.
+"""
