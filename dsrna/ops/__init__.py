@@ -7,7 +7,12 @@ themselves when it imports; without Triton they stay unregistered and `auto` use
 
 import warnings
 
-from dsrna.ops.depthwise import depthwise_conv2d, depthwise_conv2d_reference
+from dsrna.ops.depthwise import (
+    depthwise_conv2d,
+    depthwise_conv2d_reference,
+    depthwise_conv2d_transpose,
+    depthwise_conv2d_transpose_reference,
+)
 from dsrna.ops.weighted_sum import weighted_sum, weighted_sum_reference
 
 try:
