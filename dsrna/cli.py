@@ -8,6 +8,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 SUBCOMMANDS = {
     "search": "dsrna.commands.search",
@@ -17,13 +18,14 @@ SUBCOMMANDS = {
     "compare": "dsrna.commands.compare",
     "report": "dsrna.commands.report",
     "bench": "dsrna.commands.bench",
+    "data": "dsrna.commands.data",
     "info": "dsrna.commands.info",
 }
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints usage first by default)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _load(name: str):
@@ -36,7 +38,10 @@ def _load(name: str):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from dsrna import __version__
+
     parser = _Parser(prog="dsrna", description="Differentiable search of robust neural architectures.")
+    parser.add_argument("--version", action="version", version=f"dsrna {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in SUBCOMMANDS:
@@ -48,20 +53,34 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    # A command's warnings (e.g. a fast backend falling back to the reference) are for the user,
+    # not a source location.
+    print(f"dsrna: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from dsrna.backend import BackendUnavailable
     from dsrna.errors import DsrnaError
 
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=command if command in SUBCOMMANDS else None)
+    if not argv:
+        parser.print_help()
+        return 2
     args = parser.parse_args(argv)
     module = _load(args.command)
     if module is None:
         print(f"dsrna {args.command}: error: this subcommand is not available in this version", file=sys.stderr)
         return 2
     try:
-        return int(module.run(args) or 0)
-    except (DsrnaError, FileNotFoundError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(module.run(args) or 0)
+    # Errors a user can fix (bad input, missing files, a full disk, an unusable --backend) are one
+    # line; anything else is a bug and keeps its traceback.
+    except (DsrnaError, OSError, ValueError, BackendUnavailable) as exc:
         if os.environ.get("DSRNA_DEBUG"):
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -12,3 +12,24 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def assert_error_within():
+    """Check a fast result against the exact (float64) value: its error may be at most ``factor``
+    times the reference implementation's own error in the same dtype, plus ``ulps`` units of the
+    dtype's rounding at the result's scale (both compared results may be tensors or sequences)."""
+
+    def check(fast, ref, exact, factor=2.0, ulps=4.0):
+        fast, ref, exact = ([t] if isinstance(t, torch.Tensor) else list(t) for t in (fast, ref, exact))
+        assert len(fast) == len(ref) == len(exact)
+        for i, (f, r, e) in enumerate(zip(fast, ref, exact)):
+            assert f.shape == e.shape and f.dtype == r.dtype, (i, f.shape, e.shape, f.dtype, r.dtype)
+            e = e.double()
+            scale = e.abs().max().item() if e.numel() else 0.0
+            ref_err = (r.double() - e).abs().max().item() if e.numel() else 0.0
+            err = (f.double() - e).abs().max().item() if e.numel() else 0.0
+            bound = factor * ref_err + ulps * torch.finfo(r.dtype).eps * scale
+            assert err <= bound, f"result {i}: error {err:.3g} > {bound:.3g} (reference's own error {ref_err:.3g})"
+
+    return check

@@ -2,15 +2,21 @@
 
 This is the arithmetic of the mixed op and of a DARTS node: the cell hands over every candidate
 output of every incoming edge together with its softmax weight, so one call computes a node.
+
+The native implementation is the op ``torch.ops.dsrna.weighted_sum`` of :mod:`dsrna._C`. Its
+gradient to ``w`` is a second op, ``batched_dot`` (``<xs[i], g>`` for every i in one pass), and the
+backward of each op is written with the two ops and scaling, so every order of derivative (the
+Jacobian architecture step needs double backward) stays on them.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 
-from dsrna import backend
+from dsrna import _native, backend
 
 
 def weighted_sum_reference(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
@@ -29,3 +35,58 @@ def weighted_sum(xs: Sequence[torch.Tensor], w: torch.Tensor, backend_name: str 
     if len(xs) != w.numel():
         raise ValueError(f"weighted_sum: {len(xs)} tensors but {w.numel()} weights")
     return backend.dispatch("weighted_sum", xs[0].device, backend_name)(list(xs), w)
+
+
+# --- native ------------------------------------------------------------------------------------------
+
+
+def weighted_sum_native(xs: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.dsrna.weighted_sum``. The kernel takes one dtype; mixed inputs (bf16 conv outputs
+    beside fp32 skips under autocast) are promoted first, as the reference's arithmetic does."""
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    xs = [x if x.dtype == dtype else x.to(dtype) for x in xs]
+    return torch.ops.dsrna.weighted_sum(xs, w)
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_native_autograd() -> None:
+    @torch.library.register_fake("dsrna::weighted_sum")
+    def _(xs, w):
+        return torch.empty_like(xs[0], memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("dsrna::batched_dot")
+    def _(xs, g):
+        return g.new_empty((len(xs),), dtype=_accumulator_dtype(g.dtype))
+
+    def weighted_sum_setup(ctx, inputs, output):
+        xs, w = inputs
+        ctx.save_for_backward(w, *xs)
+
+    def weighted_sum_backward(ctx, grad):
+        w, *xs = ctx.saved_tensors
+        grad_xs = [grad * w[i] for i in range(len(xs))]
+        grad_w = torch.ops.dsrna.batched_dot(xs, grad).to(w.dtype)
+        return grad_xs, grad_w
+
+    def batched_dot_setup(ctx, inputs, output):
+        xs, g = inputs
+        ctx.save_for_backward(g, *xs)
+
+    def batched_dot_backward(ctx, grad):
+        g, *xs = ctx.saved_tensors
+        grad_xs = [g * grad[i] for i in range(len(xs))]
+        grad_g = torch.ops.dsrna.weighted_sum(xs, grad)
+        return grad_xs, grad_g
+
+    torch.library.register_autograd("dsrna::weighted_sum", weighted_sum_backward, setup_context=weighted_sum_setup)
+    torch.library.register_autograd("dsrna::batched_dot", batched_dot_backward, setup_context=batched_dot_setup)
+
+
+if _native.C is not None:
+    _register_native_autograd()
+# Registered even without the extension, so that `dsrna info` and an explicit request for the
+# native backend say why it cannot run (dsrna.backend.backend_status).
+backend.register("weighted_sum", "native", weighted_sum_native)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsrna.ops import depthwise_conv2d
+from dsrna.ops.pool_bn import pool_bn
 
 # --- batch norm whose train-mode statistics can be frozen --------------------------------------------
 
@@ -212,11 +213,17 @@ class FactorizedReduce(nn.Module):
 
 
 class PoolBN(nn.Module):
-    """3x3 max or average pool (padding 1; average without padded zeros), then BN if given."""
+    """3x3 max or average pool (padding 1; average without padded zeros), then BN if given.
+
+    With BN in plain train or eval mode the pair runs as one fused op through the backend dispatch
+    (:func:`dsrna.ops.pool_bn`); while batch statistics are captured or replayed
+    (:func:`capture_batch_stats`, :func:`frozen_batch_stats`) the BN module runs itself.
+    """
 
     def __init__(self, kind, C, stride, bn=True):
         super().__init__()
         self.kind = kind
+        self.stride = stride
         if kind == "max":
             self.pool = nn.MaxPool2d(3, stride=stride, padding=1)
         elif kind == "avg":
@@ -226,8 +233,16 @@ class PoolBN(nn.Module):
         self.bn = BatchNorm2d(C, affine=False) if bn else None
 
     def forward(self, x):
-        x = self.pool(x)
-        return self.bn(x) if self.bn is not None else x
+        if self.bn is None:
+            return self.pool(x)
+        if self._fusable():
+            return pool_bn(x, self.kind, self.stride, self.bn)
+        return self.bn(self.pool(x))
+
+    def _fusable(self) -> bool:
+        bn = self.bn
+        plain_mode = not bn.training or getattr(_bn_mode, "value", None) is None
+        return plain_mode and bn.track_running_stats and bn.momentum is not None and not bn.affine
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

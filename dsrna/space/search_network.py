@@ -41,8 +41,13 @@ class MixedOp(nn.Module):
             self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True)
 
     def terms(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The non-``none`` candidate outputs and their weights; ``none`` adds nothing to the sum."""
-        outs, ws = [], []
+        """The non-``none`` candidate outputs and their weights; ``none`` adds nothing to the sum.
+
+        The weights are views of one slice of ``weights`` (the kept candidates are contiguous in
+        ``PRIMITIVES``): its backward is one stack and one slice copy, where a scalar select per
+        candidate would cost two kernels each plus the accumulation of their gradients.
+        """
+        outs, kept = [], []
         relu_x = None
         for k, op in enumerate(self.ops):
             if isinstance(op, Zero):
@@ -53,8 +58,10 @@ class MixedOp(nn.Module):
                 outs.append(op.after_relu(relu_x))
             else:
                 outs.append(op(x))  # the stride-1 skip returns x itself: no copy
-            ws.append(weights[k])
-        return outs, ws
+            kept.append(k)
+        if kept == list(range(kept[0], kept[-1] + 1)):
+            return outs, list(weights[kept[0]:kept[-1] + 1].unbind(0))
+        return outs, [weights[k] for k in kept]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.partial_channels == 1:
@@ -138,20 +145,41 @@ class SearchNetwork(nn.Module):
     """
 
     def __init__(self, C=16, num_classes=10, layers=8, in_channels=3, steps=4, multiplier=4,
-                 partial_channels=1, backend="auto", stem_multiplier=3, mean=None, std=None):
+                 partial_channels=1, backend="auto", stem_multiplier=3, mean=None, std=None, stem="cifar"):
         super().__init__()
         if backend not in _backend.CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(_backend.CHOICES)}")
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        if layers < 1 or steps < 1 or not 1 <= multiplier <= steps:
+            raise ValueError(f"need layers >= 1 and 1 <= multiplier <= steps, got layers={layers}, steps={steps}, multiplier={multiplier}")
         self.C, self.num_classes, self.layers = C, num_classes, layers
         self.in_channels, self.steps, self.multiplier = in_channels, steps, multiplier
         self.partial_channels, self.backend, self.stem_multiplier = partial_channels, backend, stem_multiplier
+        self.stem_kind = stem
         self.normalize = Normalize(mean if mean is not None else [0.0] * in_channels,
                                    std if std is not None else [1.0] * in_channels)
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), BatchNorm2d(C_curr, affine=False))
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        if stem == "cifar":
+            C_curr = stem_multiplier * C
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), BatchNorm2d(C_curr, affine=False))
+            self.stem1 = None
+            C_prev_prev, C_prev = C_curr, C_curr
+            reduction_prev = False
+        else:
+            # PC-DARTS' ImageNet search stem: three stride-2 convs for 224x224 inputs; s0 leaves at
+            # stride 4 and s1 at stride 8, so the first cell aligns s0 with a FactorizedReduce.
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False), BatchNorm2d(C // 2, affine=False),
+                nn.ReLU(inplace=False),
+                nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False), BatchNorm2d(C, affine=False),
+            )
+            self.stem1 = nn.Sequential(
+                nn.ReLU(inplace=False), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False), BatchNorm2d(C, affine=False),
+            )
+            C_prev_prev, C_prev = C, C
+            reduction_prev = True
+        C_curr = C
         self.cells = nn.ModuleList()
-        reduction_prev = False
         for i in range(layers):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
@@ -184,8 +212,8 @@ class SearchNetwork(nn.Module):
         """A fresh network of the same configuration with a copy of the architecture parameters."""
         net = SearchNetwork(self.C, self.num_classes, self.layers, self.in_channels, self.steps, self.multiplier,
                             self.partial_channels, self.backend, self.stem_multiplier,
-                            self.normalize.mean.flatten().tolist(), self.normalize.std.flatten().tolist())
-        net = net.to(self.alphas_normal.device)
+                            self.normalize.mean.flatten().tolist(), self.normalize.std.flatten().tolist(), self.stem_kind)
+        net = net.to(device=self.alphas_normal.device, dtype=self.alphas_normal.dtype)
         for mine, theirs in zip(net.arch_parameters(), self.arch_parameters()):
             mine.data.copy_(theirs.data)
         return net
@@ -208,7 +236,8 @@ class SearchNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The model's own backend, when set, overrides the global choice for every op inside.
         with contextlib.nullcontext() if self.backend == "auto" else _backend.use_backend(self.backend):
-            s0 = s1 = self.stem(self.normalize(x))
+            s0 = self.stem(self.normalize(x))
+            s1 = self.stem1(s0) if self.stem1 is not None else s0
             mixing = {False: self.edge_weights(False), True: self.edge_weights(True)}
             for cell in self.cells:
                 weights, edge_weights = mixing[cell.reduction]

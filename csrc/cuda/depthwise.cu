@@ -1,0 +1,297 @@
+// CUDA kernels of the depthwise convolution family (kernel 3 and 5, any stride, padding, dilation).
+//
+// Forward, interval forward and input gradient share one scheme: a block owns an output tile of
+// (blockDim.x x blockDim.y) pixels in each of blockDim.z planes (several small planes per block keep
+// 8x8 feature maps from idling most threads), stages the input tile plus its halo in shared memory
+// once, and every thread then computes one output from shared memory with the plane's K*K weights in
+// registers. The weight gradient reduces over the batch and the image, in deterministic partial sums.
+#include <algorithm>
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace dsrna::gpu {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxPlanesPerBlock = 32;
+constexpr size_t kMaxSharedBytes = 40 * 1024;
+
+int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// Threads per block (x, y, z) and shared memory for tiles whose input footprint is
+// ((tx-1)*stride + span) x ((ty-1)*stride + span), `copies` arrays per plane.
+struct TileConfig {
+  dim3 block;
+  int tiles_x, tiles_y;
+  size_t shared_bytes;
+};
+
+// For the forward kernels `out_h x out_w` is the output plane and the shared tile is an input
+// window of ((t-1)*stride + span) per axis; for the transposed kernel `out` is the gradient plane and
+// the window over grad_y has ((t-1 + span-1) / stride + 1) per axis.
+TileConfig tile_config(int64_t planes, int64_t out_h, int64_t out_w, int stride, int span, bool transposed,
+                       size_t elem_bytes, int copies) {
+  int tw = std::min(32, next_pow2(out_w));
+  int th = std::min(kThreads / tw, next_pow2(out_h));
+  int tz = int(std::min<int64_t>({kMaxPlanesPerBlock, kThreads / (tw * th), planes}));
+  auto window = [&](int t) { return transposed ? (t - 1 + span - 1) / stride + 1 : (t - 1) * stride + span; };
+  auto bytes = [&]() { return size_t(tz) * window(tw) * window(th) * elem_bytes * copies; };
+  while (bytes() > kMaxSharedBytes && tz > 1) tz /= 2;
+  while (bytes() > kMaxSharedBytes && th > 1) th /= 2;
+  TileConfig c;
+  c.block = dim3(tw, th, tz);
+  c.tiles_x = int(ceil_div(out_w, tw));
+  c.tiles_y = int(ceil_div(out_h, th));
+  c.shared_bytes = bytes();
+  return c;
+}
+
+// y = conv(x, w) or, with kInterval, the interval pair (x = lower, x2 = upper): centre through w
+// and radius through |w| from one staged tile each, y = centre - radius and y2 = centre + radius.
+template <typename T, int K, bool kInterval>
+__global__ void __launch_bounds__(kThreads)
+depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ x2, const T* __restrict__ w,
+                         T* __restrict__ y, T* __restrict__ y2, DepthwiseGeometry g, int tiles_x) {
+  using Acc = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  const int s = g.stride, d = g.dilation;
+  const int tw = blockDim.x, th = blockDim.y;
+  const int in_w = (tw - 1) * s + (K - 1) * d + 1;
+  const int in_h = (th - 1) * s + (K - 1) * d + 1;
+  const int tile_elems = in_w * in_h;
+  Acc* tile = reinterpret_cast<Acc*>(shared_raw) + threadIdx.z * tile_elems * (kInterval ? 2 : 1);
+
+  const int64_t plane = int64_t(blockIdx.x) * blockDim.z + threadIdx.z;
+  const bool live_plane = plane < g.N * g.C;
+  const int oh0 = (blockIdx.y / tiles_x) * th, ow0 = (blockIdx.y % tiles_x) * tw;
+  const int ih0 = oh0 * s - g.padding, iw0 = ow0 * s - g.padding;
+  if (live_plane) {
+    const int64_t base = plane * g.H * g.W;
+    for (int idx = threadIdx.y * tw + threadIdx.x; idx < tile_elems; idx += tw * th) {
+      const int r = idx / in_w, c = idx - r * in_w;
+      const int ih = ih0 + r, iw = iw0 + c;
+      const bool inside = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+      const int64_t at = base + int64_t(ih) * g.W + iw;
+      if (kInterval) {
+        const Acc l = inside ? to_acc(x[at]) : Acc(0), u = inside ? to_acc(x2[at]) : Acc(0);
+        tile[idx] = Acc(0.5) * (l + u);
+        tile[tile_elems + idx] = Acc(0.5) * (u - l);
+      } else {
+        tile[idx] = inside ? to_acc(x[at]) : Acc(0);
+      }
+    }
+  }
+  __syncthreads();
+  const int oh = oh0 + threadIdx.y, ow = ow0 + threadIdx.x;
+  if (!live_plane || oh >= g.Ho || ow >= g.Wo) return;
+
+  const T* wp = w + (plane % g.C) * K * K;
+  Acc wr[K * K];
+#pragma unroll
+  for (int i = 0; i < K * K; ++i) wr[i] = to_acc(wp[i]);
+  const Acc* src = tile + threadIdx.y * s * in_w + threadIdx.x * s;
+  Acc acc = 0, radius = 0;
+#pragma unroll
+  for (int kh = 0; kh < K; ++kh) {
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) {
+      const int off = kh * d * in_w + kw * d;
+      acc += wr[kh * K + kw] * src[off];
+      if (kInterval) radius += fabs(wr[kh * K + kw]) * src[tile_elems + off];
+    }
+  }
+  const int64_t out = (plane * g.Ho + oh) * g.Wo + ow;
+  if (kInterval) {
+    y[out] = from_acc<T>(acc - radius);
+    y2[out] = from_acc<T>(acc + radius);
+  } else {
+    y[out] = from_acc<T>(acc);
+  }
+}
+
+// grad_x = conv_transpose(grad_y, w), gathered: grad_x[ih][iw] sums w[kh][kw] * grad_y[oh][ow]
+// over the taps with oh*s = ih + p - kh*d and ow*s = iw + p - kw*d. The block stages the window
+// of grad_y that its grad_x tile reads (zero outside grad_y).
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads)
+depthwise_transpose_kernel(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
+                           DepthwiseGeometry g, int tiles_x) {
+  using Acc = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  const int s = g.stride, d = g.dilation, p = g.padding;
+  const int tw = blockDim.x, th = blockDim.y;
+  const int win_w = (tw - 1 + (K - 1) * d) / s + 1;
+  const int win_h = (th - 1 + (K - 1) * d) / s + 1;
+  Acc* tile = reinterpret_cast<Acc*>(shared_raw) + threadIdx.z * win_w * win_h;
+
+  const int64_t plane = int64_t(blockIdx.x) * blockDim.z + threadIdx.z;
+  const bool live_plane = plane < g.N * g.C;
+  const int ih0 = (blockIdx.y / tiles_x) * th, iw0 = (blockIdx.y % tiles_x) * tw;
+  // First grad_y row/column any tap of this tile reaches: ceil((i0 + p - (K-1)*d) / s).
+  const int oh_lo = -floor_div(-(ih0 + p - (K - 1) * d), s);
+  const int ow_lo = -floor_div(-(iw0 + p - (K - 1) * d), s);
+  if (live_plane) {
+    const int64_t base = plane * g.Ho * g.Wo;
+    for (int idx = threadIdx.y * tw + threadIdx.x; idx < win_w * win_h; idx += tw * th) {
+      const int r = idx / win_w, c = idx - r * win_w;
+      const int oh = oh_lo + r, ow = ow_lo + c;
+      const bool inside = oh >= 0 && oh < g.Ho && ow >= 0 && ow < g.Wo;
+      tile[idx] = inside ? to_acc(gy[base + int64_t(oh) * g.Wo + ow]) : Acc(0);
+    }
+  }
+  __syncthreads();
+  const int ih = ih0 + threadIdx.y, iw = iw0 + threadIdx.x;
+  if (!live_plane || ih >= g.H || iw >= g.W) return;
+
+  const T* wp = w + (plane % g.C) * K * K;
+  Acc acc = 0;
+#pragma unroll
+  for (int kh = 0; kh < K; ++kh) {
+    const int t = ih + p - kh * d;
+    const int oh = floor_div(t, s);
+    if (oh * s != t) continue;  // this tap row lands between strided outputs
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) {
+      const int u = iw + p - kw * d;
+      const int ow = floor_div(u, s);
+      if (ow * s != u) continue;
+      acc += to_acc(wp[kh * K + kw]) * tile[(oh - oh_lo) * win_w + (ow - ow_lo)];
+    }
+  }
+  gx[(plane * g.H + ih) * g.W + iw] = from_acc<T>(acc);
+}
+
+// partial[chunk][c][k] = sum over this chunk's share of (n, oh, ow) of grad_y * x at tap k.
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads)
+depthwise_weight_kernel(const T* __restrict__ x, const T* __restrict__ gy, acc_t<T>* __restrict__ partial,
+                        DepthwiseGeometry g) {
+  using Acc = acc_t<T>;
+  __shared__ Acc scratch[32];
+  const int c = blockIdx.x;
+  const int s = g.stride, d = g.dilation, p = g.padding;
+  const int64_t plane_out = g.Ho * g.Wo;
+  const int64_t positions = g.N * plane_out;
+  const int64_t per_chunk = ceil_div(positions, gridDim.y);
+  const int64_t begin = blockIdx.y * per_chunk;
+  const int64_t end = begin + per_chunk < positions ? begin + per_chunk : positions;
+  Acc acc[K * K];
+#pragma unroll
+  for (int k = 0; k < K * K; ++k) acc[k] = 0;
+  for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
+    const int64_t n = q / plane_out;
+    const int rem = int(q - n * plane_out);
+    const int oh = rem / g.Wo, ow = rem - oh * g.Wo;
+    const int64_t plane = n * g.C + c;
+    const Acc gv = to_acc(gy[plane * plane_out + rem]);
+    const T* xp = x + plane * g.H * g.W;
+#pragma unroll
+    for (int kh = 0; kh < K; ++kh) {
+      const int ih = oh * s - p + kh * d;
+      if (ih < 0 || ih >= g.H) continue;
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) {
+        const int iw = ow * s - p + kw * d;
+        if (iw >= 0 && iw < g.W) acc[kh * K + kw] += gv * to_acc(xp[int64_t(ih) * g.W + iw]);
+      }
+    }
+  }
+  Acc* out = partial + (int64_t(blockIdx.y) * g.C + c) * K * K;
+#pragma unroll
+  for (int k = 0; k < K * K; ++k) {
+    const Acc total = block_sum(acc[k], scratch);
+    if (threadIdx.x == 0) out[k] = total;
+  }
+}
+
+// Calls f(std::integral_constant<int, K>) for the compiled kernel sizes.
+template <typename F> cudaError_t dispatch_kernel_size(int K, F&& f) {
+  switch (K) {
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+bool depthwise_supports_kernel_size(int64_t K) { return K == 3 || K == 5; }
+
+cudaError_t depthwise_forward(DType dtype, const void* x, const void* w, void* y, const DepthwiseGeometry& g,
+                              cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_kernel_size(g.K, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      const TileConfig c = tile_config(g.N * g.C, g.Ho, g.Wo, g.stride, (K - 1) * g.dilation + 1, false,
+                                       sizeof(acc_t<T>), 1);
+      const dim3 grid{unsigned(ceil_div(g.N * g.C, c.block.z)), unsigned(c.tiles_x * c.tiles_y)};
+      depthwise_forward_kernel<T, K, false><<<grid, c.block, c.shared_bytes, stream>>>(
+          static_cast<const T*>(x), nullptr, static_cast<const T*>(w), static_cast<T*>(y), nullptr, g, c.tiles_x);
+      return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t interval_depthwise(DType dtype, const void* lower, const void* upper, const void* w, void* out_lower,
+                               void* out_upper, const DepthwiseGeometry& g, cudaStream_t stream) {
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_kernel_size(g.K, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      const TileConfig c = tile_config(g.N * g.C, g.Ho, g.Wo, g.stride, (K - 1) * g.dilation + 1, false,
+                                       sizeof(acc_t<T>), 2);
+      const dim3 grid{unsigned(ceil_div(g.N * g.C, c.block.z)), unsigned(c.tiles_x * c.tiles_y)};
+      depthwise_forward_kernel<T, K, true><<<grid, c.block, c.shared_bytes, stream>>>(
+          static_cast<const T*>(lower), static_cast<const T*>(upper), static_cast<const T*>(w),
+          static_cast<T*>(out_lower), static_cast<T*>(out_upper), g, c.tiles_x);
+      return cudaGetLastError();
+    });
+  };
+  if (dtype == DType::kFloat32) return launch(float{});
+  if (dtype == DType::kFloat64) return launch(double{});
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t depthwise_transpose(DType dtype, const void* grad_y, const void* w, void* grad_x,
+                                const DepthwiseGeometry& g, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_kernel_size(g.K, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      const TileConfig c = tile_config(g.N * g.C, g.H, g.W, g.stride, (K - 1) * g.dilation + 1, true,
+                                       sizeof(acc_t<T>), 1);
+      const dim3 grid{unsigned(ceil_div(g.N * g.C, c.block.z)), unsigned(c.tiles_x * c.tiles_y)};
+      depthwise_transpose_kernel<T, K><<<grid, c.block, c.shared_bytes, stream>>>(
+          static_cast<const T*>(grad_y), static_cast<const T*>(w), static_cast<T*>(grad_x), g, c.tiles_x);
+      return cudaGetLastError();
+    });
+  });
+}
+
+int64_t depthwise_weight_chunks(const DepthwiseGeometry& g) {
+  // Enough blocks to fill the GPU (C * chunks of a few hundred) with ~1k positions per block.
+  const int64_t positions = g.N * g.Ho * g.Wo;
+  return std::max<int64_t>(1, std::min(ceil_div(positions, 1024), ceil_div(2048, g.C)));
+}
+
+cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, void* partial, const DepthwiseGeometry& g,
+                             int64_t chunks, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_kernel_size(g.K, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      const dim3 grid{unsigned(g.C), unsigned(chunks)};
+      depthwise_weight_kernel<T, K><<<grid, kThreads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(grad_y), static_cast<acc_t<T>*>(partial), g);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace dsrna::gpu

@@ -1,0 +1,455 @@
+// The one translation unit of dsrna._C that includes torch headers: op schemas (torch.library),
+// argument checks, allocation, and the CPU and CUDA implementations, which hand raw pointers to the
+// plain C++ kernels in csrc/cpu/ and the CUDA launchers in csrc/cuda/. Autograd formulas and fake
+// (meta) kernels are registered from Python in dsrna/ops/, expressed with these same ops so that
+// every order of derivative runs on them.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "cpu/depthwise.h"
+#include "cpu/weighted_sum.h"
+
+#ifdef DSRNA_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/kernels.h"
+#endif
+
+namespace dsrna {
+namespace {
+
+using at::Tensor;
+
+template <typename T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Elements per parallel task of the elementwise ops (amortises the task overhead).
+constexpr int64_t kElementGrain = 1 << 15;
+
+void check_same_tensors(at::TensorList xs, const char* op) {
+  TORCH_CHECK(!xs.empty(), op, ": needs at least one tensor");
+  const Tensor& x0 = xs[0];
+  TORCH_CHECK(at::isFloatingType(x0.scalar_type()), op, ": tensors must be floating point, got ", x0.scalar_type());
+  for (size_t i = 1; i < xs.size(); ++i) {
+    TORCH_CHECK(xs[i].sizes() == x0.sizes(), op, ": all tensors must have the same shape, got ", x0.sizes(),
+                " and ", xs[i].sizes(), " at index ", i);
+    TORCH_CHECK(xs[i].scalar_type() == x0.scalar_type(), op, ": all tensors must have the same dtype, got ",
+                x0.scalar_type(), " and ", xs[i].scalar_type(), " at index ", i);
+    TORCH_CHECK(xs[i].device() == x0.device(), op, ": all tensors must be on the same device, got ", x0.device(),
+                " and ", xs[i].device(), " at index ", i);
+  }
+}
+
+void check_weights(at::TensorList xs, const Tensor& w, const char* op) {
+  TORCH_CHECK(w.dim() == 1 && w.numel() == int64_t(xs.size()), op, ": w must be 1-D with one weight per tensor (",
+              xs.size(), "), got shape ", w.sizes());
+  TORCH_CHECK(at::isFloatingType(w.scalar_type()), op, ": w must be floating point, got ", w.scalar_type());
+  TORCH_CHECK(w.device() == xs[0].device(), op, ": w is on ", w.device(), " but the tensors are on ", xs[0].device());
+}
+
+std::vector<Tensor> contiguous_all(at::TensorList xs) {
+  std::vector<Tensor> out;
+  out.reserve(xs.size());
+  for (const Tensor& x : xs) out.push_back(x.contiguous());
+  return out;
+}
+
+// --- geometry of the depthwise family -----------------------------------------------------------
+
+cpu::DepthwiseGeometry depthwise_geometry(int64_t H, int64_t W, int64_t K, int64_t stride, int64_t padding,
+                                          int64_t dilation, const char* op) {
+  TORCH_CHECK(stride >= 1 && dilation >= 1 && padding >= 0, op, ": need stride >= 1, dilation >= 1, padding >= 0, got ",
+              stride, ", ", dilation, ", ", padding);
+  const int64_t Ho = (H + 2 * padding - dilation * (K - 1) - 1) / stride + 1;
+  const int64_t Wo = (W + 2 * padding - dilation * (K - 1) - 1) / stride + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, op, ": the ", K, "x", K, " kernel (dilation ", dilation, ", padding ", padding,
+              ") does not fit a ", H, "x", W, " input");
+  return {H, W, Ho, Wo, K, stride, padding, dilation};
+}
+
+void check_depthwise_weight(const Tensor& x, const Tensor& weight, const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, ": input must be [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 && weight.size(2) == weight.size(3),
+              op, ": weight must be [C, 1, k, k] with C = ", x.size(1), ", got shape ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+              " differs from input dtype ", x.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but the input is on ", x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": tensors must be floating point, got ", x.scalar_type());
+}
+
+// Work per parallel task: enough planes for ~64k multiply-adds.
+int64_t plane_grain(const cpu::DepthwiseGeometry& g) {
+  return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, g.Ho * g.Wo * g.K * g.K));
+}
+
+// --- CPU implementations --------------------------------------------------------------------------
+
+Tensor weighted_sum_cpu(at::TensorList xs, const Tensor& w) {
+  const char* op = "dsrna::weighted_sum";
+  check_same_tensors(xs, op);
+  check_weights(xs, w, op);
+  const auto xc = contiguous_all(xs);
+  Tensor out = at::empty(xs[0].sizes(), xs[0].options());
+  const int64_t numel = out.numel(), n = int64_t(xc.size());
+  if (numel == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dsrna::weighted_sum", [&] {
+    using Acc = acc_t<scalar_t>;
+    const Tensor wc = w.to(acc_dtype(out.scalar_type())).contiguous();
+    std::vector<const scalar_t*> ptrs(n);
+    for (int64_t i = 0; i < n; ++i) ptrs[i] = xc[i].data_ptr<scalar_t>();
+    const Acc* wp = wc.data_ptr<Acc>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, numel, kElementGrain, [&](int64_t begin, int64_t end) {
+      cpu::weighted_sum<scalar_t, Acc>(ptrs.data(), wp, n, op_, begin, end);
+    });
+  });
+  return out;
+}
+
+Tensor batched_dot_cpu(at::TensorList xs, const Tensor& g) {
+  const char* op = "dsrna::batched_dot";
+  check_same_tensors(xs, op);
+  TORCH_CHECK(g.sizes() == xs[0].sizes() && g.scalar_type() == xs[0].scalar_type() && g.device() == xs[0].device(), op,
+              ": g must match the tensors' shape, dtype and device");
+  const auto xc = contiguous_all(xs);
+  const Tensor gc = g.contiguous();
+  const int64_t numel = gc.numel(), n = int64_t(xc.size());
+  // Fixed chunks (independent of the thread count) summed in a fixed order: deterministic.
+  const int64_t chunks = std::max<int64_t>(1, (numel + kElementGrain - 1) / kElementGrain);
+  Tensor partial = at::zeros({chunks, n}, gc.options().dtype(acc_dtype(gc.scalar_type())));
+  if (numel == 0) return partial.sum(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "dsrna::batched_dot", [&] {
+    using Acc = acc_t<scalar_t>;
+    std::vector<const scalar_t*> ptrs(n);
+    for (int64_t i = 0; i < n; ++i) ptrs[i] = xc[i].data_ptr<scalar_t>();
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    Acc* pp = partial.data_ptr<Acc>();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        cpu::batched_dot<scalar_t, Acc>(ptrs.data(), gp, n, c * kElementGrain,
+                                        std::min(numel, (c + 1) * kElementGrain), pp + c * n);
+      }
+    });
+  });
+  return partial.sum(0);
+}
+
+Tensor depthwise_conv2d_cpu(const Tensor& x_, const Tensor& weight, int64_t stride, int64_t padding, int64_t dilation) {
+  const char* op = "dsrna::depthwise_conv2d";
+  check_depthwise_weight(x_, weight, op);
+  const Tensor x = x_.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto g = depthwise_geometry(x.size(2), x.size(3), weight.size(2), stride, padding, dilation, op);
+  Tensor y = at::empty({N, C, g.Ho, g.Wo}, x.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsrna::depthwise_conv2d", [&] {
+    using Acc = acc_t<scalar_t>;
+    const Tensor wc = weight.to(acc_dtype(x.scalar_type())).contiguous();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const Acc* wp = wc.data_ptr<Acc>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, N * C, plane_grain(g), [&](int64_t begin, int64_t end) {
+      std::vector<Acc> row(g.Wo);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        cpu::depthwise_forward_plane(xp + plane * g.H * g.W, wp + (plane % C) * g.K * g.K, g, yp + plane * g.Ho * g.Wo,
+                                     row.data());
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor> interval_depthwise_conv2d_cpu(const Tensor& lower_, const Tensor& upper_, const Tensor& weight,
+                                                         int64_t stride, int64_t padding, int64_t dilation) {
+  const char* op = "dsrna::interval_depthwise_conv2d";
+  check_depthwise_weight(lower_, weight, op);
+  TORCH_CHECK(upper_.sizes() == lower_.sizes() && upper_.scalar_type() == lower_.scalar_type() &&
+                  upper_.device() == lower_.device(),
+              op, ": lower and upper must have the same shape, dtype and device");
+  const Tensor lower = lower_.contiguous(), upper = upper_.contiguous();
+  const int64_t N = lower.size(0), C = lower.size(1);
+  const auto g = depthwise_geometry(lower.size(2), lower.size(3), weight.size(2), stride, padding, dilation, op);
+  Tensor out_lower = at::empty({N, C, g.Ho, g.Wo}, lower.options());
+  Tensor out_upper = at::empty_like(out_lower);
+  if (out_lower.numel() == 0) return {out_lower, out_upper};
+  AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "dsrna::interval_depthwise_conv2d", [&] {
+    using Acc = acc_t<scalar_t>;
+    const Tensor wc = weight.contiguous();
+    const scalar_t* lp = lower.data_ptr<scalar_t>();
+    const scalar_t* up = upper.data_ptr<scalar_t>();
+    const Acc* wp = wc.data_ptr<Acc>();
+    scalar_t* olp = out_lower.data_ptr<scalar_t>();
+    scalar_t* oup = out_upper.data_ptr<scalar_t>();
+    at::parallel_for(0, N * C, plane_grain(g), [&](int64_t begin, int64_t end) {
+      std::vector<Acc> rows(2 * g.Wo);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t in = plane * g.H * g.W, out = plane * g.Ho * g.Wo;
+        cpu::interval_depthwise_plane(lp + in, up + in, wp + (plane % C) * g.K * g.K, g, olp + out, oup + out,
+                                      rows.data());
+      }
+    });
+  });
+  return {out_lower, out_upper};
+}
+
+cpu::DepthwiseGeometry transpose_geometry(const Tensor& grad_y, const Tensor& weight, at::IntArrayRef input_hw,
+                                          int64_t stride, int64_t padding, int64_t dilation, const char* op) {
+  check_depthwise_weight(grad_y, weight, op);
+  TORCH_CHECK(input_hw.size() == 2, op, ": input_hw must hold (H, W), got ", input_hw);
+  const auto g = depthwise_geometry(input_hw[0], input_hw[1], weight.size(2), stride, padding, dilation, op);
+  TORCH_CHECK(g.Ho == grad_y.size(2) && g.Wo == grad_y.size(3), op, ": an input of ", input_hw[0], "x", input_hw[1],
+              " gives ", g.Ho, "x", g.Wo, " outputs, but grad_out is ", grad_y.size(2), "x", grad_y.size(3));
+  return g;
+}
+
+Tensor depthwise_conv2d_transpose_cpu(const Tensor& grad_y_, const Tensor& weight, at::IntArrayRef input_hw,
+                                      int64_t stride, int64_t padding, int64_t dilation) {
+  const char* op = "dsrna::depthwise_conv2d_transpose";
+  const auto g = transpose_geometry(grad_y_, weight, input_hw, stride, padding, dilation, op);
+  const Tensor grad_y = grad_y_.contiguous();
+  const int64_t N = grad_y.size(0), C = grad_y.size(1);
+  Tensor grad_x = at::empty({N, C, g.H, g.W}, grad_y.options());
+  if (grad_x.numel() == 0) return grad_x;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "dsrna::depthwise_conv2d_transpose", [&] {
+    using Acc = acc_t<scalar_t>;
+    const Tensor wc = weight.to(acc_dtype(grad_y.scalar_type())).contiguous();
+    const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+    const Acc* wp = wc.data_ptr<Acc>();
+    scalar_t* xp = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, N * C, plane_grain(g), [&](int64_t begin, int64_t end) {
+      std::vector<Acc> buf(g.H * g.W);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        cpu::depthwise_transpose_plane(gp + plane * g.Ho * g.Wo, wp + (plane % C) * g.K * g.K, g,
+                                       xp + plane * g.H * g.W, buf.data());
+      }
+    });
+  });
+  return grad_x;
+}
+
+cpu::DepthwiseGeometry weight_grad_geometry(const Tensor& x, const Tensor& grad_y, int64_t kernel_size, int64_t stride,
+                                            int64_t padding, int64_t dilation, const char* op) {
+  TORCH_CHECK(x.dim() == 4 && grad_y.dim() == 4 && grad_y.size(0) == x.size(0) && grad_y.size(1) == x.size(1), op,
+              ": input [N, C, H, W] and grad_out [N, C, Ho, Wo] must agree, got ", x.sizes(), " and ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(), op,
+              ": input and grad_out must have the same dtype and device");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": tensors must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(kernel_size >= 1, op, ": kernel_size must be positive, got ", kernel_size);
+  const auto g = depthwise_geometry(x.size(2), x.size(3), kernel_size, stride, padding, dilation, op);
+  TORCH_CHECK(g.Ho == grad_y.size(2) && g.Wo == grad_y.size(3), op, ": an input of ", g.H, "x", g.W, " gives ", g.Ho,
+              "x", g.Wo, " outputs, but grad_out is ", grad_y.size(2), "x", grad_y.size(3));
+  return g;
+}
+
+Tensor depthwise_conv2d_weight_cpu(const Tensor& x_, const Tensor& grad_y_, int64_t kernel_size, int64_t stride,
+                                   int64_t padding, int64_t dilation) {
+  const char* op = "dsrna::depthwise_conv2d_weight";
+  const auto g = weight_grad_geometry(x_, grad_y_, kernel_size, stride, padding, dilation, op);
+  const Tensor x = x_.contiguous(), grad_y = grad_y_.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), KK = g.K * g.K;
+  // One partial per plane, summed over the batch in a fixed order: deterministic.
+  Tensor partial = at::zeros({N, C, KK}, x.options().dtype(acc_dtype(x.scalar_type())));
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsrna::depthwise_conv2d_weight", [&] {
+      using Acc = acc_t<scalar_t>;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+      Acc* pp = partial.data_ptr<Acc>();
+      at::parallel_for(0, N * C, plane_grain(g), [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          cpu::depthwise_weight_plane(xp + plane * g.H * g.W, gp + plane * g.Ho * g.Wo, g, pp + plane * KK);
+        }
+      });
+    });
+  }
+  return partial.sum(0).to(x.scalar_type()).view({C, 1, g.K, g.K});
+}
+
+// --- CUDA implementations -------------------------------------------------------------------------
+
+#ifdef DSRNA_WITH_CUDA
+
+gpu::DType gpu_dtype(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kFloat: return gpu::DType::kFloat32;
+    case at::kDouble: return gpu::DType::kFloat64;
+    case at::kHalf: return gpu::DType::kFloat16;
+    case at::kBFloat16: return gpu::DType::kBFloat16;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", t);
+  }
+}
+
+void check_launch(cudaError_t status, const char* op) {
+  TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
+}
+
+gpu::DepthwiseGeometry gpu_geometry(int64_t N, int64_t C, const cpu::DepthwiseGeometry& g, const char* op) {
+  TORCH_CHECK(gpu::depthwise_supports_kernel_size(g.K), op, ": the CUDA kernels support kernel sizes 3 and 5, got ", g.K);
+  return {N, C, g.H, g.W, g.Ho, g.Wo, int(g.K), int(g.stride), int(g.padding), int(g.dilation)};
+}
+
+Tensor weighted_sum_cuda(at::TensorList xs, const Tensor& w) {
+  const char* op = "dsrna::weighted_sum";
+  check_same_tensors(xs, op);
+  check_weights(xs, w, op);
+  const c10::cuda::CUDAGuard guard(xs[0].device());
+  const auto xc = contiguous_all(xs);
+  Tensor out = at::empty(xs[0].sizes(), xs[0].options());
+  if (out.numel() == 0) return out;
+  const Tensor wc = w.to(acc_dtype(out.scalar_type())).contiguous();
+  std::vector<const void*> ptrs;
+  for (const Tensor& x : xc) ptrs.push_back(x.data_ptr());
+  check_launch(gpu::weighted_sum(gpu_dtype(out.scalar_type(), op), ptrs.data(), int64_t(ptrs.size()), wc.data_ptr(),
+                                 out.data_ptr(), out.numel(), c10::cuda::getCurrentCUDAStream()),
+               op);
+  return out;
+}
+
+Tensor batched_dot_cuda(at::TensorList xs, const Tensor& g) {
+  const char* op = "dsrna::batched_dot";
+  check_same_tensors(xs, op);
+  TORCH_CHECK(g.sizes() == xs[0].sizes() && g.scalar_type() == xs[0].scalar_type() && g.device() == xs[0].device(), op,
+              ": g must match the tensors' shape, dtype and device");
+  const c10::cuda::CUDAGuard guard(g.device());
+  const auto xc = contiguous_all(xs);
+  const Tensor gc = g.contiguous();
+  const int64_t n = int64_t(xc.size());
+  const auto options = gc.options().dtype(acc_dtype(gc.scalar_type()));
+  if (gc.numel() == 0) return at::zeros({n}, options);
+  const int64_t chunks = gpu::batched_dot_chunks(gc.numel());
+  Tensor partial = at::empty({n, chunks}, options);
+  std::vector<const void*> ptrs;
+  for (const Tensor& x : xc) ptrs.push_back(x.data_ptr());
+  check_launch(gpu::batched_dot(gpu_dtype(gc.scalar_type(), op), ptrs.data(), n, gc.data_ptr(), gc.numel(),
+                                partial.data_ptr(), chunks, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return partial.sum(1);
+}
+
+Tensor depthwise_conv2d_cuda(const Tensor& x_, const Tensor& weight, int64_t stride, int64_t padding, int64_t dilation) {
+  const char* op = "dsrna::depthwise_conv2d";
+  check_depthwise_weight(x_, weight, op);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor x = x_.contiguous(), wc = weight.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto g = gpu_geometry(N, C, depthwise_geometry(x.size(2), x.size(3), wc.size(2), stride, padding, dilation, op), op);
+  Tensor y = at::empty({N, C, g.Ho, g.Wo}, x.options());
+  if (y.numel() == 0) return y;
+  check_launch(gpu::depthwise_forward(gpu_dtype(x.scalar_type(), op), x.data_ptr(), wc.data_ptr(), y.data_ptr(), g,
+                                      c10::cuda::getCurrentCUDAStream()),
+               op);
+  return y;
+}
+
+std::tuple<Tensor, Tensor> interval_depthwise_conv2d_cuda(const Tensor& lower_, const Tensor& upper_,
+                                                          const Tensor& weight, int64_t stride, int64_t padding,
+                                                          int64_t dilation) {
+  const char* op = "dsrna::interval_depthwise_conv2d";
+  check_depthwise_weight(lower_, weight, op);
+  TORCH_CHECK(upper_.sizes() == lower_.sizes() && upper_.scalar_type() == lower_.scalar_type() &&
+                  upper_.device() == lower_.device(),
+              op, ": lower and upper must have the same shape, dtype and device");
+  TORCH_CHECK(lower_.scalar_type() == at::kFloat || lower_.scalar_type() == at::kDouble, op,
+              ": bounds must be float32 or float64, got ", lower_.scalar_type());
+  const c10::cuda::CUDAGuard guard(lower_.device());
+  const Tensor lower = lower_.contiguous(), upper = upper_.contiguous(), wc = weight.contiguous();
+  const int64_t N = lower.size(0), C = lower.size(1);
+  const auto g =
+      gpu_geometry(N, C, depthwise_geometry(lower.size(2), lower.size(3), wc.size(2), stride, padding, dilation, op), op);
+  Tensor out_lower = at::empty({N, C, g.Ho, g.Wo}, lower.options());
+  Tensor out_upper = at::empty_like(out_lower);
+  if (out_lower.numel() == 0) return {out_lower, out_upper};
+  check_launch(gpu::interval_depthwise(gpu_dtype(lower.scalar_type(), op), lower.data_ptr(), upper.data_ptr(),
+                                       wc.data_ptr(), out_lower.data_ptr(), out_upper.data_ptr(), g,
+                                       c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {out_lower, out_upper};
+}
+
+Tensor depthwise_conv2d_transpose_cuda(const Tensor& grad_y_, const Tensor& weight, at::IntArrayRef input_hw,
+                                       int64_t stride, int64_t padding, int64_t dilation) {
+  const char* op = "dsrna::depthwise_conv2d_transpose";
+  const auto cg = transpose_geometry(grad_y_, weight, input_hw, stride, padding, dilation, op);
+  const c10::cuda::CUDAGuard guard(grad_y_.device());
+  const Tensor grad_y = grad_y_.contiguous(), wc = weight.contiguous();
+  const int64_t N = grad_y.size(0), C = grad_y.size(1);
+  const auto g = gpu_geometry(N, C, cg, op);
+  Tensor grad_x = at::empty({N, C, g.H, g.W}, grad_y.options());
+  if (grad_x.numel() == 0) return grad_x;
+  check_launch(gpu::depthwise_transpose(gpu_dtype(grad_y.scalar_type(), op), grad_y.data_ptr(), wc.data_ptr(),
+                                        grad_x.data_ptr(), g, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return grad_x;
+}
+
+Tensor depthwise_conv2d_weight_cuda(const Tensor& x_, const Tensor& grad_y_, int64_t kernel_size, int64_t stride,
+                                    int64_t padding, int64_t dilation) {
+  const char* op = "dsrna::depthwise_conv2d_weight";
+  const auto cg = weight_grad_geometry(x_, grad_y_, kernel_size, stride, padding, dilation, op);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor x = x_.contiguous(), grad_y = grad_y_.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto g = gpu_geometry(N, C, cg, op);
+  const auto options = x.options().dtype(acc_dtype(x.scalar_type()));
+  if (N == 0) return at::zeros({C, 1, g.K, g.K}, x.options());
+  const int64_t chunks = gpu::depthwise_weight_chunks(g);
+  Tensor partial = at::empty({chunks, C, int64_t(g.K) * g.K}, options);
+  check_launch(gpu::depthwise_weight(gpu_dtype(x.scalar_type(), op), x.data_ptr(), grad_y.data_ptr(),
+                                     partial.data_ptr(), g, chunks, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return partial.sum(0).to(x.scalar_type()).view({C, 1, g.K, g.K});
+}
+
+#endif  // DSRNA_WITH_CUDA
+
+}  // namespace
+}  // namespace dsrna
+
+// A fragment, not TORCH_LIBRARY: the Triton kernels may define their own ops in the same namespace.
+TORCH_LIBRARY_FRAGMENT(dsrna, m) {
+  m.def("weighted_sum(Tensor[] xs, Tensor w) -> Tensor");
+  m.def("batched_dot(Tensor[] xs, Tensor g) -> Tensor");
+  m.def("depthwise_conv2d(Tensor x, Tensor weight, int stride, int padding, int dilation) -> Tensor");
+  m.def("depthwise_conv2d_transpose(Tensor grad_out, Tensor weight, int[2] input_hw, int stride, int padding, "
+        "int dilation) -> Tensor");
+  m.def("depthwise_conv2d_weight(Tensor x, Tensor grad_out, int kernel_size, int stride, int padding, "
+        "int dilation) -> Tensor");
+  m.def("interval_depthwise_conv2d(Tensor lower, Tensor upper, Tensor weight, int stride, int padding, "
+        "int dilation) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dsrna, CPU, m) {
+  m.impl("weighted_sum", &dsrna::weighted_sum_cpu);
+  m.impl("batched_dot", &dsrna::batched_dot_cpu);
+  m.impl("depthwise_conv2d", &dsrna::depthwise_conv2d_cpu);
+  m.impl("depthwise_conv2d_transpose", &dsrna::depthwise_conv2d_transpose_cpu);
+  m.impl("depthwise_conv2d_weight", &dsrna::depthwise_conv2d_weight_cpu);
+  m.impl("interval_depthwise_conv2d", &dsrna::interval_depthwise_conv2d_cpu);
+}
+
+#ifdef DSRNA_WITH_CUDA
+TORCH_LIBRARY_IMPL(dsrna, CUDA, m) {
+  m.impl("weighted_sum", &dsrna::weighted_sum_cuda);
+  m.impl("batched_dot", &dsrna::batched_dot_cuda);
+  m.impl("depthwise_conv2d", &dsrna::depthwise_conv2d_cuda);
+  m.impl("depthwise_conv2d_transpose", &dsrna::depthwise_conv2d_transpose_cuda);
+  m.impl("depthwise_conv2d_weight", &dsrna::depthwise_conv2d_weight_cuda);
+  m.impl("interval_depthwise_conv2d", &dsrna::interval_depthwise_conv2d_cuda);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "dsrna native kernels; the ops are registered as torch.ops.dsrna.*";
+  module.def("built_with_cuda", [] {
+#ifdef DSRNA_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,39 @@
+"""The native extension ``dsrna._C``, loaded once.
+
+Importing it registers the ``torch.ops.dsrna.*`` kernels (CPU, and CUDA when built with a CUDA
+toolkit). It is optional: when it is missing (a pure-Python install, ``DSRNA_NO_EXT=1``) or broken
+(built against another torch or Python), :data:`LOAD_ERROR` says why, one warning is given, and the
+other backends keep working.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+
+import torch  # noqa: F401  (the extension links against torch's libraries: load them first)
+
+REBUILD_HINT = "rebuild with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
+
+
+def _load() -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module("dsrna._C"), None
+    except Exception as exc:  # ImportError, or an undefined symbol / ABI mismatch (OSError)
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        warnings.warn(f"dsrna: native extension dsrna._C unavailable ({error}); using the other backends. {REBUILD_HINT}",
+                      RuntimeWarning, stacklevel=2)
+        return None, error
+
+
+# The module, or None; and why it is None.
+C, LOAD_ERROR = _load()
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded extension holds the CUDA kernels."""
+    return C is not None and bool(C.built_with_cuda())
+
+
+__all__ = ["C", "LOAD_ERROR", "REBUILD_HINT", "built_with_cuda"]

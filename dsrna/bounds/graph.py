@@ -1,0 +1,235 @@
+"""Lowering models into the bound graph: a small DAG of :mod:`dsrna.bounds.nodes` ops.
+
+Supported: :class:`~dsrna.space.SearchNetwork` (PC-DARTS included), :class:`~dsrna.space.Network`,
+and ``nn.Sequential`` stacks of supported layers. Batch norm uses the running statistics in eval
+mode; in train mode (the search) the statistics of the clean pass over the same batch (METHOD.md
+§2 [choice]): taken from a ``capture_batch_stats()`` store when one is given, else computed by the
+engine's own clean pass. The architecture weights (softmax(alpha), softmax(beta)) are computed
+once per lowering and stay in the autograd graph, so a graph is built per call. The ``none`` op is
+pruned: it adds nothing to any sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from dsrna.bounds import nodes
+from dsrna.space.network import Network
+from dsrna.space.ops import (
+    DilConv,
+    FactorizedReduce,
+    Identity,
+    Normalize,
+    PoolBN,
+    ReLUConvBN,
+    SepConv,
+    Zero,
+    bn_scale_shift,
+)
+from dsrna.space.search_network import MixedOp, SearchNetwork
+
+
+@dataclass
+class Node:
+    op: nodes.BoundOp | None  # None for the input
+    inputs: tuple[int, ...]
+
+
+@dataclass
+class BoundGraph:
+    """Nodes in topological order; node 0 is the input, ``output`` the logits."""
+
+    relu_mode: str = "adaptive"
+    bn_stats: dict | None = None
+    nodes: list[Node] = field(default_factory=lambda: [Node(None, ())])
+    output: int = 0
+    needs_clean_pass: bool = False  # some train-mode BN has no captured statistics
+
+    def add(self, op: nodes.BoundOp, *inputs: int) -> int:
+        self.nodes.append(Node(op, tuple(inputs)))
+        return len(self.nodes) - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The clean pass through the graph (it fixes batch-norm statistics left unknown)."""
+        values = [x]
+        for node in self.nodes[1:]:
+            values.append(node.op.forward(*(values[i] for i in node.inputs)))
+        self.needs_clean_pass = False
+        return values[self.output]
+
+
+def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adaptive") -> BoundGraph:
+    """The bound graph of ``model`` (see the module docstring for what is supported)."""
+    graph = BoundGraph(relu_mode=relu_mode, bn_stats=bn_stats)
+    if isinstance(model, SearchNetwork):
+        graph.output = _lower_search_network(model, graph, 0)
+    elif isinstance(model, Network):
+        graph.output = _lower_network(model, graph, 0)
+    else:
+        graph.output = _lower_module(model, graph, 0)
+    if graph.output is None:
+        raise TypeError(f"{type(model).__name__} has a constant zero output: nothing to bound")
+    return graph
+
+
+# --- modules ---------------------------------------------------------------------------------------
+
+
+def _batch_norm(bn: nn.BatchNorm2d, graph: BoundGraph) -> nodes.ChannelAffine:
+    if not bn.training and bn.track_running_stats:
+        return nodes.ChannelAffine(*bn_scale_shift(bn, bn.running_mean, bn.running_var))
+    if graph.bn_stats is not None:
+        if bn not in graph.bn_stats:
+            raise ValueError("bn_stats has no statistics for a train-mode BatchNorm2d: capture them over this model's clean pass")
+        return nodes.ChannelAffine(*bn_scale_shift(bn, *graph.bn_stats[bn]))
+    graph.needs_clean_pass = True
+    return nodes.ChannelAffine(None, None, bn)
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _lower_module(m: nn.Module, graph: BoundGraph, x: int | None) -> int | None:
+    """Append ``m`` applied to node ``x``; return its output node (None: constant zero)."""
+    if x is None or isinstance(m, Zero):
+        return None
+    if isinstance(m, nn.Sequential):
+        for child in m:
+            x = _lower_module(child, graph, x)
+        return x
+    if isinstance(m, (Identity, nn.Identity)) or (isinstance(m, nn.Dropout) and not m.training):
+        return x
+    if isinstance(m, Normalize):
+        return graph.add(nodes.ChannelAffine(1.0 / m.std.flatten(), -m.mean.flatten() / m.std.flatten()), x)
+    if isinstance(m, nn.BatchNorm2d):
+        return graph.add(_batch_norm(m, graph), x)
+    if isinstance(m, nn.Conv2d):
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise TypeError(f"bound propagation supports Conv2d with numeric zero padding only, got {m.padding!r}/{m.padding_mode!r}")
+        op = nodes.Conv2d(m.weight, m.bias, _pair(m.stride), _pair(m.padding), _pair(m.dilation), m.groups)
+        return graph.add(op, x)
+    if isinstance(m, nn.Linear):
+        return graph.add(nodes.Linear(m.weight, m.bias), x)
+    if isinstance(m, nn.ReLU):
+        return graph.add(nodes.ReLU(graph.relu_mode), x)
+    if isinstance(m, nn.MaxPool2d):
+        if m.dilation not in (1, (1, 1)) or m.return_indices:
+            raise TypeError("bound propagation supports MaxPool2d without dilation or returned indices")
+        return graph.add(nodes.MaxPool2d(m.kernel_size, m.stride, m.padding, m.ceil_mode), x)
+    if isinstance(m, nn.AvgPool2d):
+        if m.ceil_mode or m.divisor_override is not None or not isinstance(m.kernel_size, int):
+            raise TypeError("bound propagation supports AvgPool2d with a square kernel, no ceil_mode, no divisor_override")
+        return graph.add(nodes.AvgPool2d(m.kernel_size, m.stride, m.padding, m.count_include_pad), x)
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        if _pair(m.output_size) != (1, 1):
+            raise TypeError(f"bound propagation supports AdaptiveAvgPool2d(1) only, got output size {m.output_size}")
+        return graph.add(nodes.GlobalAvgPool(), x)
+    if isinstance(m, nn.Flatten):
+        if m.start_dim != 1 or m.end_dim != -1:
+            raise TypeError("bound propagation supports Flatten(1, -1) only")
+        return graph.add(nodes.Flatten(), x)
+    if isinstance(m, (ReLUConvBN, DilConv, SepConv)):
+        return _lower_module(m.op, graph, x)
+    if isinstance(m, PoolBN):
+        x = _lower_module(m.pool, graph, x)
+        return x if m.bn is None else _lower_module(m.bn, graph, x)
+    if isinstance(m, FactorizedReduce):
+        return _lower_after_relu(m, graph, graph.add(nodes.ReLU(graph.relu_mode), x))
+    raise TypeError(f"bound propagation does not support {type(m).__name__}")
+
+
+def _lower_after_relu(op: nn.Module, graph: BoundGraph, relu_x: int) -> int:
+    """A candidate that starts with ReLU, applied to an input that already went through it."""
+    if isinstance(op, (DilConv, SepConv)):
+        return _lower_module(op.op[1:], graph, relu_x)
+    if isinstance(op, FactorizedReduce):
+        a = _lower_module(op.conv_1, graph, relu_x)
+        b = _lower_module(op.conv_2, graph, graph.add(nodes.Shift(), relu_x))
+        return _lower_module(op.bn, graph, graph.add(nodes.Concat(), a, b))
+    raise TypeError(f"{type(op).__name__} has no after_relu form")
+
+
+def _head(model: nn.Module, graph: BoundGraph, s: int) -> int:
+    pooled = _lower_module(model.global_pooling, graph, s)
+    return _lower_module(model.classifier, graph, graph.add(nodes.Flatten(), pooled))
+
+
+# --- the super-network -----------------------------------------------------------------------------
+
+
+def _mixed_terms(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph, x: int, relu_of: dict) -> tuple[list[int], list[torch.Tensor]]:
+    """The non-``none`` candidates of one edge as nodes, with their weights (mirrors ``MixedOp.terms``).
+    ``relu_of`` shares the leading ReLU of the candidates between all edges leaving a state."""
+    outs, ws = [], []
+    for k, op in enumerate(edge.ops):
+        if isinstance(op, Zero):
+            continue
+        if hasattr(op, "after_relu"):
+            if x not in relu_of:
+                relu_of[x] = graph.add(nodes.ReLU(graph.relu_mode), x)
+            outs.append(_lower_after_relu(op, graph, relu_of[x]))
+        else:
+            outs.append(_lower_module(op, graph, x))
+        ws.append(weights[k])
+    return outs, ws
+
+
+def _lower_partial_edge(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph, x: int, channels: int) -> int:
+    """A PC-DARTS edge: candidates on the first C/K channels, bypass for the rest, channel shuffle."""
+    active = graph.add(nodes.ChannelSlice(0, edge.C_op), x)
+    bypass = graph.add(nodes.ChannelSlice(edge.C_op, channels), x)
+    outs, ws = _mixed_terms(edge, weights, graph, active, {})
+    mixed = graph.add(nodes.WeightedSum(torch.stack(ws)), *outs)
+    if edge.stride == 2:
+        bypass = _lower_module(edge.bypass_pool, graph, bypass)
+    return graph.add(nodes.ChannelShuffle(edge.partial_channels), graph.add(nodes.Concat(), mixed, bypass))
+
+
+def _lower_search_network(net: SearchNetwork, graph: BoundGraph, x: int) -> int:
+    s0 = s1 = _lower_module(net.stem, graph, _lower_module(net.normalize, graph, x))
+    mixing = {False: net.edge_weights(False), True: net.edge_weights(True)}
+    channels = {}  # state node -> channel count, for PC-DARTS' bypass slice
+    for cell in net.cells:
+        weights, edge_weights = mixing[cell.reduction]
+        states = [_lower_module(cell.preprocess0, graph, s0), _lower_module(cell.preprocess1, graph, s1)]
+        C = cell.preprocess1.op[1].out_channels
+        channels[states[0]] = channels[states[1]] = C
+        relu_of: dict = {}
+        outs, ws = [], []
+        for node, e, j in cell.edge_index():
+            if cell.partial_channels == 1:
+                o, w = _mixed_terms(cell.edges[e], weights[e], graph, states[j], relu_of)
+                outs += o
+                ws += w
+            else:
+                outs.append(_lower_partial_edge(cell.edges[e], weights[e], graph, states[j], C))
+                ws.append(edge_weights[e])
+            if j == node - 1:
+                states.append(graph.add(nodes.WeightedSum(torch.stack(ws)), *outs))
+                outs, ws = [], []
+        s0, s1 = s1, graph.add(nodes.Concat(), *states[-cell.multiplier:])
+    return _head(net, graph, s1)
+
+
+# --- the final network -----------------------------------------------------------------------------
+
+
+def _lower_network(net: Network, graph: BoundGraph, x: int) -> int:
+    """Bounds of the logits; drop path and the auxiliary head play no part (evaluation semantics)."""
+    s0 = _lower_module(net.stem, graph, _lower_module(net.normalize, graph, x))
+    s1 = _lower_module(net.stem1, graph, s0) if net.stem1 is not None else s0
+    for cell in net.cells:
+        states = [_lower_module(cell.preprocess0, graph, s0), _lower_module(cell.preprocess1, graph, s1)]
+        for i in range(cell.steps):
+            terms = [_lower_module(cell.ops[k], graph, states[cell.indices[k]]) for k in (2 * i, 2 * i + 1)]
+            terms = [t for t in terms if t is not None]
+            if not terms:
+                raise TypeError("a final-network node made only of 'none' ops has a constant zero output")
+            ones = torch.ones(len(terms), dtype=net.classifier.weight.dtype, device=net.classifier.weight.device)
+            states.append(graph.add(nodes.WeightedSum(ones), *terms))
+        s0, s1 = s1, graph.add(nodes.Concat(), *(states[i] for i in cell.concat))
+    return _head(net, graph, s1)

@@ -1,0 +1,342 @@
+"""The primitive operations of the bound graph, one class per op.
+
+Each class holds together what the op means and how bounds cross it (the locality of
+auto_LiRPA's operator classes, without its ONNX tracing):
+
+- ``forward(*xs)``: the op on concrete tensors (the clean pass; batch-norm statistics come from it);
+- ``interval(*bounds)``: interval bound propagation (IBP), ``bounds[i] = (lower_i, upper_i)``;
+- ``backward(A, bounds)``: one CROWN step in lower-bound form. ``A`` is ``[B, S, *out_shape]``
+  (batch, specifications, the op's output shape) and stands for ``sum A * y``; the step returns one
+  ``A_i`` per input (``None`` where nothing flows) and a bias ``[B, S]`` (or ``None``) such that
+  ``sum A * op(x) >= sum_i sum A_i * x_i + bias`` for all ``x_i`` in ``bounds[i]``.
+
+Linear ops ignore ``bounds`` except for their input shapes. Ops with ``needs_input_bounds`` relax a
+nonlinearity with the input interval, which full CROWN tightens first. A new op is one new class.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dsrna.ops.bound_ops import crown_relu_backward, interval_depthwise_conv2d, interval_weighted_sum, relu_relaxation
+from dsrna.ops.depthwise import depthwise_conv2d_transpose
+
+Bound = tuple[torch.Tensor, torch.Tensor]
+
+
+def _flat_batch(A: torch.Tensor) -> torch.Tensor:
+    """``[B, S, *shape]`` -> ``[B * S, *shape]``, for applying a transposed map."""
+    return A.reshape(A.shape[0] * A.shape[1], *A.shape[2:])
+
+
+def _unflat_batch(A: torch.Tensor, B: int, S: int) -> torch.Tensor:
+    return A.reshape(B, S, *A.shape[1:])
+
+
+def _contract(A: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``sum over shape of A * values`` -> ``[B, S]``; ``values`` broadcasts like one example."""
+    return (A * values).flatten(2).sum(-1)
+
+
+class BoundOp:
+    needs_input_bounds = False
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def interval(self, *bounds: Bound) -> Bound:
+        raise NotImplementedError
+
+    def backward(self, A: torch.Tensor, bounds: Sequence[Bound]) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class ChannelAffine(BoundOp):
+    """``y = scale[c] * x + shift[c]`` over channel dim 1: input normalisation and batch norm.
+
+    Batch norm whose statistics are not given (train mode without a captured store) passes
+    ``scale=None``: the first :meth:`forward`, the clean pass, computes them from its input
+    exactly as :func:`dsrna.space.ops.capture_batch_stats` would, kept in the autograd graph.
+    """
+
+    def __init__(self, scale: torch.Tensor | None, shift: torch.Tensor | None, bn=None):
+        self.scale, self.shift, self.bn = scale, shift, bn
+
+    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scale is None:
+            raise RuntimeError("batch-norm statistics unknown: run the clean forward pass first")
+        view = (-1,) + (1,) * (x.dim() - 2)
+        return self.scale.reshape(view), self.shift.reshape(view)
+
+    def forward(self, x):
+        if self.scale is None:
+            from dsrna.space.ops import bn_scale_shift
+
+            self.scale, self.shift = bn_scale_shift(self.bn, x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False))
+        scale, shift = self._params(x)
+        return x * scale + shift
+
+    def interval(self, b):
+        lower, upper = b
+        scale, shift = self._params(lower)
+        centre, radius = (upper + lower) / 2, (upper - lower) / 2
+        centre, radius = centre * scale + shift, radius * scale.abs()
+        return centre - radius, centre + radius
+
+    def backward(self, A, bounds):
+        scale, shift = self._params(bounds[0][0])
+        return [A * scale], _contract(A, shift)
+
+
+class Conv2d(BoundOp):
+    """Any ``nn.Conv2d`` (zero padding); depthwise convs go through the dispatched fast ops."""
+
+    def __init__(self, weight, bias, stride, padding, dilation, groups):
+        self.weight, self.bias = weight, bias
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        square = all(len(set(p)) == 1 for p in (stride, padding, dilation))
+        self.depthwise = square and groups == weight.shape[0] and weight.shape[1] == 1 and bias is None
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def interval(self, b):
+        lower, upper = b
+        if self.depthwise:
+            return interval_depthwise_conv2d(lower, upper, self.weight, self.stride[0], self.padding[0], self.dilation[0])
+        centre = F.conv2d((upper + lower) / 2, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        radius = F.conv2d((upper - lower) / 2, self.weight.abs(), None, self.stride, self.padding, self.dilation, self.groups)
+        return centre - radius, centre + radius
+
+    def backward(self, A, bounds):
+        B, S = A.shape[:2]
+        in_hw = bounds[0][0].shape[2:]
+        flat = _flat_batch(A)
+        if self.depthwise:
+            out = depthwise_conv2d_transpose(flat, self.weight, tuple(in_hw), self.stride[0], self.padding[0], self.dilation[0])
+        else:
+            k = self.weight.shape[2:]
+            extra = tuple(in_hw[i] - ((flat.shape[2 + i] - 1) * self.stride[i] - 2 * self.padding[i]
+                                      + self.dilation[i] * (k[i] - 1) + 1) for i in range(2))
+            out = F.conv_transpose2d(flat, self.weight, None, self.stride, self.padding, extra, self.groups, self.dilation)
+        bias = None if self.bias is None else (A.sum(dim=(3, 4)) * self.bias).sum(-1)
+        return [_unflat_batch(out, B, S)], bias
+
+
+class Linear(BoundOp):
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def interval(self, b):
+        lower, upper = b
+        centre = F.linear((upper + lower) / 2, self.weight, self.bias)
+        radius = F.linear((upper - lower) / 2, self.weight.abs())
+        return centre - radius, centre + radius
+
+    def backward(self, A, bounds):
+        bias = None if self.bias is None else A @ self.bias
+        return [A @ self.weight], bias
+
+
+class ReLU(BoundOp):
+    needs_input_bounds = True
+
+    def __init__(self, mode: str = "adaptive"):
+        self.mode = mode
+
+    def forward(self, x):
+        return F.relu(x)
+
+    def interval(self, b):
+        return F.relu(b[0]), F.relu(b[1])
+
+    def backward(self, A, bounds):
+        lower, upper = bounds[0]
+        lower_slope, upper_slope, upper_intercept = relu_relaxation(lower, upper, self.mode)
+        A_out, bias = crown_relu_backward(A, lower_slope, upper_slope, upper_intercept)
+        return [A_out], bias
+
+
+class MaxPool2d(BoundOp):
+    """Max pool with implicit ``-inf`` padding (3x3 stride 1/2 padding 1; PC-DARTS' 2x2 ceil_mode).
+
+    Relaxation: ``max_j x_j >= x_{j*}`` with ``j*`` the element of largest lower bound in the
+    window (a linear lower bound), and ``max_j x_j <= max_j u_j`` (a constant upper bound). Both
+    are exact when the window is a single element; the choice of ``j*`` is piecewise constant.
+    """
+
+    needs_input_bounds = True
+
+    def __init__(self, kernel_size, stride, padding, ceil_mode):
+        self.kernel_size, self.stride, self.padding, self.ceil_mode = kernel_size, stride, padding, ceil_mode
+
+    def _pool(self, x, return_indices=False):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, ceil_mode=self.ceil_mode,
+                            return_indices=return_indices)
+
+    def forward(self, x):
+        return self._pool(x)
+
+    def interval(self, b):
+        return self._pool(b[0]), self._pool(b[1])
+
+    def backward(self, A, bounds):
+        lower, upper = bounds[0]
+        B, S, C, Ho, Wo = A.shape
+        H, W = lower.shape[2:]
+        _, argmax = self._pool(lower, return_indices=True)  # [B, C, Ho, Wo], flat indices into H * W
+        index = argmax.flatten(2).unsqueeze(1).expand(B, S, C, Ho * Wo)
+        A_in = A.new_zeros(B, S, C, H * W).scatter_add(3, index, A.clamp(min=0).flatten(3))
+        bias = _contract(A.clamp(max=0), self._pool(upper).unsqueeze(1))
+        return [A_in.reshape(B, S, C, H, W)], bias
+
+
+class AvgPool2d(BoundOp):
+    """Average pool; with ``count_include_pad=False`` each output divides by its own window count."""
+
+    def __init__(self, kernel_size, stride, padding, count_include_pad):
+        self.kernel_size, self.stride, self.padding, self.count_include_pad = kernel_size, stride, padding, count_include_pad
+
+    def forward(self, x):
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, count_include_pad=self.count_include_pad)
+
+    def interval(self, b):
+        return self.forward(b[0]), self.forward(b[1])
+
+    def backward(self, A, bounds):
+        B, S, C = A.shape[:3]
+        lower = bounds[0][0]
+        k = self.kernel_size
+        ones = lower.new_ones(C, 1, k, k)
+        if self.count_include_pad:
+            scaled = A / (k * k)
+        else:
+            count = F.conv2d(lower.new_ones(1, 1, *lower.shape[2:]), ones[:1], None, self.stride, self.padding)
+            scaled = A / count
+        out = depthwise_conv2d_transpose(_flat_batch(scaled), ones, tuple(lower.shape[2:]), self.stride, self.padding, 1)
+        return [_unflat_batch(out, B, S)], None
+
+
+class Shift(BoundOp):
+    """``y[i, j] = x[i + 1, j + 1]`` with zeros past the edge: FactorizedReduce's second path."""
+
+    def forward(self, x):
+        return F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+
+    def interval(self, b):
+        return self.forward(b[0]), self.forward(b[1])
+
+    def backward(self, A, bounds):
+        H, W = A.shape[-2:]
+        return [F.pad(A, (1, 0, 1, 0))[..., :H, :W]], None
+
+
+class Concat(BoundOp):
+    """Concatenation along channels (dim 1 of the activations, dim 2 of ``A``)."""
+
+    def forward(self, *xs):
+        return torch.cat(xs, dim=1)
+
+    def interval(self, *bounds):
+        return torch.cat([b[0] for b in bounds], dim=1), torch.cat([b[1] for b in bounds], dim=1)
+
+    def backward(self, A, bounds):
+        return list(torch.split(A, [b[0].shape[1] for b in bounds], dim=2)), None
+
+
+class ChannelSlice(BoundOp):
+    """``x[:, start:end]`` (PC-DARTS' active and bypass channels)."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+
+    def forward(self, x):
+        return x[:, self.start:self.end]
+
+    def interval(self, b):
+        return self.forward(b[0]), self.forward(b[1])
+
+    def backward(self, A, bounds):
+        channels = bounds[0][0].shape[1]
+        pad = [0, 0] * (A.dim() - 3) + [self.start, channels - self.end]
+        return [F.pad(A, pad)], None
+
+
+class ChannelShuffle(BoundOp):
+    """PC-DARTS' channel shuffle: a permutation of channels, undone by the shuffle with C/g groups."""
+
+    def __init__(self, groups: int):
+        self.groups = groups
+
+    @staticmethod
+    def _shuffle(x, groups):
+        from dsrna.space.ops import channel_shuffle
+
+        return channel_shuffle(x, groups)
+
+    def forward(self, x):
+        return self._shuffle(x, self.groups)
+
+    def interval(self, b):
+        return self.forward(b[0]), self.forward(b[1])
+
+    def backward(self, A, bounds):
+        B, S, C = A.shape[:3]
+        return [_unflat_batch(self._shuffle(_flat_batch(A), C // self.groups), B, S)], None
+
+
+class WeightedSum(BoundOp):
+    """``sum_i w[i] * x_i`` with ``w >= 0``: the mixed op (softmax(alpha)), a PC-DARTS node
+    (softmax(beta)) or a plain node sum (``w = 1``). The weights stay in the autograd graph.
+    Nonnegativity holds by construction and is not checked, to keep the search free of host syncs."""
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights
+
+    def forward(self, *xs):
+        out = xs[0] * self.weights[0]
+        for i in range(1, len(xs)):
+            out = out + xs[i] * self.weights[i]
+        return out
+
+    def interval(self, *bounds):
+        return interval_weighted_sum([b[0] for b in bounds], [b[1] for b in bounds], self.weights)
+
+    def backward(self, A, bounds):
+        return [A * self.weights[i] for i in range(len(bounds))], None
+
+
+class GlobalAvgPool(BoundOp):
+    """Mean over the spatial dims, keeping them as 1x1 (``AdaptiveAvgPool2d(1)``)."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3), keepdim=True)
+
+    def interval(self, b):
+        return self.forward(b[0]), self.forward(b[1])
+
+    def backward(self, A, bounds):
+        H, W = bounds[0][0].shape[2:]
+        return [(A / (H * W)).expand(*A.shape[:3], H, W)], None
+
+
+class Flatten(BoundOp):
+    """Flatten every dim after the batch."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+    def interval(self, b):
+        return b[0].flatten(1), b[1].flatten(1)
+
+    def backward(self, A, bounds):
+        return [A.reshape(*A.shape[:2], *bounds[0][0].shape[1:])], None

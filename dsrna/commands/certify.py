@@ -1,0 +1,49 @@
+"""``dsrna certify``: certified radius of every test image for a trained model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "certified radius per test image of a trained model.pt (IBP, CROWN-IBP or CROWN bounds)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dsrna.evaluation.certify import METHODS, NORMS
+
+    parser.add_argument("model", help="model.pt written by dsrna train")
+    parser.add_argument("--norm", default="linf", choices=NORMS)
+    parser.add_argument("--method", default="crown", choices=METHODS)
+    parser.add_argument("--eps", default="", help="comma-separated budgets for the certified-accuracy table")
+    parser.add_argument("--max-eps", type=float, help="upper end of the bisection (default: the bound engine's)")
+    parser.add_argument("--tol", type=float, help="bisection tolerance (default: the bound engine's)")
+    parser.add_argument("--candidates", type=int, help="eps values tested per bound pass (default 1)")
+    parser.add_argument("--dataset", help="default: the data set the model was trained on")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--limit", type=int, help="certify the first N test images only")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="folder for certify.json and the pictures (default: the model's folder)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsrna.evaluation.certify import certify, certify_table
+    from dsrna.evaluation.common import parse_floats, pick_device, test_loader, write_json
+    from dsrna.evaluation.report import plot_certified_curve, plot_radius_histogram, save_figure
+    from dsrna.evaluation.train import load_model
+
+    eps = parse_floats(args.eps, "--eps") if args.eps.strip() else []
+    device = pick_device(args.device)
+    model, meta = load_model(args.model, device)
+    loader = test_loader(args.dataset or meta["dataset"], args.data_root, args.limit, args.batch_size)
+    result = certify(model, loader, args.norm, args.method, eps, max_eps=args.max_eps, tol=args.tol,
+                     candidates=args.candidates, device=device, progress=args.progress)
+    out = Path(args.out) if args.out else Path(args.model).parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(result, out / "certify.json")
+    save_figure(plot_radius_histogram(result), out / "certify_hist.png")
+    save_figure(plot_certified_curve(result), out / "certify_curve.png")
+    print(certify_table(result))
+    print(f"results: {out / 'certify.json'}")
+    return 0

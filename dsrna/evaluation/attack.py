@@ -1,0 +1,66 @@
+"""Robust accuracy over a test set: each attack at each budget, as a table, a curve and JSON."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dsrna.attacks import ATTACKS, NORMS, logits_of, run_attack
+
+
+def evaluate_attacks(model: nn.Module, loader, eps_list, attacks=("fgsm", "pgd"), norm: str = "linf",
+                     steps: int = 20, restarts: int = 1, num_classes: int = 10, device="cpu",
+                     progress: bool = False) -> dict:
+    """Robust accuracy of ``model`` under every attack at every eps.
+
+    An example counts as robust when it is classified correctly both clean and under the attack.
+    Returns a JSON-ready dict: ``norm``, ``eps``, ``attacks``, ``steps``, ``restarts``, ``n``,
+    ``clean_acc`` and ``robust_acc[attack][i]`` (accuracy at ``eps[i]``).
+    """
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
+    device = torch.device(device)
+    model = model.to(device)
+    was_training = model.training
+    model.eval()
+    clean = torch.zeros((), dtype=torch.long, device=device)
+    robust = {a: torch.zeros(len(eps_list), dtype=torch.long, device=device) for a in attacks}
+    count = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(loader.dataset), unit="img", desc=f"attack {norm}", dynamic_ncols=True)
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                correct = logits_of(model, x).argmax(1) == y
+            clean += correct.sum()
+            count += y.numel()
+            for attack in attacks:
+                for i, eps in enumerate(eps_list):
+                    x_adv = run_attack(attack, model, x, y, eps, norm, steps=steps, restarts=restarts,
+                                       num_classes=num_classes)
+                    with torch.no_grad():
+                        robust[attack][i] += (correct & (logits_of(model, x_adv).argmax(1) == y)).sum()
+            if bar is not None:
+                bar.update(y.numel())
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    n = max(count, 1)
+    return dict(norm=norm, eps=[float(e) for e in eps_list], attacks=list(attacks), steps=steps, restarts=restarts,
+                n=count, clean_acc=clean.item() / n, robust_acc={a: (r.double() / n).tolist() for a, r in robust.items()})
+
+
+def attack_table(result: dict) -> str:
+    """Markdown table: one row per eps, one column per attack (robust accuracy in %)."""
+    head = f"| eps ({result['norm']}) | " + " | ".join(result["attacks"]) + " |"
+    rule = "|---|" + "---|" * len(result["attacks"])
+    rows = [f"| {eps:g} | " + " | ".join(f"{100 * result['robust_acc'][a][i]:.2f}" for a in result["attacks"]) + " |"
+            for i, eps in enumerate(result["eps"])]
+    return "\n".join([f"clean accuracy {100 * result['clean_acc']:.2f}% on {result['n']} images", "", head, rule] + rows)

@@ -1,0 +1,63 @@
+"""Small helpers shared by the evaluation modules: device choice, atomic writes, the test loader."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; an explicit CUDA device without CUDA is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename: an interrupted run never leaves a torn file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path: Path) -> None:
+    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def test_loader(dataset: str, root: str | None = None, limit: int | None = None, batch_size: int = 128,
+                num_workers: int = 0) -> DataLoader:
+    """The first ``limit`` images of a data set's test split (all when None), in a fixed order."""
+    from dsrna.data import get_dataset, make_loader
+
+    test_set = get_dataset(dataset, root=root, train=False)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        test_set = Subset(test_set, range(min(limit, len(test_set))))
+    return make_loader(test_set, batch_size, shuffle=False, num_workers=num_workers)
+
+
+def parse_floats(text: str, name: str) -> list[float]:
+    """``"0.1,0.2"`` -> ``[0.1, 0.2]``; each value must be >= 0."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not v >= 0 for v in values):
+        raise ValueError(f"{name}: expected one or more numbers >= 0, got {text!r}")
+    return values

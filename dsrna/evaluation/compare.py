@@ -1,0 +1,217 @@
+"""The paper's comparison: plain DARTS against DSRNA-CB, DSRNA-Jacobian and DSRNA-Combined.
+
+Each method runs the same chain with the same budget, through the Python APIs, in its own folder
+``OUT/<method>/``: search (``search/``), final training of the found genotype (``train/``), attacks
+and certification of the trained network (``train/attack.json``, ``train/certify.json``). The
+table (``OUT/compare.md`` and ``OUT/compare.json``) has, per method: clean accuracy, FGSM and PGD
+robust accuracy at ``eps`` (``norm``), C&W and AutoAttack l_2 robust accuracy at ``l2_eps`` (when
+the optional torchattacks is installed), mean certified radius, search time and parameter count.
+
+Completed stages are recorded in ``OUT/<method>/stages.json`` and skipped when the command is run
+again with the same settings, so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsrna.evaluation.common import atomic_write_text, pick_device, test_loader, write_json
+
+# Method name -> kind of robustness term in the architecture objective (METHOD.md §4).
+METHODS = {"darts": "none", "dsrna-cb": "cb", "dsrna-jacobian": "jacobian", "dsrna-combined": "combined"}
+
+
+@dataclass
+class CompareConfig:
+    """One budget for every method. ``None`` train settings take the data set's preset."""
+
+    dataset: str = "mnist-mini"
+    data_root: str | None = None
+    out: str = "runs/compare"
+    methods: tuple[str, ...] = tuple(METHODS)
+    seed: int = 0
+    device: str = "auto"
+    backend: str = "auto"
+    # search
+    search_epochs: int = 50
+    search_layers: int = 8
+    search_channels: int = 16
+    search_batch_size: int = 64
+    search_order: int = 1
+    search_max_steps: int | None = None
+    gamma: float = 0.01
+    robust_eps: float | None = None  # None: dsrna.robustness.default_eps(dataset, robust_norm)
+    robust_norm: str = "linf"
+    robust_batch: int | None = None
+    # final training
+    train_epochs: int | None = None
+    train_layers: int | None = None
+    train_channels: int | None = None
+    train_batch_size: int | None = None
+    train_max_steps: int | None = None
+    amp: str = "none"
+    # evaluation
+    norm: str = "linf"
+    eps: list[float] = field(default_factory=lambda: [0.1])
+    l2_eps: float = 0.5
+    pgd_steps: int = 100
+    certify_norm: str = "l2"
+    certify_method: str = "crown"
+    eval_limit: int | None = 1000
+    certify_limit: int | None = 200
+    progress: bool = True
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+
+
+def compare(config: CompareConfig) -> dict:
+    """Run every method's chain and write the table; returns the ``compare.json`` content."""
+    from dsrna.attacks import has_torchattacks
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dataclasses.asdict(config)
+    for volatile in ("progress", "device", "methods"):
+        settings.pop(volatile)
+    saved = out / "compare_config.json"
+    if saved.is_file() and json.loads(saved.read_text()) != settings:
+        raise ValueError(f"{out} holds a comparison run with other settings: choose another --out")
+    write_json(settings, saved)
+    extra = has_torchattacks()
+    rows = {}
+    for method in config.methods:
+        rows[method] = _run_method(method, config, out / method, extra)
+        result = dict(dataset=config.dataset, norm=config.norm, eps=config.eps[-1], l2_eps=config.l2_eps,
+                      certify_norm=config.certify_norm, certify_method=config.certify_method,
+                      torchattacks=extra, methods=rows)
+        write_json(result, out / "compare.json")  # after every method, so partial results are visible
+        atomic_write_text(compare_markdown(result), out / "compare.md")
+    from dsrna.evaluation.report import write_report
+
+    write_report(out)
+    return result
+
+
+def _stages(folder: Path) -> dict:
+    path = folder / "stages.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _done(folder: Path, stages: dict, name: str, value) -> None:
+    stages[name] = value
+    write_json(stages, folder / "stages.json")
+
+
+def _run_method(method: str, config: CompareConfig, folder: Path, extra: bool) -> dict:
+    from dsrna.evaluation.attack import evaluate_attacks
+    from dsrna.evaluation.certify import certify
+    from dsrna.evaluation.train import TrainConfig, load_model, train
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stages = _stages(folder)
+    if "search" not in stages:
+        _done(folder, stages, "search", _search(method, config, folder / "search"))
+    if "train" not in stages:
+        train(TrainConfig(genotype=str(folder / "search" / "genotype.json"), dataset=config.dataset,
+                          data_root=config.data_root, out=str(folder / "train"), epochs=config.train_epochs,
+                          batch_size=config.train_batch_size, layers=config.train_layers,
+                          init_channels=config.train_channels, max_steps_per_epoch=config.train_max_steps,
+                          amp=config.amp, seed=config.seed, device=config.device, eval_limit=config.eval_limit,
+                          progress=config.progress, report=False))
+        _done(folder, stages, "train", True)
+    device = pick_device(config.device)
+    model, meta = load_model(folder / "train" / "model.pt", device)
+    num_classes = meta["model_config"]["num_classes"]
+    if "attack" not in stages:
+        loader = test_loader(config.dataset, config.data_root, config.eval_limit)
+        linf = evaluate_attacks(model, loader, config.eps, ("fgsm", "pgd"), config.norm, steps=config.pgd_steps,
+                                num_classes=num_classes, device=device, progress=config.progress)
+        write_json(linf, folder / "train" / "attack.json")
+        l2 = None
+        if extra:
+            l2 = evaluate_attacks(model, loader, [config.l2_eps], ("cw", "autoattack"), "l2",
+                                  num_classes=num_classes, device=device, progress=config.progress)
+            write_json(l2, folder / "train" / "attack_l2.json")
+        _done(folder, stages, "attack", dict(clean_acc=linf["clean_acc"],
+                                             fgsm=linf["robust_acc"]["fgsm"][-1], pgd=linf["robust_acc"]["pgd"][-1],
+                                             cw=l2["robust_acc"]["cw"][0] if l2 else None,
+                                             autoattack=l2["robust_acc"]["autoattack"][0] if l2 else None))
+    if "certify" not in stages:
+        loader = test_loader(config.dataset, config.data_root, config.certify_limit, batch_size=32)
+        result = certify(model, loader, config.certify_norm, config.certify_method, device=device,
+                         progress=config.progress)
+        write_json(result, folder / "train" / "certify.json")
+        _done(folder, stages, "certify", dict(mean_radius=result["mean_radius"], median_radius=result["median_radius"]))
+    from dsrna.evaluation.report import write_report
+    from dsrna.space import count_parameters
+
+    write_report(folder / "train")
+    return dict(**stages["attack"], **stages["certify"], search_time_s=stages["search"]["time_s"],
+                parameters=count_parameters(model), genotype=meta["genotype"])
+
+
+def _search(method: str, config: CompareConfig, folder: Path) -> dict:
+    from dsrna.robustness import RobustnessConfig
+    from dsrna.search import SearchConfig, run_search
+
+    robustness = RobustnessConfig(kind=METHODS[method], gamma=config.gamma, eps=config.robust_eps,
+                                  norm=config.robust_norm, robust_batch=config.robust_batch, dataset=config.dataset)
+    search_config = SearchConfig(dataset=config.dataset, data_root=config.data_root, epochs=config.search_epochs,
+                                 batch_size=config.search_batch_size, layers=config.search_layers,
+                                 init_channels=config.search_channels, order=config.search_order,
+                                 robustness=robustness, seed=config.seed, backend=config.backend, out=str(folder),
+                                 max_steps_per_epoch=config.search_max_steps)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run_search(search_config)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return dict(time_s=time.perf_counter() - start)
+
+
+COLUMNS = ("method", "clean", "FGSM", "PGD", "C&W", "AutoAttack", "mean cert. radius", "search time", "params")
+
+
+def compare_table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the comparison table (accuracies in %)."""
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    head = list(COLUMNS)
+    head[2] = f"FGSM {result['norm']} {result['eps']:g}"
+    head[3] = f"PGD {result['norm']} {result['eps']:g}"
+    head[4] = f"C&W l2 {result['l2_eps']:g}"
+    head[5] = f"AutoAttack l2 {result['l2_eps']:g}"
+    head[6] = f"mean cert. radius ({result['certify_norm']}, {result['certify_method']})"
+    rows = [[method, pct(r["clean_acc"]), pct(r["fgsm"]), pct(r["pgd"]), pct(r["cw"]), pct(r["autoattack"]),
+             f"{r['mean_radius']:.4g}", _duration(r["search_time_s"]), f"{r['parameters'] / 1e6:.3f}M"]
+            for method, r in result["methods"].items()]
+    return head, rows
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def compare_markdown(result: dict) -> str:
+    head, rows = compare_table_rows(result)
+    lines = [f"# DARTS vs DSRNA on {result['dataset']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if not result["torchattacks"]:
+        lines += ["", "C&W and AutoAttack need the optional extra: pip install 'dsrna[attacks]'"]
+    return "\n".join(lines) + "\n"

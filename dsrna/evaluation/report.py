@@ -1,0 +1,256 @@
+"""One self-contained HTML page per run folder: everything the folder holds, pictures embedded.
+
+:func:`write_report` reads what a search, train, attack, certify or compare run left in a folder and
+writes ``report.html`` beside it, with every picture inline as a base64 PNG (the page can be mailed
+or archived alone):
+
+- ``metrics.json`` / ``config.json``: key-value tables;
+- ``compare.json``: the comparison table;
+- ``genotype.json``: the normal and reduction cells;
+- ``log.jsonl``: curves of every numeric field over epochs (losses, accuracies, robustness term...)
+  and, when lines carry the softmax of the architecture parameters, heatmaps of them over epochs;
+- ``attack.json`` / ``certify.json``: robust-accuracy curves, the radius histogram and the
+  certified-accuracy curve;
+- any other PNG in the folder (e.g. the search's cell pictures and alpha heatmaps).
+
+The plotting functions here are also what ``dsrna attack`` and ``dsrna certify`` save as PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dsrna.evaluation.common import atomic_write_text  # noqa: E402
+
+# PNGs that this module draws itself from JSON; the gallery leaves them out to avoid duplicates.
+OWN_PICTURES = ("attack.png", "certify_hist.png", "certify_curve.png")
+
+
+def plot_attack_curve(result: dict):
+    """Robust accuracy over eps, one line per attack (from :func:`evaluate_attacks`)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for attack in result["attacks"]:
+        ax.plot(result["eps"], [100 * a for a in result["robust_acc"][attack]], marker="o", label=attack)
+    ax.set_xlabel(f"eps ({result['norm']})")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_radius_histogram(result: dict):
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(result["radii"], bins=30, color="tab:blue")
+    ax.axvline(result["mean_radius"], color="tab:red", linestyle="--", label=f"mean {result['mean_radius']:.3g}")
+    ax.set_xlabel(f"certified radius ({result['norm']}, {result['method']})")
+    ax.set_ylabel("images")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_certified_curve(result: dict):
+    """Certified accuracy as a step function of eps, from the per-image radii."""
+    radii = sorted(r for r, ok in zip(result["radii"], result["correct"]) if ok)
+    n = max(result["n"], 1)
+    top = max(radii + list(result["eps"]) + [1e-6])
+    xs = [0.0] + radii + [top]
+    ys = [100 * len(radii) / n] + [100 * (len(radii) - i - 1) / n for i in range(len(radii))] + [0.0]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.step(xs, ys, where="post")
+    ax.set_xlabel(f"eps ({result['norm']})")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _img(data: str, caption: str) -> str:
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _table(rows: list[list], head: list[str] | None = None) -> str:
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" if head else ""
+    return f"<table>{header}{cells}</table>"
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_log(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by an interrupted run
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _curves(records: list[dict]) -> list[str]:
+    """One panel per group of numeric fields (losses together, accuracies together, others alone)."""
+    x_key = "epoch" if all("epoch" in r for r in records) else None
+    xs = [r["epoch"] for r in records] if x_key else list(range(1, len(records) + 1))
+    numeric = [k for k in dict.fromkeys(k for r in records for k in r)
+               if k != x_key and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                                     for r in records if k in r)]
+    groups: dict[str, list[str]] = {}
+    for key in numeric:
+        group = "loss" if "loss" in key else "accuracy" if key.endswith("acc") or "accuracy" in key else key
+        groups.setdefault(group, []).append(key)
+    figures = []
+    for group, keys in groups.items():
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for key in keys:
+            points = [(x, r[key]) for x, r in zip(xs, records) if key in r]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None, label=key)
+        ax.set_xlabel(x_key or "record")
+        ax.set_title(group)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figures.append(_img(_png(fig), f"{group} over {x_key or 'records'}"))
+    return figures
+
+
+def _alpha_heatmaps(records: list[dict]) -> list[str]:
+    """Heatmaps of softmax(alpha) per cell type at a few epochs, when the log lines carry them
+    (``{"alphas": {"normal": [[...]], "reduce": [[...]]}}``: rows are edges, columns ops)."""
+    from dsrna.space import PRIMITIVES
+
+    carrying = [r for r in records if isinstance(r.get("alphas"), dict)]
+    if not carrying:
+        return []
+    picks = sorted({0, len(carrying) // 2, len(carrying) - 1})
+    figures = []
+    for kind in ("normal", "reduce"):
+        if not all(kind in carrying[i]["alphas"] for i in picks):
+            continue
+        fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 4), squeeze=False)
+        for ax, i in zip(axes[0], picks):
+            weights = carrying[i]["alphas"][kind]
+            image = ax.imshow(weights, aspect="auto", cmap="viridis", vmin=0)
+            ax.set_title(f"epoch {carrying[i].get('epoch', i + 1)}")
+            ax.set_xticks(range(len(PRIMITIVES)))
+            ax.set_xticklabels(PRIMITIVES, rotation=90, fontsize=7)
+            ax.set_ylabel("edge")
+            fig.colorbar(image, ax=ax, fraction=0.05)
+        fig.suptitle(f"softmax(alpha), {kind} cell")
+        fig.tight_layout()
+        figures.append(_img(_png(fig), f"architecture weights of the {kind} cell over epochs"))
+    return figures
+
+
+def _cell_pictures(genotype_path: Path) -> list[str]:
+    from dsrna.space import Genotype
+
+    try:
+        genotype = Genotype.from_json(genotype_path)
+    except ValueError:
+        return []
+    try:
+        from dsrna.plots import plot_cell
+    except ImportError:
+        return [_table([[kind, ", ".join(f"{op}({i})" for op, i in getattr(genotype, kind)),
+                         str(list(getattr(genotype, kind + "_concat")))] for kind in ("normal", "reduce")],
+                       ["cell", "edges (op(input))", "concat"])]
+    figures = []
+    for kind in ("normal", "reduce"):
+        figures.append(_img(_png(plot_cell(genotype, kind)), f"{kind} cell"))
+    return figures
+
+
+def _compare_section(result: dict) -> str:
+    from dsrna.evaluation.compare import compare_table_rows
+
+    head, rows = compare_table_rows(result)
+    return _table(rows, head)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` from whatever the folder holds; returns its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder at {run_dir}")
+    sections: list[tuple[str, list[str]]] = []
+    compare = _read_json(run_dir / "compare.json")
+    if isinstance(compare, dict):
+        sections.append(("Comparison", [_compare_section(compare)]))
+    for name, title in (("metrics.json", "Metrics"), ("config.json", "Configuration")):
+        data = _read_json(run_dir / name)
+        if isinstance(data, dict):
+            sections.append((title, [_table([[k, json.dumps(v) if isinstance(v, (list, dict)) else v]
+                                             for k, v in data.items()])]))
+    if (run_dir / "genotype.json").is_file():
+        sections.append(("Cells", _cell_pictures(run_dir / "genotype.json")))
+    if (run_dir / "log.jsonl").is_file():
+        records = _read_log(run_dir / "log.jsonl")
+        if records:
+            sections.append(("Training curves", _curves(records)))
+            heatmaps = _alpha_heatmaps(records)
+            if heatmaps:
+                sections.append(("Architecture weights over epochs", heatmaps))
+    attack = _read_json(run_dir / "attack.json")
+    if isinstance(attack, dict):
+        from dsrna.evaluation.attack import attack_table
+
+        sections.append(("Robust accuracy", [_img(_png(plot_attack_curve(attack)), "robust accuracy over eps"),
+                                             f"<pre>{html.escape(attack_table(attack))}</pre>"]))
+    certified = _read_json(run_dir / "certify.json")
+    if isinstance(certified, dict):
+        from dsrna.evaluation.certify import certify_table
+
+        sections.append(("Certified robustness", [
+            _img(_png(plot_certified_curve(certified)), "certified accuracy over eps"),
+            _img(_png(plot_radius_histogram(certified)), "certified radius per image"),
+            f"<pre>{html.escape(certify_table(certified))}</pre>"]))
+    gallery = [p for p in sorted(run_dir.glob("*.png")) if p.name not in OWN_PICTURES]
+    if gallery:
+        sections.append(("Pictures", [_img(base64.b64encode(p.read_bytes()).decode(), p.name) for p in gallery]))
+
+    body = "".join(f"<h2>{html.escape(title)}</h2>" + "".join(parts) for title, parts in sections if parts)
+    if not body:
+        body = "<p>This folder holds no run outputs yet.</p>"
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>dsrna report: {html.escape(run_dir.name)}</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "figure{display:inline-block;margin:0.5em}img{max-width:100%}figcaption{font-size:0.85em;color:#555}"
+        f"</style></head><body><h1>dsrna report: {html.escape(str(run_dir))}</h1>{body}</body></html>\n"
+    )
+    path = run_dir / "report.html"
+    atomic_write_text(page, path)
+    return path

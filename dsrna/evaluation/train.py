@@ -1,0 +1,327 @@
+"""Final training: a genotype's network trained from scratch with the DARTS evaluation recipe.
+
+The recipe (Liu et al. 2019, METHOD.md §1): SGD (lr 0.025, momentum 0.9, weight decay 3e-4) with a
+cosine schedule to 0, cutout 16, drop path 0.2 ramped linearly over the epochs, an auxiliary head
+weighted 0.4, gradient clipping at 5, batch 96, 600 epochs on CIFAR-10. :data:`PRESETS` fills the
+settings a user leaves unset per data set; every one of them is a flag of ``dsrna train``.
+
+A run folder holds ``checkpoint.pt`` (written atomically after every epoch: model, optimizer,
+scheduler, RNG states, epoch, history; ``--resume`` continues from it bit-for-bit on the same
+device), ``log.jsonl`` (one line per epoch), and at the end ``model.pt`` (weights, genotype and the
+architecture settings, enough for :func:`load_model` to rebuild the network from the file alone),
+``metrics.json`` and the HTML report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsrna.data import dataset_info, get_dataset, make_loader
+from dsrna.errors import CheckpointError, DivergenceError
+from dsrna.evaluation.common import atomic_save, pick_device, test_loader, write_json
+from dsrna.space import Genotype, Network, count_parameters
+
+# Settings left as None in TrainConfig take these per-data-set values ([choice] where the paper is
+# silent: MNIST-family epochs and no cutout on digits; mnist-mini is sized to train in minutes on a CPU).
+PRESETS = {
+    "cifar10": dict(epochs=600, batch_size=96, layers=20, init_channels=36, cutout=16, lr=0.025, stem="cifar", label_smoothing=0.0),
+    "mnist": dict(epochs=100, batch_size=96, layers=20, init_channels=36, cutout=0, lr=0.025, stem="cifar", label_smoothing=0.0),
+    "fashion-mnist": dict(epochs=100, batch_size=96, layers=20, init_channels=36, cutout=0, lr=0.025, stem="cifar", label_smoothing=0.0),
+    "mnist-mini": dict(epochs=5, batch_size=64, layers=5, init_channels=8, cutout=0, lr=0.025, stem="cifar", label_smoothing=0.0),
+    # DARTS' mobile ImageNet setting: 14 cells, C=48, stride-8 stem, lr 0.1, label smoothing 0.1.
+    "imagenet": dict(epochs=250, batch_size=128, layers=14, init_channels=48, cutout=0, lr=0.1, stem="imagenet",
+                     label_smoothing=0.1),
+}
+AMP_CHOICES = ("none", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``dsrna train``. ``None`` means "the data set's preset" (:data:`PRESETS`)."""
+
+    genotype: str = "DARTS_V2"  # a built-in name, a genotype.json path, or JSON text
+    dataset: str = "mnist-mini"
+    data_root: str | None = None
+    out: str = "runs/train"
+    epochs: int | None = None
+    batch_size: int | None = None
+    layers: int | None = None
+    init_channels: int | None = None
+    cutout: int | None = None
+    lr: float | None = None
+    stem: str | None = None
+    label_smoothing: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    auxiliary: bool = True
+    auxiliary_weight: float = 0.4
+    drop_path_prob: float = 0.2
+    amp: str = "none"
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    log_every: int = 50
+    max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole training set
+    eval_limit: int | None = None  # evaluate on the first N test images; None = all
+    resume: bool = False
+    progress: bool = True
+    report: bool = True
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the preset filled in and every value checked."""
+        if self.dataset not in PRESETS:
+            raise ValueError(f"unknown data set {self.dataset!r}; choose one of {', '.join(PRESETS)}")
+        filled = dataclasses.replace(self)
+        for key, value in PRESETS[self.dataset].items():
+            if getattr(filled, key) is None:
+                setattr(filled, key, value)
+        if filled.amp not in AMP_CHOICES:
+            raise ValueError(f"unknown --amp {filled.amp!r}; choose one of {', '.join(AMP_CHOICES)}")
+        for key in ("epochs", "batch_size", "layers", "init_channels"):
+            if getattr(filled, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(filled, key)}")
+        if filled.layers < 3 and filled.auxiliary:
+            raise ValueError("the auxiliary head sits after the second reduction cell: use --layers >= 3 or --no-auxiliary")
+        if not 0 <= filled.drop_path_prob < 1:
+            raise ValueError(f"drop_path_prob must be in [0, 1), got {filled.drop_path_prob}")
+        Genotype.from_json(filled.genotype)  # fail early, with the genotype's own one-line message
+        return filled
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    model_path: Path
+    metrics: dict
+
+
+def build_model(genotype: Genotype, model_config: dict) -> Network:
+    """The network described by ``model_config`` (the ``model_config`` entry of ``model.pt``)."""
+    return Network(genotype, C=model_config["init_channels"], num_classes=model_config["num_classes"],
+                   layers=model_config["layers"], in_channels=model_config["in_channels"],
+                   auxiliary=model_config["auxiliary"], stem=model_config["stem"],
+                   mean=model_config["mean"], std=model_config["std"])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Network, dict]:
+    """Rebuild a trained network from ``model.pt`` alone; returns ``(model in eval mode, metadata)``.
+
+    The metadata holds ``genotype``, ``model_config``, ``dataset``, ``train_config`` and ``metrics``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        genotype = Genotype.from_dict(blob["genotype"])
+        model = build_model(genotype, blob["model_config"])
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, KeyError, TypeError, EOFError) as exc:
+        raise CheckpointError(f"{path} is not a dsrna model file ({str(exc).splitlines()[0]})") from None
+    model.drop_path_prob = 0.0
+    return model.to(device).eval(), {k: v for k, v in blob.items() if k != "state_dict"}
+
+
+def _rng_state() -> dict:
+    """Every generator the run draws from, in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": list(random.getstate()),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+
+
+def _datasets(config: TrainConfig):
+    info = dataset_info(config.dataset)
+    train_set = get_dataset(config.dataset, root=config.data_root, train=True, augment=True, cutout=config.cutout)
+    test = test_loader(config.dataset, config.data_root, config.eval_limit, 2 * config.batch_size, config.num_workers)
+    return info, train_set, test
+
+
+def evaluate(model: nn.Module, loader, device, amp: str = "none") -> tuple[float, float]:
+    """``(mean loss, accuracy)`` of the model in eval mode on a loader."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    with torch.no_grad(), _autocast(device, amp):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x).float()
+            total_loss += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            count += y.numel()
+    model.train(was_training)
+    return total_loss.item() / max(count, 1), correct.item() / max(count, 1)
+
+
+def _autocast(device: torch.device, amp: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train the configured network; see the module docstring for what the run folder receives."""
+    config = config.resolved()
+    device = pick_device(config.device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    genotype = Genotype.from_json(config.genotype)
+    info, train_set, eval_loader = _datasets(config)
+    model_config = dict(init_channels=config.init_channels, layers=config.layers, num_classes=info.num_classes,
+                        in_channels=info.in_channels, auxiliary=config.auxiliary, stem=config.stem,
+                        mean=list(map(float, info.mean)), std=list(map(float, info.std)))
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    model = build_model(genotype, model_config).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    start_epoch, history = 0, []
+    checkpoint_path = out / "checkpoint.pt"
+    if config.resume:
+        start_epoch, history = _resume(checkpoint_path, config, model, optimizer, scheduler)
+    elif checkpoint_path.exists():
+        raise ValueError(f"{out} already holds a training run: pass --resume to continue it or choose another --out")
+    write_json(dataclasses.asdict(config), out / "config.json")
+
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    if config.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    progress = _progress_bar(config, steps_per_epoch, start_epoch)
+    for epoch in range(start_epoch, config.epochs):
+        model.drop_path_prob = config.drop_path_prob * epoch / config.epochs
+        # The data order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed * 100003 + epoch,
+                             num_workers=config.num_workers)
+        record = _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_epoch, progress, epoch)
+        scheduler.step()
+        test_loss, test_acc = evaluate(model, eval_loader, device, config.amp)
+        record.update(epoch=epoch + 1, test_loss=test_loss, test_acc=test_acc, lr=optimizer.param_groups[0]["lr"],
+                      drop_path_prob=model.drop_path_prob)
+        history.append(record)
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch + 1,
+                     "history": history, "config": _identity(config)}, checkpoint_path)
+        with open(out / "log.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        if progress is not None:
+            progress.set_postfix(epoch=epoch + 1, test_acc=f"{test_acc:.4f}")
+    if progress is not None:
+        progress.close()
+
+    metrics = dict(dataset=config.dataset, epochs=config.epochs, parameters=count_parameters(model),
+                   test_acc=history[-1]["test_acc"] if history else None,
+                   test_loss=history[-1]["test_loss"] if history else None,
+                   train_time_s=sum(r["time_s"] for r in history), device=str(device))
+    model_path = out / "model.pt"
+    atomic_save({"state_dict": model.state_dict(), "genotype": genotype.to_dict(), "model_config": model_config,
+                 "dataset": config.dataset, "train_config": dataclasses.asdict(config), "metrics": metrics}, model_path)
+    write_json(metrics, out / "metrics.json")
+    if config.report:
+        from dsrna.evaluation.report import write_report
+        write_report(out)
+    return TrainResult(out, model_path, metrics)
+
+
+def _identity(config: TrainConfig) -> dict:
+    """The settings a resumed run must share with the original (the rest may change, e.g. device)."""
+    keys = ("genotype", "dataset", "epochs", "batch_size", "layers", "init_channels", "cutout", "lr", "stem",
+            "label_smoothing", "momentum", "weight_decay", "auxiliary", "auxiliary_weight", "drop_path_prob", "seed",
+            "max_steps_per_epoch")
+    return {k: getattr(config, k) for k in keys}
+
+
+def _resume(path: Path, config, model, optimizer, scheduler) -> tuple[int, list]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["config"]
+    except (RuntimeError, KeyError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt or not a training checkpoint ({str(exc).splitlines()[0]})") from None
+    differing = [k for k, v in _identity(config).items() if saved.get(k) != v]
+    if differing:
+        raise CheckpointError(f"{path} was written with different settings: {', '.join(differing)}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def _progress_bar(config: TrainConfig, steps_per_epoch: int, start_epoch: int):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, unit="step",
+                desc="train", dynamic_ncols=True)
+
+
+def _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_epoch, progress, epoch) -> dict:
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count, start = 0, time.perf_counter()
+    for step, (x, y) in enumerate(loader):
+        if step == steps_per_epoch:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, config.amp):
+            out = model(x)
+            logits, aux = out if isinstance(out, tuple) else (out, None)
+            loss = criterion(logits.float(), y)
+            if aux is not None:
+                loss = loss + config.auxiliary_weight * criterion(aux.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        total_loss += loss.detach() * y.numel()
+        correct += (logits.detach().argmax(1) == y).sum()
+        count += y.numel()
+        if (step + 1) % config.log_every == 0:  # the only host synchronisation inside the epoch
+            _check_finite(total_loss, epoch, step)
+            if progress is not None:
+                progress.set_postfix(epoch=epoch + 1, loss=f"{total_loss.item() / count:.4f}")
+        if progress is not None:
+            progress.update(1)
+    _check_finite(total_loss, epoch, None)
+    elapsed = time.perf_counter() - start
+    return dict(train_loss=total_loss.item() / max(count, 1), train_acc=correct.item() / max(count, 1),
+                time_s=elapsed, images_per_s=count / max(elapsed, 1e-9))
+
+
+def _check_finite(total_loss: torch.Tensor, epoch: int, step: int | None) -> None:
+    if not torch.isfinite(total_loss):
+        where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step is not None else "")
+        raise DivergenceError(f"training diverged (loss is NaN or infinite at {where}); the last good checkpoint "
+                              "is kept: lower --lr or --grad-clip, or try --amp none, then --resume")

@@ -1,0 +1,121 @@
+"""Every setting of a search run, with the DARTS defaults of METHOD.md §4, and the presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _robustness_config_class():
+    # Imported on use: the metrics sit above the search space and pull in the bound engine.
+    from dsrna.robustness import RobustnessConfig
+
+    return RobustnessConfig
+
+
+def _default_robustness():
+    return _robustness_config_class()()
+
+
+@dataclass
+class SearchConfig:
+    """One search run. Field names are the ``dsrna search`` flags with ``-`` read as ``_``."""
+
+    # data
+    dataset: str = "mnist-mini"
+    data_root: str | None = None
+    train_portion: float = 0.5          # weights half / architecture half of the training set
+    subset_fractions: tuple[float, float] | None = None  # PC-DARTS ImageNet: per-class (10%, 2.5%) subsets
+    num_workers: int = 0
+    # super-network
+    layers: int = 8
+    init_channels: int = 16
+    partial_channels: int = 1
+    stem: str = "cifar"
+    backend: str = "auto"
+    # schedule
+    epochs: int = 50
+    batch_size: int = 64                # per process
+    max_steps_per_epoch: int | None = None
+    order: int = 1                      # 1: first-order DARTS, 2: one unrolled SGD step
+    arch_start_epoch: int = 0           # architecture frozen before this epoch (PC-DARTS)
+    # weights: SGD with a cosine schedule
+    lr: float = 0.025
+    lr_min: float = 0.001
+    lr_warmup_epochs: int = 0           # linear warm-up from lr/warmup to lr over these epochs
+    lr_reference_batch: int | None = None  # scale lr (and lr_min) by global_batch / this when set
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    # architecture: Adam
+    arch_lr: float = 3e-4
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    unrolled_radius: float = 0.01       # finite-difference radius r: eps = r / ||v||
+    # robustness term of the architecture objective L_val - gamma * R
+    robustness: Any = field(default_factory=_default_robustness)
+    # run
+    amp: str = "none"                   # "none" or "bf16" autocast
+    seed: int = 0
+    deterministic: bool = False
+    out: str = "runs/search"
+    resume: bool = False
+    log_every: int = 50
+    progress: bool = True
+    preset: str | None = None
+
+    # Fields that may differ between a run and its resumption (they do not change the numbers).
+    RESUMABLE = ("data_root", "num_workers", "backend", "out", "resume", "log_every", "deterministic", "progress")
+
+    def __post_init__(self):
+        if self.order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {self.order}")
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.layers < 1 or self.init_channels < 1:
+            raise ValueError("epochs, batch size, layers and init channels must be positive")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be positive, got {self.log_every}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be positive, got {self.max_steps_per_epoch}")
+        if isinstance(self.robustness, dict):
+            self.robustness = _robustness_config_class()(**self.robustness)
+        self.arch_betas = tuple(self.arch_betas)
+        if self.subset_fractions is not None:
+            self.subset_fractions = tuple(self.subset_fractions)
+
+    @property
+    def uses_robustness(self) -> bool:
+        return self.robustness.kind != "none"
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)  # recurses into the RobustnessConfig dataclass
+        return json.loads(json.dumps(data))  # tuples become lists: the plain JSON form
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"search config: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def differences(self, other: "SearchConfig") -> list[str]:
+        """Names of the fields that change the run's numbers and differ between the two configs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [k for k in mine if k not in self.RESUMABLE and mine[k] != theirs.get(k)]
+
+
+# PC-DARTS' ImageNet protocol (Xu et al. 2020): 10% / 2.5% per-class subsets, 224x224 inputs through a
+# stride-8 stem, K=2 partial channels, architecture frozen for 35 of 50 epochs, lr 0.5 for a global
+# batch of 1024 with 5 warm-up epochs, arch lr 6e-3. bf16 halves the memory of the super-network.
+PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet-pcdarts": dict(
+        dataset="imagenet", subset_fractions=(0.1, 0.025), stem="imagenet", partial_channels=2,
+        layers=8, init_channels=16, epochs=50, batch_size=128, arch_start_epoch=35,
+        lr=0.5, lr_min=0.0, lr_reference_batch=1024, lr_warmup_epochs=5,
+        arch_lr=6e-3, amp="bf16", num_workers=8,
+    ),
+}

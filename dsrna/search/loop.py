@@ -1,0 +1,296 @@
+"""The full search run: data, the epoch loop, logs, checkpoints, pictures and resumption.
+
+Output folder (``config.out``), rewritten atomically after every epoch on rank 0:
+``checkpoint.pt``, ``log.jsonl`` (one JSON line per epoch), ``genotype.json``, ``normal.png``,
+``reduce.png`` and ``alphas.png``.
+
+Data order is a pure function of (seed, epoch) for the weights half and of (seed, validation
+pass, position) for the architecture half, whose iterator persists across steps and epochs and
+cycles when exhausted. The checkpoint records the validation pass and the number of examples
+consumed in it (over all ranks), so a resumed run, even with a different number of processes,
+continues where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+from tqdm import tqdm
+
+from dsrna.errors import CheckpointError, DataError, DivergenceError, DsrnaError
+from dsrna.search import distributed
+from dsrna.search.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, set_rng_state
+from dsrna.search.config import SearchConfig
+from dsrna.search.searcher import Searcher
+from dsrna.space import Genotype, SearchNetwork
+
+
+@dataclass
+class SearchData:
+    """The two halves of the search data and what the super-network needs to know about them."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_channels: int
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    out: Path
+    history: list[dict] = field(default_factory=list)
+
+
+def load_search_data(config: SearchConfig) -> SearchData:
+    """The named data set split for the search: ``train_portion`` of the training set for the
+    weights and the rest for the architecture, or, with ``subset_fractions=(a, b)``, disjoint
+    class-balanced draws of fractions a and b (PC-DARTS on ImageNet)."""
+    from dsrna.data import class_balanced_subset, dataset_info, get_dataset, search_split
+
+    info = dataset_info(config.dataset)
+    full = get_dataset(config.dataset, config.data_root, train=True)
+    if config.subset_fractions is None:
+        train, val = search_split(full, config.train_portion, config.seed)
+    else:
+        a, b = config.subset_fractions
+        pool = class_balanced_subset(full, a + b, config.seed)
+        train, val = search_split(pool, a / (a + b), config.seed)
+    return SearchData(train, val, info.num_classes, info.in_channels, info.mean, info.std)
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start part-way through an epoch's order (for resumption)."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class ValidationStream:
+    """The architecture half as an endless stream of batches: one iterator per pass over the data,
+    never rebuilt per step. ``consumed`` counts the examples taken in the current pass over all ranks."""
+
+    def __init__(self, loader, sampler: ResumableSampler, world_size: int, epoch: int = 0, consumed: int = 0):
+        self.loader, self.sampler, self.world_size = loader, sampler, world_size
+        self.epoch, self.consumed = epoch, consumed
+        self._iterator = None
+
+    def _open(self, start_per_rank: int):
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.start = start_per_rank
+        self._iterator = iter(self.loader)
+
+    def __next__(self):
+        if self._iterator is None:
+            self._open(self.consumed // self.world_size)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.consumed = self.epoch + 1, 0
+            self._open(0)
+            batch = next(self._iterator)
+        self.consumed += batch[1].shape[0] * self.world_size
+        return batch
+
+    def state(self) -> dict:
+        return {"val_epoch": self.epoch, "val_consumed": self.consumed}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _set_deterministic(enabled: bool) -> None:
+    if enabled:
+        # cuBLAS needs a fixed workspace to be reproducible; must be set before the first CUDA matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: an op without a deterministic kernel warns instead of stopping a long search.
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+
+
+def architecture_entropy(net: SearchNetwork) -> dict[str, float]:
+    """Mean entropy (nats) of softmax(alpha) over the edges: log(8) at the start, 0 when decided."""
+    out = {}
+    with torch.no_grad():
+        for reduction, name in ((False, "entropy_normal"), (True, "entropy_reduce")):
+            w, _ = net.edge_weights(reduction)
+            out[name] = float(-(w * torch.log(w.clamp_min(1e-12))).sum(-1).mean())
+    return out
+
+
+def _write_pictures(net: SearchNetwork, genotype: Genotype, out: Path, epoch: int) -> None:
+    from dsrna.plots import plot_alpha_heatmaps, plot_cell
+
+    plot_cell(genotype, False, out / "normal.png", f"normal cell, epoch {epoch}")
+    plot_cell(genotype, True, out / "reduce.png", f"reduction cell, epoch {epoch}")
+    with torch.no_grad():
+        tables = {"normal: softmax(alpha)": net.edge_weights(False)[0], "reduce: softmax(alpha)": net.edge_weights(True)[0]}
+    plot_alpha_heatmaps(tables, out / "alphas.png", f"epoch {epoch}")
+
+
+def _read_log(path: Path, before_epoch: int) -> list[dict]:
+    """The log lines of the epochs a checkpoint covers (a crash may have left one more)."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["epoch"] <= before_epoch]
+
+
+def run_search(config: SearchConfig, data: SearchData | None = None,
+               on_epoch_end: Callable[[int, dict], None] | None = None) -> SearchResult:
+    """Run (or, with ``config.resume``, continue) a search; see the module docstring for the files.
+
+    ``data`` replaces the named data set (custom data); ``on_epoch_end(epoch, record)`` is called on
+    every rank after each epoch's files are written. Under torchrun the process group is set up here.
+    """
+    created_group = distributed.init_from_env()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    try:
+        _set_deterministic(config.deterministic)
+        return _run(config, data, on_epoch_end)
+    finally:
+        _set_deterministic(deterministic_before)
+        if created_group:
+            torch.distributed.destroy_process_group()
+
+
+def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchResult:
+    rank, world = distributed.rank(), distributed.world_size()
+    device = distributed.default_device()
+    out = Path(config.out)
+    checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    if not config.resume and checkpoint_path.exists():
+        raise DsrnaError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
+
+    # Every rank draws the same stream: the same initial weights and alphas (DDP and the explicit
+    # broadcast make sure anyway) and the same random choices of the robustness estimators.
+    _seed_everything(config.seed)
+    data = data if data is not None else load_search_data(config)
+    net = SearchNetwork(C=config.init_channels, num_classes=data.num_classes, layers=config.layers,
+                        in_channels=data.in_channels, partial_channels=config.partial_channels,
+                        backend=config.backend, mean=data.mean, std=data.std, stem=config.stem).to(device)
+
+    from dsrna.data import make_loader
+
+    train_sampler = ResumableSampler(data.train, world, rank, seed=config.seed)
+    val_sampler = ResumableSampler(data.val, world, rank, seed=config.seed + 1)
+    train_loader = make_loader(data.train, config.batch_size, seed=config.seed, num_workers=config.num_workers,
+                               drop_last=True, sampler=train_sampler)
+    val_loader = make_loader(data.val, config.batch_size, seed=config.seed + 1, num_workers=config.num_workers,
+                             drop_last=True, sampler=val_sampler)
+    steps_per_epoch = len(train_sampler) // config.batch_size
+    if config.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    if steps_per_epoch == 0 or len(val_sampler) < config.batch_size:
+        raise DataError(f"batch size {config.batch_size} x {world} process(es) is larger than a half of the search data "
+                        f"({len(data.train)} / {len(data.val)} images)")
+
+    net.train()
+    searcher = Searcher(net, config)
+    start_epoch, step, val_state = 0, 0, {"val_epoch": 0, "val_consumed": 0}
+    history: list[dict] = []
+    if config.resume:
+        payload = load_checkpoint(checkpoint_path, config, map_location=device)
+        try:
+            net.load_state_dict(payload["model"])
+            searcher.load_state_dict(payload["searcher"])
+            start_epoch, step, val_state = int(payload["epoch"]), int(payload["step"]), payload["data"]
+            set_rng_state(payload["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"checkpoint {checkpoint_path} does not fit this super-network ({first})") from None
+        history = _read_log(log_path, start_epoch)
+    val_stream = ValidationStream(val_loader, val_sampler, world, val_state["val_epoch"], val_state["val_consumed"])
+    genotype = net.genotype()
+
+    progress = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, unit="step",
+                    desc="search", dynamic_ncols=True, disable=rank != 0 or not config.progress)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            searcher.set_epoch(epoch)
+            train_sampler.set_epoch(epoch)
+            # train loss, train correct, train count, val loss, val correct, val count, R, arch steps
+            sums = torch.zeros(8, dtype=torch.float64, device=device)
+            started = time.perf_counter()
+            batches = iter(train_loader)
+            for i in range(steps_per_epoch):
+                x, y = (t.to(device, non_blocking=True) for t in next(batches))
+                if searcher.arch_active:
+                    xv, yv = (t.to(device, non_blocking=True) for t in next(val_stream))
+                    m = searcher.step((x, y), (xv, yv))
+                    sums[3:8] += torch.stack([m["val_loss"] * m["val_count"], m["val_correct"], m["val_count"],
+                                              m["robustness"], torch.ones((), device=device)]).double()
+                else:
+                    m = searcher.weight_step((x, y))
+                sums[0:3] += torch.stack([m["train_loss"] * m["train_count"], m["train_correct"], m["train_count"]]).double()
+                step += 1
+                progress.update()
+                if step % config.log_every == 0:  # the only host synchronisation inside an epoch
+                    seen = sums.tolist()
+                    _check_finite(seen, epoch, checkpoint_path)
+                    progress.set_postfix(train_loss=f"{seen[0] / max(seen[2], 1):.3f}",
+                                         val_loss=f"{seen[3] / max(seen[5], 1):.3f}" if seen[5] else "-")
+            elapsed = time.perf_counter() - started
+            distributed.all_reduce_sum_(sums)
+            totals = sums.tolist()
+            _check_finite(totals, epoch, checkpoint_path)
+            genotype = net.genotype()
+            record = {
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": searcher.lr,
+                "train_loss": totals[0] / totals[2],
+                "train_acc": totals[1] / totals[2],
+                "val_loss": totals[3] / totals[5] if totals[5] else None,
+                "val_acc": totals[4] / totals[5] if totals[5] else None,
+                "robustness": totals[6] / totals[7] / world if totals[7] else None,
+                **architecture_entropy(net),
+                "genotype": genotype.to_dict(),
+                "images_per_s": totals[2] / elapsed,
+                "time_s": elapsed,
+                "world_size": world,
+            }
+            history.append(record)
+            if rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+                atomic_write_text(out / "genotype.json", genotype.to_json() + "\n")
+                _write_pictures(net, genotype, out, epoch + 1)
+                save_checkpoint(checkpoint_path, config=config, net=net, searcher_state=searcher.state_dict(),
+                                epoch=epoch + 1, step=step, data_state=val_stream.state(), world_size=world)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, record)
+    finally:
+        progress.close()
+    return SearchResult(genotype=genotype, out=out, history=history)
+
+
+def _check_finite(sums: list[float], epoch: int, checkpoint_path: Path) -> None:
+    bad = next((v for v in (sums[0], sums[3], sums[6]) if not math.isfinite(v)), None)
+    if bad is not None:
+        kept = f"the last good checkpoint {checkpoint_path} is kept" if checkpoint_path.exists() else "no checkpoint was written"
+        raise DivergenceError(f"the search diverged in epoch {epoch + 1} (a loss became {bad}); {kept}; "
+                              "try a smaller --gamma or learning rate")

@@ -1,0 +1,30 @@
+"""Launch helpers shared by the Triton kernel families."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Under the interpreter every program instance costs milliseconds of Python, so launches use as few
+# (large) programs as possible; on a GPU blocks stay small enough to fill the SMs.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_MAX_INTERPRETED_BLOCK = 1 << 14
+
+
+def block_size(n: int, gpu_block: int = 1024) -> int:
+    """Elements per program for a 1-D launch over ``n`` elements (a power of two)."""
+    if INTERPRETED:
+        return min(triton.next_power_of_2(max(n, 1)), _MAX_INTERPRETED_BLOCK)
+    return min(gpu_block, triton.next_power_of_2(max(n, 16)))
+
+
+def accumulator_is_fp64(*tensors: torch.Tensor) -> bool:
+    """Accumulate in float64 only when an operand is float64 (gradcheck); otherwise in float32."""
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
+def contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index flat memory; copy only what is not already contiguous."""
+    return x if x.is_contiguous() else x.contiguous()

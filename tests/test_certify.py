@@ -1,0 +1,79 @@
+"""Certification: no image with certified radius r is broken by PGD at eps < r, and the summary
+statistics (certified accuracy, mean, median) follow from the radii."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from dsrna.attacks import pgd
+from dsrna.bounds import certified_radius
+from dsrna.evaluation.certify import certified_accuracy, certify, certify_table
+
+
+@pytest.fixture(scope="module")
+def trained_mlp():
+    """An MLP fitted for a second on 512 mnist-mini images, with 48 test images."""
+    from dsrna.data import get_dataset
+
+    torch.manual_seed(0)
+    train, test = get_dataset("mnist-mini", train=True), get_dataset("mnist-mini", train=False)
+    x = torch.stack([train[i][0] for i in range(512)])
+    y = torch.tensor([train[i][1] for i in range(512)])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    x_test = torch.stack([test[i][0] for i in range(48)])
+    y_test = torch.tensor([test[i][1] for i in range(48)])
+    return model.eval(), x_test, y_test
+
+
+@pytest.mark.parametrize("norm,method", [("linf", "crown"), ("l2", "crown"), ("l2", "crown-ibp")])
+def test_pgd_never_breaks_an_image_below_its_certified_radius(trained_mlp, norm, method):
+    model, x, y = trained_mlp
+    radii = certified_radius(model, x, y, norm=norm, method=method, max_eps=4.0, tol=1e-4)
+    certified = radii > 0
+    assert certified.sum() >= len(y) // 2  # enough images to make the check meaningful
+    torch.manual_seed(0)
+    for i in torch.nonzero(certified).flatten().tolist():
+        xi, yi = x[i:i + 1], y[i:i + 1]
+        x_adv = pgd(model, xi, yi, 0.999 * radii[i].item(), norm, steps=30, restarts=2)
+        with torch.no_grad():
+            assert model(x_adv).argmax(1).item() == yi.item(), f"image {i} broken below its radius {radii[i]:.4g}"
+    # The radius is not vacuous: attacking far beyond it breaks some image (the bound is not infinitely loose).
+    far = pgd(model, x[certified], y[certified], 20 * radii[certified].max().item(), norm, steps=30)
+    with torch.no_grad():
+        assert (model(far).argmax(1) != y[certified]).any()
+
+
+def test_certify_summary_follows_from_the_radii(trained_mlp):
+    model, x, y = trained_mlp
+    y = y.clone()
+    y[:4] = (y[:4] + 1) % 10  # four wrong labels: misclassified, radius 0
+    loader = DataLoader(TensorDataset(x, y), batch_size=20)
+    result = certify(model, loader, "l2", "crown-ibp", eps_list=[0.0, 0.05, 0.2, 10.0], max_eps=2.0, tol=1e-3)
+    radii, correct = torch.tensor(result["radii"]), torch.tensor(result["correct"])
+    assert result["n"] == len(y) == len(radii)
+    assert (radii[~correct] == 0).all() and not correct[:4].any()
+    with torch.no_grad():
+        assert result["clean_acc"] == pytest.approx((model(x).argmax(1) == y).double().mean().item())
+    assert result["certified_acc"][0] == pytest.approx(result["clean_acc"])
+    assert result["certified_acc"] == sorted(result["certified_acc"], reverse=True)
+    assert result["certified_acc"][-1] == 0.0
+    assert result["mean_radius"] == pytest.approx(radii.mean().item())
+    assert result["median_radius"] == pytest.approx(radii.median().item())
+    assert certified_accuracy(radii, correct, 0.05) == pytest.approx(result["certified_acc"][1])
+    assert "mean" in certify_table(result)
+
+
+def test_certify_rejects_unknown_choices(trained_mlp):
+    model, x, y = trained_mlp
+    loader = DataLoader(TensorDataset(x[:2], y[:2]), batch_size=2)
+    with pytest.raises(ValueError, match="unknown norm"):
+        certify(model, loader, "l3")
+    with pytest.raises(ValueError, match="unknown method"):
+        certify(model, loader, "l2", "exact")

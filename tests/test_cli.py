@@ -1,0 +1,131 @@
+"""The ``dsrna`` command: user errors are one line on stderr with exit status 2, never a traceback."""
+
+import os
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+
+import dsrna
+from dsrna import cli
+from dsrna.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_dsrna(*args):
+    """``python -m dsrna ARGS`` in a fresh interpreter, importable from the checkout without installing."""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "dsrna", *args], capture_output=True, text=True, env=environment, timeout=120)
+
+
+def one_line_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_entry_point_reports_a_data_error_in_one_line(tmp_path):
+    missing = run_dsrna("data", "--dataset", "cifar10", "--data-root", str(tmp_path))
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert one_line_error(missing.stderr).startswith(
+        f"dsrna data: error: CIFAR-10 not found: expected the python batches data_batch_1")
+    assert str(tmp_path / "cifar-10-batches-py") in missing.stderr
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["data", "--dataset", "svhn"], "dsrna data: error: argument --dataset: invalid choice: 'svhn'"),
+    (["data", "--no-such-flag"], "dsrna: error: unrecognized arguments: --no-such-flag"),
+    (["frobnicate"], "dsrna: error: argument COMMAND: invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys.readouterr().err).startswith(expected)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"dsrna {dsrna.__version__}"
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_data_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"")
+    assert cli.main(["data", "--dataset", "mnist", "--data-root", str(tmp_path)]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert error.startswith("dsrna data: error: MNIST not found") and "missing: train-labels-idx1-ubyte" in error
+
+
+def test_data_summary_of_the_shipped_subset(capsys):
+    assert cli.main(["data"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist-mini (shipped with dsrna): 10 classes, 1x28x28" in out
+    assert "4,000 images of shape (1, 28, 28) in 10 classes, 400 to 400 per class" in out
+    assert "1,000 images" in out
+
+
+@pytest.fixture
+def fake_command(monkeypatch):
+    """Install a subcommand ``fake`` whose ``run`` warns ``module.warning`` if set, then raises
+    ``module.error`` if set, else succeeds."""
+    module = types.ModuleType("dsrna_test_fake_command")
+    module.HELP = "a command for the tests"
+    module.warning = module.error = None
+    module.add_arguments = lambda parser: None
+
+    def run(args):
+        if module.warning:
+            warnings.warn(module.warning, RuntimeWarning)
+        if module.error:
+            raise module.error
+        return 0
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "fake", module.__name__)
+    return module
+
+
+@pytest.mark.parametrize("error", [
+    DataError("no data here\nsecond line that must not show"),
+    FileNotFoundError(2, "No such file or directory", "genotype.json"),
+    ValueError("eps must be positive"),
+])
+def test_user_errors_from_a_command_are_one_line(fake_command, error, capsys):
+    fake_command.error = error
+    assert cli.main(["fake"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line == f"dsrna fake: error: {str(error).splitlines()[0]}"
+
+
+def test_debug_switch_and_bugs_keep_their_traceback(fake_command, monkeypatch):
+    fake_command.error = RuntimeError("an internal bug")
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        cli.main(["fake"])
+    fake_command.error = DataError("shown with its traceback under DSRNA_DEBUG")
+    monkeypatch.setenv("DSRNA_DEBUG", "1")
+    with pytest.raises(DataError):
+        cli.main(["fake"])
+
+
+def test_warnings_are_one_line(fake_command, capsys):
+    fake_command.warning = "native backend unusable on cpu; using a slower path"
+    assert cli.main(["fake"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["dsrna: warning: native backend unusable on cpu; using a slower path"]
+
+
+def test_unavailable_subcommand_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "later", "dsrna.commands.not_written_yet")
+    assert cli.main(["later"]) == 2
+    assert one_line_error(capsys.readouterr().err) == "dsrna later: error: this subcommand is not available in this version"

@@ -1,0 +1,239 @@
+"""The depthwise convolution family of every fast backend against the reference: forward, transposed
+conv (gradient to the input), every gradient and the double backward, the interval variant, on odd
+shapes for every DARTS kernel size, dilation and stride.
+
+Parametrized over every non-reference backend registered for each op, skipped by capability
+(``backend_status``), never by failure."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsrna import SearchNetwork, _native, backend, use_backend
+from dsrna.ops import depthwise_conv2d_reference, depthwise_conv2d_transpose_reference
+from conftest import DEVICES
+
+# (kernel, padding, dilation) of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5
+DARTS = [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2)]
+GEOMETRIES = [(k, s, p, d) for k, p, d in DARTS for s in (1, 2)]
+GEOMETRY_IDS = [f"k{k}s{s}p{p}d{d}" for k, s, p, d in GEOMETRIES]
+
+
+def fast_backends(op):
+    return [b for b in backend.registered_ops().get(op, ()) if b != "reference"]
+
+
+def impl(op, name, device):
+    ok, why = backend.backend_status(name, device)
+    if not ok:
+        pytest.skip(f"{name} unavailable on {device}: {why}")
+    return backend.dispatch(op, device, name)
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+def conv_inputs(shape, k, dtype, device):
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(shape[1], 1, k, k, dtype=dtype, device=device, requires_grad=True)
+    return x, w
+
+
+def assert_all_close(actual, expected, **tol):
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("name", fast_backends("depthwise_conv2d"))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k, s, p, d", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_conv_forward_backward_and_double_backward(name, device, dtype, k, s, p, d):
+    fn = impl("depthwise_conv2d", name, device)
+    x, w = conv_inputs((2, 3, 9, 7), k, dtype, device)
+    results = []
+    for conv in (fn, depthwise_conv2d_reference):
+        y = conv(x, w, s, p, d)
+        g = torch.ones_like(y).mul_(torch.linspace(-1, 1, y.shape[-1], dtype=dtype, device=device)).requires_grad_()
+        gx, gw = torch.autograd.grad(y, (x, w), g, create_graph=True)
+        # Jacobian-step shape: a loss on the first gradients, differentiated again.
+        second = torch.autograd.grad((gx.square().sum() + (gw * w).sum()), (x, w, g))
+        results.append((y, gx, gw, *second))
+    assert_all_close(*results, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("name", fast_backends("depthwise_conv2d_transpose"))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k, s, p, d", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_transpose_matches_reference(name, device, dtype, k, s, p, d):
+    fn = impl("depthwise_conv2d_transpose", name, device)
+    hw = (8, 7)  # at stride 2 an even side has a row no output tap reaches from the end
+    out_hw = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n in hw]
+    g, w = conv_inputs((2, 3, *out_hw), k, dtype, device)
+    results = []
+    for transpose in (fn, depthwise_conv2d_transpose_reference):
+        z = transpose(g, w, hw, s, p, d)
+        assert z.shape == (2, 3, *hw)
+        v = torch.randn(z.shape, dtype=dtype, device=device, generator=torch.Generator(device).manual_seed(1))
+        results.append((z, *torch.autograd.grad(z, (g, w), v)))
+    assert_all_close(*results, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("name", fast_backends("depthwise_conv2d"))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k, s, p, d", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_gradcheck_and_gradgradcheck(name, device, k, s, p, d):
+    conv = impl("depthwise_conv2d", name, device)
+    x, w = conv_inputs((1, 2, 5, 6), k, torch.float64, device)
+    f = lambda x, w: conv(x, w, s, p, d)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, (x, w), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", fast_backends("depthwise_conv2d"))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_forward_no_worse_than_reference(name, device, dtype):
+    """Error against float64 at most twice the reference's own error in that dtype (+ one ulp)."""
+    conv = impl("depthwise_conv2d", name, device)
+    if device == "cpu" and dtype == torch.float16:
+        try:
+            depthwise_conv2d_reference(torch.ones(1, 1, 3, 3, dtype=dtype), torch.ones(1, 1, 3, 3, dtype=dtype), 1, 1, 1)
+        except RuntimeError:
+            pytest.skip("PyTorch has no float16 depthwise conv on CPU to compare against")
+    x, w = conv_inputs((2, 4, 11, 10), 5, dtype, device)
+    exact = depthwise_conv2d_reference(x.double(), w.double(), 2, 4, 2)
+    out = conv(x, w, 2, 4, 2)
+    assert out.dtype == dtype
+    ref_err = (depthwise_conv2d_reference(x, w, 2, 4, 2).double() - exact).abs().max()
+    err = (out.double() - exact).abs().max()
+    assert err <= 2 * ref_err + torch.finfo(dtype).eps * exact.abs().max()
+
+
+# --- interval bounds ---------------------------------------------------------------------------------
+
+
+def interval_reference(lower, upper, weight, stride, padding, dilation):
+    """Centre through W, radius through |W|, with the reference conv."""
+    centre = depthwise_conv2d_reference((upper + lower) / 2, weight, stride, padding, dilation)
+    radius = depthwise_conv2d_reference((upper - lower) / 2, weight.abs(), stride, padding, dilation)
+    return centre - radius, centre + radius
+
+
+@pytest.mark.parametrize("name", fast_backends("interval_depthwise_conv2d"))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k, s, p, d", GEOMETRIES, ids=GEOMETRY_IDS)
+def test_interval_matches_reference_and_is_sound(name, device, k, s, p, d):
+    fn = impl("interval_depthwise_conv2d", name, device)
+    dtype = torch.float64
+    lower = torch.randn(2, 3, 9, 8, dtype=dtype, device=device)
+    upper = (lower + torch.rand_like(lower)).requires_grad_()
+    lower.requires_grad_()
+    w = torch.randn(3, 1, k, k, dtype=dtype, device=device, requires_grad=True)
+    results = []
+    for interval in (fn, interval_reference):
+        lo, up = interval(lower, upper, w, s, p, d)
+        loss = (lo * torch.linspace(0, 1, lo.shape[-1], dtype=dtype, device=device)).sum() - up.square().sum()
+        results.append((lo, up, *torch.autograd.grad(loss, (lower, upper, w))))
+    assert_all_close(*results, **tolerance(dtype))
+    # every point of the box maps inside the bounds
+    lo, up = results[0][:2]
+    point = lower + torch.rand_like(lower) * (upper - lower)
+    y = depthwise_conv2d_reference(point, w, s, p, d)
+    assert bool((lo <= y + 1e-12).all() and (y <= up + 1e-12).all())
+
+
+@pytest.mark.parametrize("name", fast_backends("interval_depthwise_conv2d"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_interval_gradcheck_and_gradgradcheck(name, device):
+    fn = impl("interval_depthwise_conv2d", name, device)
+    lower = torch.randn(1, 2, 6, 5, dtype=torch.float64, device=device)
+    upper = (lower + torch.rand_like(lower)).requires_grad_()
+    lower.requires_grad_()
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    f = lambda lower, upper, w: fn(lower, upper, w, 2, 2, 2)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (lower, upper, w), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, (lower, upper, w), fast_mode=True)
+
+
+# --- the native custom ops ---------------------------------------------------------------------------
+
+needs_native = pytest.mark.skipif(_native.C is None, reason=f"dsrna._C not loaded: {_native.LOAD_ERROR}")
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_opcheck(device):
+    ops = torch.ops.dsrna
+    x, w = conv_inputs((2, 3, 7, 6), 3, torch.float32, device)
+    g = torch.randn(2, 3, 4, 3, device=device, requires_grad=True)  # output of the stride-2, dilation-2 conv
+    torch.library.opcheck(ops.depthwise_conv2d.default, (x, w, 2, 2, 2))
+    # The AOT-dispatch check traces through torch.compile's machinery (seconds per op): once is enough.
+    quick = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(ops.depthwise_conv2d_transpose.default, (g, w, [7, 6], 2, 2, 2), test_utils=quick)
+    torch.library.opcheck(ops.depthwise_conv2d_weight.default, (x, g, 3, 2, 2, 2), test_utils=quick)
+    torch.library.opcheck(ops.interval_depthwise_conv2d.default, (x, x + 1, w, 2, 2, 2), test_utils=quick)
+
+
+@needs_native
+def test_native_weight_gradient_and_errors():
+    x, w = conv_inputs((3, 2, 10, 9), 5, torch.float64, "cpu")
+    g = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    expected, = torch.autograd.grad(depthwise_conv2d_reference(x, w, 2, 2, 1), w, g)
+    torch.testing.assert_close(torch.ops.dsrna.depthwise_conv2d_weight(x, g, 5, 2, 2, 1), expected)
+    with pytest.raises(RuntimeError, match=r"weight must be \[C, 1, k, k\]"):
+        torch.ops.dsrna.depthwise_conv2d(x, torch.randn(3, 1, 3, 3, dtype=torch.float64), 1, 1, 1)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.dsrna.depthwise_conv2d(x[:, :, :2, :2], w, 1, 0, 2)
+
+
+@needs_native
+@pytest.mark.skipif("cuda" not in DEVICES, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 37, 45), (4, 64, 8, 8), (2, 3, 1, 70)])
+def test_cuda_tiles_match_reference(dtype, shape):
+    """Shapes spanning several tiles, many small planes per block, and a one-row image."""
+    ops = torch.ops.dsrna
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    tol = tolerance(torch.float32) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for k, s, p, d in GEOMETRIES:
+        w = torch.randn(shape[1], 1, k, k, device="cuda", dtype=dtype)
+        xd, wd = x.double(), w.double()
+        y = depthwise_conv2d_reference(xd, wd, s, p, d)
+        torch.testing.assert_close(ops.depthwise_conv2d(x, w, s, p, d).double(), y, **tol)
+        g = torch.randn_like(y).to(dtype)
+        torch.testing.assert_close(ops.depthwise_conv2d_transpose(g, w, list(shape[2:]), s, p, d).double(),
+                                   depthwise_conv2d_transpose_reference(g.double(), wd, shape[2:], s, p, d), **tol)
+        gw_ref = F.grad.conv2d_weight(xd, wd.shape, g.double(), s, p, d, groups=shape[1])
+        torch.testing.assert_close(ops.depthwise_conv2d_weight(x, g, k, s, p, d).double(), gw_ref,
+                                   rtol=tol["rtol"], atol=tol["atol"] * shape[0] * y.shape[2] * y.shape[3] ** 0.5)
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["native", "triton"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_search_network_matches_reference(name, device):
+    """A tiny super-network in float64: loss, weight and alpha gradients, and a Jacobian-norm
+    double backward agree between the backend and the reference."""
+    for op in ("weighted_sum", "depthwise_conv2d"):
+        if name not in backend.registered_ops().get(op, ()):
+            pytest.skip(f"{name} has no {op}")
+        impl(op, name, device)
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=3, layers=2, in_channels=1).to(device=device, dtype=torch.float64)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, device=device)
+    y = torch.tensor([0, 2], device=device)
+    params = list(net.parameters())
+    results = []
+    for chosen in (name, "reference"):
+        with use_backend(chosen):
+            xi = x.clone().requires_grad_()
+            logits = net(xi)
+            jac, = torch.autograd.grad(logits[:, 0].sum(), xi, create_graph=True)
+            loss = F.cross_entropy(logits, y) + 0.01 * jac.square().sum()
+            results.append((logits, *torch.autograd.grad(loss, params)))
+    assert_all_close(*results, rtol=1e-9, atol=1e-9)

@@ -1,0 +1,284 @@
+"""The bilevel search engine: steps, the second-order gradient, the robustness hook, runs and resume."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+import dsrna.robustness
+from dsrna import SearchNetwork
+from dsrna.cli import main
+from dsrna.errors import CheckpointError, DivergenceError, DsrnaError
+from dsrna.robustness import RobustnessConfig
+from dsrna.search import SearchConfig, SearchData, Searcher, finite_difference_hvp, learning_rate, run_search
+
+
+def tiny_net(dtype=torch.float32, **kwargs):
+    return SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1, **kwargs).to(dtype)
+
+
+def batch(n=4, size=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, size, size, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def config(**kwargs) -> SearchConfig:
+    base = dict(layers=3, init_channels=4, epochs=2, batch_size=4, log_every=1, progress=False)
+    base.update(kwargs)
+    return SearchConfig(**base)
+
+
+# The super-network is piecewise smooth (ReLU, max pool): a central difference is exact to O(eps^2)
+# only while no unit changes state between w - eps v and w + eps v. On this tiny net (BN over a few
+# values) DARTS' radius 0.01 already crosses such kinks, so the formula is checked at radius 1e-6 (float64 keeps the rounding error near 1e-8).
+RADIUS = 1e-6
+
+
+def test_finite_difference_hvp_matches_double_backward():
+    net = tiny_net(torch.float64)
+    x, y = batch(dtype=torch.float64)
+    weights = net.weight_parameters()
+    v = [torch.randn_like(w) for w in weights]
+    grads = torch.autograd.grad(F.cross_entropy(net(x), y), weights, create_graph=True)
+    exact = torch.autograd.grad(sum((g * d).sum() for g, d in zip(grads, v)), net.arch_parameters())
+    approx = finite_difference_hvp(net, [w.detach() for w in weights], v, x, y, radius=RADIUS)
+    for a, e in zip(approx, exact):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+    # eps = radius / ||v||: the product is linear in v
+    scaled = finite_difference_hvp(net, [w.detach() for w in weights], [3.0 * d for d in v], x, y, radius=RADIUS)
+    torch.testing.assert_close(scaled[0], 3.0 * approx[0])
+    # the net's own weights are untouched
+    assert all(torch.equal(w, w0) for w, w0 in zip(net.weight_parameters(), weights))
+
+
+def test_second_order_gradient_matches_exact_unrolled_gradient():
+    net = tiny_net(torch.float64)
+    cfg = config(order=2, unrolled_radius=RADIUS)
+    searcher = Searcher(net, cfg)
+    train, val = batch(dtype=torch.float64, seed=1), batch(dtype=torch.float64, seed=2)
+    grads, _ = searcher.arch_gradient(val, train)
+
+    # d/d alpha of L_val(w - eta * (grad_w L_train(w, alpha) + wd * w), alpha), by autograd
+    arch, weights = net.arch_parameters(), net.weight_parameters()
+    g_train = torch.autograd.grad(F.cross_entropy(net(train[0]), train[1]), weights, create_graph=True)
+    unrolled = {name: w - searcher.lr * (g + cfg.weight_decay * w)
+                for (name, _), w, g in zip([(n, p) for n, p in net.named_parameters() if "alphas" not in n], weights, g_train)}
+    val_loss = F.cross_entropy(torch.func.functional_call(net, unrolled, (val[0],)), val[1])
+    exact = torch.autograd.grad(val_loss, arch)
+    for a, e in zip(grads, exact):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3 * e.abs().max().item())
+    # the first-order gradient differs: the test can tell the two apart
+    first = Searcher(tiny_net(torch.float64), config(order=1))
+    first.net.load_state_dict(net.state_dict())
+    g1, _ = first.arch_gradient(val)
+    assert not torch.allclose(g1[0], exact[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_step_updates_architecture_and_weights(order):
+    net = tiny_net()
+    searcher = Searcher(net, config(order=order))
+    before_alpha = [a.detach().clone() for a in net.arch_parameters()]
+    before_w = net.classifier.weight.detach().clone()
+    metrics = searcher.step(batch(seed=1), batch(seed=2))
+    assert set(metrics) == {"train_loss", "train_correct", "train_count", "val_loss", "val_correct", "val_count", "robustness"}
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.values())
+    assert all(not torch.equal(a, b) for a, b in zip(net.arch_parameters(), before_alpha))
+    assert not torch.equal(net.classifier.weight, before_w)
+    assert all(a.grad is None for a in net.arch_parameters())  # no stale architecture gradient
+    if order == 2:
+        shadow = searcher._shadow
+        searcher.step(batch(seed=3), batch(seed=4))
+        assert searcher._shadow is shadow  # one unrolled copy for the whole run
+
+
+def test_weight_step_clips_and_leaves_architecture_alone():
+    net = tiny_net()
+    searcher = Searcher(net, config(grad_clip=1e-3, momentum=0.0, weight_decay=0.0))
+    alpha = net.alphas_normal.detach().clone()
+    before = [w.detach().clone() for w in net.weight_parameters()]
+    searcher.weight_step(batch())
+    assert torch.equal(net.alphas_normal, alpha) and net.alphas_normal.grad is None
+    moved = torch.sqrt(sum(((w - b) ** 2).sum() for w, b in zip(net.weight_parameters(), before)))
+    # the clipped gradient has norm 1e-3 (up to the 1e-6 that clip_grad_norm_ adds to the norm)
+    assert moved.item() == pytest.approx(searcher.lr * 1e-3, rel=2e-3)
+
+
+def test_learning_rate_schedule():
+    cfg = config(epochs=10, lr=0.1, lr_min=0.0)
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 5) == pytest.approx(0.05)
+    warm = config(epochs=10, lr=0.5, lr_min=0.0, lr_warmup_epochs=5, lr_reference_batch=1024, batch_size=128)
+    assert learning_rate(warm, 0, world_size=8) == pytest.approx(0.5 / 5)
+    assert learning_rate(warm, 0, world_size=2) == pytest.approx(0.5 / 4 / 5)
+
+
+class _FakeMetric:
+    """A differentiable stand-in for the robustness metrics that records how it is called."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, net, x, y, cfg, bn_stats):
+        self.calls.append((net, x.shape[0], len(bn_stats)))
+        from dsrna.space import frozen_batch_stats
+
+        with frozen_batch_stats(bn_stats):
+            return -net(x).pow(2).mean()
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_robustness_hook(monkeypatch, order):
+    fake = _FakeMetric()
+    monkeypatch.setattr(dsrna.robustness, "robustness_term", fake)
+    gamma = 0.5
+    cfg = config(order=order, robustness=RobustnessConfig(kind="jacobian", gamma=gamma, robust_batch=2, warmup_epochs=1))
+    net = tiny_net()
+    searcher = Searcher(net, cfg)
+    train, val = batch(seed=1), batch(seed=2)
+    searcher.arch_gradient(val, train)
+    assert fake.calls == []  # warm-up epoch: no robustness term
+    searcher.set_epoch(1)
+    grads, metrics = searcher.arch_gradient(val, train)
+    (called_net, m, n_stats), = fake.calls
+    assert m == 2 and n_stats > 0
+    assert (called_net is net) == (order == 1)  # second order: R at the unrolled weights
+    assert metrics["robustness"] < 0
+    if order == 1:  # the architecture gradient is that of L_val - gamma * R
+        from dsrna.space import capture_batch_stats
+
+        with capture_batch_stats() as stats:
+            val_loss = F.cross_entropy(net(val[0]), val[1])
+        r = fake(net, val[0][:2], val[1][:2], cfg.robustness, stats)
+        expected = torch.autograd.grad(val_loss - gamma * r, net.arch_parameters())
+        for a, e in zip(grads, expected):
+            torch.testing.assert_close(a, e)
+
+
+def test_robustness_none_never_calls_the_metric(monkeypatch):
+    def boom(*args):
+        raise AssertionError("robustness_term called with --robustness none")
+
+    monkeypatch.setattr(dsrna.robustness, "robustness_term", boom)
+    searcher = Searcher(tiny_net(), config(order=2))
+    searcher.step(batch(seed=1), batch(seed=2))
+
+
+def test_partial_channels_and_bf16_steps():
+    searcher = Searcher(tiny_net(partial_channels=2), config(amp="bf16"))
+    metrics = searcher.step(batch(seed=1), batch(seed=2))
+    assert torch.isfinite(metrics["train_loss"]) and torch.isfinite(metrics["val_loss"])
+    assert searcher.net.betas_normal.grad is None and not torch.equal(searcher.net.betas_normal, torch.zeros(14))
+
+
+# --- full runs ------------------------------------------------------------------------------------
+
+
+def tiny_data(n_train=16, n_val=12, poison=None) -> SearchData:
+    x, y = batch(n_train + n_val, seed=5)
+    train = TensorDataset(x[:n_train], y[:n_train]) if poison is None else poison(x[:n_train], y[:n_train])
+    return SearchData(train, TensorDataset(x[n_train:], y[n_train:]), num_classes=3, in_channels=1)
+
+
+def test_resume_continues_exactly(tmp_path):
+    # 3 validation batches per pass and 2 steps per epoch: epoch 2 crosses a validation pass.
+    cfg = dict(epochs=2, max_steps_per_epoch=2, deterministic=True, seed=3)
+    full = run_search(config(out=str(tmp_path / "full"), **cfg), tiny_data())
+
+    def interrupt(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config(out=str(tmp_path / "cut"), **cfg), tiny_data(), on_epoch_end=interrupt)
+    resumed = run_search(config(out=str(tmp_path / "cut"), resume=True, **cfg), tiny_data())
+
+    keys = ("train_loss", "val_loss", "train_acc", "val_acc", "genotype", "step")
+    assert [{k: r[k] for k in keys} for r in resumed.history] == [{k: r[k] for k in keys} for r in full.history]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # the files of every epoch
+    out = tmp_path / "cut"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for field in ("train_loss", "val_loss", "train_acc", "val_acc", "robustness", "entropy_normal",
+                  "entropy_reduce", "genotype", "images_per_s", "time_s"):
+        assert field in records[-1]
+    assert records[0]["entropy_normal"] <= math.log(8) + 1e-6
+    assert json.loads((out / "genotype.json").read_text()) == records[-1]["genotype"]
+    for picture in ("normal.png", "reduce.png", "alphas.png"):
+        assert (out / picture).read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["alphas.png", "checkpoint.pt", "genotype.json", "log.jsonl", "normal.png", "reduce.png"])  # no temp files left
+
+    # a different configuration, a fresh run over an old one, and a corrupt checkpoint are refused
+    with pytest.raises(CheckpointError, match="different settings: layers=3 \\(now 4\\)"):
+        run_search(config(out=str(out), resume=True, **{**cfg, "epochs": 2}, layers=4), tiny_data())
+    with pytest.raises(DsrnaError, match="already holds a search"):
+        run_search(config(out=str(out), **cfg), tiny_data())
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        run_search(config(out=str(out), resume=True, **cfg), tiny_data())
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        run_search(config(out=str(tmp_path / "empty"), resume=True, **cfg), tiny_data())
+
+
+class _PoisonAfterFirstEpoch(Dataset):
+    """Finite images until ``poisoned`` is set, then NaN: the search must stop at the next sync."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.poisoned = x, y, False
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return (self.x[i] * float("nan") if self.poisoned else self.x[i]), self.y[i]
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+    data = tiny_data(poison=_PoisonAfterFirstEpoch)
+
+    def poison(epoch, record):
+        data.train.poisoned = True
+
+    with pytest.raises(DivergenceError, match=r"diverged in epoch 2 \(a loss became nan\); the last good checkpoint"):
+        run_search(config(out=str(tmp_path), max_steps_per_epoch=2, epochs=3), data, on_epoch_end=poison)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_arch_start_epoch_freezes_architecture(tmp_path):
+    result = run_search(config(out=str(tmp_path), epochs=1, max_steps_per_epoch=2, arch_start_epoch=1), tiny_data())
+    assert result.history[0]["val_loss"] is None
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["searcher"]["a_optimizer"]["state"] == {}
+
+
+def test_cli_search_on_mnist_mini(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["search", "--layers", "3", "--init-channels", "4", "--epochs", "1", "--batch-size", "4",
+            "--max-steps-per-epoch", "2", "--out", str(out), "--no-progress", "--order", "2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "genotype: Genotype(normal=" in printed and str(out) in printed
+    assert (out / "checkpoint.pt").is_file() and (out / "alphas.png").is_file()
+    assert main(args) == 2  # refuses to overwrite
+    assert "already holds a search" in capsys.readouterr().err
+
+
+def test_cli_preset_and_flags():
+    from dsrna.cli import build_parser
+    from dsrna.commands.search import config_from_args
+
+    args = build_parser("search").parse_args(["search", "--preset", "imagenet-pcdarts", "--epochs", "3",
+                                              "--robustness", "cb", "--gamma", "0.1", "--robust-batch", "8"])
+    cfg = config_from_args(args)
+    assert (cfg.dataset, cfg.stem, cfg.partial_channels, cfg.amp, cfg.arch_start_epoch) == ("imagenet", "imagenet", 2, "bf16", 35)
+    assert cfg.epochs == 3 and cfg.subset_fractions == (0.1, 0.025)
+    assert (cfg.robustness.kind, cfg.robustness.gamma, cfg.robustness.robust_batch) == ("cb", 0.1, 8)
+    plain = config_from_args(build_parser("search").parse_args(["search"]))
+    assert plain.dataset == "mnist-mini" and plain.robustness.kind == "none" and plain.epochs == 50

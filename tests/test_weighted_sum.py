@@ -1,0 +1,127 @@
+"""The weighted sum ``sum_i w[i] * xs[i]`` of every fast backend against the reference.
+
+Parametrized over every non-reference backend registered for the op (native, Triton, ...), skipped
+by capability (``backend_status``), never by failure."""
+
+import pytest
+import torch
+
+from dsrna import _native, backend
+from dsrna.ops import weighted_sum_reference
+from conftest import DEVICES
+
+OP = "weighted_sum"
+FAST = [b for b in backend.registered_ops()[OP] if b != "reference"]
+
+
+def impl(name, device):
+    ok, why = backend.backend_status(name, device)
+    if not ok:
+        pytest.skip(f"{name} unavailable on {device}: {why}")
+    return backend.dispatch(OP, device, name)
+
+
+def make_inputs(n, shape, dtype, device, requires_grad=False):
+    xs = [torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad) for _ in range(n)]
+    w = torch.softmax(torch.randn(n, dtype=torch.float32 if dtype != torch.float64 else dtype, device=device), 0)
+    return xs, w.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, shape", [(1, (3,)), (7, (2, 3, 5, 7)), (12, (1, 4, 3, 3))])
+def test_forward_and_gradients_match_reference(name, device, dtype, n, shape):
+    fn = impl(name, device)
+    xs, w = make_inputs(n, shape, dtype, device, requires_grad=True)
+    out, ref = fn(xs, w), weighted_sum_reference(xs, w)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, ref, **tol)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, xs + [w], g)
+    ref_grads = torch.autograd.grad(ref, xs + [w], g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(name, device):
+    fn = impl(name, device)
+    base = [torch.randn(3, 6, 5, device=device) for _ in range(4)]
+    xs = [b.transpose(0, 2) for b in base[:2]] + [b.transpose(0, 2).contiguous() for b in base[2:]]  # mixed strides
+    w = torch.rand(4, device=device)
+    torch.testing.assert_close(fn(xs, w), weighted_sum_reference(xs, w))
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_no_worse_than_reference(name, device, dtype):
+    """Error against float64 at most twice the reference's own error in that dtype (+ one ulp)."""
+    fn = impl(name, device)
+    xs, w = make_inputs(9, (2, 5, 7, 3), dtype, device)
+    exact = weighted_sum_reference([x.double() for x in xs], w.double())
+    out = fn(xs, w)
+    assert out.dtype == dtype
+    ref_err = (weighted_sum_reference(xs, w).double() - exact).abs().max()
+    err = (out.double() - exact).abs().max()
+    assert err <= 2 * ref_err + torch.finfo(dtype).eps * exact.abs().max()
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_and_gradgradcheck(name, device):
+    fn = impl(name, device)
+    xs, w = make_inputs(3, (2, 3, 2), torch.float64, device, requires_grad=True)
+    f = lambda w, *xs: fn(list(xs), w)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (w, *xs), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, (w, *xs), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_inputs_and_mixed_dtypes(name, device):
+    """More inputs than one kernel launch carries, and bf16 beside fp32 (autocast) promotes like the reference."""
+    fn = impl(name, device)
+    xs, w = make_inputs(70, (33,), torch.float32, device)
+    torch.testing.assert_close(fn(xs, w), weighted_sum_reference(xs, w))
+    mixed = [xs[0].bfloat16(), xs[1]]
+    out, ref = fn(mixed, w[:2]), weighted_sum_reference(mixed, w[:2])
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=2 ** -7, atol=2 ** -7)  # the reference rounds the bf16 product
+
+
+# --- the native custom ops ---------------------------------------------------------------------------
+
+needs_native = pytest.mark.skipif(_native.C is None, reason=f"dsrna._C not loaded: {_native.LOAD_ERROR}")
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_opcheck(device):
+    xs = [torch.randn(2, 3, 5, device=device, requires_grad=True) for _ in range(3)]
+    w = torch.rand(3, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.dsrna.weighted_sum.default, (xs, w))
+    # The AOT-dispatch check traces through torch.compile's machinery (seconds per op): once is enough.
+    quick = ("test_schema", "test_autograd_registration", "test_faketensor")
+    g = torch.randn(2, 3, 5, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.dsrna.batched_dot.default, (xs, g), test_utils=quick)
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_batched_dot(device):
+    xs, _ = make_inputs(5, (3, 40001), torch.float64, device)  # several parallel chunks
+    g = torch.randn(3, 40001, dtype=torch.float64, device=device)
+    torch.testing.assert_close(torch.ops.dsrna.batched_dot(xs, g), torch.stack([(x * g).sum() for x in xs]))
+
+
+@needs_native
+def test_native_rejects_mismatched_inputs():
+    w = torch.rand(2)
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.dsrna.weighted_sum([torch.randn(3), torch.randn(4)], w)
+    with pytest.raises(RuntimeError, match="one weight per tensor"):
+        torch.ops.dsrna.weighted_sum([torch.randn(3), torch.randn(3)], torch.rand(3))
