@@ -1,6 +1,132 @@
-"""The two differentiable robustness metrics that the architecture step maximises (METHOD.md §2-3).
+"""The two differentiable robustness metrics that the architecture step maximises (METHOD.md §2-4).
 
-``certified_bound_metric`` (R_CB) comes from the bound engine :mod:`dsrna.bounds`;
-``jacobian_metric`` (R_Jac) from input-Jacobian row norms. ``ROBUSTNESS_TERMS`` maps the search's
-``--robustness`` choice to the function computing R on a batch.
+``certified_bound_metric`` (R_CB, :mod:`dsrna.robustness.certified`) comes from the bound engine
+:mod:`dsrna.bounds`; ``jacobian_metric`` (R_Jac, :mod:`dsrna.robustness.jacobian`) from input-Jacobian
+row norms. :class:`RobustnessConfig` holds the search's ``--robustness`` options and
+:func:`robustness_term` computes the R of the architecture loss ``L_val - gamma * R`` on a batch.
 """
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+
+import torch
+import torch.nn as nn
+
+from dsrna.robustness.jacobian import DUAL_EXPONENT, ESTIMATORS, jacobian_metric, jacobian_row_norm_sum
+
+KINDS = ("none", "cb", "jacobian", "combined")
+NORMS = tuple(DUAL_EXPONENT)
+METHODS = ("ibp", "crown-ibp", "crown")
+REDUCTIONS = ("min", "mean", "softmin")
+
+
+def _certified():
+    # Imported on use: the bound engine is heavier than the Jacobian metric, and the plain-DARTS and
+    # DSRNA-Jacobian searches never need it.
+    return importlib.import_module("dsrna.robustness.certified")
+
+
+def __getattr__(name: str):
+    if name in ("certified_bound_metric", "default_eps"):
+        return getattr(_certified(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_choice(field: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"robustness {field} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclasses.dataclass
+class RobustnessConfig:
+    """What R is and how it is computed (METHOD.md §4).
+
+    ``kind``: ``none`` (plain DARTS), ``cb`` (DSRNA-CB), ``jacobian`` (DSRNA-Jacobian) or
+    ``combined`` (R_CB + R_Jac). ``gamma`` weighs R in the architecture loss ``L_val - gamma * R``.
+    ``eps`` is the perturbation budget in [0, 1] pixel units under ``norm``; None takes
+    ``default_eps(dataset, norm)``. ``method`` and ``reduce`` configure R_CB (bound method; reduction
+    of the per-class margin bounds), ``estimator`` and ``n`` configure R_Jac. ``robust_batch``: R is
+    computed on the first ``robust_batch`` examples of the validation batch (None: all of it); the
+    caller slices the batch, this module sees only the slice. ``warmup_epochs``: epochs searched
+    with R off. ``inner_gamma``: weight of R in the weight step (0: the bilevel problem as published).
+    """
+
+    kind: str = "none"
+    gamma: float = 0.01
+    eps: float | None = None
+    norm: str = "linf"
+    method: str = "crown-ibp"
+    reduce: str = "min"
+    estimator: str = "random-row"
+    n: int = 1
+    robust_batch: int | None = None
+    warmup_epochs: int = 0
+    inner_gamma: float = 0.0
+    dataset: str = "mnist-mini"
+
+    def __post_init__(self):
+        _check_choice("kind", self.kind, KINDS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("method", self.method, METHODS)
+        _check_choice("reduce", self.reduce, REDUCTIONS)
+        _check_choice("estimator", self.estimator, ESTIMATORS)
+        for name in ("gamma", "inner_gamma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"robustness {name} must be a finite number >= 0; got {value!r}")
+        if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"robustness eps must be a finite number > 0 (or None for the data set default); got {self.eps!r}")
+        if not (isinstance(self.n, int) and self.n >= 1):
+            raise ValueError(f"robustness n (Jacobian rows or projections per example) must be an integer >= 1; got {self.n!r}")
+        if self.robust_batch is not None and not (isinstance(self.robust_batch, int) and self.robust_batch >= 1):
+            raise ValueError(f"robust_batch must be an integer >= 1 or None (the whole validation batch); got {self.robust_batch!r}")
+        if not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0):
+            raise ValueError(f"warmup_epochs must be an integer >= 0; got {self.warmup_epochs!r}")
+        if self.uses_jacobian and self.estimator == "projection" and self.norm != "l2":
+            raise ValueError(f"the projection estimator bounds l2 Jacobian row norms only; use norm l2 or another estimator (norm is {self.norm!r})")
+
+    @property
+    def uses_certified(self) -> bool:
+        return self.kind in ("cb", "combined")
+
+    @property
+    def uses_jacobian(self) -> bool:
+        return self.kind in ("jacobian", "combined")
+
+    def active(self, epoch: int) -> bool:
+        """Whether R enters the architecture loss at ``epoch`` (0-based): on, and past the warm-up."""
+        return self.kind != "none" and epoch >= self.warmup_epochs
+
+    def resolved_eps(self) -> float:
+        """``eps``, or the data set's default budget for ``norm`` when it is None."""
+        return self.eps if self.eps is not None else float(_certified().default_eps(self.dataset, self.norm))
+
+
+def robustness_term(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: RobustnessConfig,
+                    bn_stats: dict | None) -> torch.Tensor:
+    """R on the batch ``(x, y)`` (already cut to ``config.robust_batch``), a scalar to maximise.
+
+    ``bn_stats`` is the store :func:`dsrna.space.capture_batch_stats` recorded during the clean
+    forward pass of this batch (None: the metrics run that pass themselves when the net has
+    train-mode batch norms). Kind ``none`` returns a zero tensor without touching the net.
+    """
+    if config.kind == "none":
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    eps = config.resolved_eps()
+    terms = []
+    if config.uses_certified:
+        terms.append(_certified().certified_bound_metric(net, x, y, eps, config.norm, config.method,
+                                                         reduce=config.reduce, bn_stats=bn_stats))
+    if config.uses_jacobian:
+        terms.append(jacobian_metric(net, x, norm=config.norm, estimator=config.estimator, n=config.n, eps=eps,
+                                     bn_stats=bn_stats))
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+__all__ = [
+    "KINDS", "NORMS", "METHODS", "REDUCTIONS", "ESTIMATORS", "RobustnessConfig", "robustness_term",
+    "certified_bound_metric", "default_eps", "jacobian_metric", "jacobian_row_norm_sum",
+]

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The GPU check: build the native extension, run the kernel and backend tests on the GPU, benchmark
+# every backend against the reference, and print a short table last -- all inside GPU_CHECK_BUDGET
+# seconds (default 465, under 8 minutes).
+#
+#   OUT=gpu_results bash benchmarks/gpu_check.sh      # from anywhere; it works in the repository root
+#
+# Written for the lent GPU machine: Python 3.12 as python3 with torch 2.11, triton 3.6, nvcc, ninja
+# and pybind11, 16 cores, no network, the repository copied without its venv. Every stage has its own
+# time box, taken from what is left of the budget, and a failed stage is logged and the next one runs.
+# Results land in $OUT (default gpu_results/) as they come, flat, 7 files: log.txt (stage lines and
+# the benchmark's progress), env.txt (nvidia-smi, versions, `dsrna info`), build.txt, tests.txt,
+# bench.jsonl (one row per measurement), bench.md (tables), bench.png (speedups).
+# Without a GPU it still builds and tests, and runs the CPU --quick benchmark instead.
+# Knobs: PYTHON (default python3), GPU_CHECK_BUDGET, MAX_JOBS (default 16), GPU_CHECK_SKIP_BUILD=1.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-465}
+LOG=$OUT/log.txt
+: >"$LOG"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Real Triton kernels on the GPU (tests/conftest.py only sets the interpreter when this is unset).
+export TRITON_INTERPRET=0
+
+say() { echo "[gpu_check $((SECONDS))s] $*" | tee -a "$LOG"; }
+left() { echo $((BUDGET - SECONDS)); }
+
+# stage NAME CAP RESERVE FILE COMMAND...: run COMMAND with its output appended to FILE, for at most
+# CAP seconds and never into the last RESERVE seconds of the budget (kept for the later stages).
+# Returns the command's status (124 on time-out, 125 when no time was left to start it).
+stage() {
+    local name=$1 cap=$2 reserve=$3 file=$4
+    shift 4
+    local box=$(($(left) - reserve))
+    ((box > cap)) && box=$cap
+    if ((box < 10)); then
+        say "$name: skipped, no time left"
+        return 125
+    fi
+    say "$name: start (time box ${box}s)"
+    local t0=$SECONDS
+    timeout -k 10 "$box" "$@" >>"$file" 2>&1
+    local rc=$?
+    if ((rc == 0)); then
+        say "$name: ok in $((SECONDS - t0))s"
+    else
+        say "$name: FAILED (status $rc$( ((rc == 124)) && echo ', timed out')) after $((SECONDS - t0))s; last lines of $(basename "$file"):"
+        tail -n 15 "$file" | sed 's/^/    /' | tee -a "$LOG"
+    fi
+    return $rc
+}
+
+say "budget ${BUDGET}s, python: $PY, results: $OUT"
+
+# --- 0. the machine --------------------------------------------------------------------------------
+{
+    echo "## nvidia-smi"
+    timeout 20 nvidia-smi 2>&1 || echo "(no nvidia-smi)"
+    echo "## nvcc"
+    timeout 20 nvcc --version 2>&1 | tail -n 2 || echo "(no nvcc)"
+} >"$OUT/env.txt"
+if timeout 60 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >>"$LOG" 2>&1; then
+    HAVE_GPU=1
+    say "CUDA device visible"
+else
+    HAVE_GPU=0
+    say "no CUDA device visible: CPU fallback (quick benchmark)"
+fi
+
+# --- 1. build the extension in place ---------------------------------------------------------------
+if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then
+    say "build: skipped (GPU_CHECK_SKIP_BUILD=1)"
+else
+    stage build 210 200 "$OUT/build.txt" "$PY" setup.py build_ext --inplace
+fi
+
+# --- 2. dsrna.kernels maps to the top-level kernels/ folder only when installed ----------------------
+# Outside an install, link it for this run only (removed on exit; never committed).
+LINKED=0
+if [[ ! -e dsrna/kernels ]] && ! timeout 60 "$PY" -c "
+import importlib.util, sys
+sys.exit(0 if importlib.util.find_spec('dsrna.kernels') else 1)" >>"$LOG" 2>&1; then
+    ln -s ../kernels dsrna/kernels && LINKED=1 && say "linked dsrna/kernels -> ../kernels for this run"
+fi
+cleanup() { ((LINKED)) && rm -f dsrna/kernels; }
+trap cleanup EXIT
+
+# --- 3. what is built and usable -----------------------------------------------------------------------
+echo "## dsrna info" >>"$OUT/env.txt"
+stage info 60 180 "$OUT/env.txt" "$PY" -m dsrna info
+
+# --- 4. the kernel and backend tests, on the GPU ---------------------------------------------------
+TESTS=()
+for f in test_weighted_sum test_depthwise test_pool_bn test_bound_ops test_triton_kernels test_backends test_build; do
+    [[ -f tests/$f.py ]] && TESTS+=("tests/$f.py")
+done
+if ((${#TESTS[@]})); then
+    PYTEST_ARGS=(-q -p no:cacheprovider -rfE --durations=10)
+    # A hung test must not eat the whole box: per-test limit where pytest-timeout is installed.
+    "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && PYTEST_ARGS+=(--timeout=60)
+    # No -x: a single run on the GPU should show every failure, not the first one.
+    stage tests 110 150 "$OUT/tests.txt" "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TESTS[@]}"
+    grep -E "passed|failed|error" "$OUT/tests.txt" | tail -n 1 | sed 's/^/    /' | tee -a "$LOG"
+else
+    say "tests: none of the kernel/backend test files exist"
+fi
+
+# --- 5. the benchmark: most important rows first, each row appended to bench.jsonl as it is measured ----
+if ((HAVE_GPU)); then
+    BENCH=(--device cuda --batch 64,256 --row-timeout 150)
+else
+    BENCH=(--device cpu --quick --threads 1 --row-timeout 60)
+fi
+RESUME=()
+for attempt in 1 2 3; do
+    box=$(($(left) - 25))
+    stage "bench (attempt $attempt)" "$box" 25 "$LOG" \
+        "$PY" -m benchmarks "${BENCH[@]}" "${RESUME[@]}" --out "$OUT" --time-budget $((box > 60 ? box - 30 : 30))
+    rc=$?
+    # Status 3: a backend broke the CUDA context; a fresh process resumes without it.
+    ((rc == 3)) || break
+    RESUME=(--resume)
+done
+
+# --- 6. the short table, last ----------------------------------------------------------------------
+if [[ -s $OUT/bench.jsonl ]]; then
+    say "results (full tables in bench.md):"
+    timeout 60 "$PY" -m benchmarks --report-only --out "$OUT" --compare-baseline 2>&1 | tee -a "$LOG"
+else
+    say "no benchmark rows were written"
+fi
+say "done in ${SECONDS}s"

@@ -1,0 +1,136 @@
+"""Distributed search on CPU with 2 gloo processes.
+
+BatchNorm in train mode normalises with per-rank batch statistics, so a 2-process run with 2 x B/2
+examples is a different computation from a 1-process run with B (as with any DDP model without
+SyncBatchNorm). To compare exactly, the step comparison puts the BN layers in eval mode (fixed
+statistics, every example independent of the others): then the 2-process run must equal the
+1-process run on the same global batch up to float32 rounding of the gradient averages (checked at
+atol 1e-5 on weights and alphas after three steps). The full-run check below uses ordinary train-mode BN.
+"""
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+WORLD = 2
+STEPS = 3
+GLOBAL_BATCH = 8
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batches(step):
+    g = torch.Generator().manual_seed(100 + step)
+    train = torch.rand(GLOBAL_BATCH, 1, 8, 8, generator=g), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+    val = torch.rand(GLOBAL_BATCH, 1, 8, 8, generator=g), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+    return train, val
+
+
+def _search_steps(order, rank=0, world=1):
+    """STEPS search iterations on this rank's share of fixed global batches, BN in eval mode."""
+    from dsrna import SearchNetwork
+    from dsrna.search import SearchConfig, Searcher
+    from dsrna.space.ops import BatchNorm2d
+
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1)
+    for m in net.modules():
+        if isinstance(m, BatchNorm2d):
+            m.eval()
+    if rank == 1:
+        with torch.no_grad():  # a different start on rank 1: the searcher must broadcast rank 0's
+            net.alphas_normal.add_(1.0)
+    searcher = Searcher(net, SearchConfig(layers=3, init_channels=4, order=order))
+    share = GLOBAL_BATCH // world
+    alphas = []
+    for step in range(STEPS):
+        (xt, yt), (xv, yv) = _global_batches(step)
+        local = slice(rank * share, (rank + 1) * share)
+        searcher.step((xt[local], yt[local]), (xv[local], yv[local]))
+        alphas.append([a.detach().clone() for a in net.arch_parameters()])
+    return alphas, {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _worker(rank, port, results_dir, run_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for order in (1, 2):
+            torch.save(_search_steps(order, rank, WORLD), os.path.join(results_dir, f"order{order}_rank{rank}.pt"))
+        # a whole (one-epoch) run: files from rank 0 only, resumed below by one process
+        from dsrna.search import run_search
+
+        run_search(_run_config(run_dir, epochs=1), _run_data())
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_config(out, epochs, resume=False):
+    from dsrna.search import SearchConfig
+
+    return SearchConfig(layers=3, init_channels=4, epochs=epochs, batch_size=2, max_steps_per_epoch=2,
+                        out=str(out), resume=resume, progress=False, log_every=1)
+
+
+def _run_data():
+    from dsrna.search import SearchData
+
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.rand(24, 1, 8, 8, generator=g), torch.randint(0, 3, (24,), generator=g)
+    return SearchData(TensorDataset(x[:12], y[:12]), TensorDataset(x[12:], y[12:]), num_classes=3, in_channels=1)
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    results = tmp_path_factory.mktemp("ddp")
+    run_dir = tmp_path_factory.mktemp("ddp_run") / "search"
+    mp.start_processes(_worker, args=(_free_port(), str(results), str(run_dir)), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    return results, run_dir
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_two_processes_match_one_process_and_agree_on_alpha(two_process_results, order):
+    results, _ = two_process_results
+    per_rank = [torch.load(results / f"order{order}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    # the architecture is identical on every rank after every step
+    for step in range(STEPS):
+        for a0, a1 in zip(per_rank[0][0][step], per_rank[1][0][step]):
+            assert torch.equal(a0, a1), f"ranks disagree on alpha after step {step}"
+    torch.set_num_threads(1)
+    alphas, state = _search_steps(order)
+    for a_single, a_ddp in zip(alphas[-1], per_rank[0][0][-1]):
+        torch.testing.assert_close(a_ddp, a_single, atol=1e-5, rtol=1e-4)
+    for name, value in state.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(per_rank[0][1][name], value, atol=1e-5, rtol=1e-4, msg=name)
+            torch.testing.assert_close(per_rank[1][1][name], per_rank[0][1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_distributed_run_writes_on_rank_zero_and_resumes_on_one_process(two_process_results):
+    from dsrna.search import run_search
+
+    _, run_dir = two_process_results
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        ["alphas.png", "checkpoint.pt", "genotype.json", "log.jsonl", "normal.png", "reduce.png"])
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert saved["world_size"] == WORLD and saved["epoch"] == 1
+    # 2 steps x 2 ranks x 2 examples of the validation half consumed
+    assert saved["data"] == {"val_epoch": 0, "val_consumed": 8}
+    result = run_search(_run_config(run_dir, epochs=2, resume=True), _run_data())
+    assert [r["epoch"] for r in result.history] == [1, 2] and [r["world_size"] for r in result.history] == [2, 1]
+    assert result.history[1]["step"] == 4
