@@ -50,7 +50,7 @@ stage() {
         say "$name: ok in $((SECONDS - t0))s"
     else
         say "$name: FAILED (status $rc$( ((rc == 124)) && echo ', timed out')) after $((SECONDS - t0))s; last lines of $(basename "$file"):"
-        tail -n 15 "$file" | sed 's/^/    /' | tee -a "$LOG"
+        { tail -n 15 "$file"; echo; } | sed 's/^/    /' | tee -a "$LOG"
     fi
     return $rc
 }

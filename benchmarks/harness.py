@@ -310,8 +310,11 @@ def cuda_context_ok(device: torch.device) -> bool:
 # --- one row ---------------------------------------------------------------------------------------
 
 
-def measure(shape: Shape, metric: str, backend: str, options: Options, hard_limit: float) -> dict:
-    """The measured fields of one row (status, timings, memory, kernels)."""
+def measure(shape: Shape, metric: str, backend: str, options: Options, hard_limit: float,
+            budget_cut: bool = False) -> dict:
+    """The measured fields of one row (status, timings, memory, kernels). ``hard_limit`` stops the
+    row; ``budget_cut`` says it is what was left of the run's time budget, so a row stopped by it is
+    skipped (``--resume`` measures it again), not failed."""
     device = options.device
     base, graph = split_backend(backend)
     if graph and device.type != "cuda":
@@ -335,7 +338,9 @@ def measure(shape: Shape, metric: str, backend: str, options: Options, hard_limi
     except Unavailable as exc:
         return {"status": f"skipped: {exc}"}
     except RowTimeout:
-        return {"status": f"error: timed out after {hard_limit:.0f} s"}
+        if budget_cut:
+            return {"status": f"skipped: time budget of {options.time_budget:.3g} s spent (stopped after {hard_limit:.3g} s)"}
+        return {"status": f"error: timed out after {hard_limit:.3g} s"}
     except Exception as exc:  # noqa: BLE001  (recorded in the row; the run goes on)
         status = f"error: {_one_line(exc)}"
         if device.type == "cuda" and not cuda_context_ok(device):
@@ -420,10 +425,11 @@ def run(options: Options) -> int:
                 if backend in broken:
                     fields = {"status": f"skipped: {backend} broke the CUDA context in an earlier row"}
                 elif left is not None and left <= 0:
-                    fields = {"status": f"skipped: time budget of {options.time_budget:.0f} s spent"}
+                    fields = {"status": f"skipped: time budget of {options.time_budget:.3g} s spent"}
                 else:
+                    budget_cut = left is not None and left < options.row_timeout
                     fields = measure(shape, metric, backend, options,
-                                     options.row_timeout if left is None else min(options.row_timeout, left))
+                                     left if budget_cut else options.row_timeout, budget_cut)
                     _release(options.device)
                 row = {**env, "config": shape.name, **{k: v for k, v in shape.as_dict().items() if k != "name"},
                        "metric": metric, "backend": backend, **fields,

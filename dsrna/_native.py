@@ -2,14 +2,14 @@
 
 Importing it registers the ``torch.ops.dsrna.*`` kernels (CPU, and CUDA when built with a CUDA
 toolkit). It is optional: when it is missing (a pure-Python install, ``DSRNA_NO_EXT=1``) or broken
-(built against another torch or Python), :data:`LOAD_ERROR` says why, one warning is given, and the
-other backends keep working.
+(built against another torch or Python), :data:`C` is None and :data:`LOAD_ERROR` says why. No
+warning is raised here: :mod:`dsrna.backend` warns once, with this reason, when ``auto`` has to
+fall back, and raises it when the native backend is requested explicitly.
 """
 
 from __future__ import annotations
 
 import importlib
-import warnings
 from types import ModuleType
 
 import torch  # noqa: F401  (the extension links against torch's libraries: load them first)
@@ -20,11 +20,8 @@ REBUILD_HINT = "rebuild with `pip install --no-build-isolation -e .` or `python 
 def _load() -> tuple[ModuleType | None, str | None]:
     try:
         return importlib.import_module("dsrna._C"), None
-    except Exception as exc:  # ImportError, or an undefined symbol / ABI mismatch (OSError)
-        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        warnings.warn(f"dsrna: native extension dsrna._C unavailable ({error}); using the other backends. {REBUILD_HINT}",
-                      RuntimeWarning, stacklevel=2)
-        return None, error
+    except Exception as exc:  # ImportError, or an undefined symbol / ABI mismatch
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 # The module, or None; and why it is None.

@@ -155,3 +155,54 @@ class DenseBounds:
         A = spec @ W
         l, u = self.bounds[-2]
         return A.clamp(min=0) @ l + A.clamp(max=0) @ u + spec @ b
+
+
+# --- points of the input set, for soundness checks --------------------------------------------------
+
+
+def sample_ball(x: torch.Tensor, eps: float, norm: str, n: int, clip: bool = True) -> torch.Tensor:
+    """``n`` points per example, uniform in the ``norm`` ball around each ``x[i]``: ``[n, B, *x.shape[1:]]``.
+    With ``clip`` they are clamped into [0, 1], which keeps them in the ball (x itself is in the box)."""
+    B, dim = x.shape[0], x[0].numel()
+    if norm == "linf":
+        d = (torch.rand(n, B, dim, dtype=x.dtype) * 2 - 1) * eps
+    elif norm == "l2":
+        direction = torch.randn(n, B, dim, dtype=x.dtype)
+        direction = direction / direction.norm(dim=-1, keepdim=True)
+        d = direction * eps * torch.rand(n, B, 1, dtype=x.dtype) ** (1.0 / dim)
+    else:  # uniform in the l1 ball: signs times the first dim coordinates of a Dirichlet(1, ..., 1) point
+        e = -torch.rand(n, B, dim + 1, dtype=x.dtype).log()
+        d = eps * (e / e.sum(-1, keepdim=True))[..., :dim] * torch.randint(0, 2, (n, B, dim)).mul(2).sub(1).to(x.dtype)
+    points = x.unsqueeze(0) + d.view(n, *x.shape)
+    return points.clamp(0, 1) if clip else points
+
+
+def project(points: torch.Tensor, x: torch.Tensor, eps: float, norm: str, clip: bool = True) -> torch.Tensor:
+    """Some point of the set (ball, then box) near ``points``; exact Euclidean projection is not needed."""
+    d = points - x
+    flat = d.flatten(1)
+    if norm == "linf":
+        d = d.clamp(-eps, eps)
+    else:
+        size = flat.norm(p=2 if norm == "l2" else 1, dim=1).clamp(min=1e-12)
+        d = d * (eps / size).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+    out = x + d
+    return out.clamp(0, 1) if clip else out
+
+
+def pgd_min_margin(model, x, y, t, eps, norm, steps=20, clip=True):
+    """The margin ``f_y - f_t`` at the end of a small PGD attack minimising it over the set."""
+    adv = sample_ball(x, eps, norm, 1, clip)[0]
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        out = model(adv)
+        margin = out.gather(1, y[:, None]) - out.gather(1, t[:, None])
+        grad, = torch.autograd.grad(margin.sum(), adv)
+        if norm == "linf":
+            step = grad.sign() * eps / 4
+        else:
+            step = grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *([1] * (x.dim() - 1))) * eps / 4
+        adv = project(adv - step, x, eps, norm, clip)
+    with torch.no_grad():
+        out = model(adv)
+        return (out.gather(1, y[:, None]) - out.gather(1, t[:, None])).squeeze(1)

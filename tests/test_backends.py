@@ -67,7 +67,7 @@ def test_train_forward_and_gradients_match_reference(name, device, partial_chann
     for group in ("weight_parameters", "arch_parameters"):
         results = [grads(net, x.to(next(net.parameters()).dtype), y, getattr(net, group)()) for net in nets]
         assert_error_within(*results, FACTOR, ULPS)
-    # running statistics (two train-mode forwards each)
+    # running statistics (after the same three train-mode forwards in each copy)
     stats = [[b for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var"))] for net in nets]
     assert_error_within(*stats, FACTOR, ULPS)
 

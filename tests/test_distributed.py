@@ -63,6 +63,10 @@ def _search_steps(order, rank=0, world=1):
     return alphas, {k: v.clone() for k, v in net.state_dict().items()}
 
 
+class _Stop(Exception):
+    """Interrupts a run between epochs, as a killed job would."""
+
+
 def _worker(rank, port, results_dir, run_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -71,10 +75,16 @@ def _worker(rank, port, results_dir, run_dir):
     try:
         for order in (1, 2):
             torch.save(_search_steps(order, rank, WORLD), os.path.join(results_dir, f"order{order}_rank{rank}.pt"))
-        # a whole (one-epoch) run: files from rank 0 only, resumed below by one process
+        # a whole run, stopped after its first epoch: files from rank 0 only, resumed below by one process
         from dsrna.search import run_search
 
-        run_search(_run_config(run_dir, epochs=1), _run_data())
+        def stop(epoch, record):
+            raise _Stop
+
+        try:
+            run_search(_run_config(run_dir, epochs=2), _run_data(), on_epoch_end=stop)
+        except _Stop:
+            pass
     finally:
         dist.destroy_process_group()
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 HELP = "time every backend against the reference (forward, train, search, Jacobian, bounds); write rows, table, chart"
 
-QUICK = dict(batches=(4,), repeats=2, warmup=1, row_seconds=10.0)
-FULL = dict(batches=(64, 256), repeats=10, warmup=3, row_seconds=15.0)
+QUICK = dict(batches=(4,), repeats=2, warmup=1, row_seconds=10.0, row_timeout=60.0)
+FULL = dict(batches=(64, 256), repeats=10, warmup=3, row_seconds=15.0, row_timeout=150.0)
 
 
 def _csv(text: str) -> list[str]:
@@ -64,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=_positive(int), help="untimed steps first (default 3; --quick 1)")
     parser.add_argument("--row-seconds", type=_positive(float),
                         help="stop timing a row after this long once 3 steps are in (default 15; --quick 10)")
-    parser.add_argument("--row-timeout", type=_positive(float), default=300.0,
-                        help="hard limit per row, set-up and warm-up included (default 300 s)")
+    parser.add_argument("--row-timeout", type=_positive(float),
+                        help="hard limit per row, set-up and warm-up included (default 150 s; --quick 60)")
     parser.add_argument("--time-budget", type=_positive(float),
                         help="seconds for the whole run; rows after it are recorded as skipped")
     parser.add_argument("--profile-max-ms", type=_positive(float), default=2500.0,
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup or defaults["warmup"],
         repeats=args.repeats or defaults["repeats"],
         row_seconds=args.row_seconds or defaults["row_seconds"],
-        row_timeout=args.row_timeout,
+        row_timeout=args.row_timeout or defaults["row_timeout"],
         time_budget=args.time_budget,
         profile_max_ms=args.profile_max_ms,
         out=out,

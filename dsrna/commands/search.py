@@ -22,6 +22,7 @@ _FLAGS = {
     "--lr": ("lr", dict(type=float, help="weights' SGD learning rate; default 0.025")),
     "--lr-min": ("lr_min", dict(type=float, help="end of the cosine schedule; default 0.001")),
     "--lr-warmup-epochs": ("lr_warmup_epochs", dict(type=int, help="linear learning-rate warm-up; default 0")),
+    "--lr-reference-batch": ("lr_reference_batch", dict(type=int, help="scale --lr by global batch / this (off by default)")),
     "--arch-lr": ("arch_lr", dict(type=float, help="architecture Adam learning rate; default 3e-4")),
     "--robustness": ("robustness.kind", dict(choices=["none", "cb", "jacobian", "combined"],
                                              help="R: none (plain DARTS), cb, jacobian or combined; default none")),

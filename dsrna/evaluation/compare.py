@@ -169,7 +169,7 @@ def _search(method: str, config: CompareConfig, folder: Path) -> dict:
                                  batch_size=config.search_batch_size, layers=config.search_layers,
                                  init_channels=config.search_channels, order=config.search_order,
                                  robustness=robustness, seed=config.seed, backend=config.backend, out=str(folder),
-                                 max_steps_per_epoch=config.search_max_steps)
+                                 max_steps_per_epoch=config.search_max_steps, progress=config.progress)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -6,12 +6,12 @@ or archived alone):
 
 - ``metrics.json`` / ``config.json``: key-value tables;
 - ``compare.json``: the comparison table;
-- ``genotype.json``: the normal and reduction cells;
+- ``genotype.json``: the normal and reduction cells (drawn here unless the folder has them);
 - ``log.jsonl``: curves of every numeric field over epochs (losses, accuracies, robustness term...)
   and, when lines carry the softmax of the architecture parameters, heatmaps of them over epochs;
 - ``attack.json`` / ``certify.json``: robust-accuracy curves, the radius histogram and the
   certified-accuracy curve;
-- any other PNG in the folder (e.g. the search's cell pictures and alpha heatmaps).
+- any other PNG in the folder (e.g. the search's cell pictures and its latest alpha heatmap).
 
 The plotting functions here are also what ``dsrna attack`` and ``dsrna certify`` save as PNG.
 """
@@ -22,6 +22,7 @@ import base64
 import html
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -174,21 +175,19 @@ def _alpha_heatmaps(records: list[dict]) -> list[str]:
 
 
 def _cell_pictures(genotype_path: Path) -> list[str]:
+    """The two cells drawn by :func:`dsrna.plots.plot_cell` (a run folder without its own pictures)."""
+    from dsrna.plots import plot_cell
     from dsrna.space import Genotype
 
     try:
         genotype = Genotype.from_json(genotype_path)
-    except ValueError:
-        return []
-    try:
-        from dsrna.plots import plot_cell
-    except ImportError:
-        return [_table([[kind, ", ".join(f"{op}({i})" for op, i in getattr(genotype, kind)),
-                         str(list(getattr(genotype, kind + "_concat")))] for kind in ("normal", "reduce")],
-                       ["cell", "edges (op(input))", "concat"])]
+    except ValueError as exc:
+        return [f"<p>{html.escape(str(exc))}</p>"]
     figures = []
-    for kind in ("normal", "reduce"):
-        figures.append(_img(_png(plot_cell(genotype, kind)), f"{kind} cell"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for reduction, kind in ((False, "normal"), (True, "reduction")):
+            path = plot_cell(genotype, reduction, Path(tmp) / f"{kind}.png", f"{kind} cell")
+            figures.append(_img(base64.b64encode(Path(path).read_bytes()).decode(), f"{kind} cell"))
     return figures
 
 
@@ -213,7 +212,8 @@ def write_report(run_dir: str | Path) -> Path:
         if isinstance(data, dict):
             sections.append((title, [_table([[k, json.dumps(v) if isinstance(v, (list, dict)) else v]
                                              for k, v in data.items()])]))
-    if (run_dir / "genotype.json").is_file():
+    # A search folder has its own cell pictures (normal.png, reduce.png): they come with the gallery.
+    if (run_dir / "genotype.json").is_file() and not (run_dir / "normal.png").is_file():
         sections.append(("Cells", _cell_pictures(run_dir / "genotype.json")))
     if (run_dir / "log.jsonl").is_file():
         records = _read_log(run_dir / "log.jsonl")

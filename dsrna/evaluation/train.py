@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from dsrna.data import dataset_info, get_dataset, make_loader
 from dsrna.errors import CheckpointError, DivergenceError
-from dsrna.evaluation.common import atomic_save, pick_device, test_loader, write_json
+from dsrna.evaluation.common import atomic_save, atomic_write_text, pick_device, test_loader, write_json
 from dsrna.space import Genotype, Network, count_parameters
 
 # Settings left as None in TrainConfig take these per-data-set values ([choice] where the paper is
@@ -128,7 +129,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ne
         genotype = Genotype.from_dict(blob["genotype"])
         model = build_model(genotype, blob["model_config"])
         model.load_state_dict(blob["state_dict"])
-    except (RuntimeError, KeyError, TypeError, EOFError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{path} is not a dsrna model file ({str(exc).splitlines()[0]})") from None
     model.drop_path_prob = 0.0
     return model.to(device).eval(), {k: v for k, v in blob.items() if k != "state_dict"}
@@ -211,6 +212,7 @@ def train(config: TrainConfig) -> TrainResult:
     elif checkpoint_path.exists():
         raise ValueError(f"{out} already holds a training run: pass --resume to continue it or choose another --out")
     write_json(dataclasses.asdict(config), out / "config.json")
+    atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     if config.max_steps_per_epoch is not None:
@@ -230,8 +232,8 @@ def train(config: TrainConfig) -> TrainResult:
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch + 1,
                      "history": history, "config": _identity(config)}, checkpoint_path)
-        with open(out / "log.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
+        # Rewritten whole from the history the checkpoint holds: a resumed run's log has no gaps or repeats.
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in history), out / "log.jsonl")
         if progress is not None:
             progress.set_postfix(epoch=epoch + 1, test_acc=f"{test_acc:.4f}")
     if progress is not None:
@@ -265,7 +267,7 @@ def _resume(path: Path, config, model, optimizer, scheduler) -> tuple[int, list]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state["config"]
-    except (RuntimeError, KeyError, EOFError, ValueError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{path} is corrupt or not a training checkpoint ({str(exc).splitlines()[0]})") from None
     differing = [k for k, v in _identity(config).items() if saved.get(k) != v]
     if differing:

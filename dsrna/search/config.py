@@ -82,6 +82,8 @@ class SearchConfig:
             raise ValueError(f"max_steps_per_epoch must be positive, got {self.max_steps_per_epoch}")
         if isinstance(self.robustness, dict):
             self.robustness = _robustness_config_class()(**self.robustness)
+        if self.robustness.dataset != self.dataset:  # R's default budget follows the searched data set
+            self.robustness = dataclasses.replace(self.robustness, dataset=self.dataset)
         self.arch_betas = tuple(self.arch_betas)
         if self.subset_fractions is not None:
             self.subset_fractions = tuple(self.subset_fractions)

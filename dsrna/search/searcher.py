@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -114,10 +115,16 @@ class Searcher:
         if distributed.is_distributed():
             distributed.broadcast_(self.arch)
             arch_names = [n for n, p in net.named_parameters() if any(p is a for a in self.arch)]
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, arch_names)
+            # DDP matches some ignore checks against "<module>.<param>", which for parameters of the
+            # root module reads ".alphas_normal": list both spellings.
+            ignored = arch_names + ["." + n for n in arch_names if "." not in n]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, ignored)
             device_ids = [net.alphas_normal.device.index] if net.alphas_normal.is_cuda else None
-            # BN running statistics are not used by the search (BN runs on batch statistics): no broadcast.
-            self.model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+            # BN running statistics are not used by the search (BN runs on batch statistics): no
+            # broadcast. (torch 2.14 deprecates the keyword in favour of one torch 2.11 lacks.)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                self.model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
         self._shadow = None  # the second-order step's unrolled copy, built once
         self.epoch = 0
         self.lr = learning_rate(config, 0, self.world_size)
@@ -134,8 +141,7 @@ class Searcher:
 
     @property
     def robustness_active(self) -> bool:
-        r = self.config.robustness
-        return r.kind != "none" and self.epoch >= r.warmup_epochs
+        return self.config.robustness.active(self.epoch)
 
     @property
     def arch_active(self) -> bool:

@@ -1,0 +1,166 @@
+"""The benchmark harness works: rows, markdown and chart from a real CPU --quick run, and every way a
+row can end (measured, skipped, failed, timed out, cut by the budget, resumed) without stopping the
+run. It checks the harness, never the speed."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsrna.cli import main
+from dsrna.commands.bench import _load_harness
+
+harness, report = _load_harness()
+from benchmarks import workloads  # noqa: E402  (importable once _load_harness put the checkout on the path)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = workloads.Shape("tiny-b2", batch=2, image=8, C=4, layers=2)
+
+
+def options(out, metrics, backends=("reference",), **overrides):
+    values = dict(device=torch.device("cpu"), shapes=[TINY], small=TINY, metrics=metrics, backends=backends,
+                  warmup=1, repeats=2, row_seconds=5.0, row_timeout=30.0, time_budget=None, profile_max_ms=0.0,
+                  out=out, resume=False, seed=0)
+    values.update(overrides)
+    return harness.Options(**values)
+
+
+def rows_of(out):
+    return {(r["metric"], r["backend"]): r for r in harness.read_rows(out / harness.ROWS_FILE)}
+
+
+def cheap(shape, backend, device):
+    x = torch.rand(shape.batch, 3, device=device)
+    return lambda: x.sum()
+
+
+def test_quick_cpu_run_through_the_entry_point(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--threads", "1", "--only", "forward,train",
+         "--backends", "reference,auto", "--batch", "2", "--image-size", "8", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = rows_of(tmp_path)
+    assert set(rows) == {(m, b) for m in ("forward", "train") for b in ("reference", "auto")}
+    for row in rows.values():
+        assert row["status"] == "ok", row["status"]
+        assert row["device_type"] == "cpu" and row["torch"] == torch.__version__ and row["cpu_threads"] == 1
+        assert (row["config"], row["batch"], row["image"], row["C"], row["layers"]) == ("quick-b2", 2, 8, 4, 3)
+        assert row["n"] == 2 and 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["images_per_s"] == pytest.approx(2e3 / row["median_ms"])
+        assert row["peak_mem_bytes"] is None and row["launches"] is None  # GPU-only fields
+    text = (tmp_path / harness.REPORT_FILE).read_text()
+    assert "## Median ms (speedup over the reference)" in text and "| quick-b2 | train |" in text
+    assert "x) |" in text  # auto's speedup over the reference
+    assert (tmp_path / harness.CHART_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| quick-b2 | forward |" in done.stdout  # the short table is printed last
+
+
+def test_every_row_outcome_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(shape, backend, device):
+        raise RuntimeError("boom\nsecond line")
+
+    def missing(shape, backend, device):
+        raise workloads.Unavailable("dsrna.somewhere not available")
+
+    def slow(shape, backend, device):
+        return lambda: time.sleep(5)
+
+    for metric, builder in (("forward", cheap), ("train", broken), ("ibp", missing), ("crown-ibp", slow)):
+        monkeypatch.setitem(workloads.BUILDERS, metric, builder)
+    opts = options(tmp_path, ("forward", "train", "ibp", "crown-ibp"),
+                   backends=("reference", "reference+graph", "native"), row_timeout=0.5)
+    monkeypatch.setattr(harness, "backend_status", lambda name, device: (name == "reference", f"{name} not built"))
+    assert harness.run(opts) == 0
+    rows = rows_of(tmp_path)
+    assert rows["forward", "reference"]["status"] == "ok"
+    assert rows["forward", "reference+graph"]["status"] == "skipped: CUDA graphs need a CUDA device"
+    assert rows["forward", "native"]["status"] == "skipped: native not built"
+    assert ("ibp", "reference+graph") not in rows  # graph variants only where graphable
+    assert rows["train", "reference"]["status"] == "error: RuntimeError: boom"
+    assert rows["ibp", "reference"]["status"] == "skipped: dsrna.somewhere not available"
+    assert rows["crown-ibp", "reference"]["status"] == "error: timed out after 0.5 s"
+    assert rows["crown-ibp", "reference"]["seconds"] < 4
+
+
+def test_time_budget_then_resume_measures_only_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(workloads.BUILDERS, "forward", lambda *args: lambda: time.sleep(5))
+    monkeypatch.setitem(workloads.BUILDERS, "ibp", cheap)
+    assert harness.run(options(tmp_path, ("forward", "ibp"), time_budget=0.5)) == 0
+    rows = rows_of(tmp_path)
+    assert rows["forward", "reference"]["status"].startswith("skipped: time budget of 0.5 s spent (stopped after 0.")
+    assert rows["ibp", "reference"]["status"] == "skipped: time budget of 0.5 s spent"
+    monkeypatch.setitem(workloads.BUILDERS, "forward", cheap)
+    assert harness.run(options(tmp_path, ("forward", "ibp"), resume=True)) == 0
+    assert {k: r["status"] for k, r in rows_of(tmp_path).items()} == {("forward", "reference"): "ok", ("ibp", "reference"): "ok"}
+    first = rows_of(tmp_path)
+    assert harness.run(options(tmp_path, ("forward", "ibp"), resume=True)) == 0  # nothing left to do
+    assert rows_of(tmp_path) == first
+
+
+def test_a_lost_cuda_context_stops_the_run_and_resume_goes_on_without_that_backend(tmp_path, monkeypatch):
+    def measure(shape, metric, backend, opts, hard_limit, budget_cut):
+        if backend == "triton":
+            return {"status": f"error: AcceleratorError: illegal memory access [{harness.CONTEXT_LOST}]"}
+        return {"status": "ok", "n": 1, "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "images_per_s": 2e3}
+
+    monkeypatch.setattr(harness, "measure", measure)
+    opts = options(tmp_path, ("forward", "train"), backends=("reference", "triton", "auto"))
+    assert harness.run(opts) == harness.EXIT_CONTEXT_LOST
+    assert set(rows_of(tmp_path)) == {("forward", "reference"), ("forward", "triton")}
+    opts.resume = True
+    assert harness.run(opts) == 0
+    rows = rows_of(tmp_path)
+    assert harness.CONTEXT_LOST in rows["forward", "triton"]["status"]
+    assert rows["train", "triton"]["status"].startswith("skipped: triton broke the CUDA context")
+    assert rows["forward", "auto"]["status"] == rows["train", "auto"]["status"] == "ok"
+
+
+def test_plan_puts_the_core_rows_first_and_the_expensive_ones_last():
+    shapes = harness.main_shapes((64, 256), quick=False, image=None, C=None, layers=None)
+    assert [(s.batch, s.image, s.C, s.layers) for s in shapes] == [(64, 32, 16, 8), (256, 32, 16, 8)]
+    order = [(s.name, m) for s, m in harness.plan(shapes, harness.SMALL, workloads.METRICS)]
+    assert order[:4] == [("b64", m) for m in harness.CORE]
+    assert order[-1] == ("b256", "jacobian")
+    assert ("small-b4", "crown") in order and ("b64", "crown") not in order
+    assert len(order) == len(set(order)) == 2 * len(workloads.METRICS) - 2 * len(workloads.SMALL_ONLY) + 2
+
+
+def gpu_row(metric, batch, backend, ms, **extra):
+    return {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda", "torch": "2.11.0", "cuda": "13.0",
+            "triton": "3.6.0", "python": "3.12.3", "dsrna": "0.1.0", "git": None, "cpu_threads": 16,
+            "config": f"b{batch}", "batch": batch, "image": 32, "C": 16, "layers": 8, "in_channels": 3,
+            "num_classes": 10, "metric": metric, "backend": backend, "status": "ok", "n": 10, "median_ms": ms,
+            "p20_ms": ms, "p80_ms": ms, "images_per_s": batch * 1e3 / ms, "peak_mem_gb": 7.0, "launches": 20000,
+            **extra}
+
+
+def test_report_speedups_and_the_baseline_comparison(tmp_path):
+    rows = [gpu_row("train", 64, "reference", 260.0), gpu_row("train", 64, "triton", 65.0),
+            gpu_row("jacobian", 64, "reference", 20000.0), gpu_row("jacobian", 64, "native", 1.0, status="error: x")]
+    (tmp_path / harness.ROWS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"truncated')
+    text = report.render(tmp_path, compare_baseline=True)
+    assert "| b64 | train | 260 |  | 65.0 (4.00x) |" in text  # columns: reference, native, triton
+    assert "| b64 | jacobian | 20000 | error |  |" in text
+    assert "| train | 64 | 257 | 260 | 1.01 | 7.60 | 7.00 | near |" in text
+    assert "| jacobian | 64 | 6275 | 20000 | 3.19 |" in text and "CHECK" in text
+    assert "Different cards" in text  # the baseline is an H200, these rows an H100
+    assert "## Reference against BASELINE.md" in (tmp_path / harness.REPORT_FILE).read_text()
+    assert (tmp_path / harness.CHART_FILE).is_file()
+
+
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
+    assert main(["bench", "--only", "forward,nope", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--backends", "cudnn", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--report-only", "--out", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "unknown metric 'nope'" in err[0] and "unknown backend 'cudnn'" in err[1]
+    assert "no bench.jsonl" in err[2]
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch", "0"])

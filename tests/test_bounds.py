@@ -1,0 +1,132 @@
+"""The bound engine against the dense oracle, op by op soundness, tightness order, errors."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dense_bounds import DenseBounds, dense_layers, sample_ball
+from dsrna.bounds import BoundModel, logit_bounds, margin_lower_bound
+from dsrna.ops.bound_ops import crown_relu_backward_reference, relu_relaxation_reference
+from dsrna.space.ops import DilConv, FactorizedReduce, PoolBN, SepConv
+
+METHODS = ("ibp", "crown-ibp", "crown")
+NORMS = ("linf", "l2", "l1")
+
+
+def _sequential():
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(3, 3, 3, padding=2, dilation=2, groups=3), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.Conv2d(3, 4, 1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(36, 4),
+    ).double().eval()
+    net[3].running_mean.normal_()
+    net[3].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("clip", [True, False])
+def test_matches_dense_oracle(norm, clip):
+    net = _sequential()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    spec = torch.randn(3, 5, 4, dtype=torch.float64)
+    layers = dense_layers(net, (1, 6, 6))
+    box = (0.0, 1.0) if clip else None
+    with torch.no_grad():
+        for method in METHODS:
+            got = BoundModel(net).lower_bound(x, spec, 0.15, norm, method, box)
+            want = torch.stack([DenseBounds(layers, x[i].flatten(), 0.15, norm, method, clip).lower_bound(spec[i], method)
+                                for i in range(3)])
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"{method}")
+
+
+def test_crown_tighter_than_ibp_on_sequential():
+    net = _sequential()
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        widths = {m: torch.sub(*reversed(logit_bounds(net, x, 0.1, "linf", m))) for m in METHODS}
+    assert (widths["crown"] <= widths["ibp"] + 1e-9).all()
+    assert (widths["crown"] <= widths["crown-ibp"] + 1e-9).all()
+    assert widths["crown"].sum() < widths["ibp"].sum()
+
+
+def _op_cases():
+    return [
+        ("max_pool s1", lambda: PoolBN("max", 2, 1, bn=False)),
+        ("max_pool s2", lambda: PoolBN("max", 2, 2, bn=False)),
+        ("max_pool 2x2 ceil", lambda: nn.MaxPool2d(2, 2, ceil_mode=True)),
+        ("avg_pool s1", lambda: PoolBN("avg", 2, 1, bn=False)),
+        ("avg_pool s2", lambda: PoolBN("avg", 2, 2, bn=False)),
+        ("factorized_reduce", lambda: FactorizedReduce(2, 4, affine=True)),
+        ("sep_conv_3x3 s2", lambda: SepConv(2, 2, 3, 2, 1, affine=True)),
+        ("sep_conv_5x5 s1", lambda: SepConv(2, 2, 5, 1, 2, affine=True)),
+        ("dil_conv_3x3 s1", lambda: DilConv(2, 2, 3, 1, 2, 2, affine=True)),
+        ("dil_conv_5x5 s2", lambda: DilConv(2, 2, 5, 2, 4, 2, affine=True)),
+    ]
+
+
+@pytest.mark.parametrize("name,make", _op_cases(), ids=[c[0] for c in _op_cases()])
+def test_each_op_sound(name, make):
+    """Each op alone (plus a linear read-out) on a 5x5 input: bounds hold at sampled points, every norm and method."""
+    op = make()
+    with torch.no_grad():
+        for m in op.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+    features = op.double().eval()(x).flatten(1).shape[1]
+    net = nn.Sequential(op, nn.Flatten(), nn.Linear(features, 3)).double().eval()
+    with torch.no_grad():
+        for norm in NORMS:
+            points = sample_ball(x, 0.2, norm, 500).flatten(0, 1)
+            outputs = net(points).view(500, 2, 3)
+            for method in METHODS:
+                lower, upper = logit_bounds(net, x, 0.2, norm, method)
+                assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), (norm, method)
+
+
+def test_relu_relaxation_is_exact_when_stable_and_sound_otherwise():
+    lower = torch.tensor([0.5, -2.0, -1.0, -1.0, -3.0])
+    upper = torch.tensor([1.0, -0.5, 3.0, 0.5, 3.0])
+    for mode in ("adaptive", "fast-lin"):
+        ls, us, ui = relu_relaxation_reference(lower, upper, mode)
+        z = lower + (upper - lower) * torch.linspace(0, 1, 101)[:, None]
+        assert (ls * z <= torch.relu(z) + 1e-7).all() and (torch.relu(z) <= us * z + ui + 1e-7).all()
+        assert ls[0] == us[0] == 1 and ui[0] == 0 and ls[1] == us[1] == ui[1] == 0
+    ls, _, _ = relu_relaxation_reference(lower, upper, "adaptive")
+    assert ls.tolist()[2:] == [1.0, 0.0, 0.0]  # u > -l picks slope 1; a tie (u = -l) picks 0
+
+
+def test_crown_relu_backward_picks_lines_by_sign():
+    A = torch.tensor([[[2.0, -3.0]]])
+    A_out, bias = crown_relu_backward_reference(A, torch.tensor([[0.5, 0.5]]), torch.tensor([[0.25, 0.75]]), torch.tensor([[1.0, 2.0]]))
+    assert A_out.tolist() == [[[1.0, -2.25]]] and bias.tolist() == [[-6.0]]
+
+
+def test_margin_column_of_label_is_zero_and_clean_margin_at_eps_zero():
+    net = _sequential()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        margins = margin_lower_bound(net, x, y, 0.0, "linf", "crown")
+        out = net(x)
+    assert (margins.gather(1, y[:, None]) == 0).all()
+    torch.testing.assert_close(margins, out.gather(1, y[:, None]) - out)
+
+
+def test_unsupported_module_names_its_type():
+    with pytest.raises(TypeError, match="Sigmoid"):
+        logit_bounds(nn.Sequential(nn.Flatten(), nn.Linear(4, 2), nn.Sigmoid()), torch.rand(1, 1, 2, 2), 0.1)
+
+
+def test_bad_arguments():
+    net = _sequential()
+    x = torch.rand(1, 1, 6, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="method"):
+        logit_bounds(net, x, 0.1, method="deeppoly")
+    with pytest.raises(ValueError, match="norm"):
+        logit_bounds(net, x, 0.1, norm="l3")
+    with pytest.raises(ValueError, match="eps"):
+        logit_bounds(net, x, -0.1)

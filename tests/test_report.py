@@ -1,0 +1,56 @@
+"""The HTML report: self-contained (every picture inline), built from whatever a run folder holds."""
+
+import json
+import re
+
+import pytest
+
+from dsrna import DARTS_V2
+from dsrna.evaluation.report import plot_attack_curve, save_figure, write_report
+
+
+def _run_folder(path):
+    log = []
+    for epoch in (1, 2, 3):
+        alphas = {"normal": [[1 / 8] * 8] * 14, "reduce": [[0.5] + [0.5 / 7] * 7] * 14}
+        log.append({"epoch": epoch, "train_loss": 2.0 / epoch, "val_loss": 2.1 / epoch, "train_acc": 0.3 * epoch,
+                    "robustness": -0.1 * epoch, "alphas": alphas, "genotype": DARTS_V2.to_dict()})
+    (path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"epoch": 4, "train_lo')  # torn line
+    (path / "metrics.json").write_text(json.dumps({"test_acc": 0.9, "parameters": 1234}))
+    DARTS_V2.to_json(path / "genotype.json")
+    attack = dict(norm="linf", eps=[0.0, 0.1], attacks=["fgsm", "pgd"], steps=5, restarts=1, n=4, clean_acc=0.75,
+                  robust_acc={"fgsm": [0.75, 0.5], "pgd": [0.75, 0.25]})
+    (path / "attack.json").write_text(json.dumps(attack))
+    save_figure(plot_attack_curve(attack), path / "attack.png")  # drawn again from the JSON, not duplicated
+    (path / "certify.json").write_text(json.dumps(dict(
+        norm="l2", method="crown", n=4, radii=[0.0, 0.1, 0.2, 0.4], correct=[False, True, True, True],
+        mean_radius=0.175, median_radius=0.1, clean_acc=0.75, eps=[0.1], certified_acc=[0.75])))
+    save_figure(plot_attack_curve(attack), path / "extra_picture.png")
+
+
+def test_report_embeds_everything_the_folder_holds(tmp_path):
+    _run_folder(tmp_path)
+    page = write_report(tmp_path).read_text()
+    for heading in ("Metrics", "Cells", "Training curves", "Architecture weights over epochs", "Robust accuracy",
+                    "Certified robustness", "Pictures"):
+        assert f"<h2>{heading}</h2>" in page, heading
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)  # self-contained
+    assert "extra_picture.png" in page and "attack.png</figcaption>" not in page
+    assert "http://" not in page and "https://" not in page
+    # cells (2) + curve panels (loss, accuracy, robustness) + heatmaps (2) + attack (1) + certify (2) + gallery (1)
+    assert len(sources) == 2 + 3 + 2 + 1 + 2 + 1
+
+
+def test_report_of_an_empty_or_missing_folder(tmp_path):
+    assert "no run outputs" in write_report(tmp_path).read_text()
+    with pytest.raises(FileNotFoundError):
+        write_report(tmp_path / "missing")
+
+
+def test_report_command(tmp_path, capsys):
+    from dsrna.cli import main
+
+    _run_folder(tmp_path)
+    assert main(["report", str(tmp_path)]) == 0
+    assert str(tmp_path / "report.html") in capsys.readouterr().out

@@ -1,0 +1,130 @@
+"""The search's robustness hook: RobustnessConfig validation and robustness_term dispatch."""
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dsrna.robustness as robustness
+from dsrna import SearchNetwork
+from dsrna.robustness import RobustnessConfig, jacobian_metric, robustness_term
+from dsrna.space import capture_batch_stats
+
+
+@pytest.fixture
+def fake_certified(monkeypatch):
+    """Stand-in for dsrna.robustness.certified that records how the hook calls it."""
+    module = types.ModuleType("dsrna.robustness.certified")
+    module.calls = []
+
+    def certified_bound_metric(net, x, y, eps, norm, method, reduce="min", bn_stats=None):
+        module.calls.append(dict(eps=eps, norm=norm, method=method, reduce=reduce, bn_stats=bn_stats))
+        return net(x).mean() * 0 + 7.0
+
+    def default_eps(dataset, norm):
+        return {("mnist-mini", "linf"): 0.01, ("cifar10", "l2"): 0.05}[(dataset, norm)]
+
+    module.certified_bound_metric = certified_bound_metric
+    module.default_eps = default_eps
+    monkeypatch.setitem(sys.modules, "dsrna.robustness.certified", module)
+    return module
+
+
+def tiny_net():
+    return SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1).double()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("kind", "adv", "kind must be one of none, cb, jacobian, combined"),
+    ("norm", "l3", "norm must be one of linf, l2, l1"),
+    ("method", "lp", "method must be one of ibp, crown-ibp, crown"),
+    ("reduce", "max", "reduce must be one of"),
+    ("estimator", "rows", "estimator must be one of random-row, exact, top1, projection"),
+    ("gamma", -1.0, "gamma"),
+    ("gamma", float("nan"), "gamma"),
+    ("inner_gamma", -0.1, "inner_gamma"),
+    ("eps", 0.0, "eps"),
+    ("n", 0, "n "),
+    ("robust_batch", 0, "robust_batch"),
+    ("warmup_epochs", -1, "warmup_epochs"),
+])
+def test_invalid_config_raises(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        RobustnessConfig(**{field: value})
+
+
+def test_projection_needs_l2_only_when_jacobian_is_used():
+    with pytest.raises(ValueError, match="projection"):
+        RobustnessConfig(kind="jacobian", estimator="projection", norm="linf")
+    RobustnessConfig(kind="jacobian", estimator="projection", norm="l2")
+    RobustnessConfig(kind="cb", estimator="projection", norm="linf")  # the estimator is unused there
+
+
+def test_none_returns_zero_without_a_forward():
+    class Exploding(nn.Module):
+        def forward(self, x):
+            raise AssertionError("kind none must not run the net")
+
+    x = torch.rand(2, 1, 8, 8)
+    r = robustness_term(Exploding(), x, torch.zeros(2, dtype=torch.long), RobustnessConfig(), None)
+    assert r.shape == () and r.item() == 0.0
+
+
+def test_jacobian_kind_calls_the_metric_with_the_config():
+    net = tiny_net().train()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    with capture_batch_stats() as stats:
+        net(x)
+    config = RobustnessConfig(kind="jacobian", eps=0.2, norm="l2", estimator="exact")
+    r = robustness_term(net, x, torch.zeros(3, dtype=torch.long), config, stats)
+    torch.testing.assert_close(r, jacobian_metric(net, x, "l2", "exact", eps=0.2, bn_stats=stats))
+    assert torch.autograd.grad(r, net.alphas_normal)[0].abs().sum() > 0
+
+
+def test_cb_and_combined_dispatch_with_resolved_eps(fake_certified):
+    net = tiny_net().eval()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    stats = {}
+    cb = robustness_term(net, x, y, RobustnessConfig(kind="cb", method="ibp", reduce="mean"), stats)
+    assert cb.item() == 7.0
+    assert fake_certified.calls == [dict(eps=0.01, norm="linf", method="ibp", reduce="mean", bn_stats=stats)]
+
+    config = RobustnessConfig(kind="combined", eps=0.3, norm="linf", estimator="exact")
+    combined = robustness_term(net, x, y, config, None)
+    assert fake_certified.calls[-1]["eps"] == 0.3
+    torch.testing.assert_close(combined, 7.0 + jacobian_metric(net, x, "linf", "exact", eps=0.3))
+
+
+def test_default_eps_and_warmup(fake_certified):
+    assert RobustnessConfig(kind="jacobian", dataset="cifar10", norm="l2").resolved_eps() == 0.05
+    assert RobustnessConfig(kind="jacobian", eps=0.5).resolved_eps() == 0.5
+    config = RobustnessConfig(kind="cb", warmup_epochs=2)
+    assert [config.active(epoch) for epoch in range(4)] == [False, False, True, True]
+    assert not RobustnessConfig(kind="none").active(10)
+
+
+def test_certified_exports_resolve_lazily(fake_certified):
+    assert robustness.certified_bound_metric is fake_certified.certified_bound_metric
+    assert robustness.default_eps is fake_certified.default_eps
+    with pytest.raises(AttributeError):
+        robustness.no_such_metric
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dsrna.robustness.certified") is None,
+                    reason="the bound engine's certified metric is not in this checkout")
+def test_cb_kind_with_the_real_certified_metric():
+    from dsrna.robustness.certified import certified_bound_metric
+
+    net = tiny_net().train()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    with capture_batch_stats() as stats:
+        net(x)
+    config = RobustnessConfig(kind="cb", eps=0.001, method="ibp")
+    r = robustness_term(net, x, y, config, stats)
+    torch.testing.assert_close(r, certified_bound_metric(net, x, y, 0.001, "linf", "ibp", reduce="min", bn_stats=stats))
+    assert torch.isfinite(r)
