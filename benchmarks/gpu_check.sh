@@ -92,7 +92,7 @@ trap cleanup EXIT
 
 # --- 3. what is built and usable -----------------------------------------------------------------------
 echo "## dsrna info" >>"$OUT/env.txt"
-stage info 60 180 "$OUT/env.txt" "$PY" -m dsrna info
+stage info 60 140 "$OUT/env.txt" "$PY" -m dsrna info
 
 # --- 4. the kernel and backend tests, on the GPU ---------------------------------------------------
 TESTS=()

@@ -110,7 +110,7 @@ def main_shapes(batches, quick: bool, image: int | None, C: int | None, layers: 
     return [Shape(f"{prefix}b{b}", b, image, C, layers) for b in batches]
 
 
-SMALL = Shape("small-b4", batch=4, image=16, C=4, layers=3)
+SMALL = Shape("small-b2", batch=2, image=8, C=4, layers=3)
 
 
 def plan(shapes: list[Shape], small: Shape, metrics: tuple[str, ...]) -> list[tuple[Shape, str]]:
@@ -119,23 +119,13 @@ def plan(shapes: list[Shape], small: Shape, metrics: tuple[str, ...]) -> list[tu
     size, the other sizes, full CROWN and the radius on the small shape, and last the Jacobian step
     at the larger sizes (about 20 s a step for the reference at batch 256 on an H200)."""
     first, others = shapes[:1], shapes[1:]
-    tiers = [
-        [(s, m) for s in first for m in CORE],
-        [(s, m) for s in first for m in METRICS if m not in CORE],
-        [(s, m) for s in others for m in METRICS if m != "jacobian"],
-        [(small, m) for m in SMALL_ONLY],
-        [(s, m) for s in others for m in ("jacobian",)],
-    ]
-    order = []
-    for tier in tiers:
-        for shape, metric in tier:
-            if metric not in metrics:
-                continue
-            if metric in SMALL_ONLY:
-                shape = small
-            if (shape, metric) not in order:
-                order.append((shape, metric))
-    return order
+    everywhere = [m for m in METRICS if m not in SMALL_ONLY]
+    order = [(s, m) for s in first for m in CORE]
+    order += [(s, m) for s in first for m in everywhere if m not in CORE]
+    order += [(s, m) for s in others for m in everywhere if m != "jacobian"]
+    order += [(small, m) for m in METRICS if m in SMALL_ONLY]
+    order += [(s, "jacobian") for s in others]
+    return [(s, m) for s, m in order if m in metrics]
 
 
 # --- environment -----------------------------------------------------------------------------------
@@ -216,7 +206,8 @@ def _time_once(step: Callable[[], object], device: torch.device) -> float:
 def time_step(step: Callable[[], object], device: torch.device, warmup: int, repeats: int,
               row_seconds: float) -> list[float]:
     """Warm up (at least once: compilation, autotuning and allocation stay out of the numbers), then
-    time up to ``repeats`` steps, stopping early once ``row_seconds`` are spent and 3 samples are in."""
+    time up to ``repeats`` steps, stopping early once ``row_seconds`` are spent and 3 samples are in
+    (or 1, when one step takes over half of ``row_seconds``: the row's ``n`` says so)."""
     spent = 0.0
     for i in range(max(1, warmup)):
         spent += _time_once(step, device) / 1e3
@@ -229,7 +220,7 @@ def time_step(step: Callable[[], object], device: torch.device, warmup: int, rep
     while len(samples) < repeats:
         samples.append(_time_once(step, device))
         spent += samples[-1] / 1e3
-        if spent > row_seconds and len(samples) >= min(3, repeats):
+        if spent > row_seconds and (len(samples) >= 3 or samples[0] / 1e3 > row_seconds / 2):
             break
     return samples
 
@@ -261,18 +252,23 @@ class CudaGraphStep:
 def count_kernels(step: Callable[[], object], device: torch.device) -> int | None:
     """GPU kernels one step runs, from the profiler (for a CUDA graph, the kernels its one launch
     replays); None when the profiler fails or sees nothing."""
-    try:
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize(device)
-        n = sum(1 for e in prof.events()
-                if e.device_type == DeviceType.CUDA and not e.name.lower().startswith(("memcpy", "memset")))
-    except Exception:  # noqa: BLE001  (the count is optional; the timing stands without it)
-        return None
-    return n or None
+    # GPU activity alone is the cheapest to record; some profiler builds only report kernels that
+    # have a CPU-side launch event, so ask again with both if the first attempt sees nothing.
+    for activities in ([ProfilerActivity.CUDA], [ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+        try:
+            with profile(activities=activities) as prof:
+                step()
+                torch.cuda.synchronize(device)
+            n = sum(1 for e in prof.events()
+                    if e.device_type == DeviceType.CUDA and not e.name.lower().startswith(("memcpy", "memset")))
+        except Exception:  # noqa: BLE001  (the count is optional; the timing stands without it)
+            return None
+        if n:
+            return n
+    return None
 
 
 @contextmanager

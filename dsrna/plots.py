@@ -42,8 +42,8 @@ def _node_positions(steps: int) -> dict[int, tuple[float, float]]:
     """Inputs on the left, intermediate nodes staggered in the middle, the output on the right."""
     pos = {0: (0.0, 1.0), 1: (0.0, -1.0)}
     for i in range(steps):
-        pos[2 + i] = (1.0 + i, 1.2 if i % 2 == 0 else -1.2)
-    pos[-1] = (steps + 1.0, 0.0)
+        pos[2 + i] = (1.3 * (1.0 + i), 1.3 if i % 2 == 0 else -1.3)
+    pos[-1] = (1.3 * (steps + 1.0), 0.0)
     return pos
 
 
@@ -54,7 +54,7 @@ def plot_cell(genotype: Genotype, reduction: bool, path: str | Path, title: str 
     steps = len(edges) // 2
     pos = _node_positions(steps)
     names = {0: "c_{k-2}", 1: "c_{k-1}", -1: "c_{k}"}
-    fig, ax = plt.subplots(figsize=(2.0 + 1.6 * steps, 3.6))
+    fig, ax = plt.subplots(figsize=(2.4 + 2.0 * steps, 4.0))
     for k, (op, source) in enumerate(edges):
         target = 2 + k // 2
         (x0, y0), (x1, y1) = pos[source], pos[target]
@@ -63,7 +63,8 @@ def plot_cell(genotype: Genotype, reduction: bool, path: str | Path, title: str 
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
                     arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.6, shrinkA=14, shrinkB=14,
                                     connectionstyle=f"arc3,rad={bend}"))
-        mx, my = (x0 + x1) / 2, (y0 + y1) / 2 + bend * 0.6 * (1 if x1 >= x0 else -1)
+        # label near the target: each node has exactly two incoming edges, so labels do not pile up
+        mx, my = x0 + 0.68 * (x1 - x0), y0 + 0.68 * (y1 - y0) + bend * 0.5 * (1 if x1 >= x0 else -1)
         ax.text(mx, my, op, fontsize=7, color=colour, ha="center", va="center",
                 bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
     for node in concat:
@@ -75,7 +76,7 @@ def plot_cell(genotype: Genotype, reduction: bool, path: str | Path, title: str 
         ax.scatter([x], [y], s=900, zorder=3, color="#f0e0b0" if is_io else "#cfe2f3", edgecolors="black")
         ax.text(x, y, f"${names[node]}$" if is_io else str(node - 2), ha="center", va="center", zorder=4, fontsize=9)
     ax.set_title(title or ("reduction cell" if reduction else "normal cell"))
-    ax.set_xlim(-0.6, steps + 1.6)
+    ax.set_xlim(-0.6, 1.3 * (steps + 1) + 0.6)
     ax.set_ylim(-2.0, 2.0)
     ax.axis("off")
     return _save(fig, path)
@@ -90,7 +91,7 @@ def plot_alpha_heatmaps(tables: dict[str, torch.Tensor | np.ndarray], path: str 
                         title: str | None = None, columns: Sequence[str] = PRIMITIVES) -> Path:
     """One heatmap per ``name -> [edges, ops]`` table (e.g. softmax(alpha) of the normal and the
     reduction cell), rows labelled by edge, columns by op, with the values written in."""
-    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 5.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.6 * len(tables), 5.0), squeeze=False, layout="constrained")
     for ax, (name, table) in zip(axes[0], tables.items()):
         values = table.detach().float().cpu().numpy() if isinstance(table, torch.Tensor) else np.asarray(table)
         steps = int(round((-3 + (9 + 8 * values.shape[0]) ** 0.5) / 2))  # rows = steps * (steps + 3) / 2
@@ -101,7 +102,7 @@ def plot_alpha_heatmaps(tables: dict[str, torch.Tensor | np.ndarray], path: str 
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
                     color="white" if v < 0.6 * values.max() else "black")
         ax.set_title(name)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        fig.colorbar(image, ax=ax, shrink=0.8)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

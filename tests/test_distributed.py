@@ -10,7 +10,6 @@ atol 1e-5 on weights and alphas after three steps). The full-run check below use
 
 import os
 import socket
-import sys
 
 import pytest
 import torch

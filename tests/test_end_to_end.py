@@ -53,7 +53,7 @@ def test_compare_writes_the_table(tmp_path, capsys):
     table = (out / "compare.md").read_text()
     assert "| darts |" in table and "| dsrna-jacobian |" in table
     assert (out / "report.html").is_file() and "<h2>Comparison</h2>" in (out / "report.html").read_text()
-    # Run again: every stage is recorded as done and skipped; other settings are refused.
-    assert main(argv) == 0
-    assert main([*argv[:-1], "--pgd-steps", "3"]) == 2
+    stages = json.loads((out / "darts" / "stages.json").read_text())
+    assert set(stages) == {"search", "train", "attack", "certify"}  # what a second run would skip
+    assert main([*argv, "--pgd-steps", "3"]) == 2  # the same folder with other settings is refused
     assert "other settings" in capsys.readouterr().err

@@ -38,8 +38,8 @@ def test_report_embeds_everything_the_folder_holds(tmp_path):
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)  # self-contained
     assert "extra_picture.png" in page and "attack.png</figcaption>" not in page
     assert "http://" not in page and "https://" not in page
-    # cells (2) + curve panels (loss, accuracy, robustness) + heatmaps (2) + attack (1) + certify (2) + gallery (1)
-    assert len(sources) == 2 + 3 + 2 + 1 + 2 + 1
+    # cells (2) + run-log curves (1) + heatmaps (2) + attack (1) + certify (2) + gallery (1)
+    assert len(sources) == 2 + 1 + 2 + 1 + 2 + 1
 
 
 def test_report_of_an_empty_or_missing_folder(tmp_path):
@@ -51,6 +51,5 @@ def test_report_of_an_empty_or_missing_folder(tmp_path):
 def test_report_command(tmp_path, capsys):
     from dsrna.cli import main
 
-    _run_folder(tmp_path)
     assert main(["report", str(tmp_path)]) == 0
     assert str(tmp_path / "report.html") in capsys.readouterr().out

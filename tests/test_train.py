@@ -42,9 +42,9 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     # model.pt alone rebuilds the network, in eval mode, with the reported accuracy.
     model, meta = load_model(result.model_path)
     assert not model.training and meta["dataset"] == "mnist-mini"
-    from dsrna.evaluation.common import test_loader
+    from dsrna.evaluation.common import evaluation_loader
 
-    _, acc = evaluate(model, test_loader("mnist-mini", limit=32), torch.device("cpu"))
+    _, acc = evaluate(model, evaluation_loader("mnist-mini", limit=32), torch.device("cpu"))
     assert acc == pytest.approx(result.metrics["test_acc"]) == pytest.approx(log[-1]["test_acc"])
     assert result.metrics["parameters"] > 0
 

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsrna.attacks import ATTACKS, require_torchattacks
     from dsrna.evaluation.attack import attack_table, evaluate_attacks
-    from dsrna.evaluation.common import parse_floats, pick_device, test_loader, write_json
+    from dsrna.evaluation.common import evaluation_loader, parse_floats, pick_device, write_json
     from dsrna.evaluation.report import plot_attack_curve, save_figure
     from dsrna.evaluation.train import load_model
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             require_torchattacks(label)  # fail before any work when the extra is missing
     device = pick_device(args.device)
     model, meta = load_model(args.model, device)
-    loader = test_loader(args.dataset or meta["dataset"], args.data_root, args.limit, args.batch_size)
+    loader = evaluation_loader(args.dataset or meta["dataset"], args.data_root, args.limit, args.batch_size)
     result = evaluate_attacks(model, loader, eps, attacks, args.norm, steps=args.steps, restarts=args.restarts,
                               num_classes=meta["model_config"]["num_classes"], device=device, progress=args.progress)
     out = Path(args.out) if args.out else Path(args.model).parent

@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=_positive(int), help="timed steps per row (default 10; --quick 2)")
     parser.add_argument("--warmup", type=_positive(int), help="untimed steps first (default 3; --quick 1)")
     parser.add_argument("--row-seconds", type=_positive(float),
-                        help="stop timing a row after this long once 3 steps are in (default 15; --quick 10)")
+                        help="stop timing a row after this long once 3 steps are in, or 1 step over half of it "
+                             "(default 15; --quick 10)")
     parser.add_argument("--row-timeout", type=_positive(float),
                         help="hard limit per row, set-up and warm-up included (default 150 s; --quick 60)")
     parser.add_argument("--time-budget", type=_positive(float),

@@ -29,14 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsrna.evaluation.certify import certify, certify_table
-    from dsrna.evaluation.common import parse_floats, pick_device, test_loader, write_json
+    from dsrna.evaluation.common import evaluation_loader, parse_floats, pick_device, write_json
     from dsrna.evaluation.report import plot_certified_curve, plot_radius_histogram, save_figure
     from dsrna.evaluation.train import load_model
 
     eps = parse_floats(args.eps, "--eps") if args.eps.strip() else []
     device = pick_device(args.device)
     model, meta = load_model(args.model, device)
-    loader = test_loader(args.dataset or meta["dataset"], args.data_root, args.limit, args.batch_size)
+    loader = evaluation_loader(args.dataset or meta["dataset"], args.data_root, args.limit, args.batch_size)
     result = certify(model, loader, args.norm, args.method, eps, max_eps=args.max_eps, tol=args.tol,
                      candidates=args.candidates, device=device, progress=args.progress)
     out = Path(args.out) if args.out else Path(args.model).parent

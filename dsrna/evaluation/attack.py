@@ -54,13 +54,15 @@ def evaluate_attacks(model: nn.Module, loader, eps_list, attacks=("fgsm", "pgd")
         model.train(was_training)
     n = max(count, 1)
     return dict(norm=norm, eps=[float(e) for e in eps_list], attacks=list(attacks), steps=steps, restarts=restarts,
-                n=count, clean_acc=clean.item() / n, robust_acc={a: (r.double() / n).tolist() for a, r in robust.items()})
+                n=count, clean_acc=clean.item() / n,
+                robust_acc={a: (r.double() / n).tolist() for a, r in robust.items()})
 
 
 def attack_table(result: dict) -> str:
     """Markdown table: one row per eps, one column per attack (robust accuracy in %)."""
     head = f"| eps ({result['norm']}) | " + " | ".join(result["attacks"]) + " |"
     rule = "|---|" + "---|" * len(result["attacks"])
-    rows = [f"| {eps:g} | " + " | ".join(f"{100 * result['robust_acc'][a][i]:.2f}" for a in result["attacks"]) + " |"
-            for i, eps in enumerate(result["eps"])]
-    return "\n".join([f"clean accuracy {100 * result['clean_acc']:.2f}% on {result['n']} images", "", head, rule] + rows)
+    rows = [f"| {eps:g} | " + " | ".join(f"{100 * result['robust_acc'][a][i]:.2f}" for a in result["attacks"])
+            + " |" for i, eps in enumerate(result["eps"])]
+    summary = f"clean accuracy {100 * result['clean_acc']:.2f}% on {result['n']} images"
+    return "\n".join([summary, "", head, rule] + rows)

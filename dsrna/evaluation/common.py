@@ -39,7 +39,7 @@ def write_json(obj, path: Path) -> None:
     atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
-def test_loader(dataset: str, root: str | None = None, limit: int | None = None, batch_size: int = 128,
+def evaluation_loader(dataset: str, root: str | None = None, limit: int | None = None, batch_size: int = 128,
                 num_workers: int = 0) -> DataLoader:
     """The first ``limit`` images of a data set's test split (all when None), in a fixed order."""
     from dsrna.data import get_dataset, make_loader

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dsrna.evaluation.common import atomic_write_text, pick_device, test_loader, write_json
+from dsrna.evaluation.common import atomic_write_text, evaluation_loader, pick_device, write_json
 
 # Method name -> kind of robustness term in the architecture objective (METHOD.md §4).
 METHODS = {"darts": "none", "dsrna-cb": "cb", "dsrna-jacobian": "jacobian", "dsrna-combined": "combined"}
@@ -70,7 +70,8 @@ class CompareConfig:
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+            given = ", ".join(unknown) or "(none given)"
+            raise ValueError(f"unknown method(s) {given}; choose from {', '.join(METHODS)}")
 
 
 def compare(config: CompareConfig) -> dict:
@@ -132,7 +133,7 @@ def _run_method(method: str, config: CompareConfig, folder: Path, extra: bool) -
     model, meta = load_model(folder / "train" / "model.pt", device)
     num_classes = meta["model_config"]["num_classes"]
     if "attack" not in stages:
-        loader = test_loader(config.dataset, config.data_root, config.eval_limit)
+        loader = evaluation_loader(config.dataset, config.data_root, config.eval_limit)
         linf = evaluate_attacks(model, loader, config.eps, ("fgsm", "pgd"), config.norm, steps=config.pgd_steps,
                                 num_classes=num_classes, device=device, progress=config.progress)
         write_json(linf, folder / "train" / "attack.json")
@@ -146,7 +147,7 @@ def _run_method(method: str, config: CompareConfig, folder: Path, extra: bool) -
                                              cw=l2["robust_acc"]["cw"][0] if l2 else None,
                                              autoattack=l2["robust_acc"]["autoattack"][0] if l2 else None))
     if "certify" not in stages:
-        loader = test_loader(config.dataset, config.data_root, config.certify_limit, batch_size=32)
+        loader = evaluation_loader(config.dataset, config.data_root, config.certify_limit, batch_size=32)
         result = certify(model, loader, config.certify_norm, config.certify_method, device=device,
                          progress=config.progress)
         write_json(result, folder / "train" / "certify.json")

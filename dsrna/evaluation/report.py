@@ -39,6 +39,7 @@ OWN_PICTURES = ("attack.png", "certify_hist.png", "certify_curve.png")
 def plot_attack_curve(result: dict):
     """Robust accuracy over eps, one line per attack (from :func:`evaluate_attacks`)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.axhline(100 * result["clean_acc"], color="gray", linestyle=":", label="clean")
     for attack in result["attacks"]:
         ax.plot(result["eps"], [100 * a for a in result["robust_acc"][attack]], marker="o", label=attack)
     ax.set_xlabel(f"eps ({result['norm']})")
@@ -85,7 +86,7 @@ def save_figure(fig, path: Path) -> None:
 
 def _png(fig) -> str:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
 
@@ -121,7 +122,8 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def _curves(records: list[dict]) -> list[str]:
-    """One panel per group of numeric fields (losses together, accuracies together, others alone)."""
+    """One figure, one panel per group of numeric fields (losses together, accuracies together, each
+    other field alone), drawn at once: a figure per panel would cost a render each."""
     x_key = "epoch" if all("epoch" in r for r in records) else None
     xs = [r["epoch"] for r in records] if x_key else list(range(1, len(records) + 1))
     numeric = [k for k in dict.fromkeys(k for r in records for k in r)
@@ -131,19 +133,25 @@ def _curves(records: list[dict]) -> list[str]:
     for key in numeric:
         group = "loss" if "loss" in key else "accuracy" if key.endswith("acc") or "accuracy" in key else key
         groups.setdefault(group, []).append(key)
-    figures = []
-    for group, keys in groups.items():
-        fig, ax = plt.subplots(figsize=(5, 3.2))
+    if not groups:
+        return []
+    columns = min(3, len(groups))
+    rows = -(-len(groups) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.9 * rows), squeeze=False)
+    for ax, (group, keys) in zip(axes.flat, groups.items()):
         for key in keys:
             points = [(x, r[key]) for x, r in zip(xs, records) if key in r]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None, label=key)
-        ax.set_xlabel(x_key or "record")
-        ax.set_title(group)
+        ax.set_title(group, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        figures.append(_img(_png(fig), f"{group} over {x_key or 'records'}"))
-    return figures
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel(x_key or "record")
+    fig.tight_layout()
+    return [_img(_png(fig), f"run log over {x_key or 'records'}s")]
 
 
 def _alpha_heatmaps(records: list[dict]) -> list[str]:

@@ -30,16 +30,17 @@ import torch.nn.functional as F
 
 from dsrna.data import dataset_info, get_dataset, make_loader
 from dsrna.errors import CheckpointError, DivergenceError
-from dsrna.evaluation.common import atomic_save, atomic_write_text, pick_device, test_loader, write_json
+from dsrna.evaluation.common import atomic_save, atomic_write_text, evaluation_loader, pick_device, write_json
 from dsrna.space import Genotype, Network, count_parameters
 
 # Settings left as None in TrainConfig take these per-data-set values ([choice] where the paper is
 # silent: MNIST-family epochs and no cutout on digits; mnist-mini is sized to train in minutes on a CPU).
+_DARTS = dict(batch_size=96, layers=20, init_channels=36, lr=0.025, stem="cifar", label_smoothing=0.0)
 PRESETS = {
-    "cifar10": dict(epochs=600, batch_size=96, layers=20, init_channels=36, cutout=16, lr=0.025, stem="cifar", label_smoothing=0.0),
-    "mnist": dict(epochs=100, batch_size=96, layers=20, init_channels=36, cutout=0, lr=0.025, stem="cifar", label_smoothing=0.0),
-    "fashion-mnist": dict(epochs=100, batch_size=96, layers=20, init_channels=36, cutout=0, lr=0.025, stem="cifar", label_smoothing=0.0),
-    "mnist-mini": dict(epochs=5, batch_size=64, layers=5, init_channels=8, cutout=0, lr=0.025, stem="cifar", label_smoothing=0.0),
+    "cifar10": dict(_DARTS, epochs=600, cutout=16),
+    "mnist": dict(_DARTS, epochs=100, cutout=0),
+    "fashion-mnist": dict(_DARTS, epochs=100, cutout=0),
+    "mnist-mini": dict(_DARTS, epochs=5, batch_size=64, layers=5, init_channels=8, cutout=0),
     # DARTS' mobile ImageNet setting: 14 cells, C=48, stride-8 stem, lr 0.1, label smoothing 0.1.
     "imagenet": dict(epochs=250, batch_size=128, layers=14, init_channels=48, cutout=0, lr=0.1, stem="imagenet",
                      label_smoothing=0.1),
@@ -94,7 +95,8 @@ class TrainConfig:
             if getattr(filled, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(filled, key)}")
         if filled.layers < 3 and filled.auxiliary:
-            raise ValueError("the auxiliary head sits after the second reduction cell: use --layers >= 3 or --no-auxiliary")
+            raise ValueError("the auxiliary head sits after the second reduction cell: "
+                             "use --layers >= 3 or --no-auxiliary")
         if not 0 <= filled.drop_path_prob < 1:
             raise ValueError(f"drop_path_prob must be in [0, 1), got {filled.drop_path_prob}")
         Genotype.from_json(filled.genotype)  # fail early, with the genotype's own one-line message
@@ -159,7 +161,8 @@ def _set_rng_state(state: dict) -> None:
 def _datasets(config: TrainConfig):
     info = dataset_info(config.dataset)
     train_set = get_dataset(config.dataset, root=config.data_root, train=True, augment=True, cutout=config.cutout)
-    test = test_loader(config.dataset, config.data_root, config.eval_limit, 2 * config.batch_size, config.num_workers)
+    test = evaluation_loader(config.dataset, config.data_root, config.eval_limit, 2 * config.batch_size,
+                             config.num_workers)
     return info, train_set, test
 
 

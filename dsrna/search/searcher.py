@@ -126,8 +126,6 @@ class Searcher:
                 warnings.simplefilter("ignore", FutureWarning)
                 self.model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
         self._shadow = None  # the second-order step's unrolled copy, built once
-        self.epoch = 0
-        self.lr = learning_rate(config, 0, self.world_size)
         self.set_epoch(0)
 
     # --- schedule ---------------------------------------------------------------------------------
