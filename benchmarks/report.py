@@ -148,6 +148,7 @@ def markdown(rows: list[dict], baseline: dict) -> str:
 def chart(rows: list[dict], path: Path) -> None:
     """Grouped bars: speedup over the reference per (config, metric) and backend, log scale."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -164,9 +165,14 @@ def chart(rows: list[dict], path: Path) -> None:
         for i, backend in enumerate(backends):
             xs = [g + (i - (len(backends) - 1) / 2) * width for g in range(len(groups))]
             ys = [ratio.get(group + (backend,), float("nan")) for group in groups]
-            ax.bar(xs, ys, width, label=backend)
+            # Bars grow from 1x, so a slowdown points down.
+            ax.bar(xs, [y - 1.0 for y in ys], width, bottom=1.0, label=backend)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        times = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+        ax.yaxis.set_major_formatter(times)
+        ax.yaxis.set_minor_formatter(times)
+        ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set_xticks(range(len(groups)), [f"{c}\n{m}" for c, m in groups], fontsize=8)
         ax.set_ylabel("speedup over the reference (x)")
         ax.legend(fontsize=8)

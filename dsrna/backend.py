@@ -8,8 +8,10 @@ Every fast op registers one implementation per backend under an op name::
 and the library calls ``dispatch("weighted_sum", tensor, backend)(...)``. The backend is chosen, in
 order of precedence, by the ``backend=`` argument of a model, the innermost ``use_backend`` context,
 or ``set_backend``; ``"auto"`` picks the first usable backend in ``AUTO_ORDER`` for the tensor's device.
-``reference`` is always usable and is the fallback: asking explicitly for a backend that cannot run
-raises ``BackendUnavailable`` with the reason, while ``auto`` silently falls back.
+``reference`` is always usable and is the fallback: ops that a chosen backend does not implement run
+on the reference path, while asking explicitly for a backend that cannot run on the device at all
+(extension not built, no GPU, Triton on CPU without the interpreter) raises ``BackendUnavailable``
+with the reason.
 """
 
 from __future__ import annotations
@@ -146,14 +148,16 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
     requested = _check_name(backend if backend not in (None, "auto") else get_backend())
     device_type = torch.device(device).type
     impls = _registry.get(op, {})
+    if "reference" not in impls:
+        raise KeyError(f"op {op!r} has no reference implementation registered")
     if requested != "auto":
-        if requested not in impls or device_type not in impls[requested][1]:
-            if requested == "reference":
-                raise KeyError(f"op {op!r} has no reference implementation registered")
-            raise BackendUnavailable(f"op {op!r} has no {requested} implementation for {device_type} tensors")
+        # A backend that cannot run here at all is an error; one that merely lacks this op (no backend
+        # implements every op) leaves the op on the reference path.
         ok, why = backend_status(requested, device_type)
         if not ok:
             raise BackendUnavailable(f"backend {requested!r} unavailable for {device_type}: {why}")
+        if requested not in impls or device_type not in impls[requested][1]:
+            return "reference"
         return requested
     for candidate in AUTO_ORDER.get(device_type, ("reference",)):
         if candidate in impls and device_type in impls[candidate][1]:

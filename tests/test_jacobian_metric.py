@@ -55,14 +55,16 @@ def clean_stats(net, x) -> dict:
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_exact_matches_autograd_functional_jacobian(train, norm):
     net = tiny_search_net(train)
-    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
     stats = clean_stats(net, x) if train else None
     rows = per_example_rows(net, x, stats)
     expected = torch.linalg.vector_norm(rows, ord=NORM_DUAL[norm], dim=2).sum(dim=1)
-    got = jacobian_row_norm_sum(net, x, norm, "exact", bn_stats=stats)
+    with torch.no_grad():
+        got = jacobian_row_norm_sum(net, x, norm, "exact", bn_stats=stats)
+        # Without bn_stats the metric runs the clean pass itself and must land on the same statistics.
+        self_captured = jacobian_row_norm_sum(net, x, norm, "exact")
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
-    # Without bn_stats the metric runs the clean pass itself and must land on the same statistics.
-    torch.testing.assert_close(jacobian_row_norm_sum(net, x, norm, "exact"), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(self_captured, expected, rtol=1e-10, atol=1e-12)
     eps = 0.3
     torch.testing.assert_close(jacobian_metric(net, x, norm, "exact", eps=eps, bn_stats=stats),
                                -(eps / K) * expected.mean(), rtol=1e-10, atol=1e-12)
@@ -90,9 +92,10 @@ def test_random_row_is_unbiased():
     net = tiny_search_net(False)
     image = torch.rand(1, 1, 8, 8, dtype=torch.float64)
     exact = jacobian_row_norm_sum(net, image, "l2", "exact")[0]
-    copies = image.expand(600, -1, -1, -1)  # each copy draws its own rows: 600 independent estimates
+    copies = image.expand(400, -1, -1, -1)  # each copy draws its own rows: 400 independent estimates
     for n in (1, 2):
-        draws = jacobian_row_norm_sum(net, copies, "l2", "random-row", n=n, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():  # the value is what is tested: skip the double-backward graph
+            draws = jacobian_row_norm_sum(net, copies, "l2", "random-row", n=n, generator=torch.Generator().manual_seed(n))
         stderr = draws.std() / draws.numel() ** 0.5
         assert stderr > 1e-3 * exact  # the rows differ, so the test has power
         assert abs(draws.mean() - exact) < 3 * stderr
@@ -113,9 +116,10 @@ def test_projection_estimates_squared_frobenius_norm():
     net = tiny_search_net(False)
     image = torch.rand(1, 1, 8, 8, dtype=torch.float64)
     frobenius_sq = per_example_rows(net, image)[0].pow(2).sum()
-    copies = image.expand(600, -1, -1, -1)
-    for n in (1, 3):
-        sums = jacobian_row_norm_sum(net, copies, "l2", "projection", n=n, generator=torch.Generator().manual_seed(n))
+    copies = image.expand(400, -1, -1, -1)
+    for n in (1, 2):
+        with torch.no_grad():
+            sums = jacobian_row_norm_sum(net, copies, "l2", "projection", n=n, generator=torch.Generator().manual_seed(n))
         estimates = sums.pow(2) / K  # the estimator is sqrt(K * F) with F unbiased for ||J||_F^2
         stderr = estimates.std() / estimates.numel() ** 0.5
         assert stderr > 1e-3 * frobenius_sq
@@ -136,9 +140,9 @@ class _WithArch(nn.Module):
         return torch.func.functional_call(self.net, dict(zip(self.names, self.values)), (x,))
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_gradcheck_wrt_architecture_parameters(train):
-    net = tiny_search_net(train)
+def test_gradcheck_wrt_architecture_parameters():
+    # Train mode: alpha reaches R through the mixed ops and through the captured batch statistics.
+    net = tiny_search_net(True)
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
     wrapped = _WithArch(net, ["alphas_normal", "alphas_reduce"])
 
@@ -147,7 +151,7 @@ def test_gradcheck_wrt_architecture_parameters(train):
         return jacobian_metric(wrapped, x, "l2", "exact", eps=0.1)
 
     alphas = [a.detach().clone().requires_grad_(True) for a in net.arch_parameters()]
-    assert torch.autograd.gradcheck(metric, alphas, fast_mode=True)
+    assert torch.autograd.gradcheck(metric, alphas, fast_mode=True, check_undefined_grad=False)
 
 
 def test_differentiable_in_weights_and_value_only_under_no_grad():

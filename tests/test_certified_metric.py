@@ -1,0 +1,96 @@
+"""R_CB (certified_bound_metric), default_eps and certified_radius."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dense_bounds import pgd_min_margin
+from dsrna import SearchNetwork
+from dsrna.bounds import certified_radius, margin_lower_bound
+from dsrna.robustness.certified import certified_bound_metric, default_eps
+from dsrna.space import capture_batch_stats
+
+
+def _tiny_search():
+    return SearchNetwork(C=4, num_classes=3, layers=2, in_channels=1, steps=2, multiplier=2).double()
+
+
+def test_metric_is_min_mean_softmin_of_margins():
+    net = _tiny_search().eval()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        gamma = margin_lower_bound(net, x, y, 0.001, "linf", "crown-ibp")
+        others = gamma[torch.arange(3)[:, None], torch.tensor([[1, 2], [0, 2], [0, 1]])]
+        r_min = certified_bound_metric(net, x, y, 0.001, "linf", "crown-ibp", reduce="min")
+        r_mean = certified_bound_metric(net, x, y, 0.001, "linf", "crown-ibp", reduce="mean")
+        r_soft = certified_bound_metric(net, x, y, 0.001, "linf", "crown-ibp", reduce="softmin")
+    torch.testing.assert_close(r_min, others.min(1).values.mean())
+    torch.testing.assert_close(r_mean, others.mean())
+    torch.testing.assert_close(r_soft, (-torch.logsumexp(-others, 1)).mean())
+    assert r_soft <= r_min
+    with pytest.raises(ValueError, match="reduce"):
+        certified_bound_metric(net, x, y, 0.001, reduce="max")
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_gradcheck_wrt_architecture(method):
+    """R_CB is differentiable in alpha; train-mode BN with the clean batch's statistics in the graph."""
+    net = _tiny_search()
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    alphas = [p.detach().clone().requires_grad_(True) for p in net.arch_parameters()]
+
+    def metric(alpha_normal, alpha_reduce):
+        net.alphas_normal, net.alphas_reduce = alpha_normal, alpha_reduce  # plain tensors in place of the parameters
+        with capture_batch_stats() as bn_stats:
+            net(x)
+        return certified_bound_metric(net, x, y, 1e-4, "linf", method, reduce="mean", bn_stats=bn_stats)
+
+    del net.alphas_normal, net.alphas_reduce
+    assert torch.autograd.gradcheck(metric, alphas, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_reaches_weights_and_architecture():
+    net = _tiny_search()
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    certified_bound_metric(net, x, y, 1e-3, "l2", "crown-ibp").backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.arch_parameters())
+    assert net.classifier.weight.grad.abs().sum() > 0
+
+
+def test_default_eps():
+    assert default_eps("cifar10", "linf") > 0 and default_eps("mnist", "l2") > 0
+    with pytest.raises(ValueError, match="no default eps"):
+        default_eps("svhn", "linf")
+
+
+def _classifier():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double().eval()
+
+
+@pytest.mark.parametrize("norm,candidates", [("linf", 1), ("l2", 3)])
+def test_certified_radius_is_tight_and_unbroken(norm, candidates):
+    net = _classifier()
+    x = torch.rand(4, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    y[0] = (y[0] + 1) % 3  # one misclassified image: radius 0
+    tol = 1e-4
+    radius = certified_radius(net, x, y, norm, "crown", max_eps=2.0, tol=tol, candidates=candidates)
+    assert radius[0] == 0 and (radius[1:] > 0).all()
+    ok = slice(1, None)
+    with torch.no_grad():
+        below = margin_lower_bound(net, x[ok], y[ok], radius[ok], norm, "crown")
+        above = margin_lower_bound(net, x[ok], y[ok], radius[ok] + tol, norm, "crown")
+    label = torch.nn.functional.one_hot(y[ok], 3).bool()
+    assert (below.masked_fill(label, float("inf")).min(1).values > 0).all()
+    assert (above.masked_fill(label, float("inf")).min(1).values <= 0).all()
+    for t in range(3):
+        target = torch.full_like(y[ok], t)
+        keep = target != y[ok]
+        for i in torch.nonzero(keep).flatten().tolist():
+            attacked = pgd_min_margin(net, x[ok][i:i + 1], y[ok][i:i + 1], target[i:i + 1], float(radius[ok][i]), norm, steps=40)
+            assert attacked.item() > 0
