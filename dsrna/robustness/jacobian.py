@@ -111,9 +111,10 @@ def _row_norm_sums(net, x, norm, estimator, n, bn_stats, generator) -> tuple[tor
 def _input_vjps(logits: torch.Tensor, x_in: torch.Tensor, cotangents: torch.Tensor, create_graph: bool) -> torch.Tensor:
     """``[r, B, ...]``: for each of the r cotangents ``[B, K]``, ``v_i^T J(x_i)`` of every image.
 
-    One backward pass per cotangent over one shared forward graph. Batching the r passes (repeating
-    the batch r times, or ``is_grads_batched``) was slower on CPU (docs/robustness.md) and the
-    vmap of ``is_grads_batched`` cannot see through custom fast-path autograd Functions.
+    One backward pass per cotangent over one shared forward graph: one forward instead of the r of
+    repeating the batch r times. ``is_grads_batched`` (vmap over the backward) was 3x slower than
+    repeating the batch in the double backward on CPU, and vmap cannot see through the custom
+    autograd Functions of the fast paths.
     """
     return torch.stack([torch.autograd.grad(logits, x_in, v, retain_graph=True, create_graph=create_graph)[0]
                         for v in cotangents])
