@@ -6,6 +6,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The test tensors are tiny: intra-op threads cost more than they give, and oversubscribe the cores
+# when tests start worker processes (distributed tests, CLI subprocesses).
+torch.set_num_threads(1)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

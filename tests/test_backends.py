@@ -88,7 +88,9 @@ def test_double_backward_architecture_gradient_matches_reference(name, device, a
     for net in nets:
         x = torch.rand(2, 2, 7, 7, device=device, generator=torch.Generator(device).manual_seed(1))
         x = x.to(next(net.parameters()).dtype).requires_grad_()
-        v = torch.ones(2, 3, device=device, dtype=x.dtype)
+        v = torch.randn(2, 3, device=device, generator=torch.Generator(device).manual_seed(2)).to(x.dtype)
         (jvp,) = torch.autograd.grad(net(x), x, v, create_graph=True)
-        results.append(torch.autograd.grad(jvp.square().sum(), net.arch_parameters()))
+        grads = torch.autograd.grad(jvp.square().sum(), net.arch_parameters())
+        # one flat vector: some entries are nearly zero, so errors are measured at the group's scale
+        results.append(torch.cat([g.flatten() for g in grads]))
     assert_error_within(*results, FACTOR, ULPS)

@@ -14,6 +14,7 @@ from dsrna.ops.depthwise import (
     depthwise_conv2d_transpose_reference,
 )
 from dsrna.ops.weighted_sum import weighted_sum, weighted_sum_reference
+from dsrna.ops import bound_ops  # noqa: F401  (registers the bound-propagation primitives)
 
 try:
     import dsrna.kernels  # noqa: F401  (registers the triton backend)

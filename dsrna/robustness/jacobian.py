@@ -113,7 +113,7 @@ def _input_vjps(logits: torch.Tensor, x_in: torch.Tensor, cotangents: torch.Tens
 
     One backward pass per cotangent over one shared forward graph: one forward instead of the r of
     repeating the batch r times. ``is_grads_batched`` (vmap over the backward) was 3x slower than
-    repeating the batch in the double backward on CPU, and vmap cannot see through the custom
+    repeating the batch on CPU (docs/robustness.md), and vmap cannot see through the custom
     autograd Functions of the fast paths.
     """
     return torch.stack([torch.autograd.grad(logits, x_in, v, retain_graph=True, create_graph=create_graph)[0]
