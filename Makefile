@@ -5,9 +5,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The quick-start search: DSRNA-CB on the shipped MNIST subset with a tiny super-network, a few
+# The quick-start search: DSRNA-Jacobian on the shipped MNIST subset with a tiny super-network, a few
 # minutes on 2 CPU cores.
-SEARCH_ARGS ?= --dataset mnist-mini --robustness cb --epochs 2 --batch-size 32 --layers 3 --init-channels 4 --out runs/quickstart
+SEARCH_ARGS ?= --dataset mnist-mini --robustness jacobian --epochs 2 --max-steps-per-epoch 30 --batch-size 32 --layers 3 --init-channels 4 --out runs/quickstart
 # The CPU smoke run of the benchmark harness; on a GPU use `make bench BENCH_ARGS=` for the full set.
 BENCH_ARGS ?= --quick
 GPU_OUT ?= gpu_results

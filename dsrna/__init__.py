@@ -8,9 +8,10 @@ __version__ = "0.1.0"
 
 from dsrna.backend import get_backend, set_backend, use_backend
 from dsrna import ops as _ops  # noqa: F401  (registers the op implementations)
+from dsrna.info import info
 from dsrna.space import DARTS_V1, DARTS_V2, PRIMITIVES, Genotype, Network, SearchNetwork
 
 __all__ = [
-    "__version__", "get_backend", "set_backend", "use_backend",
+    "__version__", "info", "get_backend", "set_backend", "use_backend",
     "DARTS_V1", "DARTS_V2", "PRIMITIVES", "Genotype", "Network", "SearchNetwork",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
 import threading
 import warnings
@@ -84,18 +83,17 @@ def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("c
 
 @functools.cache
 def _native_status() -> tuple[bool, str]:
-    try:
-        importlib.import_module("dsrna._C")
-    except Exception as exc:  # ImportError, or an undefined symbol from an ABI mismatch
-        return False, f"extension dsrna._C not importable ({type(exc).__name__}: {exc}); rebuild with `pip install --no-build-isolation -e .`"
+    from dsrna import _native
+
+    if _native.C is None:
+        return False, f"extension dsrna._C not importable ({_native.LOAD_ERROR}); {_native.REBUILD_HINT}"
     return True, "dsrna._C loaded"
 
 
-@functools.cache
 def _native_has_cuda() -> bool:
-    if not _native_status()[0]:
-        return False
-    return bool(getattr(importlib.import_module("dsrna._C"), "built_with_cuda", lambda: False)())
+    from dsrna import _native
+
+    return _native.built_with_cuda()
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from dsrna.ops.depthwise import (
     depthwise_conv2d_transpose,
     depthwise_conv2d_transpose_reference,
 )
+from dsrna.ops.pool_bn import pool_bn, pool_bn_reference
 from dsrna.ops.weighted_sum import weighted_sum, weighted_sum_reference
 from dsrna.ops import bound_ops  # noqa: F401  (registers the bound-propagation primitives)
 
@@ -24,4 +25,7 @@ except Exception as exc:  # no triton, or a triton too old for the kernels: neve
 else:
     TRITON_IMPORT_ERROR = None
 
-__all__ = ["depthwise_conv2d", "depthwise_conv2d_reference", "weighted_sum", "weighted_sum_reference"]
+__all__ = [
+    "depthwise_conv2d", "depthwise_conv2d_reference", "depthwise_conv2d_transpose",
+    "depthwise_conv2d_transpose_reference", "pool_bn", "pool_bn_reference", "weighted_sum", "weighted_sum_reference",
+]
