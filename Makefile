@@ -29,7 +29,7 @@ search: $(VENV)/.installed
 	$(BIN)/dsrna search $(SEARCH_ARGS)
 
 test: $(VENV)/.installed
-	TRITON_INTERPRET=1 $(BIN)/pytest -q
+	TRITON_INTERPRET=1 $(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 bench: $(VENV)/.installed
 	$(BIN)/dsrna bench $(BENCH_ARGS)

@@ -20,7 +20,6 @@ import datetime
 import gc
 import importlib.metadata
 import json
-import os
 import platform
 import re
 import signal

@@ -172,7 +172,7 @@ def _crown_relu_backward_setup(ctx, inputs, output):
 
 def _crown_relu_backward_backward(ctx, grad_out, grad_bias):
     """``A_out = A+ ls + A- us`` and ``bias = sum A- ui``. At ``A == 0`` no gradient reaches ``A``,
-    as with ``clamp`` in the reference."""
+    as in the reference."""
     A, lower_slope, upper_slope, upper_intercept = ctx.saved_tensors
     ls, us, ui = (t.unsqueeze(1) for t in (lower_slope, upper_slope, upper_intercept))
     gb = grad_bias.reshape(grad_bias.shape + (1,) * (A.dim() - 2))

@@ -37,3 +37,26 @@ def assert_error_within():
             assert err <= bound, f"result {i}: error {err:.3g} > {bound:.3g} (reference's own error {ref_err:.3g})"
 
     return check
+
+
+def fit_mnist_mlp(hidden: int, n_test: int):
+    """An MLP fitted for a second on 512 mnist-mini images: ``(model in eval mode, x_test, y_test)``
+    with ``n_test`` test images. Attack and certification tests need a model that is actually right."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from dsrna.data import get_dataset
+
+    torch.manual_seed(0)
+    train, test = get_dataset("mnist-mini", train=True), get_dataset("mnist-mini", train=False)
+    x = torch.stack([train[i][0] for i in range(512)])
+    y = torch.tensor([train[i][1] for i in range(512)])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    x_test = torch.stack([test[i][0] for i in range(n_test)])
+    y_test = torch.tensor([test[i][1] for i in range(n_test)])
+    return model.eval(), x_test, y_test

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from conftest import fit_mnist_mlp
 from dsrna.attacks import MissingExtraError, autoattack, carlini_wagner, fgsm, pgd, project, project_l1_ball
 
 NORMS = ["linf", "l2", "l1"]
@@ -26,21 +26,7 @@ def _small_cnn():
 @pytest.fixture(scope="module")
 def trained_mlp():
     """An MLP fitted for a second on 512 mnist-mini images, with 256 test images."""
-    from dsrna.data import get_dataset
-
-    torch.manual_seed(0)
-    train, test = get_dataset("mnist-mini", train=True), get_dataset("mnist-mini", train=False)
-    x = torch.stack([train[i][0] for i in range(512)])
-    y = torch.tensor([train[i][1] for i in range(512)])
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    x_test = torch.stack([test[i][0] for i in range(256)])
-    y_test = torch.tensor([test[i][1] for i in range(256)])
-    return model.eval(), x_test, y_test
+    return fit_mnist_mlp(hidden=64, n_test=256)
 
 
 def _accuracy(model, x, y):

@@ -3,10 +3,9 @@ statistics (certified accuracy, mean, median) follow from the radii."""
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import fit_mnist_mlp
 from dsrna.attacks import pgd
 from dsrna.bounds import certified_radius
 from dsrna.evaluation.certify import certified_accuracy, certify, certify_table
@@ -15,21 +14,7 @@ from dsrna.evaluation.certify import certified_accuracy, certify, certify_table
 @pytest.fixture(scope="module")
 def trained_mlp():
     """An MLP fitted for a second on 512 mnist-mini images, with 48 test images."""
-    from dsrna.data import get_dataset
-
-    torch.manual_seed(0)
-    train, test = get_dataset("mnist-mini", train=True), get_dataset("mnist-mini", train=False)
-    x = torch.stack([train[i][0] for i in range(512)])
-    y = torch.tensor([train[i][1] for i in range(512)])
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    x_test = torch.stack([test[i][0] for i in range(48)])
-    y_test = torch.tensor([test[i][1] for i in range(48)])
-    return model.eval(), x_test, y_test
+    return fit_mnist_mlp(hidden=32, n_test=48)
 
 
 @pytest.mark.parametrize("norm,method", [("linf", "crown"), ("l2", "crown"), ("l2", "crown-ibp")])

@@ -32,7 +32,7 @@ def test_entry_point_reports_a_data_error_in_one_line(tmp_path):
     missing = run_dsrna("data", "--dataset", "cifar10", "--data-root", str(tmp_path))
     assert missing.returncode == 2 and missing.stdout == ""
     assert one_line_error(missing.stderr).startswith(
-        f"dsrna data: error: CIFAR-10 not found: expected the python batches data_batch_1")
+        "dsrna data: error: CIFAR-10 not found: expected the python batches data_batch_1")
     assert str(tmp_path / "cifar-10-batches-py") in missing.stderr
 
 

@@ -80,11 +80,14 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsrna.evaluation.report import write_report
     from dsrna.search import run_search
 
     config = config_from_args(args)
     result = run_search(config)
     if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the process group is gone by now
+        write_report(result.out)
         print(f"genotype: {result.genotype!r}")
-        print(f"run folder: {result.out} (genotype.json, log.jsonl, checkpoint.pt, normal.png, reduce.png, alphas.png)")
+        print(f"run folder: {result.out} (genotype.json, log.jsonl, checkpoint.pt, normal.png, reduce.png, "
+              "alphas.png, report.html)")
     return 0

@@ -59,8 +59,9 @@ def crown_relu_backward_reference(A: torch.Tensor, lower_slope: torch.Tensor, up
                                   upper_intercept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One lower-bound CROWN step through ReLU: ``A`` is ``[B, S, *shape]``, the relaxation
     ``[B, *shape]``. Positive coefficients take the lower line, negative ones the upper line.
-    Returns ``A_out`` (same shape as ``A``) and the bias ``[B, S]``."""
-    positive, negative = A.clamp(min=0), A.clamp(max=0)
+    Returns ``A_out`` (same shape as ``A``) and the bias ``[B, S]``. At ``A == 0`` no gradient
+    reaches ``A`` (``clamp``'s subgradient there differs between torch versions and devices)."""
+    positive, negative = torch.where(A > 0, A, 0.0), torch.where(A < 0, A, 0.0)
     A_out = positive * lower_slope.unsqueeze(1) + negative * upper_slope.unsqueeze(1)
     bias = (negative * upper_intercept.unsqueeze(1)).flatten(2).sum(-1)
     return A_out, bias

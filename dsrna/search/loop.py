@@ -269,6 +269,9 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
                 "robustness": totals[6] / totals[7] / world if totals[7] else None,
                 **architecture_entropy(net),
                 "genotype": genotype.to_dict(),
+                # softmax(alpha) per epoch, so the report can draw the heatmaps over the run
+                "alphas": {kind: net.edge_weights(kind == "reduce")[0].detach().cpu().tolist()
+                           for kind in ("normal", "reduce")},
                 "images_per_s": totals[2] / elapsed,
                 "time_s": elapsed,
                 "world_size": world,
