@@ -95,6 +95,19 @@ def test_step_updates_architecture_and_weights(order):
         assert searcher._shadow is shadow  # one unrolled copy for the whole run
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_two_layer_network_has_only_reduction_cells_and_still_steps(order):
+    """With layers < 3 both cells reduce: the normal alphas get no gradient, and must not break the step."""
+    net = SearchNetwork(C=4, num_classes=3, layers=2, in_channels=1)
+    assert all(cell.reduction for cell in net.cells)
+    normal, reduce = net.alphas_normal.detach().clone(), net.alphas_reduce.detach().clone()
+    Searcher(net, config(order=order, layers=2)).step(batch(seed=1), batch(seed=2))
+    assert not torch.equal(net.alphas_reduce, reduce)
+    # only Adam's (coupled) weight decay moves the unused normal alphas: at most one step of arch_lr
+    assert torch.isfinite(net.alphas_normal).all()
+    assert (net.alphas_normal - normal).abs().max() <= 3e-4 * 1.001
+
+
 def test_weight_step_clips_and_leaves_architecture_alone():
     net = tiny_net()
     searcher = Searcher(net, config(grad_clip=1e-3, momentum=0.0, weight_decay=0.0))

@@ -75,7 +75,7 @@ def finite_difference_hvp(net: torch.nn.Module, weights: Sequence[torch.Tensor],
         params = {name: w.detach() + (sign * eps) * d.detach() for name, w, d in zip(names, weights, v)}
         with torch.autocast(x.device.type, enabled=False):
             loss = criterion(functional_call(net, params, (x,)), y)
-        sides.append(torch.autograd.grad(loss, arch))
+        sides.append(torch.autograd.grad(loss, arch, allow_unused=True, materialize_grads=True))
     return [(plus - minus) / (2 * eps) for plus, minus in zip(*sides)]
 
 
@@ -182,7 +182,8 @@ class Searcher:
             grads, val_loss, logits, r = self._unrolled_arch_gradient(train_batch, val_batch)
         else:
             loss, val_loss, logits, r = self._arch_objective(self.net, x, y)
-            grads = torch.autograd.grad(loss, self.arch)
+            # with fewer than 3 layers every cell reduces and the normal alphas get no gradient
+            grads = torch.autograd.grad(loss, self.arch, allow_unused=True, materialize_grads=True)
         metrics = {"val_loss": val_loss.detach(), "val_correct": (logits.argmax(1) == y).sum(),
                    "robustness": r.detach(), "val_count": torch.tensor(y.shape[0], device=y.device)}
         return distributed.all_reduce_mean(grads), metrics
@@ -222,7 +223,7 @@ class Searcher:
             for a_shadow, a in zip(shadow_arch, self.arch):
                 a_shadow.copy_(a)
         loss, val_loss, logits, r = self._arch_objective(shadow, xv, yv)
-        grads = torch.autograd.grad(loss, shadow_arch + shadow_weights)
+        grads = torch.autograd.grad(loss, shadow_arch + shadow_weights, allow_unused=True, materialize_grads=True)
         d_alpha, v = grads[:len(shadow_arch)], grads[len(shadow_arch):]
         v = distributed.all_reduce_mean(v)  # the same finite-difference direction on every rank
         hvp = finite_difference_hvp(shadow, self.weights, v, xt, yt, self.config.unrolled_radius)
