@@ -23,7 +23,8 @@ _OP_COLOURS = {
 }
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG through a temporary file and a rename, then close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
@@ -79,7 +80,7 @@ def plot_cell(genotype: Genotype, reduction: bool, path: str | Path, title: str 
     ax.set_xlim(-0.6, 1.3 * (steps + 1) + 0.6)
     ax.set_ylim(-2.0, 2.0)
     ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def edge_labels(steps: int) -> list[str]:
@@ -105,4 +106,4 @@ def plot_alpha_heatmaps(tables: dict[str, torch.Tensor | np.ndarray], path: str 
         fig.colorbar(image, ax=ax, shrink=0.8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

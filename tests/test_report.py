@@ -6,7 +6,8 @@ import re
 import pytest
 
 from dsrna import DARTS_V2
-from dsrna.evaluation.report import plot_attack_curve, save_figure, write_report
+from dsrna.evaluation.report import plot_attack_curve, write_report
+from dsrna.plots import save_figure
 
 
 def _run_folder(path):

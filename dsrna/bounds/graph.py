@@ -190,14 +190,13 @@ def _lower_partial_edge(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph,
 
 
 def _lower_search_network(net: SearchNetwork, graph: BoundGraph, x: int) -> int:
-    s0 = s1 = _lower_module(net.stem, graph, _lower_module(net.normalize, graph, x))
+    s0 = _lower_module(net.stem, graph, _lower_module(net.normalize, graph, x))
+    s1 = _lower_module(net.stem1, graph, s0) if net.stem1 is not None else s0
     mixing = {False: net.edge_weights(False), True: net.edge_weights(True)}
-    channels = {}  # state node -> channel count, for PC-DARTS' bypass slice
     for cell in net.cells:
         weights, edge_weights = mixing[cell.reduction]
         states = [_lower_module(cell.preprocess0, graph, s0), _lower_module(cell.preprocess1, graph, s1)]
         C = cell.preprocess1.op[1].out_channels
-        channels[states[0]] = channels[states[1]] = C
         relu_of: dict = {}
         outs, ws = [], []
         for node, e, j in cell.edge_index():

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from dsrna.ops.bound_ops import crown_relu_backward, interval_depthwise_conv2d, interval_weighted_sum, relu_relaxation
 from dsrna.ops.depthwise import depthwise_conv2d_transpose
+from dsrna.ops.weighted_sum import weighted_sum
+from dsrna.space.ops import FactorizedReduce
 
 Bound = tuple[torch.Tensor, torch.Tensor]
 
@@ -230,7 +232,7 @@ class Shift(BoundOp):
     """``y[i, j] = x[i + 1, j + 1]`` with zeros past the edge: FactorizedReduce's second path."""
 
     def forward(self, x):
-        return F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+        return FactorizedReduce.shift(x)
 
     def interval(self, b):
         return self.forward(b[0]), self.forward(b[1])
@@ -303,10 +305,7 @@ class WeightedSum(BoundOp):
         self.weights = weights
 
     def forward(self, *xs):
-        out = xs[0] * self.weights[0]
-        for i in range(1, len(xs)):
-            out = out + xs[i] * self.weights[i]
-        return out
+        return weighted_sum(xs, self.weights)
 
     def interval(self, *bounds):
         return interval_weighted_sum([b[0] for b in bounds], [b[1] for b in bounds], self.weights)

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from dsrna.attacks import ATTACKS, require_torchattacks
     from dsrna.evaluation.attack import attack_table, evaluate_attacks
     from dsrna.evaluation.common import evaluation_loader, parse_floats, pick_device, write_json
-    from dsrna.evaluation.report import plot_attack_curve, save_figure
+    from dsrna.evaluation.report import plot_attack_curve
+    from dsrna.plots import save_figure
     from dsrna.evaluation.train import load_model
 
     eps = parse_floats(args.eps, "--eps")

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsrna.evaluation.certify import certify, certify_table
     from dsrna.evaluation.common import evaluation_loader, parse_floats, pick_device, write_json
-    from dsrna.evaluation.report import plot_certified_curve, plot_radius_histogram, save_figure
+    from dsrna.evaluation.report import plot_certified_curve, plot_radius_histogram
+    from dsrna.plots import save_figure
     from dsrna.evaluation.train import load_model
 
     eps = parse_floats(args.eps, "--eps") if args.eps.strip() else []

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
+
+from dsrna.search.checkpoint import atomic_write, atomic_write_text
 
 
 def pick_device(name: str) -> torch.device:
@@ -22,21 +23,11 @@ def pick_device(name: str) -> torch.device:
 
 def atomic_save(obj, path: Path) -> None:
     """``torch.save`` through a temporary file and a rename: an interrupted run never leaves a torn file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda temp: torch.save(obj, temp))
 
 
 def write_json(obj, path: Path) -> None:
-    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def evaluation_loader(dataset: str, root: str | None = None, limit: int | None = None, batch_size: int = 128,

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from dsrna.evaluation.common import atomic_write_text, evaluation_loader, pick_device, write_json
+from dsrna.evaluation.common import evaluation_loader, pick_device, write_json
+from dsrna.search.checkpoint import atomic_write_text
 
 # Method name -> kind of robustness term in the architecture objective (METHOD.md §4).
 METHODS = {"darts": "none", "dsrna-cb": "cb", "dsrna-jacobian": "jacobian", "dsrna-combined": "combined"}
@@ -95,7 +96,7 @@ def compare(config: CompareConfig) -> dict:
                       certify_norm=config.certify_norm, certify_method=config.certify_method,
                       torchattacks=extra, methods=rows)
         write_json(result, out / "compare.json")  # after every method, so partial results are visible
-        atomic_write_text(compare_markdown(result), out / "compare.md")
+        atomic_write_text(out / "compare.md", compare_markdown(result))
     from dsrna.evaluation.report import write_report
 
     write_report(out)
@@ -127,7 +128,9 @@ def _run_method(method: str, config: CompareConfig, folder: Path, extra: bool) -
                           batch_size=config.train_batch_size, layers=config.train_layers,
                           init_channels=config.train_channels, max_steps_per_epoch=config.train_max_steps,
                           amp=config.amp, seed=config.seed, device=config.device, eval_limit=config.eval_limit,
-                          progress=config.progress, report=False))
+                          progress=config.progress, report=False,
+                          # a stage cut off by an interruption continues from its checkpoint
+                          resume=(folder / "train" / "checkpoint.pt").exists()))
         _done(folder, stages, "train", True)
     device = pick_device(config.device)
     model, meta = load_model(folder / "train" / "model.pt", device)
@@ -170,7 +173,8 @@ def _search(method: str, config: CompareConfig, folder: Path) -> dict:
                                  batch_size=config.search_batch_size, layers=config.search_layers,
                                  init_channels=config.search_channels, order=config.search_order,
                                  robustness=robustness, seed=config.seed, backend=config.backend, out=str(folder),
-                                 max_steps_per_epoch=config.search_max_steps, progress=config.progress)
+                                 max_steps_per_epoch=config.search_max_steps, progress=config.progress,
+                                 resume=(folder / "checkpoint.pt").exists())
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -30,7 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dsrna.evaluation.common import atomic_write_text  # noqa: E402
+from dsrna.search.checkpoint import atomic_write_text  # noqa: E402
 
 # PNGs that this module draws itself from JSON; the gallery leaves them out to avoid duplicates.
 OWN_PICTURES = ("attack.png", "certify_hist.png", "certify_curve.png")
@@ -77,11 +77,6 @@ def plot_certified_curve(result: dict):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def save_figure(fig, path: Path) -> None:
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _png(fig) -> str:
@@ -260,5 +255,5 @@ def write_report(run_dir: str | Path) -> Path:
         f"</style></head><body><h1>dsrna report: {html.escape(str(run_dir))}</h1>{body}</body></html>\n"
     )
     path = run_dir / "report.html"
-    atomic_write_text(page, path)
+    atomic_write_text(path, page)
     return path

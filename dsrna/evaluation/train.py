@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from dsrna.data import dataset_info, get_dataset, make_loader
 from dsrna.errors import CheckpointError, DivergenceError
-from dsrna.evaluation.common import atomic_save, atomic_write_text, evaluation_loader, pick_device, write_json
+from dsrna.evaluation.common import atomic_save, evaluation_loader, pick_device, write_json
+from dsrna.search.checkpoint import atomic_write_text
 from dsrna.space import Genotype, Network, count_parameters
 
 # Settings left as None in TrainConfig take these per-data-set values ([choice] where the paper is
@@ -132,7 +133,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ne
         model = build_model(genotype, blob["model_config"])
         model.load_state_dict(blob["state_dict"])
     except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{path} is not a dsrna model file ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} is not a dsrna model file ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
     model.drop_path_prob = 0.0
     return model.to(device).eval(), {k: v for k, v in blob.items() if k != "state_dict"}
 
@@ -215,7 +216,7 @@ def train(config: TrainConfig) -> TrainResult:
     elif checkpoint_path.exists():
         raise ValueError(f"{out} already holds a training run: pass --resume to continue it or choose another --out")
     write_json(dataclasses.asdict(config), out / "config.json")
-    atomic_write_text(genotype.to_json() + "\n", out / "genotype.json")
+    atomic_write_text(out / "genotype.json", genotype.to_json() + "\n")
 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     if config.max_steps_per_epoch is not None:
@@ -236,7 +237,7 @@ def train(config: TrainConfig) -> TrainResult:
                      "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch + 1,
                      "history": history, "config": _identity(config)}, checkpoint_path)
         # Rewritten whole from the history the checkpoint holds: a resumed run's log has no gaps or repeats.
-        atomic_write_text("".join(json.dumps(r) + "\n" for r in history), out / "log.jsonl")
+        atomic_write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         if progress is not None:
             progress.set_postfix(epoch=epoch + 1, test_acc=f"{test_acc:.4f}")
     if progress is not None:
@@ -271,7 +272,7 @@ def _resume(path: Path, config, model, optimizer, scheduler) -> tuple[int, list]
         state = torch.load(path, map_location="cpu", weights_only=True)
         saved = state["config"]
     except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{path} is corrupt or not a training checkpoint ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} is corrupt or not a training checkpoint ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
     differing = [k for k, v in _identity(config).items() if saved.get(k) != v]
     if differing:
         raise CheckpointError(f"{path} was written with different settings: {', '.join(differing)}")

@@ -41,7 +41,8 @@ _DEFAULT_EPS = {
 
 
 def default_eps(dataset: str, norm: str = "linf") -> float:
-    """The eps R_CB uses when none is given (see docs/bounds.md for how it was chosen)."""
+    """The eps R_CB uses when none is given. Provisional: no eps was found where R_CB is informative on
+    the full super-network at initialisation (see docs/bounds.md)."""
     try:
         return _DEFAULT_EPS[(dataset, norm)]
     except KeyError:

@@ -266,7 +266,7 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
                 "train_acc": totals[1] / totals[2],
                 "val_loss": totals[3] / totals[5] if totals[5] else None,
                 "val_acc": totals[4] / totals[5] if totals[5] else None,
-                "robustness": totals[6] / totals[7] / world if totals[7] else None,
+                "robustness": totals[6] / totals[7] if totals[7] else None,
                 **architecture_entropy(net),
                 "genotype": genotype.to_dict(),
                 # softmax(alpha) per epoch, so the report can draw the heatmaps over the run
