@@ -130,3 +130,17 @@ def test_bad_arguments():
         logit_bounds(net, x, 0.1, norm="l3")
     with pytest.raises(ValueError, match="eps"):
         logit_bounds(net, x, -0.1)
+
+
+def test_search_network_with_imagenet_stem_is_bounded_soundly():
+    """The stride-8 stem feeds the first cell two different states (s0 at stride 4, s1 at stride 8)."""
+    from dsrna import SearchNetwork
+
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1, steps=2, multiplier=2, stem="imagenet").double().eval()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        points = sample_ball(x, 0.01, "linf", 300).flatten(0, 1)
+        outputs = net(points).view(300, 2, 3)
+        for method in ("ibp", "crown-ibp"):
+            lower, upper = logit_bounds(net, x, 0.01, "linf", method)
+            assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), method
