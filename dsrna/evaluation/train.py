@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from dsrna.data import dataset_info, get_dataset, make_loader
 from dsrna.errors import CheckpointError, DivergenceError
 from dsrna.evaluation.common import atomic_save, evaluation_loader, pick_device, write_json
-from dsrna.search.checkpoint import atomic_write_text
+from dsrna.search.checkpoint import atomic_write_text, rng_state, set_rng_state
 from dsrna.space import Genotype, Network, count_parameters
 
 # Settings left as None in TrainConfig take these per-data-set values ([choice] where the paper is
@@ -138,27 +138,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ne
     return model.to(device).eval(), {k: v for k, v in blob.items() if k != "state_dict"}
 
 
-def _rng_state() -> dict:
-    """Every generator the run draws from, in types that ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "python": list(random.getstate()),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-
-
 def _datasets(config: TrainConfig):
     info = dataset_info(config.dataset)
     train_set = get_dataset(config.dataset, root=config.data_root, train=True, augment=True, cutout=config.cutout)
@@ -234,7 +213,7 @@ def train(config: TrainConfig) -> TrainResult:
                       drop_path_prob=model.drop_path_prob)
         history.append(record)
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch + 1,
+                     "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
                      "history": history, "config": _identity(config)}, checkpoint_path)
         # Rewritten whole from the history the checkpoint holds: a resumed run's log has no gaps or repeats.
         atomic_write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
@@ -279,7 +258,7 @@ def _resume(path: Path, config, model, optimizer, scheduler) -> tuple[int, list]
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     return int(state["epoch"]), list(state["history"])
 
 
