@@ -12,9 +12,8 @@ import torch
 import torch.nn as nn
 
 from dsrna.attacks import logits_of
-
-METHODS = ("ibp", "crown-ibp", "crown")
-NORMS = ("linf", "l2", "l1")
+from dsrna.bounds.engine import METHODS
+from dsrna.bounds.perturbation import NORMS
 
 
 def certify(model: nn.Module, loader, norm: str = "linf", method: str = "crown", eps_list=(),
