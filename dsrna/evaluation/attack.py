@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from dsrna.attacks import ATTACKS, NORMS, logits_of, run_attack
+from dsrna.evaluation.common import evaluation_pass
 
 
 def evaluate_attacks(model: nn.Module, loader, eps_list, attacks=("fgsm", "pgd"), norm: str = "linf",
@@ -24,18 +25,11 @@ def evaluate_attacks(model: nn.Module, loader, eps_list, attacks=("fgsm", "pgd")
         raise ValueError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
     device = torch.device(device)
     model = model.to(device)
-    was_training = model.training
-    model.eval()
     clean = torch.zeros((), dtype=torch.long, device=device)
     robust = {a: torch.zeros(len(eps_list), dtype=torch.long, device=device) for a in attacks}
     count = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(loader.dataset), unit="img", desc=f"attack {norm}", dynamic_ncols=True)
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
+    with evaluation_pass(model, loader, device, f"attack {norm}", progress) as batches:
+        for x, y in batches:
             with torch.no_grad():
                 correct = logits_of(model, x).argmax(1) == y
             clean += correct.sum()
@@ -46,12 +40,6 @@ def evaluate_attacks(model: nn.Module, loader, eps_list, attacks=("fgsm", "pgd")
                                        num_classes=num_classes)
                     with torch.no_grad():
                         robust[attack][i] += (correct & (logits_of(model, x_adv).argmax(1) == y)).sum()
-            if bar is not None:
-                bar.update(y.numel())
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
     n = max(count, 1)
     return dict(norm=norm, eps=[float(e) for e in eps_list], attacks=list(attacks), steps=steps, restarts=restarts,
                 n=count, clean_acc=clean.item() / n,

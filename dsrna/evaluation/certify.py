@@ -14,6 +14,7 @@ import torch.nn as nn
 from dsrna.attacks import logits_of
 from dsrna.bounds.engine import METHODS
 from dsrna.bounds.perturbation import NORMS
+from dsrna.evaluation.common import evaluation_pass
 
 
 def certify(model: nn.Module, loader, norm: str = "linf", method: str = "crown", eps_list=(),
@@ -32,25 +33,12 @@ def certify(model: nn.Module, loader, norm: str = "linf", method: str = "crown",
     options = {k: v for k, v in (("max_eps", max_eps), ("tol", tol), ("candidates", candidates)) if v is not None}
     device = torch.device(device)
     model = model.to(device)
-    was_training = model.training
-    model.eval()
     radii, correct = [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(loader.dataset), unit="img", desc=f"certify {norm} {method}", dynamic_ncols=True)
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
+    with evaluation_pass(model, loader, device, f"certify {norm} {method}", progress) as batches:
+        for x, y in batches:
             with torch.no_grad():
                 correct.append((logits_of(model, x).argmax(1) == y).cpu())
             radii.append(certified_radius(model, x, y, norm=norm, method=method, **options).detach().float().cpu())
-            if bar is not None:
-                bar.update(y.numel())
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
     radii_t, correct_t = torch.cat(radii), torch.cat(correct)
     radii_t = torch.where(correct_t, radii_t, torch.zeros_like(radii_t))
     return dict(norm=norm, method=method, n=int(radii_t.numel()), radii=radii_t.tolist(),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -52,3 +54,29 @@ def parse_floats(text: str, name: str) -> list[float]:
     if not values or any(not v >= 0 for v in values):
         raise ValueError(f"{name}: expected one or more numbers >= 0, got {text!r}")
     return values
+
+
+@contextlib.contextmanager
+def evaluation_pass(model: torch.nn.Module, loader, device: torch.device, desc: str,
+                    progress: bool) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """The loader's batches moved to ``device``, with ``model`` in eval mode (its mode is restored
+    afterwards, also on error) and, with ``progress``, a bar counting images."""
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(loader.dataset), unit="img", desc=desc, dynamic_ncols=True)
+
+    def batches():
+        for x, y in loader:
+            yield x.to(device), y.to(device)
+            if bar is not None:
+                bar.update(y.numel())
+
+    try:
+        yield batches()
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
