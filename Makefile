@@ -22,6 +22,9 @@ BUILD_INPUTS := requirements.txt setup.py pyproject.toml $(shell find csrc -type
 $(VENV)/.installed: $(BUILD_INPUTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -r requirements.txt
+	# The attack extra (C&W, AutoAttack), so its tests run: torchattacks without its requests~=2.25 pin,
+	# which it never imports.
+	$(BIN)/python -m pip install --no-deps torchattacks==3.5.1
 	$(BIN)/python -m pip install --no-build-isolation -e .
 	touch $@
 

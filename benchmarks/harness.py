@@ -36,7 +36,7 @@ import torch
 import dsrna
 from dsrna.backend import BACKENDS, backend_status, use_backend
 
-from benchmarks.workloads import GRAPHABLE, METRICS, SMALL_ONLY, Shape, Unavailable, build
+from benchmarks.workloads import GRAPHABLE, IMAGENET_ONLY, METRICS, SMALL_ONLY, Shape, Unavailable, build
 
 EXIT_CONTEXT_LOST = 3
 CONTEXT_LOST = "CUDA context lost"
@@ -56,6 +56,7 @@ class Options:
     device: torch.device
     shapes: list[Shape]  # the main configurations, in priority order
     small: Shape  # where the expensive metrics (full CROWN, certified radius) run
+    imagenet: Shape  # where the ImageNet-size search iteration runs
     metrics: tuple[str, ...]
     backends: tuple[str, ...]
     warmup: int
@@ -110,19 +111,23 @@ def main_shapes(batches, quick: bool, image: int | None, C: int | None, layers: 
 
 
 SMALL = Shape("small-b2", batch=2, image=8, C=4, layers=3)
+# PC-DARTS' ImageNet search: batch 1024 over 8 GPUs, i.e. 128 per GPU, C=16, 8 cells.
+IMAGENET = Shape("imagenet-b128", batch=128, image=224, C=16, layers=8, num_classes=1000)
+IMAGENET_QUICK = Shape("quick-imagenet-b2", batch=2, image=64, C=4, layers=3, num_classes=1000)
 
 
-def plan(shapes: list[Shape], small: Shape, metrics: tuple[str, ...]) -> list[tuple[Shape, str]]:
+def plan(shapes: list[Shape], small: Shape, metrics: tuple[str, ...], imagenet: Shape) -> list[tuple[Shape, str]]:
     """(configuration, metric) pairs, most important first, so that a run cut short by its time
     budget has measured what matters: the core metrics at the first batch size, the rest at that
-    size, the other sizes, full CROWN and the radius on the small shape, and last the Jacobian step
-    at the larger sizes (about 20 s a step for the reference at batch 256 on an H200)."""
+    size, the other sizes, full CROWN and the radius on the small shape, the ImageNet-size search
+    iteration, and last the Jacobian step at the larger sizes (about 20 s a step for the reference at batch 256 on an H200)."""
     first, others = shapes[:1], shapes[1:]
-    everywhere = [m for m in METRICS if m not in SMALL_ONLY]
+    everywhere = [m for m in METRICS if m not in SMALL_ONLY | IMAGENET_ONLY]
     order = [(s, m) for s in first for m in CORE]
     order += [(s, m) for s in first for m in everywhere if m not in CORE]
     order += [(s, m) for s in others for m in everywhere if m != "jacobian"]
     order += [(small, m) for m in METRICS if m in SMALL_ONLY]
+    order += [(imagenet, m) for m in METRICS if m in IMAGENET_ONLY]
     order += [(s, "jacobian") for s in others]
     return [(s, m) for s, m in order if m in metrics]
 
@@ -408,7 +413,7 @@ def run(options: Options) -> int:
     print(f"dsrna bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}) -> {options.out}", flush=True)
     start = time.monotonic()
     with rows_path.open("a") as sink:
-        for shape, metric in plan(options.shapes, options.small, options.metrics):
+        for shape, metric in plan(options.shapes, options.small, options.metrics, options.imagenet):
             for backend in options.backends:
                 if split_backend(backend)[1] and metric not in GRAPHABLE:
                     continue

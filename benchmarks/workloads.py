@@ -23,6 +23,8 @@ from dsrna.space import capture_batch_stats
 GRAPHABLE = frozenset({"forward", "train", "train-bf16"})
 # Full CROWN and the certified-radius bisection cost many bound passes: they run on the small shape only.
 SMALL_ONLY = frozenset({"crown", "radius"})
+# The ImageNet-size search iteration runs on its own shape (224x224 inputs, 1000 classes).
+IMAGENET_ONLY = frozenset({"search-imagenet"})
 
 JACOBIAN_GAMMA = 0.01  # the paper's gamma in L = CE - gamma * R_Jac, as in BASELINE.md's Jacobian step
 WEIGHT_SGD = dict(lr=0.025, momentum=0.9, weight_decay=3e-4)  # DARTS' weight optimiser
@@ -114,6 +116,21 @@ def _search(order: int):
     return build
 
 
+def _search_imagenet(shape, backend, device):
+    """One first-order search iteration in the PC-DARTS ImageNet protocol (METHOD.md §1, the
+    ``imagenet-pcdarts`` preset): three stride-2 stem convs, partial channels K=2, bf16 autocast.
+    Per GPU: under torchrun every process runs this on its own batch, plus the gradient all-reduces."""
+    SearchConfig = _require("dsrna.search", "SearchConfig")
+    Searcher = _require("dsrna.search", "Searcher")
+    net = SearchNetwork(shape.C, shape.num_classes, shape.layers, shape.in_channels, partial_channels=2,
+                        stem="imagenet", backend=backend).to(device)
+    config = SearchConfig(order=1, backend=backend, batch_size=shape.batch, layers=shape.layers, init_channels=shape.C,
+                          partial_channels=2, stem="imagenet", amp="bf16")
+    searcher = Searcher(net, config)
+    train, val = _batch(shape, device), _batch(shape, device)
+    return lambda: searcher.step(train, val)
+
+
 def _jacobian(shape, backend, device):
     """The DSRNA-Jacobian architecture step: loss = CE - gamma * R_Jac (one random Jacobian row per
     image, one VJP with create_graph), then backward through it (double backward)."""
@@ -172,6 +189,7 @@ BUILDERS: dict[str, Callable[[Shape, str, torch.device], Callable[[], object]]] 
     "train-bf16": _train_bf16,
     "search-1st": _search(1),
     "search-2nd": _search(2),
+    "search-imagenet": _search_imagenet,
     "jacobian": _jacobian,
     "ibp": _bound_pass("ibp"),
     "crown-ibp": _bound_pass("crown-ibp"),

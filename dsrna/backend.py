@@ -169,6 +169,13 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
 
 def dispatch(op: str, device: torch.device | str, backend: str | None = None) -> Callable:
     """The implementation of ``op`` for ``device`` under the requested backend."""
+    # Fast path for the reference backend, which is always usable: called once per op per forward,
+    # so the full resolution (device parsing, availability checks) is overhead there.
+    requested = backend if backend not in (None, "auto") else get_backend()
+    if requested == "reference":
+        impl = _registry.get(op, {}).get("reference")
+        if impl is not None:
+            return impl[0]
     return _registry[op][resolve(op, device, backend)][0]
 
 

@@ -23,7 +23,7 @@ TINY = workloads.Shape("tiny-b2", batch=2, image=8, C=4, layers=2)
 
 
 def options(out, metrics, backends=("reference",), **overrides):
-    values = dict(device=torch.device("cpu"), shapes=[TINY], small=TINY, metrics=metrics, backends=backends,
+    values = dict(device=torch.device("cpu"), shapes=[TINY], small=TINY, imagenet=TINY, metrics=metrics, backends=backends,
                   warmup=1, repeats=2, row_seconds=5.0, row_timeout=30.0, time_budget=None, profile_max_ms=0.0,
                   out=out, resume=False, seed=0)
     values.update(overrides)
@@ -125,11 +125,14 @@ def test_a_lost_cuda_context_stops_the_run_and_resume_goes_on_without_that_backe
 def test_plan_puts_the_core_rows_first_and_the_expensive_ones_last():
     shapes = harness.main_shapes((64, 256), quick=False, image=None, C=None, layers=None)
     assert [(s.batch, s.image, s.C, s.layers) for s in shapes] == [(64, 32, 16, 8), (256, 32, 16, 8)]
-    order = [(s.name, m) for s, m in harness.plan(shapes, harness.SMALL, workloads.METRICS)]
+    order = [(s.name, m) for s, m in harness.plan(shapes, harness.SMALL, workloads.METRICS, harness.IMAGENET)]
     assert order[:4] == [("b64", m) for m in harness.CORE]
-    assert order[-3:] == [(harness.SMALL.name, "crown"), (harness.SMALL.name, "radius"), ("b256", "jacobian")]
-    assert ("b64", "crown") not in order and order.index(("b64", "ibp")) < order.index(("b256", "forward"))
-    assert len(order) == len(set(order)) == 2 * len(workloads.METRICS) - 2 * len(workloads.SMALL_ONLY) + 2
+    assert order[-4:] == [(harness.SMALL.name, "crown"), (harness.SMALL.name, "radius"),
+                          (harness.IMAGENET.name, "search-imagenet"), ("b256", "jacobian")]
+    assert ("b64", "crown") not in order and ("b64", "search-imagenet") not in order
+    assert order.index(("b64", "ibp")) < order.index(("b256", "forward"))
+    own_shape = len(workloads.SMALL_ONLY) + len(workloads.IMAGENET_ONLY)
+    assert len(order) == len(set(order)) == 2 * (len(workloads.METRICS) - own_shape) + own_shape
 
 
 def gpu_row(metric, batch, backend, ms, **extra):

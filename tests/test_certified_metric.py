@@ -33,6 +33,32 @@ def test_metric_is_min_mean_softmin_of_margins():
         certified_bound_metric(net, x, y, 0.001, reduce="max")
 
 
+def test_asinh_scale_and_float64_bound_pass_of_a_float32_net():
+    """scale="asinh" averages asinh of the per-example bound; dtype=float64 on a float32 net gives the
+    bounds of the same net converted to float64, and the gradient still reaches its float32 alpha."""
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=3, layers=2, in_channels=1, steps=2, multiplier=2).train()
+    x = torch.rand(3, 1, 6, 6)
+    y = torch.tensor([0, 1, 2])
+    twin = SearchNetwork(C=4, num_classes=3, layers=2, in_channels=1, steps=2, multiplier=2).train().double()
+    twin.load_state_dict(net.state_dict())
+    gamma64 = margin_lower_bound(twin, x.double(), y, 0.01, "linf", "crown-ibp")
+    gamma = margin_lower_bound(net, x, y, 0.01, "linf", "crown-ibp", dtype=torch.float64)
+    assert gamma.dtype == torch.float64
+    # Only the softmax of alpha differs: float32 then cast, against float64 in the twin.
+    torch.testing.assert_close(gamma, gamma64, rtol=1e-6, atol=1e-9)
+
+    per_example = gamma64.masked_fill(torch.eye(3, dtype=torch.bool)[y], float("inf")).min(1).values
+    r = certified_bound_metric(net, x, y, 0.01, "linf", "crown-ibp", scale="asinh", dtype=torch.float64)
+    assert r.dtype == torch.float32
+    torch.testing.assert_close(r, torch.asinh(per_example).mean().float())
+    r.backward()
+    grad = net.alphas_reduce.grad  # two layers: both cells reduce
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="scale"):
+        certified_bound_metric(net, x, y, 0.01, scale="log")
+
+
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
 def test_directional_derivative_wrt_architecture(method):
     """R_CB is differentiable in alpha (train-mode BN with the clean batch's statistics in the graph):

@@ -6,10 +6,17 @@ SyncBatchNorm). To compare exactly, the step comparison puts the BN layers in ev
 statistics, every example independent of the others): then the 2-process run must equal the
 1-process run on the same global batch up to float32 rounding of the gradient averages (checked at
 atol 1e-5 on weights and alphas after three steps). The full-run check below uses ordinary train-mode BN.
+
+The last test launches the user-facing command itself, ``torchrun --standalone --nproc_per_node 2
+-m dsrna search ...``, on mnist-mini (about 10 s for the two processes on one CPU core).
 """
 
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +150,62 @@ def test_distributed_run_writes_on_rank_zero_and_resumes_on_one_process(two_proc
     result = run_search(_run_config(run_dir, epochs=2, resume=True), _run_data())
     assert [r["epoch"] for r in result.history] == [1, 2] and [r["world_size"] for r in result.history] == [2, 1]
     assert result.history[1]["step"] == 4
+
+
+REPO = Path(__file__).resolve().parents[1]
+SEARCH_ARGS = ["search", "--dataset", "mnist-mini", "--layers", "2", "--init-channels", "4", "--epochs", "1",
+               "--batch-size", "4", "--max-steps-per-epoch", "3", "--no-progress"]
+
+
+def _torchrun(nproc, out, *extra, cwd):
+    """``torchrun --standalone --nproc_per_node NPROC -m dsrna search ...`` in fresh processes (gloo on CPU)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "dsrna", *SEARCH_ARGS, "--out", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, cwd=cwd, timeout=240)
+
+
+def test_torchrun_launch_of_the_search_command(tmp_path):
+    from dsrna import SearchNetwork
+    from dsrna.space import Genotype
+
+    out = tmp_path / "run"
+    ran = _torchrun(2, out, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "Traceback" not in ran.stderr and "dsrna search: error" not in ran.stderr, ran.stderr[-3000:]
+    # output and files from rank 0 only: one summary, one log line, no second writer's temporary files
+    assert ran.stdout.count("genotype: ") == 1 and ran.stdout.count("run folder: ") == 1, ran.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["alphas.png", "checkpoint.pt", "genotype.json", "log.jsonl", "normal.png", "reduce.png", "report.html"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["world_size"] == 2 and log[0]["step"] == 3
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    # 3 steps x 2 processes x 4 examples of the validation half
+    assert saved["world_size"] == 2 and saved["epoch"] == 1 and saved["data"] == {"val_epoch": 0, "val_consumed": 24}
+
+    # the architecture in the checkpoint is the one the log, genotype.json and the summary describe
+    net = SearchNetwork(C=4, num_classes=10, layers=2, in_channels=1)
+    net.load_state_dict(saved["model"])
+    with torch.no_grad():
+        for kind in ("normal", "reduce"):
+            torch.testing.assert_close(net.edge_weights(kind == "reduce")[0], torch.tensor(log[0]["alphas"][kind]))
+    genotype = net.genotype()
+    assert Genotype.from_json(out / "genotype.json") == genotype
+    assert f"genotype: {genotype!r}" in ran.stdout
+
+    # one process resumes the two-process run: it continues from exactly that architecture
+    # (nothing is left to run, so the run folder's checkpoint and log stay as they were)
+    checkpoint_bytes, log_text = (out / "checkpoint.pt").read_bytes(), (out / "log.jsonl").read_text()
+    resumed = _torchrun(1, out, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"genotype: {genotype!r}" in resumed.stdout
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint_bytes and (out / "log.jsonl").read_text() == log_text
+
+    # a second launch into the same folder without --resume: one line per rank, status 2, no hang
+    again = _torchrun(2, out, cwd=tmp_path)
+    assert again.returncode != 0
+    errors = [line for line in again.stderr.splitlines() if line.startswith("dsrna search: error:")]
+    assert errors and all("already holds a search" in line for line in errors), again.stderr[-3000:]
+    # the only traceback is torchrun's own report of the failed workers
+    assert again.stderr.count("Traceback") <= 1 and "[rank" not in again.stderr, again.stderr[-3000:]

@@ -20,8 +20,8 @@ def fake_certified(monkeypatch):
     module = types.ModuleType("dsrna.robustness.certified")
     module.calls = []
 
-    def certified_bound_metric(net, x, y, eps, norm, method, reduce="min", bn_stats=None):
-        module.calls.append(dict(eps=eps, norm=norm, method=method, reduce=reduce, bn_stats=bn_stats))
+    def certified_bound_metric(net, x, y, eps, norm, method, reduce="min", bn_stats=None, scale="linear", dtype=None):
+        module.calls.append(dict(eps=eps, norm=norm, method=method, reduce=reduce, bn_stats=bn_stats, scale=scale, dtype=dtype))
         return net(x).mean() * 0 + 7.0
 
     def default_eps(dataset, norm):
@@ -42,6 +42,8 @@ def tiny_net():
     ("norm", "l3", "norm must be one of linf, l2, l1"),
     ("method", "lp", "method must be one of ibp, crown-ibp, crown"),
     ("reduce", "max", "reduce must be one of"),
+    ("cb_scale", "log", "cb_scale must be one of linear, asinh"),
+    ("bound_dtype", "float16", "bound_dtype must be one of float32, float64"),
     ("estimator", "rows", "estimator must be one of random-row, exact, top1, projection"),
     ("gamma", -1.0, "gamma"),
     ("gamma", float("nan"), "gamma"),
@@ -91,7 +93,8 @@ def test_cb_and_combined_dispatch_with_resolved_eps(fake_certified):
     stats = {}
     cb = robustness_term(net, x, y, RobustnessConfig(kind="cb", method="ibp", reduce="mean"), stats)
     assert cb.item() == 7.0
-    assert fake_certified.calls == [dict(eps=0.01, norm="linf", method="ibp", reduce="mean", bn_stats=stats)]
+    assert fake_certified.calls == [dict(eps=0.01, norm="linf", method="ibp", reduce="mean", bn_stats=stats,
+                                         scale="asinh", dtype=torch.float64)]
 
     config = RobustnessConfig(kind="combined", eps=0.3, norm="linf", estimator="exact")
     combined = robustness_term(net, x, y, config, None)
@@ -126,5 +129,6 @@ def test_cb_kind_with_the_real_certified_metric():
         net(x)
     config = RobustnessConfig(kind="cb", eps=0.001, method="ibp")
     r = robustness_term(net, x, y, config, stats)
-    torch.testing.assert_close(r, certified_bound_metric(net, x, y, 0.001, "linf", "ibp", reduce="min", bn_stats=stats))
+    expected = certified_bound_metric(net, x, y, 0.001, "linf", "ibp", reduce="min", bn_stats=stats, scale="asinh")
+    torch.testing.assert_close(r, expected)
     assert torch.isfinite(r)

@@ -8,7 +8,7 @@ import torch
 
 from dsrna import _native, backend
 from dsrna.ops import weighted_sum_reference
-from conftest import DEVICES
+from conftest import DEVICES, cpp_errors_raise
 
 OP = "weighted_sum"
 FAST = [b for b in backend.registered_ops()[OP] if b != "reference"]
@@ -119,9 +119,23 @@ def test_native_batched_dot(device):
 
 
 @needs_native
+@cpp_errors_raise
 def test_native_rejects_mismatched_inputs():
     w = torch.rand(2)
     with pytest.raises(RuntimeError, match="same shape"):
         torch.ops.dsrna.weighted_sum([torch.randn(3), torch.randn(4)], w)
     with pytest.raises(RuntimeError, match="one weight per tensor"):
         torch.ops.dsrna.weighted_sum([torch.randn(3), torch.randn(3)], torch.rand(3))
+
+
+@pytest.mark.parametrize("name", ["reference", "native", "triton"])
+def test_wrapper_rejects_mismatched_inputs_on_every_backend(name):
+    """The public op checks before any kernel runs, so every backend and torch version raises one line."""
+    from dsrna.ops import weighted_sum
+
+    with pytest.raises(ValueError, match="same shape and device"):
+        weighted_sum([torch.randn(3), torch.randn(4)], torch.rand(2), backend_name=name)
+    with pytest.raises(ValueError, match="2 tensors but 3 weights"):
+        weighted_sum([torch.randn(3), torch.randn(3)], torch.rand(3), backend_name=name)
+
+

@@ -32,15 +32,23 @@ class BoundModel:
     ``bn_stats``: a ``capture_batch_stats()`` store for train-mode batch norms (None: the first
     call's clean pass fixes them, which ties the object to that batch). In eval mode the graph is
     valid for any batch. Re-create it after the weights or the architecture change.
+
+    ``dtype``: compute the bounds in this precision (e.g. ``torch.float64`` for a float32 model, whose
+    bounds on a deep network can overflow float32); inputs are cast to it and bounds come back in
+    it. None: the model's own precision.
     """
 
     def __init__(self, model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adaptive",
-                 max_spec_chunk: int = DEFAULT_SPEC_CHUNK):
-        self.model, self.max_spec_chunk = model, max_spec_chunk
+                 max_spec_chunk: int = DEFAULT_SPEC_CHUNK, dtype: torch.dtype | None = None):
+        self.model, self.max_spec_chunk, self.dtype = model, max_spec_chunk, dtype
         with _model_backend(model):
             self.graph: BoundGraph = lower(model, bn_stats, relu_mode)
+        if dtype is not None:
+            self.graph.cast(dtype)
 
     def propagation(self, x, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> Propagation:
+        if self.dtype is not None:
+            x = x.to(self.dtype)
         with _model_backend(self.model):
             return Propagation(self.graph, Ball(x, eps, norm, clip), method, self.max_spec_chunk)
 
@@ -48,12 +56,12 @@ class BoundModel:
         """Lower bounds ``[B, S]`` of ``spec @ logits`` over the input set; ``spec`` ``[B, S, K]``."""
         prop = self.propagation(x, eps, norm, method, clip)
         with _model_backend(self.model):
-            return prop.lower_bound(spec.to(x.dtype))
+            return prop.lower_bound(spec.to(prop.ball.x.dtype))
 
     def logit_bounds(self, x, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
         prop = self.propagation(x, eps, norm, method, clip)
         K = self._num_classes(prop)
-        eye = torch.eye(K, dtype=x.dtype, device=x.device).expand(x.shape[0], K, K)
+        eye = torch.eye(K, dtype=prop.ball.x.dtype, device=x.device).expand(x.shape[0], K, K)
         with _model_backend(self.model):
             both = prop.lower_bound(torch.cat([eye, -eye], dim=1))
         return both[:, :K], -both[:, K:]
@@ -61,7 +69,7 @@ class BoundModel:
     def margin_lower_bound(self, x, y, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> torch.Tensor:
         prop = self.propagation(x, eps, norm, method, clip)
         with _model_backend(self.model):
-            return prop.lower_bound(margin_spec(y, self._num_classes(prop), x.dtype))
+            return prop.lower_bound(margin_spec(y, self._num_classes(prop), prop.ball.x.dtype))
 
     def _num_classes(self, prop: Propagation) -> int:
         output = prop.bounds[self.graph.output][0]
@@ -83,11 +91,12 @@ def logit_bounds(model: nn.Module, x: torch.Tensor, eps, norm: str = "linf", met
 def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm: str = "linf",
                        method: str = "crown-ibp", clip: tuple[float, float] | None = (0.0, 1.0),
                        bn_stats: dict | None = None, relu_mode: str = "adaptive",
-                       max_spec_chunk: int = DEFAULT_SPEC_CHUNK) -> torch.Tensor:
+                       max_spec_chunk: int = DEFAULT_SPEC_CHUNK, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Certified lower bounds ``[B, K]`` of ``f_y(x') - f_t(x')`` over the ball, for every class t
     (column y holds 0). The margin is the specification itself, which is tighter than subtracting
-    logit bounds. Differentiable in the weights and the architecture parameters."""
-    return BoundModel(model, bn_stats, relu_mode, max_spec_chunk).margin_lower_bound(x, y, eps, norm, method, clip)
+    logit bounds. Differentiable in the weights and the architecture parameters. ``dtype``: the
+    precision of the computation and of the result (None: the model's)."""
+    return BoundModel(model, bn_stats, relu_mode, max_spec_chunk, dtype).margin_lower_bound(x, y, eps, norm, method, clip)
 
 
 @torch.no_grad()

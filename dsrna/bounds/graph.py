@@ -60,6 +60,15 @@ class BoundGraph:
         self.needs_clean_pass = False
         return values[self.output]
 
+    def cast(self, dtype: torch.dtype) -> "BoundGraph":
+        """Every op's tensors (weights, batch-norm scales, mixing weights) in ``dtype``, in place.
+        The casts are differentiable: gradients still reach the model's own parameters."""
+        for node in self.nodes[1:]:
+            for name, value in vars(node.op).items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    setattr(node.op, name, value.to(dtype))
+        return self
+
 
 def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adaptive") -> BoundGraph:
     """The bound graph of ``model`` (see the module docstring for what is supported)."""

@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model.pt written by dsrna train")
     parser.add_argument("--norm", default="linf", choices=NORMS)
     parser.add_argument("--eps", required=True, help="comma-separated budgets in pixel units, e.g. 0.05,0.1,0.2")
-    parser.add_argument("--attacks", default="fgsm,pgd", help=f"comma-separated, from {','.join(ATTACKS)}")
+    parser.add_argument("--attacks", default="fgsm,pgd", help=f"comma-separated, from {','.join(ATTACKS)} (cw: l2 only; autoattack: linf or l2; "
+                        "both need the extra: pip install 'dsrna[attacks]')")
     parser.add_argument("--steps", type=int, default=20, help="PGD steps (the paper reports 100)")
     parser.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
     parser.add_argument("--dataset", help="default: the data set the model was trained on")
@@ -27,23 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsrna.attacks import ATTACKS, require_torchattacks
-    from dsrna.evaluation.attack import attack_table, evaluate_attacks
+    from dsrna.attacks import ATTACKS
+    from dsrna.evaluation.attack import attack_table, check_attack_norm, evaluate_attacks
     from dsrna.evaluation.common import evaluation_loader, parse_floats, pick_device, write_json
     from dsrna.evaluation.report import plot_attack_curve
     from dsrna.plots import save_figure
     from dsrna.evaluation.train import load_model
 
     eps = parse_floats(args.eps, "--eps")
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    attacks = list(dict.fromkeys(a.strip() for a in args.attacks.split(",") if a.strip()))
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks:
         raise ValueError(f"--attacks: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(ATTACKS)}")
-    if "cw" in attacks and args.norm != "l2":
-        raise ValueError("--attacks cw is an l2 attack: use --norm l2")
-    for name, label in (("cw", "C&W"), ("autoattack", "AutoAttack")):
-        if name in attacks:
-            require_torchattacks(label)  # fail before any work when the extra is missing
+    # A norm the attack does not support, or a missing extra, fails before any work.
+    check_attack_norm(attacks, args.norm)
     device = pick_device(args.device)
     model, meta = load_model(args.model, device)
     loader = evaluation_loader(args.dataset or meta["dataset"], args.data_root, args.limit, args.batch_size)

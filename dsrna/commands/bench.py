@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: cuda when visible, else cpu")
     parser.add_argument("--only", metavar="METRICS", type=_csv,
                         help="comma-separated subset of: forward, train, train-bf16, search-1st, search-2nd, "
-                             "jacobian, ibp, crown-ibp, crown, radius (default: all)")
+                             "search-imagenet, jacobian, ibp, crown-ibp, crown, radius (default: all)")
     parser.add_argument("--backends", metavar="LIST", type=_csv,
                         help="comma-separated: reference, native, triton, auto, each optionally +graph (CUDA graph "
                              "replay of forward and train steps); default on a GPU: reference, reference+graph, "
@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         shapes=harness.main_shapes(args.batch or defaults["batches"], args.quick, args.image_size,
                                    args.init_channels, args.layers),
         small=harness.SMALL,
+        imagenet=harness.IMAGENET_QUICK if args.quick else harness.IMAGENET,
         metrics=metrics,
         backends=backends,
         warmup=args.warmup or defaults["warmup"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 HELP = "search a robust cell (DARTS bilevel search, objective L_val - gamma * R); works under torchrun"
 
@@ -30,6 +31,9 @@ _FLAGS = {
     "--eps": ("robustness.eps", dict(type=float, help="perturbation budget of R (default: per data set)")),
     "--norm": ("robustness.norm", dict(choices=["linf", "l2", "l1"], help="norm of the perturbation ball; default linf")),
     "--method": ("robustness.method", dict(choices=["ibp", "crown-ibp", "crown"], help="bound method of R_CB; default crown-ibp")),
+    "--cb-scale": ("robustness.cb_scale", dict(choices=["asinh", "linear"],
+                                               help="R_CB averages asinh(bound) (default: finite on vacuous bounds) or the bound")),
+    "--bound-dtype": ("robustness.bound_dtype", dict(choices=["float64", "float32"], help="precision of R_CB's bound pass; default float64")),
     "--estimator": ("robustness.estimator", dict(choices=["random-row", "exact", "top1", "projection"],
                                                  help="Jacobian-norm estimator of R_Jac; default random-row")),
     "--robust-batch": ("robustness.robust_batch", dict(type=int, help="R on the first M validation examples (default: all)")),
@@ -84,8 +88,13 @@ def run(args: argparse.Namespace) -> int:
     from dsrna.search import run_search
 
     config = config_from_args(args)
+    first_rank = os.environ.get("RANK", "0") == "0"  # torchrun's rank (the process group comes later)
+    if not first_rank:
+        # Every rank runs the same code on the same kind of device: rank 0 shows the warnings once.
+        # Errors are still printed by every rank, one line each.
+        warnings.simplefilter("ignore")
     result = run_search(config)
-    if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the process group is gone by now
+    if first_rank:  # the process group is gone by now
         write_report(result.out)
         print(f"genotype: {result.genotype!r}")
         print(f"run folder: {result.out} (genotype.json, log.jsonl, checkpoint.pt, normal.png, reduce.png, "

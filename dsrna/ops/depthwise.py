@@ -60,19 +60,41 @@ def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
+def _check_native_args(op: str, x: torch.Tensor, weight: torch.Tensor, hw, stride, padding, dilation) -> None:
+    """The native kernels' own argument checks, raised here first: on torch 2.11 an error raised by a C++
+    kernel under a Python-registered autograd formula crashes the process (a segfault in
+    ``OpOverload.redispatch``, seen on the GPU machine) instead of raising."""
+    if x.dim() != 4:
+        raise ValueError(f"dsrna::{op}: input must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"dsrna::{op}: weight must be [C, 1, k, k] with C = {x.shape[1]}, got shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device or not x.is_floating_point():
+        raise ValueError(f"dsrna::{op}: input and weight must be floating point with one dtype and device, "
+                         f"got {x.dtype} on {x.device} and {weight.dtype} on {weight.device}")
+    if stride < 1 or dilation < 1 or padding < 0:
+        raise ValueError(f"dsrna::{op}: need stride >= 1, dilation >= 1, padding >= 0, got {stride}, {dilation}, {padding}")
+    k = weight.shape[2]
+    if min(_output_size(size, k, stride, padding, dilation) for size in hw) < 1:
+        raise ValueError(f"dsrna::{op}: the {k}x{k} kernel (dilation {dilation}, padding {padding}) does not fit a "
+                         f"{hw[0]}x{hw[1]} input")
+
+
 def depthwise_conv2d_native(x, weight, stride, padding, dilation):
     x, weight = _autocast(x, weight)
+    _check_native_args("depthwise_conv2d", x, weight, x.shape[2:], stride, padding, dilation)
     return torch.ops.dsrna.depthwise_conv2d(x, weight, stride, padding, dilation)
 
 
 def depthwise_conv2d_transpose_native(grad_out, weight, input_hw, stride, padding, dilation):
     grad_out, weight = _autocast(grad_out, weight)
+    _check_native_args("depthwise_conv2d_transpose", grad_out, weight, input_hw, stride, padding, dilation)
     return torch.ops.dsrna.depthwise_conv2d_transpose(grad_out, weight, list(input_hw), stride, padding, dilation)
 
 
 def interval_depthwise_conv2d_native(lower, upper, weight, stride, padding, dilation):
     """Both bounds in one pass over ``[lower, upper]``; same contract as
     :func:`dsrna.ops.bound_ops.interval_depthwise_conv2d_reference`."""
+    _check_native_args("interval_depthwise_conv2d", lower, weight, lower.shape[2:], stride, padding, dilation)
     return torch.ops.dsrna.interval_depthwise_conv2d(lower, upper, weight, stride, padding, dilation)
 
 

@@ -21,9 +21,12 @@ from dsrna import _native, backend
 
 def weighted_sum_reference(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """Pure-PyTorch twin, the source of truth. ``w`` is a 1-D tensor with ``len(xs)`` entries."""
-    out = xs[0] * w[0]
+    # One unbind, not a select per term: its backward is one stack, where each select's backward
+    # would be a zero fill and a copy (two kernels per term on a GPU).
+    ws = w.unbind(0)
+    out = xs[0] * ws[0]
     for i in range(1, len(xs)):
-        out = out + xs[i] * w[i]
+        out = out + xs[i] * ws[i]
     return out
 
 
@@ -34,6 +37,13 @@ def weighted_sum(xs: Sequence[torch.Tensor], w: torch.Tensor, backend_name: str 
     """``sum_i w[i] * xs[i]`` on the selected backend; differentiable twice in ``xs`` and ``w``."""
     if len(xs) != w.numel():
         raise ValueError(f"weighted_sum: {len(xs)} tensors but {w.numel()} weights")
+    # Checked here for every backend (the native kernel's own errors crash torch 2.11: see
+    # dsrna.ops.depthwise._check_native_args).
+    shape, device = xs[0].shape, xs[0].device
+    for x in xs:
+        if x.shape != shape or x.device != device:
+            raise ValueError(f"weighted_sum: all tensors must have the same shape and device, got {tuple(shape)} on "
+                             f"{device} and {tuple(x.shape)} on {x.device}")
     return backend.dispatch("weighted_sum", xs[0].device, backend_name)(list(xs), w)
 
 

@@ -21,6 +21,8 @@ KINDS = ("none", "cb", "jacobian", "combined")
 NORMS = tuple(DUAL_EXPONENT)
 METHODS = ("ibp", "crown-ibp", "crown")
 REDUCTIONS = ("min", "mean", "softmin")
+SCALES = ("linear", "asinh")
+BOUND_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _certified():
@@ -47,8 +49,9 @@ class RobustnessConfig:
     ``kind``: ``none`` (plain DARTS), ``cb`` (DSRNA-CB), ``jacobian`` (DSRNA-Jacobian) or
     ``combined`` (R_CB + R_Jac). ``gamma`` weighs R in the architecture loss ``L_val - gamma * R``.
     ``eps`` is the perturbation budget in [0, 1] pixel units under ``norm``; None takes
-    ``default_eps(dataset, norm)``. ``method`` and ``reduce`` configure R_CB (bound method; reduction
-    of the per-class margin bounds), ``estimator`` and ``n`` configure R_Jac. ``robust_batch``: R is
+    ``default_eps(dataset, norm)``. ``method``, ``reduce``, ``cb_scale`` and ``bound_dtype`` configure
+    R_CB (bound method; reduction of the per-class margin bounds; "asinh" or "linear" averaging, see
+    :func:`certified_bound_metric`; the precision of the bound pass), ``estimator`` and ``n`` configure R_Jac. ``robust_batch``: R is
     computed on the first ``robust_batch`` examples of the validation batch (None: all of it); the
     caller slices the batch, this module sees only the slice. ``warmup_epochs``: epochs searched
     with R off. ``inner_gamma``: weight of R in the weight step (0: the bilevel problem as published).
@@ -60,6 +63,8 @@ class RobustnessConfig:
     norm: str = "linf"
     method: str = "crown-ibp"
     reduce: str = "min"
+    cb_scale: str = "asinh"
+    bound_dtype: str = "float64"
     estimator: str = "random-row"
     n: int = 1
     robust_batch: int | None = None
@@ -72,6 +77,8 @@ class RobustnessConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("method", self.method, METHODS)
         _check_choice("reduce", self.reduce, REDUCTIONS)
+        _check_choice("cb_scale", self.cb_scale, SCALES)
+        _check_choice("bound_dtype", self.bound_dtype, tuple(BOUND_DTYPES))
         _check_choice("estimator", self.estimator, ESTIMATORS)
         for name in ("gamma", "inner_gamma"):
             value = getattr(self, name)
@@ -119,7 +126,8 @@ def robustness_term(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Ro
     terms = []
     if config.uses_certified:
         terms.append(_certified().certified_bound_metric(net, x, y, eps, config.norm, config.method,
-                                                         reduce=config.reduce, bn_stats=bn_stats))
+                                                         reduce=config.reduce, bn_stats=bn_stats, scale=config.cb_scale,
+                                                         dtype=BOUND_DTYPES[config.bound_dtype]))
     if config.uses_jacobian:
         terms.append(jacobian_metric(net, x, norm=config.norm, estimator=config.estimator, n=config.n, eps=eps,
                                      bn_stats=bn_stats))
@@ -127,6 +135,6 @@ def robustness_term(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Ro
 
 
 __all__ = [
-    "KINDS", "NORMS", "METHODS", "REDUCTIONS", "ESTIMATORS", "RobustnessConfig", "robustness_term",
+    "KINDS", "NORMS", "METHODS", "REDUCTIONS", "SCALES", "ESTIMATORS", "RobustnessConfig", "robustness_term",
     "certified_bound_metric", "default_eps", "jacobian_metric", "jacobian_row_norm_sum",
 ]

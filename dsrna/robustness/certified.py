@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from dsrna.bounds import margin_lower_bound
+from dsrna.robustness import REDUCTIONS, SCALES
 
-REDUCTIONS = ("min", "mean", "softmin")
 
 # Default eps per (data set, norm). PROVISIONAL: the sweep in docs/bounds.md (benchmarks/eps_sweep.py)
 # found R_CB overflowing float32 at initialisation for every eps tried down to 1e-6 (train-mode BN
@@ -52,12 +52,23 @@ def default_eps(dataset: str, norm: str = "linf") -> float:
 
 
 def certified_bound_metric(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm: str = "linf",
-                           method: str = "crown-ibp", reduce: str = "min", bn_stats: dict | None = None) -> torch.Tensor:
-    """Scalar R_CB over the batch. ``reduce`` over the targets t != y: "min" (the metric of the
-    paper), "mean", or "softmin" (``-logsumexp(-gamma)``, a smooth lower bound of the min)."""
+                           method: str = "crown-ibp", reduce: str = "min", bn_stats: dict | None = None,
+                           scale: str = "linear", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Scalar R_CB over the batch, in ``x``'s dtype.
+
+    ``reduce`` over the targets t != y: "min" (the metric of the paper), "mean", or "softmin"
+    (``-logsumexp(-gamma)``, a smooth lower bound of the min). ``scale``: "linear" averages the
+    reduced bounds as they are (the paper); "asinh" averages ``asinh`` of them, which equals the
+    bound near 0 and its signed logarithm far from it, so a vacuous bound (-1e30 on a deep
+    super-network at initialisation) gives a finite R whose gradient is the relative change of the
+    bound (see docs/bounds.md, "R_CB in the search"). ``dtype``: the precision of the bound
+    computation (None: the model's); float64 keeps vacuous bounds finite where float32 overflows.
+    """
     if reduce not in REDUCTIONS:
         raise ValueError(f"unknown reduce {reduce!r}; choose one of {', '.join(REDUCTIONS)}")
-    gamma = margin_lower_bound(net, x, y, eps, norm, method, bn_stats=bn_stats)  # [B, K], column y is 0
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    gamma = margin_lower_bound(net, x, y, eps, norm, method, bn_stats=bn_stats, dtype=dtype)  # [B, K], column y is 0
     is_label = torch.nn.functional.one_hot(y, gamma.shape[1]).bool()
     if reduce == "min":
         per_example = gamma.masked_fill(is_label, math.inf).min(1).values
@@ -65,4 +76,6 @@ def certified_bound_metric(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
         per_example = gamma.masked_fill(is_label, 0.0).sum(1) / (gamma.shape[1] - 1)
     else:
         per_example = -torch.logsumexp(-gamma.masked_fill(is_label, math.inf), dim=1)
-    return per_example.mean()
+    if scale == "asinh":
+        per_example = torch.asinh(per_example)
+    return per_example.mean().to(x.dtype)

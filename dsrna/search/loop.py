@@ -171,6 +171,12 @@ def run_search(config: SearchConfig, data: SearchData | None = None,
     try:
         _set_deterministic(config.deterministic)
         return _run(config, data, on_epoch_end)
+    except Exception as exc:
+        # A collective broken by a peer that died (out of memory, killed) says nothing useful in
+        # its traceback: one line here, the cause is in the failed process's own message.
+        if distributed.is_distributed() and not isinstance(exc, DsrnaError) and distributed.is_peer_loss(exc):
+            raise distributed.peer_loss_error(exc) from exc
+        raise
     finally:
         _set_deterministic(deterministic_before)
         if created_group:
@@ -182,47 +188,55 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
     device = distributed.default_device()
     out = Path(config.out)
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-    if not config.resume and checkpoint_path.exists():
-        raise DsrnaError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
 
-    # Every rank draws the same stream: the same initial weights and alphas (DDP and the explicit
-    # broadcast make sure anyway) and the same random choices of the robustness estimators.
-    _seed_everything(config.seed)
-    data = data if data is not None else load_search_data(config)
-    net = SearchNetwork(C=config.init_channels, num_classes=data.num_classes, layers=config.layers,
-                        in_channels=data.in_channels, partial_channels=config.partial_channels,
-                        backend=config.backend, mean=data.mean, std=data.std, stem=config.stem).to(device)
+    # Under torchrun every rank sets up on its own (no collective before the Searcher), and a
+    # failure on one rank (data or --out missing on one node, a checkpoint there and not here)
+    # stops all of them with one line each instead of leaving the others waiting.
+    with distributed.fail_together():
+        if not config.resume and checkpoint_path.exists():
+            raise DsrnaError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
 
-    from dsrna.data import make_loader
+        # Every rank draws the same stream: the same initial weights and alphas (DDP and the explicit
+        # broadcast make sure anyway) and the same random choices of the robustness estimators.
+        _seed_everything(config.seed)
+        data = data if data is not None else load_search_data(config)
+        net = SearchNetwork(C=config.init_channels, num_classes=data.num_classes, layers=config.layers,
+                            in_channels=data.in_channels, partial_channels=config.partial_channels,
+                            backend=config.backend, mean=data.mean, std=data.std, stem=config.stem).to(device)
 
-    train_sampler = ResumableSampler(data.train, world, rank, seed=config.seed)
-    val_sampler = ResumableSampler(data.val, world, rank, seed=config.seed + 1)
-    train_loader = make_loader(data.train, config.batch_size, seed=config.seed, num_workers=config.num_workers,
-                               drop_last=True, sampler=train_sampler)
-    val_loader = make_loader(data.val, config.batch_size, seed=config.seed + 1, num_workers=config.num_workers,
-                             drop_last=True, sampler=val_sampler)
-    steps_per_epoch = len(train_sampler) // config.batch_size
-    if config.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    if steps_per_epoch == 0 or len(val_sampler) < config.batch_size:
-        raise DataError(f"batch size {config.batch_size} x {world} process(es) is larger than a half of the search data "
-                        f"({len(data.train)} / {len(data.val)} images)")
+        from dsrna.data import make_loader
+
+        train_sampler = ResumableSampler(data.train, world, rank, seed=config.seed)
+        val_sampler = ResumableSampler(data.val, world, rank, seed=config.seed + 1)
+        train_loader = make_loader(data.train, config.batch_size, seed=config.seed, num_workers=config.num_workers,
+                                   drop_last=True, sampler=train_sampler)
+        val_loader = make_loader(data.val, config.batch_size, seed=config.seed + 1, num_workers=config.num_workers,
+                                 drop_last=True, sampler=val_sampler)
+        steps_per_epoch = len(train_sampler) // config.batch_size
+        if config.max_steps_per_epoch is not None:
+            steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+        if steps_per_epoch == 0 or len(val_sampler) < config.batch_size:
+            raise DataError(f"batch size {config.batch_size} x {world} process(es) is larger than a half of the search "
+                            f"data ({len(data.train)} / {len(data.val)} images)")
+        # Read onto the CPU: the RNG states must stay CPU byte tensors (torch.set_rng_state), and the
+        # model and optimiser states are copied onto the parameters' device as they are loaded.
+        payload = load_checkpoint(checkpoint_path, config, map_location="cpu") if config.resume else None
 
     net.train()
     searcher = Searcher(net, config)
     start_epoch, step, val_state = 0, 0, {"val_epoch": 0, "val_consumed": 0}
     history: list[dict] = []
-    if config.resume:
-        payload = load_checkpoint(checkpoint_path, config, map_location=device)
-        try:
-            net.load_state_dict(payload["model"])
-            searcher.load_state_dict(payload["searcher"])
-            start_epoch, step, val_state = int(payload["epoch"]), int(payload["step"]), payload["data"]
-            set_rng_state(payload["rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CheckpointError(f"checkpoint {checkpoint_path} does not fit this super-network ({first})") from None
-        history = _read_log(log_path, start_epoch)
+    if payload is not None:
+        with distributed.fail_together():
+            try:
+                net.load_state_dict(payload["model"])
+                searcher.load_state_dict(payload["searcher"])
+                start_epoch, step, val_state = int(payload["epoch"]), int(payload["step"]), payload["data"]
+                set_rng_state(payload["rng"])
+            except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise CheckpointError(f"checkpoint {checkpoint_path} does not fit this super-network ({first})") from None
+            history = _read_log(log_path, start_epoch)
     val_stream = ValidationStream(val_loader, val_sampler, world, val_state["val_epoch"], val_state["val_consumed"])
     genotype = net.genotype()
 
@@ -249,7 +263,8 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
                 step += 1
                 progress.update()
                 if step % config.log_every == 0:  # the only host synchronisation inside an epoch
-                    seen = sums.tolist()
+                    # summed over ranks, so that all of them agree on a divergence and stop together
+                    seen = distributed.all_reduce_sum_(sums.clone()).tolist()
                     _check_finite(seen, epoch, checkpoint_path)
                     progress.set_postfix(train_loss=f"{seen[0] / max(seen[2], 1):.3f}",
                                          val_loss=f"{seen[3] / max(seen[5], 1):.3f}" if seen[5] else "-")
@@ -277,13 +292,15 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
                 "world_size": world,
             }
             history.append(record)
-            if rank == 0:
-                out.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
-                atomic_write_text(out / "genotype.json", genotype.to_json() + "\n")
-                _write_pictures(net, genotype, out, epoch + 1)
-                save_checkpoint(checkpoint_path, config=config, net=net, searcher_state=searcher.state_dict(),
-                                epoch=epoch + 1, step=step, data_state=val_stream.state(), world_size=world)
+            # the other ranks wait here for rank 0's files: a full disk or an unwritable --out stops them all
+            with distributed.fail_together():
+                if rank == 0:
+                    out.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in history))
+                    atomic_write_text(out / "genotype.json", genotype.to_json() + "\n")
+                    _write_pictures(net, genotype, out, epoch + 1)
+                    save_checkpoint(checkpoint_path, config=config, net=net, searcher_state=searcher.state_dict(),
+                                    epoch=epoch + 1, step=step, data_state=val_stream.state(), world_size=world)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
     finally:

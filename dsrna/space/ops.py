@@ -8,6 +8,7 @@ in the super-network ``affine=False`` and pools carry a ``BatchNorm2d(affine=Fal
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from typing import Iterator
 
@@ -37,7 +38,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = getattr(_bn_mode, "value", None)
         if mode is None or not self.training:
-            return super().forward(x)
+            return self._plain_forward(x)
         kind, store = mode
         if kind == "capture":
             store[self] = (x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False))
@@ -46,6 +47,27 @@ class BatchNorm2d(nn.BatchNorm2d):
             raise RuntimeError("frozen_batch_stats: this BatchNorm2d ran no clean pass under capture_batch_stats")
         mean, var = store[self]
         return batch_norm_affine(self, mean, var, x)
+
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``nn.BatchNorm2d.forward``, with its Python checks done once where they cannot fail.
+
+        The super-network runs about a thousand batch norms per step and the step is bound by host
+        overhead; this makes the same ``torch.batch_norm`` call (and the same ``num_batches_tracked``
+        update) as ``nn.BatchNorm2d`` for a plain 4-D tensor with running statistics and a momentum,
+        and defers to it for anything else (its errors, the cumulative average, tensor subclasses).
+        """
+        momentum = self.momentum
+        running_mean, running_var = self.running_mean, self.running_var
+        if (type(x) is not torch.Tensor or x.dim() != 4 or momentum is None or running_mean is None
+                or running_var is None or not self.track_running_stats):
+            return super().forward(x)
+        if self.training:
+            if self.num_batches_tracked is None or x.shape[0] * x.shape[2] * x.shape[3] == 1:
+                return super().forward(x)
+            self.num_batches_tracked.add_(1)
+        return torch.batch_norm(x, self.weight, self.bias, running_mean, running_var, self.training, momentum,
+                                self.eps, torch.backends.cudnn.enabled)
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +163,11 @@ class DilConv(nn.Module):
 
     def after_relu(self, relu_x):
         """The op applied to an input that already went through its leading ReLU."""
-        return self.op[1:](relu_x)
+        # Not ``self.op[1:](relu_x)``: slicing an ``nn.Sequential`` builds a new module per call.
+        x = relu_x
+        for m in itertools.islice(self.op._modules.values(), 1, None):
+            x = m(x)
+        return x
 
 
 class SepConv(nn.Module):
@@ -165,7 +191,11 @@ class SepConv(nn.Module):
 
     def after_relu(self, relu_x):
         """The op applied to an input that already went through its leading ReLU."""
-        return self.op[1:](relu_x)
+        # Not ``self.op[1:](relu_x)``: slicing an ``nn.Sequential`` builds a new module per call.
+        x = relu_x
+        for m in itertools.islice(self.op._modules.values(), 1, None):
+            x = m(x)
+        return x
 
 
 class Identity(nn.Module):

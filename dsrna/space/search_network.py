@@ -40,36 +40,55 @@ class MixedOp(nn.Module):
         if partial_channels > 1 and stride == 2:
             self.bypass_pool = nn.MaxPool2d(2, 2, ceil_mode=True)
 
-    def terms(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The non-``none`` candidate outputs and their weights; ``none`` adds nothing to the sum.
+    def _candidates(self) -> tuple:
+        """``(ops, ((op, starts_with_relu) for every candidate but none), kept indices, contiguous)``,
+        cached; rebuilt when ``ops`` change (a replica, an op replaced).
 
-        The weights are views of one slice of ``weights`` (the kept candidates are contiguous in
-        ``PRIMITIVES``): its backward is one stack and one slice copy, where a scalar select per
-        candidate would cost two kernels each plus the accumulation of their gradients.
+        Looked up once, not per call: ``hasattr`` on a module without the attribute raises and
+        catches an ``AttributeError`` inside ``nn.Module.__getattr__``.
         """
-        outs, kept = [], []
+        ops = tuple(self.ops)
+        cache = self.__dict__.get("_candidates_cache")
+        if cache is None or cache[0] != ops:
+            kept = tuple(k for k, op in enumerate(ops) if not isinstance(op, Zero))
+            cands = tuple((ops[k], hasattr(ops[k], "after_relu")) for k in kept)
+            contiguous = kept == tuple(range(kept[0], kept[-1] + 1))
+            cache = (ops, cands, kept, contiguous)
+            self.__dict__["_candidates_cache"] = cache
+        return cache
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The non-``none`` candidate outputs in order (``none`` adds nothing to the sum)."""
+        outs = []
         relu_x = None
-        for k, op in enumerate(self.ops):
-            if isinstance(op, Zero):
-                continue
-            if hasattr(op, "after_relu"):
+        for op, after_relu in self._candidates()[1]:
+            if after_relu:
                 # The conv candidates (and the strided skip) all start with ReLU: compute it once per edge.
-                relu_x = F.relu(x) if relu_x is None else relu_x
+                if relu_x is None:
+                    relu_x = F.relu(x)
                 outs.append(op.after_relu(relu_x))
             else:
                 outs.append(op(x))  # the stride-1 skip returns x itself: no copy
-            kept.append(k)
-        if kept == list(range(kept[0], kept[-1] + 1)):
-            return outs, list(weights[kept[0]:kept[-1] + 1].unbind(0))
-        return outs, [weights[k] for k in kept]
+        return outs
+
+    def kept_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The weights of :meth:`outputs`, a 1-D tensor: a view of ``weights`` (last dimension: the
+        candidates), or of its rows (``weights[..., first:last + 1]`` for 2-D ``weights``) when the
+        kept candidates are contiguous in ``PRIMITIVES``, as they are."""
+        _, _, kept, contiguous = self._candidates()
+        if contiguous:
+            return weights[..., kept[0]:kept[-1] + 1].reshape(-1)
+        return weights[..., list(kept)].reshape(-1)
+
+    def terms(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The non-``none`` candidate outputs and their weights (views of ``weights``)."""
+        return self.outputs(x), list(self.kept_weights(weights).unbind(0))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.partial_channels == 1:
-            outs, ws = self.terms(x, weights)
-            return weighted_sum(outs, torch.stack(ws))
+            return weighted_sum(self.outputs(x), self.kept_weights(weights))
         active, bypass = x[:, : self.C_op], x[:, self.C_op:]
-        outs, ws = self.terms(active, weights)
-        mixed = weighted_sum(outs, torch.stack(ws))
+        mixed = weighted_sum(self.outputs(active), self.kept_weights(weights))
         if self.stride == 2:
             bypass = self.bypass_pool(bypass)
         return channel_shuffle(torch.cat([mixed, bypass], dim=1), self.partial_channels)
@@ -104,19 +123,26 @@ class SearchCell(nn.Module):
     def forward(self, s0, s1, weights, edge_weights=None):
         """``weights``: softmax(alpha) ``[edges, ops]``; ``edge_weights``: per-edge beta weights or None."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        outs, ws = [], []
-        for node, e, j in self.edge_index():
+        edges = list(self.edges)
+        start = 0
+        for i in range(self.steps):
+            end = start + 2 + i
             if self.partial_channels == 1:
                 # Node-level fusion: every candidate of every incoming edge goes into one weighted sum.
-                o, w = self.edges[e].terms(states[j], weights[e])
-                outs += o
-                ws += w
+                # Every edge keeps the same candidates, so the node's weights are one slice of rows
+                # ``start:end`` of ``weights``, flattened (one copy; its backward one slice).
+                outs = []
+                for j in range(2 + i):
+                    outs += edges[start + j].outputs(states[j])
+                if all(edges[start + j]._candidates()[2] == edges[start]._candidates()[2] for j in range(1, 2 + i)):
+                    w = edges[start].kept_weights(weights[start:end])
+                else:  # not so in the DARTS space; kept for modified cells
+                    w = torch.cat([edges[start + j].kept_weights(weights[start + j]) for j in range(2 + i)])
+                states.append(weighted_sum(outs, w))
             else:
-                outs.append(self.edges[e](states[j], weights[e]))
-                ws.append(edge_weights[e])
-            if j == node - 1:  # last incoming edge of this node
-                states.append(weighted_sum(outs, torch.stack(ws)))
-                outs, ws = [], []
+                outs = [edges[start + j](states[j], weights[start + j]) for j in range(2 + i)]
+                states.append(weighted_sum(outs, edge_weights[start:end]))
+            start = end
         return torch.cat(states[-self.multiplier:], dim=1)
 
 

@@ -1,0 +1,161 @@
+"""Evidence for how R_CB is computed in the search (METHOD.md §2 "Beware"; docs/bounds.md).
+
+Three tables, each a markdown block on stdout:
+
+1. ``init``: the certified margin bound of the search super-network at initialisation (train-mode
+   batch norm with the clean batch's statistics, as in the search), float64, for IBP and CROWN-IBP
+   over a grid of eps around the data set's default: the raw bound, R_CB on the "asinh" scale, and
+   the norm of its gradient in alpha (finite and nonzero means usable by the architecture step).
+2. ``rank``: whether R_CB orders architectures the way their measured sensitivity does. Random
+   architectures (alpha ~ N(0, 2^2), peaked softmax), same weights: R_CB ("asinh", IBP and
+   CROWN-IBP) against minus the log of the mean l1 norm of the input gradient of the margin
+   (the first-order worst-case margin loss per unit l_inf eps); Spearman rank correlation.
+3. ``search``: R_CB along a short DSRNA-CB search, from its ``log.jsonl`` (``--search-log``).
+
+    PYTHONPATH=. python benchmarks/cb_evidence.py [--part init,rank] [--layers 8 --channels 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from dsrna import SearchNetwork
+from dsrna.bounds import margin_lower_bound
+from dsrna.robustness.certified import certified_bound_metric, default_eps
+from dsrna.space import capture_batch_stats, frozen_batch_stats
+
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+
+
+def _batch(name: str, batch: int):
+    """MNIST: the shipped mnist-mini test images; CIFAR-10 (not shipped): random images of its size."""
+    if name == "mnist-mini":
+        from dsrna.data import dataset_info, get_dataset
+
+        data = get_dataset(name, train=False)
+        x = torch.stack([data[i][0] for i in range(batch)])
+        y = torch.tensor([data[i][1] for i in range(batch)])
+        info = dataset_info(name)
+        return x, y, info.mean, info.std
+    generator = torch.Generator().manual_seed(1)
+    return (torch.rand(batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (batch,), generator=generator),
+            CIFAR_MEAN, CIFAR_STD)
+
+
+def _net(x, mean, std, args) -> SearchNetwork:
+    return SearchNetwork(C=args.channels, num_classes=10, layers=args.layers, in_channels=x.shape[1],
+                         mean=mean, std=std).train()
+
+
+def _min_margin(gamma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return gamma.masked_fill(torch.nn.functional.one_hot(y, gamma.shape[1]).bool(), float("inf")).min(1).values
+
+
+def part_init(args) -> None:
+    print("\n## init: R_CB of the super-network at initialisation (float64 bound pass)\n")
+    print("| data set | method | eps | min-margin bound (mean) | R_CB asinh | ‖dR/dalpha‖ | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.datasets:
+        torch.manual_seed(args.seed)
+        x, y, mean, std = _batch(name, args.batch)
+        net = _net(x, mean, std, args)
+        base = default_eps(name, "linf")
+        for method in ("ibp", "crown-ibp"):
+            for eps in (base / 10, base, base * 10):
+                start = time.perf_counter()
+                net.zero_grad()
+                with capture_batch_stats() as stats:  # in the autograd graph, as in the search: once per backward
+                    net(x)
+                r = certified_bound_metric(net, x, y, eps, "linf", method, bn_stats=stats, scale="asinh", dtype=torch.float64)
+                r.backward()
+                with torch.no_grad():
+                    raw = _min_margin(margin_lower_bound(net, x, y, eps, "linf", method, bn_stats=stats, dtype=torch.float64), y)
+                grad = torch.cat([p.grad.flatten() for p in net.arch_parameters()]).norm().item()
+                print(f"| {name} | {method} | {eps:g} | {raw.mean().item():.3g} | {r.item():.2f} | {grad:.3g} | "
+                      f"{time.perf_counter() - start:.1f} |", flush=True)
+
+
+def _sensitivity(net, x, y, stats) -> float:
+    """Mean over images of ``||grad_x (f_y - f_t*)||_1``, t* the best other class (frozen BN statistics)."""
+    x = x.clone().requires_grad_()
+    with frozen_batch_stats(stats):
+        logits = net(x)
+    others = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    margin = logits.gather(1, y[:, None]).squeeze(1) - others.max(1).values
+    grad, = torch.autograd.grad(margin.sum(), x)
+    return grad.flatten(1).abs().sum(1).mean().item()
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra = torch.tensor(a).argsort().argsort().double()
+    rb = torch.tensor(b).argsort().argsort().double()
+    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
+
+
+def part_rank(args) -> None:
+    print(f"\n## rank: R_CB against measured sensitivity over {args.architectures} random architectures\n")
+    print("| data set | eps | method | Spearman(R_CB, -log sensitivity) | R_CB range (asinh) | seconds |")
+    print("|---|---|---|---|---|---|")
+    for name in args.datasets:
+        torch.manual_seed(args.seed)
+        x, y, mean, std = _batch(name, args.batch)
+        net = _net(x, mean, std, args)
+        eps = default_eps(name, "linf")
+        start = time.perf_counter()
+        scores = {"ibp": [], "crown-ibp": []}
+        minus_log_sensitivity = []
+        for _ in range(args.architectures):
+            with torch.no_grad():
+                for p in net.arch_parameters():
+                    p.copy_(2.0 * torch.randn_like(p))
+            with capture_batch_stats() as stats:
+                net(x)
+            minus_log_sensitivity.append(-torch.tensor(_sensitivity(net, x, y, stats)).log().item())
+            with torch.no_grad():
+                for method, values in scores.items():
+                    values.append(certified_bound_metric(net, x, y, eps, "linf", method, bn_stats=stats, scale="asinh",
+                                                         dtype=torch.float64).item())
+        seconds = time.perf_counter() - start
+        for method, values in scores.items():
+            print(f"| {name} | {eps:g} | {method} | {_spearman(values, minus_log_sensitivity):+.2f} | "
+                  f"{min(values):.1f} .. {max(values):.1f} | {seconds:.0f} |", flush=True)
+
+
+def part_search(args) -> None:
+    print(f"\n## search: R_CB along a DSRNA-CB search ({args.search_log})\n")
+    print("| epoch | R (asinh R_CB) | val accuracy |")
+    print("|---|---|---|")
+    with open(args.search_log) as f:
+        for line in f:
+            row = json.loads(line)
+            if "robustness" in row:
+                print(f"| {row.get('epoch')} | {row['robustness']:.3f} | {row.get('val_acc', row.get('val_accuracy', ''))} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", default="init,rank", help="comma list of init, rank, search")
+    parser.add_argument("--datasets", default="mnist-mini,cifar10")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--architectures", type=int, default=12)
+    parser.add_argument("--search-log", help="log.jsonl of a `dsrna search --robustness cb` run (part search)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.datasets = args.datasets.split(",")
+    torch.set_num_threads(1)
+    print(f"# torch {torch.__version__}, {platform.machine()}, 1 thread; super-network C={args.channels}, "
+          f"{args.layers} cells, batch {args.batch}, seed {args.seed}")
+    parts = {"init": part_init, "rank": part_rank, "search": part_search}
+    for part in args.part.split(","):
+        parts[part](args)
+
+
+if __name__ == "__main__":
+    main()
