@@ -77,7 +77,7 @@ class CompareConfig:
 
 def compare(config: CompareConfig) -> dict:
     """Run every method's chain and write the table; returns the ``compare.json`` content."""
-    from dsrna.attacks import has_torchattacks
+    from dsrna.attacks import has_torchattacks, require_torchattacks
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +89,8 @@ def compare(config: CompareConfig) -> dict:
         raise ValueError(f"{out} holds a comparison run with other settings: choose another --out")
     write_json(settings, saved)
     extra = has_torchattacks()
+    if extra:
+        require_torchattacks("C&W and AutoAttack")  # a broken install fails now, not after hours of search
     rows = {}
     for method in config.methods:
         rows[method] = _run_method(method, config, out / method, extra)
