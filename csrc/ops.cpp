@@ -1,8 +1,12 @@
 // The one translation unit of dsrna._C that includes torch headers: op schemas (torch.library),
-// argument checks, allocation, and the CPU and CUDA implementations, which hand raw pointers to the
-// plain C++ kernels in csrc/cpu/ and the CUDA launchers in csrc/cuda/. Autograd formulas and fake
-// (meta) kernels are registered from Python in dsrna/ops/, expressed with these same ops so that
-// every order of derivative runs on them.
+// argument checks, allocation, the CPU and CUDA implementations, which hand raw pointers to the
+// plain C++ kernels in csrc/cpu/ and the CUDA launchers in csrc/cuda/, and the autograd formulas.
+// Each formula is written with these same ops, called through the dispatcher, so every order of
+// derivative runs on them. Fake (meta) kernels are registered from Python in dsrna/ops/.
+//
+// The formulas live here rather than in Python (torch.library.register_autograd) because a C++
+// error raised below a Python formula crashed torch 2.11 (a segfault in OpOverload.redispatch) and
+// because the Python wrapper costs microseconds on each of the ~2,000 depthwise calls of a step.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -407,6 +411,228 @@ Tensor depthwise_conv2d_weight_cuda(const Tensor& x_, const Tensor& grad_y_, int
 
 #endif  // DSRNA_WITH_CUDA
 
+// --- autograd ----------------------------------------------------------------------------------------
+// Calls through the dispatcher (not the kernels directly), so that a backward run with create_graph
+// records these Functions again: double backward of the Jacobian step stays on the same ops.
+
+namespace ops {
+
+template <typename Sig> c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+Tensor weighted_sum(at::TensorList xs, const Tensor& w) {
+  static const auto op = handle<Tensor(at::TensorList, const Tensor&)>("dsrna::weighted_sum");
+  return op.call(xs, w);
+}
+
+Tensor batched_dot(at::TensorList xs, const Tensor& g) {
+  static const auto op = handle<Tensor(at::TensorList, const Tensor&)>("dsrna::batched_dot");
+  return op.call(xs, g);
+}
+
+Tensor depthwise(const Tensor& x, const Tensor& w, int64_t s, int64_t p, int64_t d) {
+  static const auto op =
+      handle<Tensor(const Tensor&, const Tensor&, int64_t, int64_t, int64_t)>("dsrna::depthwise_conv2d");
+  return op.call(x, w, s, p, d);
+}
+
+Tensor depthwise_transpose(const Tensor& g, const Tensor& w, at::IntArrayRef hw, int64_t s, int64_t p, int64_t d) {
+  static const auto op = handle<Tensor(const Tensor&, const Tensor&, at::IntArrayRef, int64_t, int64_t, int64_t)>(
+      "dsrna::depthwise_conv2d_transpose");
+  return op.call(g, w, hw, s, p, d);
+}
+
+Tensor depthwise_weight(const Tensor& x, const Tensor& g, int64_t k, int64_t s, int64_t p, int64_t d) {
+  static const auto op = handle<Tensor(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, int64_t)>(
+      "dsrna::depthwise_conv2d_weight");
+  return op.call(x, g, k, s, p, d);
+}
+
+std::tuple<Tensor, Tensor> interval_depthwise(const Tensor& l, const Tensor& u, const Tensor& w, int64_t s, int64_t p,
+                                              int64_t d) {
+  static const auto op =
+      handle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t)>(
+          "dsrna::interval_depthwise_conv2d");
+  return op.call(l, u, w, s, p, d);
+}
+
+}  // namespace ops
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The geometry (stride, padding, dilation) every depthwise formula keeps.
+void save_geometry(AutogradContext* ctx, int64_t s, int64_t p, int64_t d) {
+  ctx->saved_data["s"] = s;
+  ctx->saved_data["p"] = p;
+  ctx->saved_data["d"] = d;
+}
+
+struct Geometry {
+  int64_t s, p, d;
+};
+
+Geometry geometry(AutogradContext* ctx) {
+  return {ctx->saved_data["s"].toInt(), ctx->saved_data["p"].toInt(), ctx->saved_data["d"].toInt()};
+}
+
+// y = sum_i w[i] xs[i]: dxs[i] = w[i] g, dw = batched_dot(xs, g).
+struct WeightedSumFunction : torch::autograd::Function<WeightedSumFunction> {
+  static Tensor forward(AutogradContext* ctx, at::TensorList xs, const Tensor& w) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    variable_list saved(xs.begin(), xs.end());
+    saved.push_back(w);
+    ctx->save_for_backward(saved);
+    return ops::weighted_sum(xs, w);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list saved = ctx->get_saved_variables();
+    const Tensor w = saved.back();
+    saved.pop_back();
+    const Tensor& g = grads[0];
+    variable_list out;
+    for (size_t i = 0; i < saved.size(); ++i) out.push_back(ctx->needs_input_grad(i) ? g * w[i] : Tensor());
+    out.push_back(ctx->needs_input_grad(saved.size()) ? ops::batched_dot(saved, g).to(w.scalar_type()) : Tensor());
+    return out;
+  }
+};
+
+// d_i = <xs[i], g>: dxs[i] = grad[i] g, dg = weighted_sum(xs, grad).
+struct BatchedDotFunction : torch::autograd::Function<BatchedDotFunction> {
+  static Tensor forward(AutogradContext* ctx, at::TensorList xs, const Tensor& g) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    variable_list saved(xs.begin(), xs.end());
+    saved.push_back(g);
+    ctx->save_for_backward(saved);
+    return ops::batched_dot(xs, g);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list saved = ctx->get_saved_variables();
+    const Tensor g = saved.back();
+    saved.pop_back();
+    const Tensor& grad = grads[0];
+    variable_list out;
+    for (size_t i = 0; i < saved.size(); ++i) out.push_back(ctx->needs_input_grad(i) ? g * grad[i] : Tensor());
+    out.push_back(ctx->needs_input_grad(saved.size()) ? ops::weighted_sum(saved, grad) : Tensor());
+    return out;
+  }
+};
+
+// y = conv(x, W): dx = conv_transpose(dy, W), dW = weight_grad(x, dy).
+struct DepthwiseFunction : torch::autograd::Function<DepthwiseFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, int64_t s, int64_t p, int64_t d) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, w});
+    save_geometry(ctx, s, p, d);
+    return ops::depthwise(x, w, s, p, d);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &g = grads[0];
+    const auto [s, p, d] = geometry(ctx);
+    Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) dx = ops::depthwise_transpose(g, w, x.sizes().slice(2), s, p, d);
+    if (ctx->needs_input_grad(1)) dw = ops::depthwise_weight(x, g, w.size(2), s, p, d);
+    return {dx, dw, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// z = conv_transpose(g, W): dg = conv(dz, W), dW = weight_grad(dz, g).
+struct DepthwiseTransposeFunction : torch::autograd::Function<DepthwiseTransposeFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const Tensor& w, at::IntArrayRef hw, int64_t s,
+                        int64_t p, int64_t d) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({g, w});
+    save_geometry(ctx, s, p, d);
+    return ops::depthwise_transpose(g, w, hw, s, p, d);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &g = saved[0], &w = saved[1], &dz = grads[0];
+    const auto [s, p, d] = geometry(ctx);
+    Tensor dg, dw;
+    if (ctx->needs_input_grad(0)) dg = ops::depthwise(dz, w, s, p, d);
+    if (ctx->needs_input_grad(1)) dw = ops::depthwise_weight(dz, g, w.size(2), s, p, d);
+    return {dg, dw, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// gW = weight_grad(x, g): dx = conv_transpose(g, dgW), dg = conv(x, dgW).
+struct DepthwiseWeightFunction : torch::autograd::Function<DepthwiseWeightFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& g, int64_t k, int64_t s, int64_t p,
+                        int64_t d) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, g});
+    save_geometry(ctx, s, p, d);
+    return ops::depthwise_weight(x, g, k, s, p, d);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &g = saved[1], &dgw = grads[0];
+    const auto [s, p, d] = geometry(ctx);
+    Tensor dx, dg;
+    if (ctx->needs_input_grad(0)) dx = ops::depthwise_transpose(g, dgw, x.sizes().slice(2), s, p, d);
+    if (ctx->needs_input_grad(1)) dg = ops::depthwise(x, dgw, s, p, d);
+    return {dx, dg, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// lower' = c - r, upper' = c + r with c = conv((l+u)/2, W), r = conv((u-l)/2, |W|).
+struct IntervalDepthwiseFunction : torch::autograd::Function<IntervalDepthwiseFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& l, const Tensor& u, const Tensor& w, int64_t s,
+                               int64_t p, int64_t d) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({l, u, w});
+    save_geometry(ctx, s, p, d);
+    auto [lower, upper] = ops::interval_depthwise(l, u, w, s, p, d);
+    return {lower, upper};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &l = saved[0], &u = saved[1], &w = saved[2];
+    const auto [s, p, d] = geometry(ctx);
+    const Tensor centre_grad = grads[0] + grads[1], radius_grad = grads[1] - grads[0];
+    Tensor dl, du, dw;
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      const auto hw = l.sizes().slice(2);
+      const Tensor dc = ops::depthwise_transpose(centre_grad, w, hw, s, p, d);
+      const Tensor dr = ops::depthwise_transpose(radius_grad, w.abs(), hw, s, p, d);
+      dl = (dc - dr) / 2;
+      du = (dc + dr) / 2;
+    }
+    if (ctx->needs_input_grad(2)) {
+      const int64_t k = w.size(2);
+      dw = ops::depthwise_weight((u + l) / 2, centre_grad, k, s, p, d) +
+           w.sign() * ops::depthwise_weight((u - l) / 2, radius_grad, k, s, p, d);
+    }
+    return {dl, du, dw, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor weighted_sum_autograd(at::TensorList xs, const Tensor& w) { return WeightedSumFunction::apply(xs, w); }
+
+Tensor batched_dot_autograd(at::TensorList xs, const Tensor& g) { return BatchedDotFunction::apply(xs, g); }
+
+Tensor depthwise_conv2d_autograd(const Tensor& x, const Tensor& w, int64_t s, int64_t p, int64_t d) {
+  return DepthwiseFunction::apply(x, w, s, p, d);
+}
+
+Tensor depthwise_conv2d_transpose_autograd(const Tensor& g, const Tensor& w, at::IntArrayRef hw, int64_t s, int64_t p,
+                                           int64_t d) {
+  return DepthwiseTransposeFunction::apply(g, w, hw, s, p, d);
+}
+
+Tensor depthwise_conv2d_weight_autograd(const Tensor& x, const Tensor& g, int64_t k, int64_t s, int64_t p, int64_t d) {
+  return DepthwiseWeightFunction::apply(x, g, k, s, p, d);
+}
+
+std::tuple<Tensor, Tensor> interval_depthwise_conv2d_autograd(const Tensor& l, const Tensor& u, const Tensor& w,
+                                                              int64_t s, int64_t p, int64_t d) {
+  auto out = IntervalDepthwiseFunction::apply(l, u, w, s, p, d);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace dsrna
 
@@ -430,6 +656,15 @@ TORCH_LIBRARY_IMPL(dsrna, CPU, m) {
   m.impl("depthwise_conv2d_transpose", &dsrna::depthwise_conv2d_transpose_cpu);
   m.impl("depthwise_conv2d_weight", &dsrna::depthwise_conv2d_weight_cpu);
   m.impl("interval_depthwise_conv2d", &dsrna::interval_depthwise_conv2d_cpu);
+}
+
+TORCH_LIBRARY_IMPL(dsrna, Autograd, m) {
+  m.impl("weighted_sum", &dsrna::weighted_sum_autograd);
+  m.impl("batched_dot", &dsrna::batched_dot_autograd);
+  m.impl("depthwise_conv2d", &dsrna::depthwise_conv2d_autograd);
+  m.impl("depthwise_conv2d_transpose", &dsrna::depthwise_conv2d_transpose_autograd);
+  m.impl("depthwise_conv2d_weight", &dsrna::depthwise_conv2d_weight_autograd);
+  m.impl("interval_depthwise_conv2d", &dsrna::interval_depthwise_conv2d_autograd);
 }
 
 #ifdef DSRNA_WITH_CUDA

@@ -12,13 +12,6 @@ torch.set_num_threads(1)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-# On torch 2.11 (the GPU machine) an error raised by a C++ kernel under a Python-registered autograd
-# formula crashes the process (segfault in OpOverload.redispatch) instead of raising; the library's
-# wrappers check their arguments first. Tests that call the raw ops with bad arguments need a newer torch.
-cpp_errors_raise = pytest.mark.skipif(
-    tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14),
-    reason="torch < 2.14 may crash instead of raising a C++ kernel error (seen with 2.11)")
-
 
 @pytest.fixture(autouse=True)
 def _seed():

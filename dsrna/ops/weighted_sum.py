@@ -5,8 +5,8 @@ output of every incoming edge together with its softmax weight, so one call comp
 
 The native implementation is the op ``torch.ops.dsrna.weighted_sum`` of :mod:`dsrna._C`. Its
 gradient to ``w`` is a second op, ``batched_dot`` (``<xs[i], g>`` for every i in one pass), and the
-backward of each op is written with the two ops and scaling, so every order of derivative (the
-Jacobian architecture step needs double backward) stays on them.
+backward of each op (registered in C++, csrc/ops.cpp) is written with the two ops and scaling, so
+every order of derivative (the Jacobian architecture step needs double backward) stays on them.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ def weighted_sum(xs: Sequence[torch.Tensor], w: torch.Tensor, backend_name: str 
     """``sum_i w[i] * xs[i]`` on the selected backend; differentiable twice in ``xs`` and ``w``."""
     if len(xs) != w.numel():
         raise ValueError(f"weighted_sum: {len(xs)} tensors but {w.numel()} weights")
-    # Checked here for every backend (the native kernel's own errors crash torch 2.11: see
-    # dsrna.ops.depthwise._check_native_args).
+    # One check and one message for every backend, before any kernel runs.
     shape, device = xs[0].shape, xs[0].device
     for x in xs:
         if x.shape != shape or x.device != device:
@@ -62,7 +61,9 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _register_native_autograd() -> None:
+def _register_native_fakes() -> None:
+    """Shapes for torch.compile and opcheck; the autograd formulas are registered in C++ (csrc/ops.cpp)."""
+
     @torch.library.register_fake("dsrna::weighted_sum")
     def _(xs, w):
         return torch.empty_like(xs[0], memory_format=torch.contiguous_format)
@@ -71,32 +72,9 @@ def _register_native_autograd() -> None:
     def _(xs, g):
         return g.new_empty((len(xs),), dtype=_accumulator_dtype(g.dtype))
 
-    def weighted_sum_setup(ctx, inputs, output):
-        xs, w = inputs
-        ctx.save_for_backward(w, *xs)
-
-    def weighted_sum_backward(ctx, grad):
-        w, *xs = ctx.saved_tensors
-        grad_xs = [grad * w[i] for i in range(len(xs))]
-        grad_w = torch.ops.dsrna.batched_dot(xs, grad).to(w.dtype)
-        return grad_xs, grad_w
-
-    def batched_dot_setup(ctx, inputs, output):
-        xs, g = inputs
-        ctx.save_for_backward(g, *xs)
-
-    def batched_dot_backward(ctx, grad):
-        g, *xs = ctx.saved_tensors
-        grad_xs = [g * grad[i] for i in range(len(xs))]
-        grad_g = torch.ops.dsrna.weighted_sum(xs, grad)
-        return grad_xs, grad_g
-
-    torch.library.register_autograd("dsrna::weighted_sum", weighted_sum_backward, setup_context=weighted_sum_setup)
-    torch.library.register_autograd("dsrna::batched_dot", batched_dot_backward, setup_context=batched_dot_setup)
-
 
 if _native.C is not None:
-    _register_native_autograd()
+    _register_native_fakes()
 # Registered even without the extension, so that `dsrna info` and an explicit request for the
 # native backend say why it cannot run (dsrna.backend.backend_status).
 backend.register("weighted_sum", "native", weighted_sum_native)
