@@ -158,10 +158,10 @@ Tensor depthwise_conv2d_cpu(const Tensor& x_, const Tensor& weight, int64_t stri
     const Acc* wp = wc.data_ptr<Acc>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, plane_grain(g), [&](int64_t begin, int64_t end) {
-      std::vector<Acc> row(g.Wo);
+      std::vector<Acc> scratch(cpu::plane_scratch(g));
       for (int64_t plane = begin; plane < end; ++plane) {
         cpu::depthwise_forward_plane(xp + plane * g.H * g.W, wp + (plane % C) * g.K * g.K, g, yp + plane * g.Ho * g.Wo,
-                                     row.data());
+                                     scratch.data());
       }
     });
   });
@@ -183,18 +183,19 @@ std::tuple<Tensor, Tensor> interval_depthwise_conv2d_cpu(const Tensor& lower_, c
   if (out_lower.numel() == 0) return {out_lower, out_upper};
   AT_DISPATCH_FLOATING_TYPES(lower.scalar_type(), "dsrna::interval_depthwise_conv2d", [&] {
     using Acc = acc_t<scalar_t>;
-    const Tensor wc = weight.contiguous();
+    const Tensor wc = weight.contiguous(), wa = wc.abs();
     const scalar_t* lp = lower.data_ptr<scalar_t>();
     const scalar_t* up = upper.data_ptr<scalar_t>();
     const Acc* wp = wc.data_ptr<Acc>();
+    const Acc* wap = wa.data_ptr<Acc>();
     scalar_t* olp = out_lower.data_ptr<scalar_t>();
     scalar_t* oup = out_upper.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, plane_grain(g), [&](int64_t begin, int64_t end) {
-      std::vector<Acc> rows(2 * g.Wo);
+      std::vector<Acc> scratch(cpu::plane_scratch(g));
       for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t in = plane * g.H * g.W, out = plane * g.Ho * g.Wo;
-        cpu::interval_depthwise_plane(lp + in, up + in, wp + (plane % C) * g.K * g.K, g, olp + out, oup + out,
-                                      rows.data());
+        const int64_t in = plane * g.H * g.W, out = plane * g.Ho * g.Wo, taps = (plane % C) * g.K * g.K;
+        cpu::interval_depthwise_plane(lp + in, up + in, wp + taps, wap + taps, g, olp + out, oup + out,
+                                      scratch.data());
       }
     });
   });
@@ -226,7 +227,7 @@ Tensor depthwise_conv2d_transpose_cpu(const Tensor& grad_y_, const Tensor& weigh
     const Acc* wp = wc.data_ptr<Acc>();
     scalar_t* xp = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, plane_grain(g), [&](int64_t begin, int64_t end) {
-      std::vector<Acc> buf(g.H * g.W);
+      std::vector<Acc> buf(cpu::plane_scratch(g));
       for (int64_t plane = begin; plane < end; ++plane) {
         cpu::depthwise_transpose_plane(gp + plane * g.Ho * g.Wo, wp + (plane % C) * g.K * g.K, g,
                                        xp + plane * g.H * g.W, buf.data());
@@ -265,8 +266,10 @@ Tensor depthwise_conv2d_weight_cpu(const Tensor& x_, const Tensor& grad_y_, int6
       const scalar_t* gp = grad_y.data_ptr<scalar_t>();
       Acc* pp = partial.data_ptr<Acc>();
       at::parallel_for(0, N * C, plane_grain(g), [&](int64_t begin, int64_t end) {
+        std::vector<Acc> scratch(cpu::plane_scratch(g));
         for (int64_t plane = begin; plane < end; ++plane) {
-          cpu::depthwise_weight_plane(xp + plane * g.H * g.W, gp + plane * g.Ho * g.Wo, g, pp + plane * KK);
+          cpu::depthwise_weight_plane(xp + plane * g.H * g.W, gp + plane * g.Ho * g.Wo, g, pp + plane * KK,
+                                      scratch.data());
         }
       });
     });

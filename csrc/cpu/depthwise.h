@@ -2,9 +2,10 @@
 // headers): csrc/ops.cpp instantiates them per dtype and runs the planes with at::parallel_for.
 //
 // Geometry: y[oh][ow] = sum_{kh,kw} w[kh][kw] * x[oh*s - p + kh*d][ow*s - p + kw*d], zero outside x.
-// Every kernel walks (output row, tap row, tap column) and runs the innermost loop over a whole
-// output row, clipped once to the columns whose input is inside the image, so no branch is left in
-// the loop and, at stride 1, it is unit-stride and vectorises.
+// Every kernel walks (tap row, tap column, output row) and runs the innermost loop over a whole
+// output row, clipped once per tap to the rows and columns whose input is inside the image, so no
+// branch is left in the loop; the input is split into stride phases first, so the loop is
+// unit-stride at every stride and vectorises.
 #pragma once
 
 #include <algorithm>
@@ -19,139 +20,87 @@ struct DepthwiseGeometry {
   int64_t K, stride, padding, dilation;
 };
 
-// Output columns [lo, hi) whose input column ow*s + offset lies inside [0, W).
-inline void valid_columns(const DepthwiseGeometry& g, int64_t offset, int64_t& lo, int64_t& hi) {
-  lo = offset >= 0 ? 0 : (-offset + g.stride - 1) / g.stride;
-  hi = (g.W - 1 - offset) < 0 ? 0 : std::min(g.Wo, (g.W - 1 - offset) / g.stride + 1);
+// Indices [lo, hi) of outputs i whose input i*s + offset lies inside [0, n_in): the same clipping
+// for rows and columns.
+inline void valid_range(int64_t n_in, int64_t n_out, int64_t s, int64_t offset, int64_t& lo, int64_t& hi) {
+  lo = offset >= 0 ? 0 : (-offset + s - 1) / s;
+  hi = (n_in - 1 - offset) < 0 ? 0 : std::min(n_out, (n_in - 1 - offset) / s + 1);
   if (hi < lo) hi = lo;
 }
 
-// y = conv(x, w) on one plane. `row` is scratch of Wo accumulators.
-template <typename T, typename Acc>
-void depthwise_forward_plane(const T* x, const Acc* w, const DepthwiseGeometry& g, T* y, Acc* row) {
-  const int64_t s = g.stride;
-  for (int64_t oh = 0; oh < g.Ho; ++oh) {
-    std::fill(row, row + g.Wo, Acc(0));
-    for (int64_t kh = 0; kh < g.K; ++kh) {
-      const int64_t ih = oh * s - g.padding + kh * g.dilation;
-      if (ih < 0 || ih >= g.H) continue;
-      const T* xr = x + ih * g.W;
-      for (int64_t kw = 0; kw < g.K; ++kw) {
-        const int64_t offset = kw * g.dilation - g.padding;
-        int64_t lo, hi;
-        valid_columns(g, offset, lo, hi);
-        const Acc wv = w[kh * g.K + kw];
-        if (s == 1) {
-          const T* xs = xr + offset;
-          for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * static_cast<Acc>(xs[ow]);
-        } else {
-          for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * static_cast<Acc>(xr[ow * s + offset]);
-        }
-      }
-    }
-    T* yr = y + oh * g.Wo;
-    for (int64_t ow = 0; ow < g.Wo; ++ow) yr[ow] = static_cast<T>(row[ow]);
-  }
+// The planes are copied to accumulator precision with their columns split into `stride` phases
+// (phase r holds columns r, r + s, r + 2s, ...), so that every tap reads a unit-stride run and the
+// innermost loops vectorise at stride 2 too. A phase row has Wp = ceil(W / s) entries.
+inline int64_t phase_width(const DepthwiseGeometry& g) { return (g.W + g.stride - 1) / g.stride; }
+
+// Accumulators a plane kernel needs: two output planes and two phase-split input planes.
+inline int64_t plane_scratch(const DepthwiseGeometry& g) {
+  return 2 * g.Ho * g.Wo + 2 * g.H * g.stride * phase_width(g);
 }
 
-// Interval bounds through the conv in one pass over [lower, upper]: centre (l+u)/2 through w,
-// radius (u-l)/2 through |w|; out_lower = c - r, out_upper = c + r. `rows` is scratch of 2*Wo.
-template <typename T, typename Acc>
-void interval_depthwise_plane(const T* lower, const T* upper, const Acc* w, const DepthwiseGeometry& g,
-                              T* out_lower, T* out_upper, Acc* rows) {
-  const int64_t s = g.stride;
-  Acc* centre = rows;
-  Acc* radius = rows + g.Wo;
-  for (int64_t oh = 0; oh < g.Ho; ++oh) {
-    std::fill(rows, rows + 2 * g.Wo, Acc(0));
-    for (int64_t kh = 0; kh < g.K; ++kh) {
-      const int64_t ih = oh * s - g.padding + kh * g.dilation;
-      if (ih < 0 || ih >= g.H) continue;
-      const T* lr = lower + ih * g.W;
-      const T* ur = upper + ih * g.W;
-      for (int64_t kw = 0; kw < g.K; ++kw) {
-        const int64_t offset = kw * g.dilation - g.padding;
-        int64_t lo, hi;
-        valid_columns(g, offset, lo, hi);
-        const Acc wv = w[kh * g.K + kw];
-        const Acc wa = std::abs(wv);
-        for (int64_t ow = lo; ow < hi; ++ow) {
-          const Acc l = static_cast<Acc>(lr[ow * s + offset]);
-          const Acc u = static_cast<Acc>(ur[ow * s + offset]);
-          centre[ow] += wv * (Acc(0.5) * (l + u));
-          radius[ow] += wa * (Acc(0.5) * (u - l));
-        }
-      }
-    }
-    T* lo_row = out_lower + oh * g.Wo;
-    T* up_row = out_upper + oh * g.Wo;
-    for (int64_t ow = 0; ow < g.Wo; ++ow) {
-      lo_row[ow] = static_cast<T>(centre[ow] - radius[ow]);
-      up_row[ow] = static_cast<T>(centre[ow] + radius[ow]);
-    }
-  }
+// Where input column ow*s + offset of row ih lives in a phase-split plane: row (ih*s + r), entry
+// ow + base, with offset = base*s + r and 0 <= r < s.
+struct Tap {
+  int64_t phase, base;
+};
+
+inline Tap tap(int64_t offset, int64_t s) {
+  const int64_t r = ((offset % s) + s) % s;
+  return {r, (offset - r) / s};
 }
 
-// grad_x = conv_transpose(grad_y, w) on one plane (the adjoint of the forward map), scattered
-// output row by output row into `buf` (H*W accumulators) and then stored.
-template <typename T, typename Acc>
-void depthwise_transpose_plane(const T* gy, const Acc* w, const DepthwiseGeometry& g, T* gx, Acc* buf) {
-  const int64_t s = g.stride;
-  std::fill(buf, buf + g.H * g.W, Acc(0));
-  for (int64_t oh = 0; oh < g.Ho; ++oh) {
-    const T* gr = gy + oh * g.Wo;
-    for (int64_t kh = 0; kh < g.K; ++kh) {
-      const int64_t ih = oh * s - g.padding + kh * g.dilation;
-      if (ih < 0 || ih >= g.H) continue;
-      Acc* br = buf + ih * g.W;
-      for (int64_t kw = 0; kw < g.K; ++kw) {
-        const int64_t offset = kw * g.dilation - g.padding;
-        int64_t lo, hi;
-        valid_columns(g, offset, lo, hi);
-        const Acc wv = w[kh * g.K + kw];
-        if (s == 1) {
-          Acc* b = br + offset;
-          for (int64_t ow = lo; ow < hi; ++ow) b[ow] += wv * static_cast<Acc>(gr[ow]);
-        } else {
-          for (int64_t ow = lo; ow < hi; ++ow) br[ow * s + offset] += wv * static_cast<Acc>(gr[ow]);
-        }
-      }
-    }
-  }
-  for (int64_t i = 0; i < g.H * g.W; ++i) gx[i] = static_cast<T>(buf[i]);
+// The kernels, compiled twice: `generic` for any CPU and, on x86-64 with GCC or Clang, `avx2` with
+// AVX2 and FMA enabled (8-wide fused multiply-adds in the innermost loops), picked once at run time.
+namespace generic {
+#include "depthwise_kernels.inc"
+}  // namespace generic
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DSRNA_DEPTHWISE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "depthwise_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+inline bool use_avx2() {
+#ifdef DSRNA_DEPTHWISE_AVX2
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
 }
 
-// grad_w[kh][kw] = sum_{oh,ow} grad_y[oh][ow] * x[oh*s - p + kh*d][ow*s - p + kw*d] on one plane;
-// the caller sums the planes of a channel over the batch.
+#ifdef DSRNA_DEPTHWISE_AVX2
+#define DSRNA_DISPATCH_ISA(call) (use_avx2() ? avx2::call : generic::call)
+#else
+#define DSRNA_DISPATCH_ISA(call) (generic::call)
+#endif
+
 template <typename T, typename Acc>
-void depthwise_weight_plane(const T* x, const T* gy, const DepthwiseGeometry& g, Acc* gw) {
-  constexpr int kLanes = 8;
-  const int64_t s = g.stride;
-  for (int64_t kh = 0; kh < g.K; ++kh) {
-    for (int64_t kw = 0; kw < g.K; ++kw) {
-      const int64_t offset = kw * g.dilation - g.padding;
-      int64_t lo, hi;
-      valid_columns(g, offset, lo, hi);
-      Acc lanes[kLanes] = {};
-      Acc total = 0;
-      for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        const int64_t ih = oh * s - g.padding + kh * g.dilation;
-        if (ih < 0 || ih >= g.H) continue;
-        const T* xr = x + ih * g.W;
-        const T* gr = gy + oh * g.Wo;
-        int64_t ow = lo;
-        if (s == 1) {
-          const T* xs = xr + offset;
-          for (; ow + kLanes <= hi; ow += kLanes) {
-            for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<Acc>(gr[ow + l]) * static_cast<Acc>(xs[ow + l]);
-          }
-        }
-        for (; ow < hi; ++ow) total += static_cast<Acc>(gr[ow]) * static_cast<Acc>(xr[ow * s + offset]);
-      }
-      for (int l = 0; l < kLanes; ++l) total += lanes[l];
-      gw[kh * g.K + kw] = total;
-    }
-  }
+void depthwise_forward_plane(const T* x, const Acc* w, const DepthwiseGeometry& g, T* y, Acc* scratch) {
+  DSRNA_DISPATCH_ISA(depthwise_forward_plane(x, w, g, y, scratch));
 }
+
+template <typename T, typename Acc>
+void interval_depthwise_plane(const T* lower, const T* upper, const Acc* w, const Acc* w_abs, const DepthwiseGeometry& g,
+                              T* out_lower, T* out_upper, Acc* scratch) {
+  DSRNA_DISPATCH_ISA(interval_depthwise_plane(lower, upper, w, w_abs, g, out_lower, out_upper, scratch));
+}
+
+template <typename T, typename Acc>
+void depthwise_transpose_plane(const T* gy, const Acc* w, const DepthwiseGeometry& g, T* gx, Acc* scratch) {
+  DSRNA_DISPATCH_ISA(depthwise_transpose_plane(gy, w, g, gx, scratch));
+}
+
+template <typename T, typename Acc>
+void depthwise_weight_plane(const T* x, const T* gy, const DepthwiseGeometry& g, Acc* gw, Acc* scratch) {
+  DSRNA_DISPATCH_ISA(depthwise_weight_plane(x, gy, g, gw, scratch));
+}
+
+#undef DSRNA_DISPATCH_ISA
 
 }  // namespace dsrna::cpu
