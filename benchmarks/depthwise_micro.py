@@ -1,0 +1,90 @@
+"""Depthwise convolution of the DARTS family, native kernels against PyTorch's own, op by op.
+
+    python -m benchmarks.depthwise_micro [--device cuda] [--batch 64,256] [--threads 2]
+
+For every DARTS geometry (kernel 3/5, dilation 1/2, stride 1/2) at the super-network's shapes
+(C=16 at 32x32, 32 at 16x16, 64 at 8x8) it times the forward, the input gradient and the weight
+gradient: PyTorch (``F.conv2d`` and ``aten.convolution_backward``, i.e. cuDNN or PyTorch's depthwise
+kernels on a GPU, oneDNN on a CPU) against ``torch.ops.dsrna.*``. Prints a markdown table of
+medians in microseconds and the totals over all geometries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dsrna._C  # noqa: F401  (registers torch.ops.dsrna)
+
+DARTS = [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2)]  # (kernel, padding, dilation)
+PLANES = [(16, 32), (32, 16), (64, 8)]  # (channels, side) of the three stages of the super-network
+
+
+def _median_us(fn, device: torch.device, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", default="16", help="comma-separated batch sizes")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# depthwise ops on {name}, torch {torch.__version__}: median us (PyTorch / native)\n")
+    print("| batch | C | side | k | d | s | forward | input grad | weight grad |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    totals = [0.0] * 6
+    for batch in (int(b) for b in args.batch.split(",")):
+        for C, side in PLANES:
+            x = torch.randn(batch, C, side, side, device=device)
+            for k, p, d in DARTS:
+                for s in (1, 2):
+                    w = torch.randn(C, 1, k, k, device=device)
+                    g = torch.randn_like(F.conv2d(x, w, None, s, p, d, C))
+                    conv_args = (None, [s, s], [p, p], [d, d], False, [0, 0], C)
+                    pairs = [
+                        (lambda: F.conv2d(x, w, None, s, p, d, C),
+                         lambda: torch.ops.dsrna.depthwise_conv2d(x, w, s, p, d)),
+                        (lambda: torch.ops.aten.convolution_backward(g, x, w, *conv_args, [True, False, False]),
+                         lambda: torch.ops.dsrna.depthwise_conv2d_transpose(g, w, [side, side], s, p, d)),
+                        (lambda: torch.ops.aten.convolution_backward(g, x, w, *conv_args, [False, True, False]),
+                         lambda: torch.ops.dsrna.depthwise_conv2d_weight(x, g, k, s, p, d)),
+                    ]
+                    cells = []
+                    for i, (ref, nat) in enumerate(pairs):
+                        r, n = _median_us(ref, device, args.repeats), _median_us(nat, device, args.repeats)
+                        totals[2 * i] += r
+                        totals[2 * i + 1] += n
+                        cells.append(f"{r:.0f} / {n:.0f}")
+                    print(f"| {batch} | {C} | {side} | {k} | {d} | {s} | " + " | ".join(cells) + " |")
+    print(f"| all | | | | | | {totals[0]:.0f} / {totals[1]:.0f} ({totals[0] / totals[1]:.2f}x) | "
+          f"{totals[2]:.0f} / {totals[3]:.0f} ({totals[2] / totals[3]:.2f}x) | "
+          f"{totals[4]:.0f} / {totals[5]:.0f} ({totals[4] / totals[5]:.2f}x) |")
+
+
+if __name__ == "__main__":
+    main()
