@@ -2,10 +2,11 @@
 // headers): csrc/ops.cpp instantiates them per dtype and runs the planes with at::parallel_for.
 //
 // Geometry: y[oh][ow] = sum_{kh,kw} w[kh][kw] * x[oh*s - p + kh*d][ow*s - p + kw*d], zero outside x.
-// Every kernel walks (tap row, tap column, output row) and runs the innermost loop over a whole
-// output row, clipped once per tap to the rows and columns whose input is inside the image, so no
-// branch is left in the loop; the input is split into stride phases first, so the loop is
-// unit-stride at every stride and vectorises.
+// Every kernel first copies its input plane, zero-padded and split into stride x stride phases, to
+// accumulator precision, and works on an output grid whose rows are as long as a phase row: then a
+// tap is one branch-free, unit-stride multiply-add over the whole plane at a constant shift (the
+// grid's columns past Wo are computed and dropped), which vectorises at every stride and keeps
+// 8-wide vectors full on 8x8 planes.
 #pragma once
 
 #include <algorithm>
@@ -20,33 +21,17 @@ struct DepthwiseGeometry {
   int64_t K, stride, padding, dilation;
 };
 
-// Indices [lo, hi) of outputs i whose input i*s + offset lies inside [0, n_in): the same clipping
-// for rows and columns.
-inline void valid_range(int64_t n_in, int64_t n_out, int64_t s, int64_t offset, int64_t& lo, int64_t& hi) {
-  lo = offset >= 0 ? 0 : (-offset + s - 1) / s;
-  hi = (n_in - 1 - offset) < 0 ? 0 : std::min(n_out, (n_in - 1 - offset) / s + 1);
-  if (hi < lo) hi = lo;
+// The kernels' padded layout: stride x stride phase planes of the zero-padded input, each
+// W2 = ceil((W + 2p) / s) columns wide with one spare row (a tap's shifted read runs past the last
+// row by less than one row).
+inline int64_t padded_phase_width(const DepthwiseGeometry& g) { return (g.W + 2 * g.padding + g.stride - 1) / g.stride; }
+inline int64_t padded_phase_size(const DepthwiseGeometry& g) {
+  return ((g.H + 2 * g.padding + g.stride - 1) / g.stride + 1) * padded_phase_width(g);
 }
 
-// The planes are copied to accumulator precision with their columns split into `stride` phases
-// (phase r holds columns r, r + s, r + 2s, ...), so that every tap reads a unit-stride run and the
-// innermost loops vectorise at stride 2 too. A phase row has Wp = ceil(W / s) entries.
-inline int64_t phase_width(const DepthwiseGeometry& g) { return (g.W + g.stride - 1) / g.stride; }
-
-// Accumulators a plane kernel needs: two output planes and two phase-split input planes.
+// Accumulators a plane kernel needs: two output grids and two sets of padded phase planes.
 inline int64_t plane_scratch(const DepthwiseGeometry& g) {
-  return 2 * g.Ho * g.Wo + 2 * g.H * g.stride * phase_width(g);
-}
-
-// Where input column ow*s + offset of row ih lives in a phase-split plane: row (ih*s + r), entry
-// ow + base, with offset = base*s + r and 0 <= r < s.
-struct Tap {
-  int64_t phase, base;
-};
-
-inline Tap tap(int64_t offset, int64_t s) {
-  const int64_t r = ((offset % s) + s) % s;
-  return {r, (offset - r) / s};
+  return 2 * (g.Ho * padded_phase_width(g) + g.stride * g.stride * padded_phase_size(g));
 }
 
 // The kernels, compiled twice: `generic` for any CPU and, on x86-64 with GCC or Clang, `avx2` with
