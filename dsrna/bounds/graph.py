@@ -171,7 +171,7 @@ def _head(model: nn.Module, graph: BoundGraph, s: int) -> int:
 
 
 def _mixed_terms(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph, x: int, relu_of: dict) -> tuple[list[int], list[torch.Tensor]]:
-    """The non-``none`` candidates of one edge as nodes, with their weights (mirrors ``MixedOp.terms``).
+    """The non-``none`` candidates of one edge as nodes, with their weights (mirrors ``MixedOp.outputs`` and ``MixedOp.kept_weights``).
     ``relu_of`` shares the leading ReLU of the candidates between all edges leaving a state."""
     outs, ws = [], []
     for k, op in enumerate(edge.ops):

@@ -80,10 +80,6 @@ class MixedOp(nn.Module):
             return weights[..., kept[0]:kept[-1] + 1].reshape(-1)
         return weights[..., list(kept)].reshape(-1)
 
-    def terms(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The non-``none`` candidate outputs and their weights (views of ``weights``)."""
-        return self.outputs(x), list(self.kept_weights(weights).unbind(0))
-
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.partial_channels == 1:
             return weighted_sum(self.outputs(x), self.kept_weights(weights))
