@@ -11,7 +11,8 @@
 # Results land in $OUT (default gpu_results/) as they come: log.txt (stage lines and the benchmark's
 # progress), env.txt (nvidia-smi, versions, `dsrna info`), build.txt, tests.txt, plain.md (a plain
 # eager DARTS port beside the reference), profile.md (top kernels of a train step), depthwise.md
-# (the native depthwise ops against PyTorch's at batch 64 and 256), torchrun.txt and
+# (the native depthwise ops against PyTorch's at batch 64 and 256), batchnorm.md (affine-free batch
+# norm against cuDNN's), torchrun.txt and
 # torchrun-search/ (a search under torchrun, NCCL), bench.jsonl (one row per measurement), bench.md
 # (tables), bench.png (speedups).
 # Without a GPU it still builds and tests, and runs the CPU --quick benchmark instead.
@@ -127,6 +128,7 @@ if ((HAVE_GPU)); then
     stage "plain eager port vs reference" 60 120 "$OUT/plain.md" "$PY" benchmarks/plain_darts.py --device cuda --batch 64
     stage "kernel profile" 60 110 "$OUT/profile.md" "$PY" -m benchmarks.profile_step --metric train --backend auto --graph
     stage "depthwise ops vs PyTorch" 60 105 "$OUT/depthwise.md" "$PY" -m benchmarks.depthwise_micro --device cuda --batch 64,256
+    stage "batch norm: native vs cuDNN kernels" 30 100 "$OUT/batchnorm.md" "$PY" -m benchmarks.batchnorm_micro --device cuda
     # The distributed search under torchrun on this GPU (NCCL), one process: the launch path works.
     stage "torchrun search (nccl)" 90 100 "$OUT/torchrun.txt" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
         -m dsrna search --dataset mnist-mini --layers 3 --init-channels 8 --epochs 1 --max-steps-per-epoch 20 \
