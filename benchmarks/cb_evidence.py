@@ -47,9 +47,13 @@ def _batch(name: str, batch: int):
             CIFAR_MEAN, CIFAR_STD)
 
 
-def _net(x, mean, std, args) -> SearchNetwork:
-    return SearchNetwork(C=args.channels, num_classes=10, layers=args.layers, in_channels=x.shape[1],
-                         mean=mean, std=std).train()
+def _setup(name: str, args) -> tuple[torch.Tensor, torch.Tensor, SearchNetwork]:
+    """The batch of data set ``name`` and a freshly initialised super-network in search mode (seeded)."""
+    torch.manual_seed(args.seed)
+    x, y, mean, std = _batch(name, args.batch)
+    net = SearchNetwork(C=args.channels, num_classes=10, layers=args.layers, in_channels=x.shape[1],
+                        mean=mean, std=std).train()
+    return x, y, net
 
 
 def _min_margin(gamma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -61,9 +65,7 @@ def part_init(args) -> None:
     print("| data set | method | eps | min-margin bound (mean) | R_CB asinh | ‖dR/dalpha‖ | seconds |")
     print("|---|---|---|---|---|---|---|")
     for name in args.datasets:
-        torch.manual_seed(args.seed)
-        x, y, mean, std = _batch(name, args.batch)
-        net = _net(x, mean, std, args)
+        x, y, net = _setup(name, args)
         base = default_eps(name, "linf")
         for method in ("ibp", "crown-ibp"):
             for eps in (base / 10, base, base * 10):
@@ -102,9 +104,7 @@ def part_rank(args) -> None:
     print("| data set | eps | method | Spearman(R_CB, -log sensitivity) | R_CB range (asinh) | seconds |")
     print("|---|---|---|---|---|---|")
     for name in args.datasets:
-        torch.manual_seed(args.seed)
-        x, y, mean, std = _batch(name, args.batch)
-        net = _net(x, mean, std, args)
+        x, y, net = _setup(name, args)
         eps = default_eps(name, "linf")
         start = time.perf_counter()
         scores = {"ibp": [], "crown-ibp": []}
