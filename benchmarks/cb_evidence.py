@@ -77,7 +77,8 @@ def part_init(args) -> None:
                 r.backward()
                 with torch.no_grad():
                     raw = _min_margin(margin_lower_bound(net, x, y, eps, "linf", method, bn_stats=stats, dtype=torch.float64), y)
-                grad = torch.cat([p.grad.flatten() for p in net.arch_parameters()]).norm().item()
+                # alphas of a cell type the network lacks (no normal cell with 2 layers) get no gradient
+                grad = torch.cat([p.grad.flatten() for p in net.arch_parameters() if p.grad is not None]).norm().item()
                 print(f"| {name} | {method} | {eps:g} | {raw.mean().item():.3g} | {r.item():.2f} | {grad:.3g} | "
                       f"{time.perf_counter() - start:.1f} |", flush=True)
 
