@@ -12,28 +12,13 @@ before the library changes how its batch norms are called. Prints median microse
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.harness import median_us
+
 SHAPES = [(16, 32), (32, 16), (64, 8), (48, 32)]  # (channels, side): the stages, and the stem's 3C
-
-
-def _median_us(fn, device: torch.device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -57,8 +42,8 @@ def main() -> None:
             (grad,) = torch.autograd.grad(y, x, g)
             return grad
 
-        plain = _median_us(lambda: step(None, None), device, args.repeats)
-        unit = _median_us(lambda: step(ones, zeros), device, args.repeats)
+        plain = median_us(lambda: step(None, None), device, args.repeats)
+        unit = median_us(lambda: step(ones, zeros), device, args.repeats)
         print(f"| {C} | {side} | {plain:.0f} | {unit:.0f} |")
 
 

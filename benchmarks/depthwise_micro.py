@@ -12,35 +12,15 @@ medians in microseconds and the totals over all geometries.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import dsrna._C  # noqa: F401  (registers torch.ops.dsrna)
+from benchmarks.harness import median_us
 
 DARTS = [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2)]  # (kernel, padding, dilation)
 PLANES = [(16, 32), (32, 16), (64, 8)]  # (channels, side) of the three stages of the super-network
-
-
-def _median_us(fn, device: torch.device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -76,7 +56,7 @@ def main() -> None:
                     ]
                     cells = []
                     for i, (ref, nat) in enumerate(pairs):
-                        r, n = _median_us(ref, device, args.repeats), _median_us(nat, device, args.repeats)
+                        r, n = median_us(ref, device, args.repeats), median_us(nat, device, args.repeats)
                         totals[2 * i] += r
                         totals[2 * i + 1] += n
                         cells.append(f"{r:.0f} / {n:.0f}")

@@ -229,6 +229,12 @@ def time_step(step: Callable[[], object], device: torch.device, warmup: int, rep
     return samples
 
 
+def median_us(step: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median microseconds of ``repeats`` timed steps after ``warmup`` (:func:`time_step` without
+    its time box), for the op-level micro-benchmarks."""
+    return 1e3 * float(np.median(time_step(step, device, warmup, repeats, row_seconds=float("inf"))))
+
+
 class CudaGraphStep:
     """A step captured once as a CUDA graph and replayed: the same kernels with no host overhead.
 

@@ -21,14 +21,17 @@ SGD step on the weights. Median of ``--repeats`` timed runs after ``--warmup`` (
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # run as a script; after PYTHONPATH, so another dsrna copy can be compared
+from benchmarks.harness import median_us  # noqa: E402
 
 PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
               "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -219,27 +222,6 @@ def _steps(net, x, y, weight_params):
     return {"forward": forward, "train": train}
 
 
-def _time(fn, device, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    times = []
-    cuda = device.type == "cuda"
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _counts(fn, device):
     """(aten ops, Python function calls, CUDA kernels) of one call of ``fn``."""
     import cProfile
@@ -302,9 +284,6 @@ def build(kind: str, args, device):
     if kind == "plain":
         net = PlainSearchNetwork(args.C, 10, args.layers)
     else:
-        root = Path(__file__).resolve().parents[1]
-        if str(root) not in sys.path:
-            sys.path.append(str(root))  # after PYTHONPATH: another dsrna copy can be compared
         from dsrna import SearchNetwork
 
         net = SearchNetwork(args.C, 10, args.layers, backend=kind)
@@ -357,7 +336,7 @@ def main(argv=None) -> None:
         if args.breakdown:
             breakdown_steps[kind] = steps[args.breakdown]
         for step, fn in steps.items():
-            ms = _time(fn, device, args.warmup, args.repeats)
+            ms = median_us(fn, device, args.repeats, args.warmup) / 1e3
             line = f"{kind:<12}{step:<9}{ms:>10.2f}"
             if args.profile:
                 aten, calls, kernels = _counts(fn, device)
