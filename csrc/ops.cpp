@@ -480,19 +480,29 @@ Geometry geometry(AutogradContext* ctx) {
   return {ctx->saved_data["s"].toInt(), ctx->saved_data["p"].toInt(), ctx->saved_data["d"].toInt()};
 }
 
+// The two list ops save their tensor list and one more tensor, and get them back apart.
+void save_list_and(AutogradContext* ctx, at::TensorList xs, const Tensor& t) {
+  variable_list saved(xs.begin(), xs.end());
+  saved.push_back(t);
+  ctx->save_for_backward(saved);
+}
+
+std::pair<variable_list, Tensor> saved_list_and(AutogradContext* ctx) {
+  variable_list saved = ctx->get_saved_variables();
+  const Tensor t = saved.back();
+  saved.pop_back();
+  return {saved, t};
+}
+
 // y = sum_i w[i] xs[i]: dxs[i] = w[i] g, dw = batched_dot(xs, g).
 struct WeightedSumFunction : torch::autograd::Function<WeightedSumFunction> {
   static Tensor forward(AutogradContext* ctx, at::TensorList xs, const Tensor& w) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    variable_list saved(xs.begin(), xs.end());
-    saved.push_back(w);
-    ctx->save_for_backward(saved);
+    save_list_and(ctx, xs, w);
     return ops::weighted_sum(xs, w);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list saved = ctx->get_saved_variables();
-    const Tensor w = saved.back();
-    saved.pop_back();
+    const auto [saved, w] = saved_list_and(ctx);
     const Tensor& g = grads[0];
     variable_list out;
     for (size_t i = 0; i < saved.size(); ++i) out.push_back(ctx->needs_input_grad(i) ? g * w[i] : Tensor());
@@ -505,15 +515,11 @@ struct WeightedSumFunction : torch::autograd::Function<WeightedSumFunction> {
 struct BatchedDotFunction : torch::autograd::Function<BatchedDotFunction> {
   static Tensor forward(AutogradContext* ctx, at::TensorList xs, const Tensor& g) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    variable_list saved(xs.begin(), xs.end());
-    saved.push_back(g);
-    ctx->save_for_backward(saved);
+    save_list_and(ctx, xs, g);
     return ops::batched_dot(xs, g);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list saved = ctx->get_saved_variables();
-    const Tensor g = saved.back();
-    saved.pop_back();
+    const auto [saved, g] = saved_list_and(ctx);
     const Tensor& grad = grads[0];
     variable_list out;
     for (size_t i = 0; i < saved.size(); ++i) out.push_back(ctx->needs_input_grad(i) ? g * grad[i] : Tensor());
