@@ -101,7 +101,7 @@ stage info 60 140 "$OUT/env.txt" "$PY" -m dsrna info
 
 # --- 4. the kernel and backend tests, on the GPU ---------------------------------------------------
 TESTS=()
-for f in test_weighted_sum test_depthwise test_pool_bn test_bound_ops test_triton_kernels test_backends test_build; do
+for f in test_weighted_sum test_depthwise test_pool_bn test_bound_ops test_triton_kernels test_backends test_batched_cell test_build; do
     [[ -f tests/$f.py ]] && TESTS+=("tests/$f.py")
 done
 if ((${#TESTS[@]})); then

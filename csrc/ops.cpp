@@ -277,6 +277,188 @@ Tensor depthwise_conv2d_weight_cpu(const Tensor& x_, const Tensor& grad_y_, int6
   return partial.sum(0).to(x.scalar_type()).view({C, 1, g.K, g.K});
 }
 
+// --- the stacked family: several depthwise convs of one input, outputs channel-stacked ---------------
+// weights[t] is [M, C, k_t, k_t]: M convs of kernel k_t (padding paddings[t], dilation dilations[t]) on
+// the C channels of x [N, C, H, W]. The output [N, T*M*C, Ho, Wo] holds block b = t*M + m, channel c
+// at channel b*C + c. Every conv has the same stride and must give the same Ho x Wo.
+
+struct StackGeometry {
+  std::vector<cpu::DepthwiseGeometry> convs;  // one per kernel
+  int64_t M, C;
+
+  int64_t blocks() const { return int64_t(convs.size()) * M; }
+  int64_t scratch() const {
+    int64_t most = 0;
+    for (const auto& g : convs) most = std::max(most, cpu::plane_scratch(g));
+    return most;
+  }
+  // Calls f(geometry, t, m, b) for conv m of kernel t, block b = t*M + m, in block order.
+  template <typename F> void for_each_conv(F f) const {
+    for (size_t t = 0; t < convs.size(); ++t) {
+      for (int64_t m = 0; m < M; ++m) f(convs[t], int64_t(t), m, int64_t(t) * M + m);
+    }
+  }
+  // Planes per parallel task, for ~64k multiply-adds over all the convs of a plane.
+  int64_t grain() const {
+    int64_t work = 0;
+    for (const auto& g : convs) work += M * g.Ho * g.Wo * g.K * g.K;
+    return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, work));
+  }
+};
+
+StackGeometry stack_geometry(int64_t M, int64_t C, int64_t H, int64_t W, at::IntArrayRef kernel_sizes, int64_t stride,
+                             at::IntArrayRef paddings, at::IntArrayRef dilations, const char* op) {
+  const size_t T = kernel_sizes.size();
+  TORCH_CHECK(T >= 1 && paddings.size() == T && dilations.size() == T, op,
+              ": need one padding and one dilation per weight, got ", T, " weights, paddings ", paddings,
+              ", dilations ", dilations);
+  StackGeometry sg{{}, M, C};
+  for (size_t t = 0; t < T; ++t) {
+    sg.convs.push_back(depthwise_geometry(H, W, kernel_sizes[t], stride, paddings[t], dilations[t], op));
+    TORCH_CHECK(sg.convs[t].Ho == sg.convs[0].Ho && sg.convs[t].Wo == sg.convs[0].Wo, op, ": conv ", t, " gives ",
+                sg.convs[t].Ho, "x", sg.convs[t].Wo, " outputs but conv 0 gives ", sg.convs[0].Ho, "x", sg.convs[0].Wo);
+  }
+  return sg;
+}
+
+// The kernel sizes of `weights` ([M, C, k, k] each, one M and C, x's dtype and device).
+std::vector<int64_t> check_stack_weights(const Tensor& x, at::TensorList weights, int64_t C, const char* op) {
+  TORCH_CHECK(!weights.empty(), op, ": needs at least one weight");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": tensors must be floating point, got ", x.scalar_type());
+  std::vector<int64_t> ks;
+  for (size_t t = 0; t < weights.size(); ++t) {
+    const Tensor& w = weights[t];
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == weights[0].size(0) && w.size(1) == C && w.size(2) == w.size(3) &&
+                    w.size(0) >= 1,
+                op, ": weight ", t, " must be [M, C, k, k] with C = ", C, " and the M of weight 0, got shape ",
+                w.sizes());
+    TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(), op, ": weight ", t,
+                " must have the dtype and device of the input, got ", w.scalar_type(), " on ", w.device());
+    ks.push_back(w.size(2));
+  }
+  return ks;
+}
+
+template <typename Acc> std::vector<Tensor> accumulator_weights(at::TensorList weights) {
+  std::vector<Tensor> out;
+  for (const Tensor& w : weights) out.push_back(w.to(c10::CppTypeToScalarType<Acc>::value).contiguous());
+  return out;
+}
+
+Tensor depthwise_conv2d_stack_cpu(const Tensor& x_, at::TensorList weights, int64_t stride, at::IntArrayRef paddings,
+                                  at::IntArrayRef dilations) {
+  const char* op = "dsrna::depthwise_conv2d_stack";
+  TORCH_CHECK(x_.dim() == 4, op, ": input must be [N, C, H, W], got shape ", x_.sizes());
+  const Tensor x = x_.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto ks = check_stack_weights(x, weights, C, op);
+  const auto sg = stack_geometry(weights[0].size(0), C, x.size(2), x.size(3), ks, stride, paddings, dilations, op);
+  const int64_t Ho = sg.convs[0].Ho, Wo = sg.convs[0].Wo, B = sg.blocks();
+  Tensor y = at::empty({N, B * C, Ho, Wo}, x.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsrna::depthwise_conv2d_stack", [&] {
+    using Acc = acc_t<scalar_t>;
+    const auto wc = accumulator_weights<Acc>(weights);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, N * C, sg.grain(), [&](int64_t begin, int64_t end) {
+      std::vector<Acc> scratch(sg.scratch());
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / C, c = plane % C;
+        sg.for_each_conv([&](const cpu::DepthwiseGeometry& g, int64_t t, int64_t m, int64_t b) {
+          cpu::depthwise_forward_plane(xp + plane * g.H * g.W, wc[t].data_ptr<Acc>() + (m * C + c) * g.K * g.K, g,
+                                       yp + ((n * B + b) * C + c) * Ho * Wo, scratch.data());
+        });
+      }
+    });
+  });
+  return y;
+}
+
+Tensor depthwise_conv2d_stack_transpose_cpu(const Tensor& grad_y_, at::TensorList weights, at::IntArrayRef input_hw,
+                                            int64_t stride, at::IntArrayRef paddings, at::IntArrayRef dilations) {
+  const char* op = "dsrna::depthwise_conv2d_stack_transpose";
+  TORCH_CHECK(grad_y_.dim() == 4, op, ": grad_out must be [N, B*C, Ho, Wo], got shape ", grad_y_.sizes());
+  TORCH_CHECK(input_hw.size() == 2, op, ": input_hw must hold (H, W), got ", input_hw);
+  TORCH_CHECK(!weights.empty() && weights[0].dim() == 4, op, ": weights must be [M, C, k, k] tensors");
+  const int64_t C = weights[0].size(1);
+  const Tensor grad_y = grad_y_.contiguous();
+  const auto ks = check_stack_weights(grad_y, weights, C, op);
+  const auto sg = stack_geometry(weights[0].size(0), C, input_hw[0], input_hw[1], ks, stride, paddings, dilations, op);
+  const int64_t N = grad_y.size(0), B = sg.blocks(), Ho = sg.convs[0].Ho, Wo = sg.convs[0].Wo;
+  TORCH_CHECK(grad_y.size(1) == B * C && grad_y.size(2) == Ho && grad_y.size(3) == Wo, op, ": an input of ",
+              input_hw[0], "x", input_hw[1], " gives [N, ", B * C, ", ", Ho, ", ", Wo, "] outputs, but grad_out is ",
+              grad_y.sizes());
+  Tensor grad_x = at::empty({N, C, input_hw[0], input_hw[1]}, grad_y.options());
+  if (grad_x.numel() == 0) return grad_x;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "dsrna::depthwise_conv2d_stack_transpose", [&] {
+    using Acc = acc_t<scalar_t>;
+    const auto wc = accumulator_weights<Acc>(weights);
+    const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+    scalar_t* xp = grad_x.data_ptr<scalar_t>();
+    const int64_t HW = input_hw[0] * input_hw[1];
+    at::parallel_for(0, N * C, sg.grain(), [&](int64_t begin, int64_t end) {
+      std::vector<Acc> scratch(sg.scratch()), sum(HW);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / C, c = plane % C;
+        // Block 0 writes the plane's sum, the others add to it.
+        sg.for_each_conv([&](const cpu::DepthwiseGeometry& g, int64_t t, int64_t m, int64_t b) {
+          cpu::depthwise_transpose_plane(gp + ((n * B + b) * C + c) * Ho * Wo,
+                                         wc[t].data_ptr<Acc>() + (m * C + c) * g.K * g.K, g, sum.data(),
+                                         scratch.data(), b > 0);
+        });
+        std::transform(sum.begin(), sum.end(), xp + plane * HW, [](Acc v) { return static_cast<scalar_t>(v); });
+      }
+    });
+  });
+  return grad_x;
+}
+
+std::vector<Tensor> depthwise_conv2d_stack_weight_cpu(const Tensor& x_, const Tensor& grad_y_, at::IntArrayRef kernel_sizes,
+                                                      int64_t stride, at::IntArrayRef paddings, at::IntArrayRef dilations) {
+  const char* op = "dsrna::depthwise_conv2d_stack_weight";
+  TORCH_CHECK(x_.dim() == 4 && grad_y_.dim() == 4 && grad_y_.size(0) == x_.size(0), op,
+              ": input [N, C, H, W] and grad_out [N, B*C, Ho, Wo] must agree, got ", x_.sizes(), " and ", grad_y_.sizes());
+  TORCH_CHECK(grad_y_.scalar_type() == x_.scalar_type() && grad_y_.device() == x_.device(), op,
+              ": input and grad_out must have the same dtype and device");
+  TORCH_CHECK(at::isFloatingType(x_.scalar_type()), op, ": tensors must be floating point, got ", x_.scalar_type());
+  const int64_t N = x_.size(0), C = x_.size(1), T = int64_t(kernel_sizes.size());
+  TORCH_CHECK(T >= 1 && C >= 1 && grad_y_.size(1) % (T * C) == 0 && grad_y_.size(1) > 0, op, ": grad_out has ",
+              grad_y_.size(1), " channels, not a positive multiple of ", T, " kernels x ", C, " channels");
+  const auto sg = stack_geometry(grad_y_.size(1) / (T * C), C, x_.size(2), x_.size(3), kernel_sizes, stride, paddings,
+                                 dilations, op);
+  const int64_t B = sg.blocks(), Ho = sg.convs[0].Ho, Wo = sg.convs[0].Wo;
+  TORCH_CHECK(grad_y_.size(2) == Ho && grad_y_.size(3) == Wo, op, ": an input of ", x_.size(2), "x", x_.size(3),
+              " gives ", Ho, "x", Wo, " outputs, but grad_out is ", grad_y_.size(2), "x", grad_y_.size(3));
+  const Tensor x = x_.contiguous(), grad_y = grad_y_.contiguous();
+  // One partial per plane and conv, summed over the batch in a fixed order: deterministic.
+  std::vector<Tensor> partial;
+  for (const auto& g : sg.convs)
+    partial.push_back(at::zeros({N, sg.M, C, g.K * g.K}, x.options().dtype(acc_dtype(x.scalar_type()))));
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsrna::depthwise_conv2d_stack_weight", [&] {
+      using Acc = acc_t<scalar_t>;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+      at::parallel_for(0, N * C, sg.grain(), [&](int64_t begin, int64_t end) {
+        std::vector<Acc> scratch(sg.scratch());
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t n = plane / C, c = plane % C;
+          sg.for_each_conv([&](const cpu::DepthwiseGeometry& g, int64_t t, int64_t m, int64_t b) {
+            cpu::depthwise_weight_plane(xp + plane * g.H * g.W, gp + ((n * B + b) * C + c) * Ho * Wo, g,
+                                        partial[t].data_ptr<Acc>() + ((n * sg.M + m) * C + c) * g.K * g.K,
+                                        scratch.data());
+          });
+        }
+      });
+    });
+  }
+  std::vector<Tensor> out;
+  for (int64_t t = 0; t < T; ++t)
+    out.push_back(partial[t].sum(0).to(x.scalar_type()).view({sg.M, C, kernel_sizes[t], kernel_sizes[t]}));
+  return out;
+}
+
 // --- CUDA implementations -------------------------------------------------------------------------
 
 #ifdef DSRNA_WITH_CUDA
@@ -412,6 +594,65 @@ Tensor depthwise_conv2d_weight_cuda(const Tensor& x_, const Tensor& grad_y_, int
   return partial.sum(0).to(x.scalar_type()).view({C, 1, g.K, g.K});
 }
 
+// The stacked family on the GPU, composed from the single-conv kernels above (verified on H100):
+// the M copies of x as one input of M*C channels, one launch per kernel size. A fused kernel that
+// reads each input tile once is future work; these give the fast cell the same ops on both devices.
+Tensor depthwise_conv2d_stack_cuda(const Tensor& x, at::TensorList weights, int64_t stride, at::IntArrayRef paddings,
+                                   at::IntArrayRef dilations) {
+  const char* op = "dsrna::depthwise_conv2d_stack";
+  TORCH_CHECK(x.dim() == 4, op, ": input must be [N, C, H, W], got shape ", x.sizes());
+  const auto ks = check_stack_weights(x, weights, x.size(1), op);
+  const int64_t M = weights[0].size(0), C = x.size(1);
+  stack_geometry(M, C, x.size(2), x.size(3), ks, stride, paddings, dilations, op);
+  const Tensor copies = M == 1 ? x : x.repeat({1, M, 1, 1});
+  std::vector<Tensor> parts;
+  for (size_t t = 0; t < weights.size(); ++t)
+    parts.push_back(depthwise_conv2d_cuda(copies, weights[t].reshape({M * C, 1, ks[t], ks[t]}), stride, paddings[t],
+                                          dilations[t]));
+  return at::cat(parts, 1);
+}
+
+Tensor depthwise_conv2d_stack_transpose_cuda(const Tensor& grad_y, at::TensorList weights, at::IntArrayRef input_hw,
+                                             int64_t stride, at::IntArrayRef paddings, at::IntArrayRef dilations) {
+  const char* op = "dsrna::depthwise_conv2d_stack_transpose";
+  TORCH_CHECK(grad_y.dim() == 4, op, ": grad_out must be [N, B*C, Ho, Wo], got shape ", grad_y.sizes());
+  TORCH_CHECK(input_hw.size() == 2, op, ": input_hw must hold (H, W), got ", input_hw);
+  TORCH_CHECK(!weights.empty() && weights[0].dim() == 4, op, ": weights must be [M, C, k, k] tensors");
+  const int64_t M = weights[0].size(0), C = weights[0].size(1), T = int64_t(weights.size());
+  const auto ks = check_stack_weights(grad_y, weights, C, op);
+  stack_geometry(M, C, input_hw[0], input_hw[1], ks, stride, paddings, dilations, op);
+  TORCH_CHECK(grad_y.size(1) == T * M * C, op, ": grad_out must have ", T * M * C, " channels, got ", grad_y.size(1));
+  Tensor sum;
+  for (int64_t t = 0; t < T; ++t) {
+    const Tensor part = depthwise_conv2d_transpose_cuda(grad_y.narrow(1, t * M * C, M * C),
+                                                        weights[t].reshape({M * C, 1, ks[t], ks[t]}), input_hw, stride,
+                                                        paddings[t], dilations[t]);
+    sum = t == 0 ? part : sum.add_(part);
+  }
+  return sum.view({grad_y.size(0), M, C, input_hw[0], input_hw[1]}).sum(1);
+}
+
+std::vector<Tensor> depthwise_conv2d_stack_weight_cuda(const Tensor& x, const Tensor& grad_y, at::IntArrayRef kernel_sizes,
+                                                       int64_t stride, at::IntArrayRef paddings, at::IntArrayRef dilations) {
+  const char* op = "dsrna::depthwise_conv2d_stack_weight";
+  TORCH_CHECK(x.dim() == 4 && grad_y.dim() == 4 && grad_y.size(0) == x.size(0), op,
+              ": input [N, C, H, W] and grad_out [N, B*C, Ho, Wo] must agree, got ", x.sizes(), " and ", grad_y.sizes());
+  const int64_t C = x.size(1), T = int64_t(kernel_sizes.size());
+  TORCH_CHECK(T >= 1 && C >= 1 && grad_y.size(1) % (T * C) == 0 && grad_y.size(1) > 0, op, ": grad_out has ",
+              grad_y.size(1), " channels, not a positive multiple of ", T, " kernels x ", C, " channels");
+  const int64_t M = grad_y.size(1) / (T * C);
+  stack_geometry(M, C, x.size(2), x.size(3), kernel_sizes, stride, paddings, dilations, op);
+  const Tensor copies = M == 1 ? x : x.repeat({1, M, 1, 1});
+  std::vector<Tensor> out;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t k = kernel_sizes[t];
+    out.push_back(depthwise_conv2d_weight_cuda(copies, grad_y.narrow(1, t * M * C, M * C), k, stride, paddings[t],
+                                               dilations[t])
+                      .view({M, C, k, k}));
+  }
+  return out;
+}
+
 #endif  // DSRNA_WITH_CUDA
 
 // --- autograd ----------------------------------------------------------------------------------------
@@ -458,6 +699,28 @@ std::tuple<Tensor, Tensor> interval_depthwise(const Tensor& l, const Tensor& u, 
       handle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t)>(
           "dsrna::interval_depthwise_conv2d");
   return op.call(l, u, w, s, p, d);
+}
+
+Tensor depthwise_stack(const Tensor& x, at::TensorList ws, int64_t s, at::IntArrayRef p, at::IntArrayRef d) {
+  static const auto op = handle<Tensor(const Tensor&, at::TensorList, int64_t, at::IntArrayRef, at::IntArrayRef)>(
+      "dsrna::depthwise_conv2d_stack");
+  return op.call(x, ws, s, p, d);
+}
+
+Tensor depthwise_stack_transpose(const Tensor& g, at::TensorList ws, at::IntArrayRef hw, int64_t s, at::IntArrayRef p,
+                                 at::IntArrayRef d) {
+  static const auto op =
+      handle<Tensor(const Tensor&, at::TensorList, at::IntArrayRef, int64_t, at::IntArrayRef, at::IntArrayRef)>(
+          "dsrna::depthwise_conv2d_stack_transpose");
+  return op.call(g, ws, hw, s, p, d);
+}
+
+std::vector<Tensor> depthwise_stack_weight(const Tensor& x, const Tensor& g, at::IntArrayRef ks, int64_t s,
+                                           at::IntArrayRef p, at::IntArrayRef d) {
+  static const auto op = handle<std::vector<Tensor>(const Tensor&, const Tensor&, at::IntArrayRef, int64_t,
+                                                    at::IntArrayRef, at::IntArrayRef)>(
+      "dsrna::depthwise_conv2d_stack_weight");
+  return op.call(x, g, ks, s, p, d);
 }
 
 }  // namespace ops
@@ -619,6 +882,112 @@ struct IntervalDepthwiseFunction : torch::autograd::Function<IntervalDepthwiseFu
   }
 };
 
+// The stacked family keeps its stride and per-kernel paddings and dilations.
+void save_stack_geometry(AutogradContext* ctx, int64_t s, at::IntArrayRef p, at::IntArrayRef d) {
+  ctx->saved_data["s"] = s;
+  ctx->saved_data["p"] = p.vec();
+  ctx->saved_data["d"] = d.vec();
+}
+
+struct StackGeometryArgs {
+  int64_t s;
+  std::vector<int64_t> p, d;
+};
+
+StackGeometryArgs stack_geometry_args(AutogradContext* ctx) {
+  return {ctx->saved_data["s"].toInt(), ctx->saved_data["p"].toIntVector(), ctx->saved_data["d"].toIntVector()};
+}
+
+std::vector<int64_t> kernel_sizes(at::TensorList ws) {
+  std::vector<int64_t> ks;
+  for (const Tensor& w : ws) ks.push_back(w.size(2));
+  return ks;
+}
+
+// A list of gradients where autograd passed none for some entries: zeros of the forward outputs' shapes.
+variable_list defined_or_zeros(const variable_list& grads, const variable_list& like) {
+  variable_list out;
+  for (size_t i = 0; i < grads.size(); ++i) out.push_back(grads[i].defined() ? grads[i] : at::zeros_like(like[i]));
+  return out;
+}
+
+// y = stack(x, Ws): dx = stack_transpose(dy, Ws), dWs = stack_weight(x, dy).
+struct DepthwiseStackFunction : torch::autograd::Function<DepthwiseStackFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, at::TensorList ws, int64_t s, at::IntArrayRef p,
+                        at::IntArrayRef d) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save_list_and(ctx, ws, x);
+    save_stack_geometry(ctx, s, p, d);
+    return ops::depthwise_stack(x, ws, s, p, d);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto [ws, x] = saved_list_and(ctx);
+    const auto [s, p, d] = stack_geometry_args(ctx);
+    const Tensor& g = grads[0];
+    variable_list out{ctx->needs_input_grad(0) ? ops::depthwise_stack_transpose(g, ws, x.sizes().slice(2), s, p, d)
+                                               : Tensor()};
+    bool any_weight = false;
+    for (size_t t = 0; t < ws.size(); ++t) any_weight |= ctx->needs_input_grad(1 + t);
+    if (any_weight) {
+      for (const Tensor& dw : ops::depthwise_stack_weight(x, g, kernel_sizes(ws), s, p, d)) out.push_back(dw);
+    } else {
+      out.resize(1 + ws.size());
+    }
+    out.resize(out.size() + 3);  // stride, paddings, dilations
+    return out;
+  }
+};
+
+// z = stack_transpose(g, Ws): dg = stack(dz, Ws), dWs = stack_weight(dz, g).
+struct DepthwiseStackTransposeFunction : torch::autograd::Function<DepthwiseStackTransposeFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, at::TensorList ws, at::IntArrayRef hw, int64_t s,
+                        at::IntArrayRef p, at::IntArrayRef d) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save_list_and(ctx, ws, g);
+    save_stack_geometry(ctx, s, p, d);
+    return ops::depthwise_stack_transpose(g, ws, hw, s, p, d);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto [ws, g] = saved_list_and(ctx);
+    const auto [s, p, d] = stack_geometry_args(ctx);
+    const Tensor& dz = grads[0];
+    variable_list out{ctx->needs_input_grad(0) ? ops::depthwise_stack(dz, ws, s, p, d) : Tensor()};
+    bool any_weight = false;
+    for (size_t t = 0; t < ws.size(); ++t) any_weight |= ctx->needs_input_grad(1 + t);
+    if (any_weight) {
+      for (const Tensor& dw : ops::depthwise_stack_weight(dz, g, kernel_sizes(ws), s, p, d)) out.push_back(dw);
+    } else {
+      out.resize(1 + ws.size());
+    }
+    out.resize(out.size() + 4);  // input_hw, stride, paddings, dilations
+    return out;
+  }
+};
+
+// gWs = stack_weight(x, g): dx = stack_transpose(g, dgWs), dg = stack(x, dgWs).
+struct DepthwiseStackWeightFunction : torch::autograd::Function<DepthwiseStackWeightFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& g, at::IntArrayRef ks, int64_t s,
+                               at::IntArrayRef p, at::IntArrayRef d) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save_stack_geometry(ctx, s, p, d);
+    auto out = ops::depthwise_stack_weight(x, g, ks, s, p, d);
+    variable_list saved{x, g};
+    saved.insert(saved.end(), out.begin(), out.end());  // for their shapes, where a gradient is missing
+    ctx->save_for_backward(saved);
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &g = saved[1];
+    const auto [s, p, d] = stack_geometry_args(ctx);
+    const variable_list dgw = defined_or_zeros(grads, variable_list(saved.begin() + 2, saved.end()));
+    Tensor dx, dg;
+    if (ctx->needs_input_grad(0)) dx = ops::depthwise_stack_transpose(g, dgw, x.sizes().slice(2), s, p, d);
+    if (ctx->needs_input_grad(1)) dg = ops::depthwise_stack(x, dgw, s, p, d);
+    return {dx, dg, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
 Tensor weighted_sum_autograd(at::TensorList xs, const Tensor& w) { return WeightedSumFunction::apply(xs, w); }
 
 Tensor batched_dot_autograd(at::TensorList xs, const Tensor& g) { return BatchedDotFunction::apply(xs, g); }
@@ -642,6 +1011,21 @@ std::tuple<Tensor, Tensor> interval_depthwise_conv2d_autograd(const Tensor& l, c
   return {out[0], out[1]};
 }
 
+Tensor depthwise_conv2d_stack_autograd(const Tensor& x, at::TensorList ws, int64_t s, at::IntArrayRef p,
+                                       at::IntArrayRef d) {
+  return DepthwiseStackFunction::apply(x, ws, s, p, d);
+}
+
+Tensor depthwise_conv2d_stack_transpose_autograd(const Tensor& g, at::TensorList ws, at::IntArrayRef hw, int64_t s,
+                                                 at::IntArrayRef p, at::IntArrayRef d) {
+  return DepthwiseStackTransposeFunction::apply(g, ws, hw, s, p, d);
+}
+
+std::vector<Tensor> depthwise_conv2d_stack_weight_autograd(const Tensor& x, const Tensor& g, at::IntArrayRef ks,
+                                                           int64_t s, at::IntArrayRef p, at::IntArrayRef d) {
+  return DepthwiseStackWeightFunction::apply(x, g, ks, s, p, d);
+}
+
 }  // namespace
 }  // namespace dsrna
 
@@ -656,6 +1040,11 @@ TORCH_LIBRARY_FRAGMENT(dsrna, m) {
         "int dilation) -> Tensor");
   m.def("interval_depthwise_conv2d(Tensor lower, Tensor upper, Tensor weight, int stride, int padding, "
         "int dilation) -> (Tensor, Tensor)");
+  m.def("depthwise_conv2d_stack(Tensor x, Tensor[] weights, int stride, int[] paddings, int[] dilations) -> Tensor");
+  m.def("depthwise_conv2d_stack_transpose(Tensor grad_out, Tensor[] weights, int[2] input_hw, int stride, "
+        "int[] paddings, int[] dilations) -> Tensor");
+  m.def("depthwise_conv2d_stack_weight(Tensor x, Tensor grad_out, int[] kernel_sizes, int stride, int[] paddings, "
+        "int[] dilations) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(dsrna, CPU, m) {
@@ -665,6 +1054,9 @@ TORCH_LIBRARY_IMPL(dsrna, CPU, m) {
   m.impl("depthwise_conv2d_transpose", &dsrna::depthwise_conv2d_transpose_cpu);
   m.impl("depthwise_conv2d_weight", &dsrna::depthwise_conv2d_weight_cpu);
   m.impl("interval_depthwise_conv2d", &dsrna::interval_depthwise_conv2d_cpu);
+  m.impl("depthwise_conv2d_stack", &dsrna::depthwise_conv2d_stack_cpu);
+  m.impl("depthwise_conv2d_stack_transpose", &dsrna::depthwise_conv2d_stack_transpose_cpu);
+  m.impl("depthwise_conv2d_stack_weight", &dsrna::depthwise_conv2d_stack_weight_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dsrna, Autograd, m) {
@@ -674,6 +1066,9 @@ TORCH_LIBRARY_IMPL(dsrna, Autograd, m) {
   m.impl("depthwise_conv2d_transpose", &dsrna::depthwise_conv2d_transpose_autograd);
   m.impl("depthwise_conv2d_weight", &dsrna::depthwise_conv2d_weight_autograd);
   m.impl("interval_depthwise_conv2d", &dsrna::interval_depthwise_conv2d_autograd);
+  m.impl("depthwise_conv2d_stack", &dsrna::depthwise_conv2d_stack_autograd);
+  m.impl("depthwise_conv2d_stack_transpose", &dsrna::depthwise_conv2d_stack_transpose_autograd);
+  m.impl("depthwise_conv2d_stack_weight", &dsrna::depthwise_conv2d_stack_weight_autograd);
 }
 
 #ifdef DSRNA_WITH_CUDA
@@ -684,6 +1079,9 @@ TORCH_LIBRARY_IMPL(dsrna, CUDA, m) {
   m.impl("depthwise_conv2d_transpose", &dsrna::depthwise_conv2d_transpose_cuda);
   m.impl("depthwise_conv2d_weight", &dsrna::depthwise_conv2d_weight_cuda);
   m.impl("interval_depthwise_conv2d", &dsrna::interval_depthwise_conv2d_cuda);
+  m.impl("depthwise_conv2d_stack", &dsrna::depthwise_conv2d_stack_cuda);
+  m.impl("depthwise_conv2d_stack_transpose", &dsrna::depthwise_conv2d_stack_transpose_cuda);
+  m.impl("depthwise_conv2d_stack_weight", &dsrna::depthwise_conv2d_stack_weight_cuda);
 }
 #endif
 

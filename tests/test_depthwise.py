@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from dsrna import SearchNetwork, _native, backend, use_backend
-from dsrna.ops import depthwise_conv2d_reference, depthwise_conv2d_transpose_reference
+from dsrna.ops import (depthwise_conv2d_reference, depthwise_conv2d_stack, depthwise_conv2d_stack_reference,
+                       depthwise_conv2d_transpose_reference)
 from conftest import DEVICES
 
 # (kernel, padding, dilation) of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5
@@ -215,6 +216,96 @@ def test_cuda_tiles_match_reference(dtype, shape):
         gw_ref = F.grad.conv2d_weight(xd, wd.shape, g.double(), s, p, d, groups=shape[1])
         torch.testing.assert_close(ops.depthwise_conv2d_weight(x, g, k, s, p, d).double(), gw_ref,
                                    rtol=tol["rtol"], atol=tol["atol"] * shape[0] * y.shape[2] * y.shape[3] ** 0.5)
+
+
+# --- several convs of one input, channel-stacked ------------------------------------------------------
+
+
+def stack_inputs(M, C, hw, dtype, device, kernels=tuple(k for k, _, _ in DARTS)):
+    x = torch.randn(2, C, *hw, dtype=dtype, device=device, requires_grad=True)
+    ws = [torch.randn(M, C, k, k, dtype=dtype, device=device, requires_grad=True) for k in kernels]
+    return x, ws
+
+
+STACK_ARGS = ([p for _, p, _ in DARTS], [d for _, _, d in DARTS])  # paddings, dilations
+
+
+@pytest.mark.parametrize("name", fast_backends("depthwise_conv2d_stack"))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("M, s", [(1, 1), (3, 1), (2, 2)])
+def test_stack_forward_backward_and_double_backward(name, device, dtype, M, s):
+    """The four first-stage convs of the DARTS candidates, M copies each (M edges leaving a state)."""
+    fn = impl("depthwise_conv2d_stack", name, device)
+    x, ws = stack_inputs(M, 3, (9, 7), dtype, device)
+    results = []
+    for stack in (fn, depthwise_conv2d_stack_reference):
+        y = stack(x, ws, s, *STACK_ARGS)
+        g = torch.ones_like(y).mul_(torch.linspace(-1, 1, y.shape[1], dtype=dtype, device=device)[:, None, None])
+        grads = torch.autograd.grad(y, (x, *ws), g.requires_grad_(), create_graph=True)
+        second = torch.autograd.grad(grads[0].square().sum() + sum((gw * w).sum() for gw, w in zip(grads[1:], ws)),
+                                     (x, *ws, g))
+        results.append((y, *grads, *second))
+    assert results[0][0].shape == (2, 4 * M * 3, *results[0][0].shape[2:])
+    assert_all_close(*results, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("name", fast_backends("depthwise_conv2d_stack"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_stack_gradcheck_and_gradgradcheck(name, device):
+    stack = impl("depthwise_conv2d_stack", name, device)
+    x, ws = stack_inputs(2, 2, (5, 6), torch.float64, device, kernels=(3, 5))
+    f = lambda x, *ws: stack(x, ws, 2, [1, 4], [1, 2])  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, *ws), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, (x, *ws), fast_mode=True)
+
+
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_stack_opcheck_and_gradient_ops(device):
+    ops = torch.ops.dsrna
+    x, ws = stack_inputs(2, 3, (7, 6), torch.float32, device)
+    y = ops.depthwise_conv2d_stack(x, ws, 2, *STACK_ARGS)
+    g = torch.randn_like(y).requires_grad_()
+    quick = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(ops.depthwise_conv2d_stack.default, (x, ws, 2, *STACK_ARGS))
+    torch.library.opcheck(ops.depthwise_conv2d_stack_transpose.default, (g, ws, [7, 6], 2, *STACK_ARGS), test_utils=quick)
+    torch.library.opcheck(ops.depthwise_conv2d_stack_weight.default, (x, g, [3, 5, 3, 5], 2, *STACK_ARGS),
+                          test_utils=quick)
+    # Only some weight gradients used: the missing ones count as zero in the double backward.
+    gws = ops.depthwise_conv2d_stack_weight(x, g, [3, 5, 3, 5], 2, *STACK_ARGS)
+    gx, gg = torch.autograd.grad(gws[1].sum(), (x, g))
+    ref_y = depthwise_conv2d_stack_reference(x, ws, 2, *STACK_ARGS)
+    ref_gws = torch.autograd.grad(ref_y, ws, g, create_graph=True)
+    ref_gx, ref_gg = torch.autograd.grad(ref_gws[1].sum(), (x, g))
+    assert_all_close((gx, gg), (ref_gx, ref_gg), **tolerance(torch.float32))
+
+
+@needs_native
+def test_native_stack_rejects_bad_arguments():
+    x, ws = stack_inputs(1, 2, (8, 8), torch.float64, "cpu")
+    ops = torch.ops.dsrna
+    with pytest.raises(RuntimeError, match="conv 1 gives 6x6 outputs but conv 0 gives 8x8"):
+        ops.depthwise_conv2d_stack(x, ws[:2], 1, [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match=r"must be \[M, C, k, k\]"):
+        ops.depthwise_conv2d_stack(x, [ws[0], torch.randn(2, 2, 5, 5, dtype=torch.float64)], 1, [1, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="one padding and one dilation per weight"):
+        ops.depthwise_conv2d_stack(x, ws, 1, [1, 2], [1, 1])
+    with pytest.raises(ValueError, match="one padding and one dilation per weight"):
+        depthwise_conv2d_stack(x, ws, 1, [1, 2], [1, 1], backend_name="reference")
+
+
+@needs_native
+@pytest.mark.skipif("cuda" not in DEVICES, reason="no CUDA device")
+def test_cuda_stack_matches_reference():
+    x, ws = stack_inputs(3, 16, (17, 16), torch.float32, "cuda")
+    for s in (1, 2):
+        results = []
+        for stack in (torch.ops.dsrna.depthwise_conv2d_stack, depthwise_conv2d_stack_reference):
+            y = stack(x, ws, s, *STACK_ARGS)
+            g = torch.randn(y.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(s))
+            results.append((y, *torch.autograd.grad(y, (x, *ws), g)))
+        assert_all_close(*results, rtol=1e-4, atol=1e-3)
 
 
 # --- end to end ----------------------------------------------------------------------------------------

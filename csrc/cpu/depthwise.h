@@ -76,9 +76,10 @@ void interval_depthwise_plane(const T* lower, const T* upper, const Acc* w, cons
   DSRNA_DISPATCH_ISA(interval_depthwise_plane(lower, upper, w, w_abs, g, out_lower, out_upper, scratch));
 }
 
-template <typename T, typename Acc>
-void depthwise_transpose_plane(const T* gy, const Acc* w, const DepthwiseGeometry& g, T* gx, Acc* scratch) {
-  DSRNA_DISPATCH_ISA(depthwise_transpose_plane(gy, w, g, gx, scratch));
+template <typename T, typename Acc, typename Out>
+void depthwise_transpose_plane(const T* gy, const Acc* w, const DepthwiseGeometry& g, Out* gx, Acc* scratch,
+                               bool accumulate = false) {
+  DSRNA_DISPATCH_ISA(depthwise_transpose_plane(gy, w, g, gx, scratch, accumulate));
 }
 
 template <typename T, typename Acc>

@@ -10,6 +10,8 @@ import warnings
 from dsrna.ops.depthwise import (
     depthwise_conv2d,
     depthwise_conv2d_reference,
+    depthwise_conv2d_stack,
+    depthwise_conv2d_stack_reference,
     depthwise_conv2d_transpose,
     depthwise_conv2d_transpose_reference,
 )
@@ -26,6 +28,7 @@ else:
     TRITON_IMPORT_ERROR = None
 
 __all__ = [
-    "depthwise_conv2d", "depthwise_conv2d_reference", "depthwise_conv2d_transpose",
+    "depthwise_conv2d", "depthwise_conv2d_reference", "depthwise_conv2d_stack", "depthwise_conv2d_stack_reference",
+    "depthwise_conv2d_transpose",
     "depthwise_conv2d_transpose_reference", "pool_bn", "pool_bn_reference", "weighted_sum", "weighted_sum_reference",
 ]

@@ -8,9 +8,16 @@ transposed map the CROWN backward step pushes bounds through) and ``depthwise_co
 gradient to the weight). All three are bilinear, so the backward of each is two of the three: every
 order of derivative runs on the same kernels. ``interval_depthwise_conv2d`` (interval bound
 propagation through the conv) is a fourth op whose backward uses the first three.
+
+``depthwise_conv2d_stack`` runs several depthwise convs (kernel sizes, paddings and dilations may
+differ; one stride, one output size) of one input and stacks their outputs along the channels; it is
+closed under differentiation with ``depthwise_conv2d_stack_transpose`` (the sum of their transposed
+convs) and ``depthwise_conv2d_stack_weight`` in the same way.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +55,34 @@ def depthwise_conv2d_transpose(grad_out, weight, input_hw, stride=1, padding=0, 
         grad_out, weight, tuple(input_hw), stride, padding, dilation)
 
 
+# --- several depthwise convs of one input, channel-stacked ------------------------------------------
+
+
+def depthwise_conv2d_stack_reference(x: torch.Tensor, weights: Sequence[torch.Tensor], stride: int,
+                                     paddings: Sequence[int], dilations: Sequence[int]) -> torch.Tensor:
+    """Pure-PyTorch twin of the stacked convs: ``weights[t]`` is ``[M, C, k_t, k_t]``, M convs of kernel
+    ``k_t`` (padding ``paddings[t]``, dilation ``dilations[t]``) of the C channels of ``x``; output
+    ``[N, T*M*C, Ho, Wo]`` with conv ``(t, m)`` in channels ``(t*M + m)*C`` onwards."""
+    M = weights[0].shape[0]
+    copies = x if M == 1 else x.repeat(1, M, 1, 1)
+    return torch.cat([F.conv2d(copies, w.reshape(-1, 1, *w.shape[2:]), None, stride, p, d, groups=copies.shape[1])
+                      for w, p, d in zip(weights, paddings, dilations)], dim=1)
+
+
+backend.register("depthwise_conv2d_stack", "reference", depthwise_conv2d_stack_reference)
+
+
+def depthwise_conv2d_stack(x, weights, stride, paddings, dilations, backend_name=None):
+    """The depthwise convs of one input in one op (the first stage of every conv candidate of the
+    edges leaving a state, :mod:`dsrna.space.batched_cell`): the native kernel reads each input
+    plane once for all of them, and its backward sums their transposed convs in one pass."""
+    if not (len(weights) == len(paddings) == len(dilations) >= 1):
+        raise ValueError(f"depthwise_conv2d_stack: need one padding and one dilation per weight, got {len(weights)} "
+                         f"weights, paddings {list(paddings)}, dilations {list(dilations)}")
+    return backend.dispatch("depthwise_conv2d_stack", x.device, backend_name)(
+        x, list(weights), stride, list(paddings), list(dilations))
+
+
 # --- native ------------------------------------------------------------------------------------------
 
 
@@ -74,6 +109,11 @@ def interval_depthwise_conv2d_native(lower, upper, weight, stride, padding, dila
     """Both bounds in one pass over ``[lower, upper]``; same contract as
     :func:`dsrna.ops.bound_ops.interval_depthwise_conv2d_reference`."""
     return torch.ops.dsrna.interval_depthwise_conv2d(lower, upper, weight, stride, padding, dilation)
+
+
+def depthwise_conv2d_stack_native(x, weights, stride, paddings, dilations):
+    x, *weights = _autocast(x, *weights)
+    return torch.ops.dsrna.depthwise_conv2d_stack(x, weights, stride, paddings, dilations)
 
 
 def _output_size(size, k, stride, padding, dilation):
@@ -104,6 +144,23 @@ def _register_native_fakes() -> None:
         shape = (n, c, _output_size(h, k, stride, padding, dilation), _output_size(w, k, stride, padding, dilation))
         return lower.new_empty(shape), lower.new_empty(shape)
 
+    @torch.library.register_fake("dsrna::depthwise_conv2d_stack")
+    def _(x, weights, stride, paddings, dilations):
+        n, c, h, w = x.shape
+        k, p, d = weights[0].shape[-1], paddings[0], dilations[0]
+        blocks = len(weights) * weights[0].shape[0]
+        return x.new_empty((n, blocks * c, _output_size(h, k, stride, p, d), _output_size(w, k, stride, p, d)))
+
+    @torch.library.register_fake("dsrna::depthwise_conv2d_stack_transpose")
+    def _(grad_out, weights, input_hw, stride, paddings, dilations):
+        return grad_out.new_empty((grad_out.shape[0], weights[0].shape[1], input_hw[0], input_hw[1]))
+
+    @torch.library.register_fake("dsrna::depthwise_conv2d_stack_weight")
+    def _(x, grad_out, kernel_sizes, stride, paddings, dilations):
+        c = x.shape[1]
+        m = grad_out.shape[1] // (len(kernel_sizes) * c)
+        return [x.new_empty((m, c, k, k)) for k in kernel_sizes]
+
 
 if _native.C is not None:
     _register_native_fakes()
@@ -112,3 +169,4 @@ if _native.C is not None:
 backend.register("depthwise_conv2d", "native", depthwise_conv2d_native)
 backend.register("depthwise_conv2d_transpose", "native", depthwise_conv2d_transpose_native)
 backend.register("interval_depthwise_conv2d", "native", interval_depthwise_conv2d_native)
+backend.register("depthwise_conv2d_stack", "native", depthwise_conv2d_stack_native)

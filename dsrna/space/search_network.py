@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dsrna import backend as _backend
 from dsrna.ops import weighted_sum
+from dsrna.space import batched_cell
 from dsrna.space.genotype import PRIMITIVES, Genotype
 from dsrna.space.ops import (
     BatchNorm2d,
@@ -119,27 +120,48 @@ class SearchCell(nn.Module):
     def forward(self, s0, s1, weights, edge_weights=None):
         """``weights``: softmax(alpha) ``[edges, ops]``; ``edge_weights``: per-edge beta weights or None."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        edges = list(self.edges)
-        start = 0
-        for i in range(self.steps):
-            end = start + 2 + i
-            if self.partial_channels == 1:
-                # Node-level fusion: every candidate of every incoming edge goes into one weighted sum.
-                # Every edge keeps the same candidates, so the node's weights are one slice of rows
-                # ``start:end`` of ``weights``, flattened (one copy; its backward one slice).
-                outs = []
-                for j in range(2 + i):
-                    outs += edges[start + j].outputs(states[j])
-                if all(edges[start + j]._candidates()[2] == edges[start]._candidates()[2] for j in range(1, 2 + i)):
-                    w = edges[start].kept_weights(weights[start:end])
-                else:  # not so in the DARTS space; kept for modified cells
-                    w = torch.cat([edges[start + j].kept_weights(weights[start + j]) for j in range(2 + i)])
-                states.append(weighted_sum(outs, w))
-            else:
-                outs = [edges[start + j](states[j], weights[start + j]) for j in range(2 + i)]
-                states.append(weighted_sum(outs, edge_weights[start:end]))
-            start = end
-        return torch.cat(states[-self.multiplier:], dim=1)
+        nodes = _backend.dispatch("search_cell", s0.device)(self, states, weights, edge_weights)
+        return torch.cat(nodes[-self.multiplier:], dim=1)
+
+
+def cell_nodes_reference(cell: SearchCell, states: list[torch.Tensor], weights: torch.Tensor,
+                         edge_weights: torch.Tensor | None) -> list[torch.Tensor]:
+    """Appends the cell's nodes to ``states`` (its two preprocessed inputs), one mixed op per edge."""
+    edges = list(cell.edges)
+    start = 0
+    for i in range(cell.steps):
+        end = start + 2 + i
+        if cell.partial_channels == 1:
+            # Node-level fusion: every candidate of every incoming edge goes into one weighted sum.
+            # Every edge keeps the same candidates, so the node's weights are one slice of rows
+            # ``start:end`` of ``weights``, flattened (one copy; its backward one slice).
+            outs = []
+            for j in range(2 + i):
+                outs += edges[start + j].outputs(states[j])
+            if all(edges[start + j]._candidates()[2] == edges[start]._candidates()[2] for j in range(1, 2 + i)):
+                w = edges[start].kept_weights(weights[start:end])
+            else:  # not so in the DARTS space; kept for modified cells
+                w = torch.cat([edges[start + j].kept_weights(weights[start + j]) for j in range(2 + i)])
+            states.append(weighted_sum(outs, w))
+        else:
+            outs = [edges[start + j](states[j], weights[start + j]) for j in range(2 + i)]
+            states.append(weighted_sum(outs, edge_weights[start:end]))
+        start = end
+    return states
+
+
+def cell_nodes_batched(cell: SearchCell, states: list[torch.Tensor], weights: torch.Tensor,
+                       edge_weights: torch.Tensor | None) -> list[torch.Tensor]:
+    """The fast backends' cell: the edges leaving each state run together (:mod:`.batched_cell`)
+    when the cell is in train mode with the DARTS candidates, else one mixed op per edge."""
+    if batched_cell.usable(cell):
+        return batched_cell.forward_batched(cell, states, weights, edge_weights)
+    return cell_nodes_reference(cell, states, weights, edge_weights)
+
+
+_backend.register("search_cell", "reference", cell_nodes_reference)
+for _name in ("native", "triton"):
+    _backend.register("search_cell", _name, cell_nodes_batched)
 
 
 def _parse(weights: torch.Tensor, steps: int) -> list[tuple[str, int]]:

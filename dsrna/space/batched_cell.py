@@ -1,0 +1,254 @@
+"""State-batched execution of a search cell: the fast backends' cell forward.
+
+The reference cell (:func:`dsrna.space.search_network.cell_nodes_reference`) runs each of its 14 mixed ops on its own, about
+25 small kernels per edge, each over one ``[B, C, H, W]`` tensor: on a GPU the step is bound by
+kernel launches (BASELINE.md). Here the same arithmetic is grouped by the *state* the edges leave,
+since every edge leaving a state reads the same tensor at the same stride:
+
+- pools with batch-statistics BN: the edges' ``pool -> BN(affine=False)`` outputs are equal (same
+  input, same stride, same statistics), so one pass serves them all;
+- conv candidates: one ReLU; the first-stage depthwise convs of every edge's four conv candidates,
+  channel-stacked (``[B, 4E*C, H, W]``, type-major: all sep 3x3, all sep 5x5, all dil 3x3, all dil
+  5x5); one grouped 1x1 conv; one batch norm over all those channels; the separable convs' second
+  stage likewise (``[B, 2E*C, H, W]``). Per-channel batch norm and grouped convs compute each channel
+  exactly as the per-edge modules do; only the launches are shared.
+
+The modules, parameters and buffers stay the per-edge ones (checkpoints, the bound engine and the
+optimizer see no difference): their weights are concatenated per call (a copy of the small weight
+tensors; its backward is views), and the running statistics of the stacked batch norms are written
+back to each module. Train-mode batch norm only: in eval mode each edge normalises with its own
+running statistics, so cells in eval mode (or with modules this plan does not know) run per edge.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsrna.ops import depthwise_conv2d, depthwise_conv2d_stack, weighted_sum
+from dsrna.space import ops as _ops
+from dsrna.space.ops import BatchNorm2d, DilConv, FactorizedReduce, Identity, PoolBN, SepConv, Zero, channel_shuffle
+
+# The kept candidates of PRIMITIVES (all but `none`), in order, with the module type each must have.
+_LAYOUT = (("max", PoolBN), ("avg", PoolBN), ("skip", (Identity, FactorizedReduce)),
+           ("sep3", SepConv), ("sep5", SepConv), ("dil3", DilConv), ("dil5", DilConv))
+_CONVS = ("sep3", "sep5", "dil3", "dil5")
+# (kernel size, padding, dilation) of each conv candidate's first depthwise conv (METHOD.md §1).
+_DEPTHWISE = {"sep3": (3, 1, 1), "sep5": (5, 2, 1), "dil3": (3, 2, 2), "dil5": (5, 4, 2)}
+
+
+@dataclass
+class _StatePlan:
+    """The edges leaving one state: their indices in the cell, stride, and candidate modules by kind."""
+
+    edges: tuple[int, ...]
+    stride: int
+    ops: dict[str, tuple[nn.Module, ...]]
+    stage1_bns: tuple[BatchNorm2d, ...]  # channel order of the stacked first stage
+    stage2_bns: tuple[BatchNorm2d, ...]  # ... and of the separable convs' second stage
+    bypass_pool: nn.Module | None  # PC-DARTS: the stride-2 bypass pooling (parameter-free, shared)
+
+
+def _module_ok(op: nn.Module, kind: str, stride: int) -> bool:
+    """Whether candidate ``op`` is the standard DARTS module this plan assumes for ``kind``."""
+    if kind in ("max", "avg"):
+        return op.kind == kind and op.stride == stride and _batch_norm_ok(op.bn)
+    if kind == "skip":
+        return isinstance(op, Identity) == (stride == 1) and (stride == 1 or _batch_norm_ok(op.bn))
+    k, p, d = _DEPTHWISE[kind]
+    seq = list(op.op)
+    stages = [seq[:4], seq[4:]] if kind.startswith("sep") else [seq]
+    for n, (relu, dw, pw, bn) in enumerate(stages):
+        s = stride if n == 0 else 1
+        if not (type(relu) is nn.ReLU and type(dw) is _ops.DepthwiseConv2d and type(pw) is nn.Conv2d
+                and dw.kernel_size[0] == k and dw.padding[0] == p and dw.dilation[0] == d and dw.stride[0] == s
+                and pw.kernel_size == (1, 1) and pw.bias is None and pw.groups == 1 and _batch_norm_ok(bn)):
+            return False
+    return True
+
+
+def _batch_norm_ok(bn) -> bool:
+    return (type(bn) is BatchNorm2d and not bn.affine and bn.track_running_stats and bn.momentum is not None
+            and bn.running_mean is not None)
+
+
+@dataclass
+class _CellPlan:
+    states: list[_StatePlan]  # indexed by state (the two inputs, then the nodes with outgoing edges)
+    batch_norms: tuple[BatchNorm2d, ...]  # every batch norm the batched path runs for the modules
+
+
+def build_plan(cell) -> _CellPlan | None:
+    """The per-state plan of ``cell``, or None when its edges are not the standard DARTS mixed ops."""
+    by_state: dict[int, list[int]] = {}
+    for _, e, j in cell.edge_index():
+        by_state.setdefault(j, []).append(e)
+    plans = []
+    for j, edge_ids in sorted(by_state.items()):
+        mixed = [cell.edges[e] for e in edge_ids]
+        stride = mixed[0].stride
+        if any(m.stride != stride or len(m.ops) != len(_LAYOUT) + 1 or not isinstance(m.ops[0], Zero) for m in mixed):
+            return None
+        ops = {}
+        for k, (kind, cls) in enumerate(_LAYOUT, start=1):
+            ops[kind] = tuple(m.ops[k] for m in mixed)
+            if not all(isinstance(op, cls) and _module_ok(op, kind, stride) for op in ops[kind]):
+                return None
+        stage1 = tuple(op.op[3] for kind in _CONVS for op in ops[kind])
+        stage2 = tuple(op.op[7] for kind in ("sep3", "sep5") for op in ops[kind])
+        plans.append(_StatePlan(tuple(edge_ids), stride, ops, stage1, stage2, getattr(mixed[0], "bypass_pool", None)))
+    stacked = [bn for p in plans for bn in p.stage1_bns + p.stage2_bns]
+    if len({(bn.eps, bn.momentum) for bn in stacked}) > 1:
+        return None  # one batch_norm call needs one eps and one momentum
+    pools = [op.bn for p in plans for kind in ("max", "avg") for op in p.ops[kind]]
+    return _CellPlan(plans, tuple(stacked + pools))
+
+
+# --- batch norm over the channel-stacked outputs of several modules ----------------------------------
+
+
+def _stacked_batch_norm(x: torch.Tensor, bns: tuple[BatchNorm2d, ...]) -> torch.Tensor:
+    """``cat([bn(part) for bn, part in zip(bns, x.chunk(len(bns), 1))], 1)`` in one call, in every
+    mode of :class:`BatchNorm2d` (plain train, capturing, replaying frozen statistics)."""
+    bn0 = bns[0]
+    mode = getattr(_ops._bn_mode, "value", None)
+    if mode is not None and mode[0] == "replay":
+        store = mode[1]
+        if any(bn not in store for bn in bns):
+            raise RuntimeError("frozen_batch_stats: this BatchNorm2d ran no clean pass under capture_batch_stats")
+        mean = torch.cat([store[bn][0] for bn in bns])
+        var = torch.cat([store[bn][1] for bn in bns])
+        return _ops.batch_norm_affine(bn0, mean, var, x)
+    if mode is not None:  # capture: record each module's statistics as BatchNorm2d would
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        for bn, m, v in zip(bns, mean.chunk(len(bns)), var.chunk(len(bns))):
+            mode[1][bn] = (m, v)
+    running_mean = torch.cat([bn.running_mean for bn in bns])
+    running_var = torch.cat([bn.running_var for bn in bns])
+    out = torch.batch_norm(x, None, None, running_mean, running_var, True, bn0.momentum, bn0.eps,
+                           torch.backends.cudnn.enabled)
+    torch._foreach_copy_([bn.running_mean for bn in bns], list(running_mean.chunk(len(bns))))
+    torch._foreach_copy_([bn.running_var for bn in bns], list(running_var.chunk(len(bns))))
+    torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    return out
+
+
+def _shared_pool(x: torch.Tensor, pools: tuple[PoolBN, ...]) -> torch.Tensor:
+    """The common output of ``pools`` (same kind and stride, batch-statistics BN) on input ``x``: the
+    first module computes it; the others' running statistics take the same update."""
+    first = pools[0]
+    mode = getattr(_ops._bn_mode, "value", None)
+    if len(pools) == 1 or (mode is not None and mode[0] == "replay"):
+        return first(x)
+    bn0, others = first.bn, [p.bn for p in pools[1:]]
+    # new_k = (1 - m) old_k + m stat, and m stat = new_0 - (1 - m) old_0: exact for any prior state,
+    # in five multi-tensor launches whatever the number of edges.
+    keep = 1.0 - bn0.momentum
+    first_stats = [bn0.running_mean, bn0.running_var]
+    kept_old = torch._foreach_mul(first_stats, keep)
+    out = first(x)
+    update = torch._foreach_sub(first_stats, kept_old)
+    stats = [bn.running_mean for bn in others] + [bn.running_var for bn in others]
+    torch._foreach_mul_(stats, keep)
+    torch._foreach_add_(stats, [update[0]] * len(others) + [update[1]] * len(others))
+    torch._foreach_add_([bn.num_batches_tracked for bn in others], 1)
+    if mode is not None:  # capture: every module recorded the same statistics
+        for bn in others:
+            mode[1][bn] = mode[1][bn0]
+    return out
+
+
+# --- one state's candidates --------------------------------------------------------------------------
+
+
+def _cat_weights(modules, index: int) -> torch.Tensor:
+    return torch.cat([m.op[index].weight for m in modules])
+
+
+def _conv_candidates(relu_x: torch.Tensor, plan: _StatePlan) -> dict[str, list[torch.Tensor]]:
+    """The four conv candidates of every edge of ``plan`` from the shared ``relu(x)``."""
+    E, C = len(plan.edges), relu_x.shape[1]
+    kernels, paddings, dilations = zip(*(_DEPTHWISE[kind] for kind in _CONVS))
+    weights = [_cat_weights(plan.ops[kind], 1).view(E, C, k, k) for kind, k in zip(_CONVS, kernels)]
+    stage1 = depthwise_conv2d_stack(relu_x, weights, plan.stride, paddings, dilations)
+    stage1_convs = [op for kind in _CONVS for op in plan.ops[kind]]
+    stage1 = F.conv2d(stage1, _cat_weights(stage1_convs, 2), groups=4 * E)
+    stage1 = _stacked_batch_norm(stage1, plan.stage1_bns)
+    sep3_in, sep5_in, *dil = stage1.split([E * C, E * C] + [C] * (2 * E), dim=1)
+
+    second = []
+    for kind, part in (("sep3", sep3_in), ("sep5", sep5_in)):
+        k, p, _ = _DEPTHWISE[kind]
+        second.append(depthwise_conv2d(F.relu(part), _cat_weights(plan.ops[kind], 5), 1, p, 1))
+    stage2 = torch.cat(second, dim=1)
+    stage2_convs = [op for kind in ("sep3", "sep5") for op in plan.ops[kind]]
+    stage2 = F.conv2d(stage2, _cat_weights(stage2_convs, 6), groups=2 * E)
+    sep = _stacked_batch_norm(stage2, plan.stage2_bns).split(C, dim=1)
+    return {"sep3": sep[:E], "sep5": sep[E:], "dil3": dil[:E], "dil5": dil[E:]}
+
+
+def _state_candidates(x: torch.Tensor, plan: _StatePlan) -> list[list[torch.Tensor]]:
+    """For every edge of ``plan``, its kept candidates' outputs in PRIMITIVES order."""
+    relu_x = F.relu(x)
+    max_pool = _shared_pool(x, plan.ops["max"])
+    avg_pool = _shared_pool(x, plan.ops["avg"])
+    convs = _conv_candidates(relu_x, plan)
+    outs = []
+    for e, skip in enumerate(plan.ops["skip"]):
+        skipped = x if plan.stride == 1 else skip.after_relu(relu_x)
+        outs.append([max_pool, avg_pool, skipped] + [convs[kind][e] for kind in _CONVS])
+    return outs
+
+
+# --- the cell ----------------------------------------------------------------------------------------
+
+
+def cell_plan(cell) -> _CellPlan | None:
+    """The cell's plan, cached; rebuilt when its edges' ops change (replaced, or a replica)."""
+    key = tuple(itertools.chain.from_iterable(tuple(m.ops) for m in cell.edges))
+    cache = cell.__dict__.get("_batched_plan")
+    if cache is None or cache[0] != key:
+        cache = (key, build_plan(cell))
+        cell.__dict__["_batched_plan"] = cache
+    return cache[1]
+
+
+def usable(cell) -> bool:
+    """Whether ``cell`` can run state-batched now: a known layout, every batch norm in train mode."""
+    plan = cell_plan(cell)
+    return plan is not None and all(bn.training for bn in plan.batch_norms)
+
+
+def forward_batched(cell, states: list[torch.Tensor], weights: torch.Tensor,
+                    edge_weights: torch.Tensor | None) -> list[torch.Tensor]:
+    """Appends the cell's nodes to ``states`` (its two preprocessed inputs); needs :func:`usable`."""
+    plans = cell_plan(cell).states
+    candidates: dict[int, list[torch.Tensor]] = {}  # edge index -> its kept candidate outputs
+    bypass: dict[int, torch.Tensor] = {}  # PC-DARTS: state index -> the channels that skip the mixed op
+    K = cell.partial_channels
+    start = 0
+    for i in range(cell.steps):
+        # Node i's last edge leaves the newest state: batch every edge leaving that state now.
+        for j in ((0, 1) if i == 0 else (1 + i,)):
+            plan, x = plans[j], states[j]
+            if K > 1:
+                C_op = x.shape[1] // K
+                x, rest = x[:, :C_op], x[:, C_op:]
+                bypass[j] = plan.bypass_pool(rest) if plan.stride == 2 else rest
+            candidates.update(zip(plan.edges, _state_candidates(x, plan)))
+        end = start + 2 + i
+        if K == 1:
+            outs = [t for e in range(start, end) for t in candidates.pop(e)]
+            states.append(weighted_sum(outs, cell.edges[start].kept_weights(weights[start:end])))
+        else:
+            mixed = []
+            for j, e in enumerate(range(start, end)):
+                out = weighted_sum(candidates.pop(e), cell.edges[e].kept_weights(weights[e]))
+                mixed.append(channel_shuffle(torch.cat([out, bypass[j]], dim=1), K))
+            states.append(weighted_sum(mixed, edge_weights[start:end]))
+        start = end
+    return states

@@ -1,0 +1,125 @@
+"""The state-batched cell of the fast backends (dsrna.space.batched_cell) against the per-edge
+reference cell, in float64 where the two must agree to rounding: when it runs and when it must not,
+batch-norm bookkeeping (running statistics from any prior state, counters, captured and frozen
+statistics), and cells it does not know."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICES
+from dsrna import SearchNetwork, backend
+from dsrna.space import batched_cell, capture_batch_stats, frozen_batch_stats
+from dsrna.space.ops import SepConv
+
+def fast_backend(device):
+    """Native first: the Triton interpreter takes minutes at these sizes on a CPU
+    (tests/test_backends.py runs the batched cell on Triton at a smaller one)."""
+    for name in ("native", "triton"):
+        if backend.backend_status(name, device)[0]:
+            return name
+    pytest.skip(f"no fast backend runs on {device}")
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def pair(partial_channels=1, device="cpu"):
+    """(fast, reference) copies of one small float64 super-network, alpha away from uniform."""
+    torch.manual_seed(0)
+    ref = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=2, partial_channels=partial_channels,
+                        backend="reference").to(device, torch.float64)
+    with torch.no_grad():
+        for p in ref.arch_parameters():
+            p.normal_(0, 0.5)
+    fast = copy.deepcopy(ref)
+    fast.backend = fast_backend(device)
+    return fast, ref
+
+
+def step(net, x, y):
+    """Logits and the gradients of the cross-entropy with respect to every parameter."""
+    logits = net(x)
+    return (logits, *torch.autograd.grad(F.cross_entropy(logits, y), list(net.parameters())))
+
+
+def batch_norm_state(net):
+    return [b for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+
+
+def assert_close_all(a, b):
+    """Every pair of tensors close; compared as one flat vector (a thousand separate assert_close
+    calls take a minute)."""
+    assert len(a) == len(b) and all(u.shape == v.shape for u, v in zip(a, b))
+    torch.testing.assert_close(torch.cat([u.double().flatten() for u in a]),
+                               torch.cat([v.double().flatten() for v in b]), **TOL)
+
+
+@pytest.mark.parametrize("partial_channels", [1, 2])
+def test_every_darts_cell_runs_batched_in_train_mode_only(partial_channels):
+    fast, _ = pair(partial_channels)
+    assert all(batched_cell.usable(cell) for cell in fast.cells)  # normal and reduction cells
+    fast.eval()  # each edge's own running statistics: per edge
+    assert not any(batched_cell.usable(cell) for cell in fast.cells)
+    fast.train()
+    fast.cells[0].edges[3].ops[2].bn.eval()  # one batch norm in another mode than the rest
+    assert not batched_cell.usable(fast.cells[0]) and batched_cell.usable(fast.cells[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("partial_channels", [1, 2])
+def test_two_train_steps_match_reference_with_batch_norm_bookkeeping(partial_channels, device):
+    fast, ref = pair(partial_channels, device)
+    x = torch.rand(3, 2, 9, 9, dtype=torch.float64, device=device)
+    y = torch.tensor([0, 2, 1], device=device)
+    for _ in range(2):
+        assert_close_all(step(fast, x, y), step(ref, x, y))
+    assert_close_all(batch_norm_state(fast), batch_norm_state(ref))
+
+
+def test_pool_statistics_update_exactly_from_unequal_running_statistics():
+    """The edges leaving a state share one pooling pass; each edge's running statistics still take
+    their own update, whatever they held before (here: different per edge)."""
+    fast, ref = pair()
+    with torch.no_grad():
+        for net in (fast, ref):
+            for n, (name, buf) in enumerate(net.named_buffers()):
+                if name.endswith(("running_mean", "running_var")):
+                    buf.copy_(torch.linspace(0.5, 1.5, buf.numel(), dtype=buf.dtype) * (1 + n % 7))
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    fast(x), ref(x)
+    assert_close_all(batch_norm_state(fast), batch_norm_state(ref))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_captured_and_frozen_statistics_match_reference(device):
+    """The robustness metrics capture the clean batch's statistics, then differentiate a pass that
+    replays them (double backward for the Jacobian term)."""
+    fast, ref = pair(device=device)
+    x = torch.rand(2, 2, 7, 7, dtype=torch.float64, device=device)
+    results = []
+    for net in (fast, ref):
+        with capture_batch_stats() as store:
+            clean = net(x)
+        xi = (x + 0.01).requires_grad_()
+        with frozen_batch_stats(store):
+            logits = net(xi)
+        jac, = torch.autograd.grad(logits[:, 1].sum(), xi, create_graph=True)
+        arch = torch.autograd.grad(jac.square().sum(), net.arch_parameters())
+        names = {module: name for name, module in net.named_modules()}
+        stats = [t for bn in sorted(store, key=names.get) for t in store[bn]]
+        results.append((clean, logits, jac, *arch, *stats, torch.tensor(float(len(store)))))
+    assert_close_all(*results)
+
+
+def test_cells_it_does_not_know_run_per_edge():
+    """An edge whose candidate differs from the DARTS op (here a 3x3 where the 5x5 sep conv goes)
+    leaves its cell on the per-edge path, with the same results as the reference."""
+    fast, ref = pair()
+    for net in (fast, ref):
+        torch.manual_seed(1)
+        net.cells[0].edges[2].ops[5] = SepConv(4, 4, 3, 1, 1, affine=False).double()
+    assert batched_cell.cell_plan(fast.cells[0]) is None and batched_cell.usable(fast.cells[1])
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1, 0])
+    assert_close_all(step(fast, x, y), step(ref, x, y))
