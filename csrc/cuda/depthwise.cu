@@ -1,6 +1,10 @@
 // CUDA kernels of the depthwise convolution family (kernel 3 and 5, any stride, padding, dilation).
 //
-// Forward, interval forward and input gradient share one scheme: a block owns an output tile of
+// The input gradient is not here: ATen's depthwise backward, which the reference path runs too, was
+// 2-4x faster than our gather kernel on an H100 (benchmarks/results/2026-11-26_nvidia-h100_profile.md),
+// so csrc/ops.cpp calls it.
+//
+// Forward and interval forward share one scheme: a block owns an output tile of
 // (blockDim.x x blockDim.y) pixels in each of blockDim.z planes (several small planes per block keep
 // 8x8 feature maps from idling most threads), stages the input tile plus its halo in shared memory
 // once, and every thread then computes one output from shared memory with the plane's K*K weights in
@@ -31,15 +35,14 @@ struct TileConfig {
   size_t shared_bytes;
 };
 
-// For the forward kernels `out_h x out_w` is the output plane and the shared tile is an input
-// window of ((t-1)*stride + span) per axis; for the transposed kernel `out` is the gradient plane and
-// the window over grad_y has ((t-1 + span-1) / stride + 1) per axis.
-TileConfig tile_config(int64_t planes, int64_t out_h, int64_t out_w, int stride, int span, bool transposed,
-                       size_t elem_bytes, int copies) {
+// `out_h x out_w` is the output plane; the shared tile is an input window of ((t-1)*stride + span)
+// per axis.
+TileConfig tile_config(int64_t planes, int64_t out_h, int64_t out_w, int stride, int span, size_t elem_bytes,
+                       int copies) {
   int tw = std::min(32, next_pow2(out_w));
   int th = std::min(kThreads / tw, next_pow2(out_h));
   int tz = int(std::min<int64_t>({kMaxPlanesPerBlock, kThreads / (tw * th), planes}));
-  auto window = [&](int t) { return transposed ? (t - 1 + span - 1) / stride + 1 : (t - 1) * stride + span; };
+  auto window = [&](int t) { return (t - 1) * stride + span; };
   auto bytes = [&]() { return size_t(tz) * window(tw) * window(th) * elem_bytes * copies; };
   while (bytes() > kMaxSharedBytes && tz > 1) tz /= 2;
   while (bytes() > kMaxSharedBytes && th > 1) th /= 2;
@@ -114,58 +117,6 @@ depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ x2, cons
   }
 }
 
-// grad_x = conv_transpose(grad_y, w), gathered: grad_x[ih][iw] sums w[kh][kw] * grad_y[oh][ow]
-// over the taps with oh*s = ih + p - kh*d and ow*s = iw + p - kw*d. The block stages the window
-// of grad_y that its grad_x tile reads (zero outside grad_y).
-template <typename T, int K>
-__global__ void __launch_bounds__(kThreads)
-depthwise_transpose_kernel(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
-                           DepthwiseGeometry g, int tiles_x) {
-  using Acc = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  const int s = g.stride, d = g.dilation, p = g.padding;
-  const int tw = blockDim.x, th = blockDim.y;
-  const int win_w = (tw - 1 + (K - 1) * d) / s + 1;
-  const int win_h = (th - 1 + (K - 1) * d) / s + 1;
-  Acc* tile = reinterpret_cast<Acc*>(shared_raw) + threadIdx.z * win_w * win_h;
-
-  const int64_t plane = int64_t(blockIdx.x) * blockDim.z + threadIdx.z;
-  const bool live_plane = plane < g.N * g.C;
-  const int ih0 = (blockIdx.y / tiles_x) * th, iw0 = (blockIdx.y % tiles_x) * tw;
-  // First grad_y row/column any tap of this tile reaches: ceil((i0 + p - (K-1)*d) / s).
-  const int oh_lo = -floor_div(-(ih0 + p - (K - 1) * d), s);
-  const int ow_lo = -floor_div(-(iw0 + p - (K - 1) * d), s);
-  if (live_plane) {
-    const int64_t base = plane * g.Ho * g.Wo;
-    for (int idx = threadIdx.y * tw + threadIdx.x; idx < win_w * win_h; idx += tw * th) {
-      const int r = idx / win_w, c = idx - r * win_w;
-      const int oh = oh_lo + r, ow = ow_lo + c;
-      const bool inside = oh >= 0 && oh < g.Ho && ow >= 0 && ow < g.Wo;
-      tile[idx] = inside ? to_acc(gy[base + int64_t(oh) * g.Wo + ow]) : Acc(0);
-    }
-  }
-  __syncthreads();
-  const int ih = ih0 + threadIdx.y, iw = iw0 + threadIdx.x;
-  if (!live_plane || ih >= g.H || iw >= g.W) return;
-
-  const T* wp = w + (plane % g.C) * K * K;
-  Acc acc = 0;
-#pragma unroll
-  for (int kh = 0; kh < K; ++kh) {
-    const int t = ih + p - kh * d;
-    const int oh = floor_div(t, s);
-    if (oh * s != t) continue;  // this tap row lands between strided outputs
-#pragma unroll
-    for (int kw = 0; kw < K; ++kw) {
-      const int u = iw + p - kw * d;
-      const int ow = floor_div(u, s);
-      if (ow * s != u) continue;
-      acc += to_acc(wp[kh * K + kw]) * tile[(oh - oh_lo) * win_w + (ow - ow_lo)];
-    }
-  }
-  gx[(plane * g.H + ih) * g.W + iw] = from_acc<T>(acc);
-}
-
 // partial[chunk][c][k] = sum over this chunk's share of (n, oh, ow) of grad_y * x at tap k.
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads)
@@ -228,8 +179,8 @@ cudaError_t depthwise_forward(DType dtype, const void* x, const void* w, void* y
     using T = decltype(tag);
     return dispatch_kernel_size(g.K, [&](auto k) {
       constexpr int K = decltype(k)::value;
-      const TileConfig c = tile_config(g.N * g.C, g.Ho, g.Wo, g.stride, (K - 1) * g.dilation + 1, false,
-                                       sizeof(acc_t<T>), 1);
+      const TileConfig c =
+          tile_config(g.N * g.C, g.Ho, g.Wo, g.stride, (K - 1) * g.dilation + 1, sizeof(acc_t<T>), 1);
       const dim3 grid{unsigned(ceil_div(g.N * g.C, c.block.z)), unsigned(c.tiles_x * c.tiles_y)};
       depthwise_forward_kernel<T, K, false><<<grid, c.block, c.shared_bytes, stream>>>(
           static_cast<const T*>(x), nullptr, static_cast<const T*>(w), static_cast<T*>(y), nullptr, g, c.tiles_x);
@@ -244,8 +195,8 @@ cudaError_t interval_depthwise(DType dtype, const void* lower, const void* upper
     using T = decltype(tag);
     return dispatch_kernel_size(g.K, [&](auto k) {
       constexpr int K = decltype(k)::value;
-      const TileConfig c = tile_config(g.N * g.C, g.Ho, g.Wo, g.stride, (K - 1) * g.dilation + 1, false,
-                                       sizeof(acc_t<T>), 2);
+      const TileConfig c =
+          tile_config(g.N * g.C, g.Ho, g.Wo, g.stride, (K - 1) * g.dilation + 1, sizeof(acc_t<T>), 2);
       const dim3 grid{unsigned(ceil_div(g.N * g.C, c.block.z)), unsigned(c.tiles_x * c.tiles_y)};
       depthwise_forward_kernel<T, K, true><<<grid, c.block, c.shared_bytes, stream>>>(
           static_cast<const T*>(lower), static_cast<const T*>(upper), static_cast<const T*>(w),
@@ -256,22 +207,6 @@ cudaError_t interval_depthwise(DType dtype, const void* lower, const void* upper
   if (dtype == DType::kFloat32) return launch(float{});
   if (dtype == DType::kFloat64) return launch(double{});
   return cudaErrorInvalidValue;
-}
-
-cudaError_t depthwise_transpose(DType dtype, const void* grad_y, const void* w, void* grad_x,
-                                const DepthwiseGeometry& g, cudaStream_t stream) {
-  return dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    return dispatch_kernel_size(g.K, [&](auto k) {
-      constexpr int K = decltype(k)::value;
-      const TileConfig c = tile_config(g.N * g.C, g.H, g.W, g.stride, (K - 1) * g.dilation + 1, true,
-                                       sizeof(acc_t<T>), 1);
-      const dim3 grid{unsigned(ceil_div(g.N * g.C, c.block.z)), unsigned(c.tiles_x * c.tiles_y)};
-      depthwise_transpose_kernel<T, K><<<grid, c.block, c.shared_bytes, stream>>>(
-          static_cast<const T*>(grad_y), static_cast<const T*>(w), static_cast<T*>(grad_x), g, c.tiles_x);
-      return cudaGetLastError();
-    });
-  });
 }
 
 int64_t depthwise_weight_chunks(const DepthwiseGeometry& g) {
