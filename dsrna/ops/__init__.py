@@ -15,6 +15,7 @@ from dsrna.ops.depthwise import (
     depthwise_conv2d_transpose,
     depthwise_conv2d_transpose_reference,
 )
+from dsrna.ops.pointwise import pointwise_conv2d, pointwise_conv2d_reference
 from dsrna.ops.pool_bn import pool_bn, pool_bn_reference
 from dsrna.ops.weighted_sum import weighted_sum, weighted_sum_reference
 from dsrna.ops import bound_ops  # noqa: F401  (registers the bound-propagation primitives)
@@ -29,6 +30,6 @@ else:
 
 __all__ = [
     "depthwise_conv2d", "depthwise_conv2d_reference", "depthwise_conv2d_stack", "depthwise_conv2d_stack_reference",
-    "depthwise_conv2d_transpose",
-    "depthwise_conv2d_transpose_reference", "pool_bn", "pool_bn_reference", "weighted_sum", "weighted_sum_reference",
+    "depthwise_conv2d_transpose", "depthwise_conv2d_transpose_reference", "pointwise_conv2d",
+    "pointwise_conv2d_reference", "pool_bn", "pool_bn_reference", "weighted_sum", "weighted_sum_reference",
 ]

@@ -9,9 +9,9 @@ since every edge leaving a state reads the same tensor at the same stride:
   input, same stride, same statistics), so one pass serves them all;
 - conv candidates: one ReLU; the first-stage depthwise convs of every edge's four conv candidates,
   channel-stacked (``[B, 4E*C, H, W]``, type-major: all sep 3x3, all sep 5x5, all dil 3x3, all dil
-  5x5); one grouped 1x1 conv; one batch norm over all those channels; the separable convs' second
-  stage likewise (``[B, 2E*C, H, W]``). Per-channel batch norm and grouped convs compute each channel
-  exactly as the per-edge modules do; only the launches are shared.
+  5x5); one grouped 1x1 conv (:mod:`dsrna.ops.pointwise`); one batch norm over all those channels;
+  the separable convs' second stage likewise (``[B, 2E*C, H, W]``). Per-channel batch norm and
+  grouped convs compute each channel exactly as the per-edge modules do; only the launches are shared.
 
 The modules, parameters and buffers stay the per-edge ones (checkpoints, the bound engine and the
 optimizer see no difference): their weights are concatenated per call (a copy of the small weight
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dsrna.ops import depthwise_conv2d, depthwise_conv2d_stack, weighted_sum
+from dsrna.ops import depthwise_conv2d, depthwise_conv2d_stack, pointwise_conv2d, weighted_sum
 from dsrna.space import ops as _ops
 from dsrna.space.ops import BatchNorm2d, DilConv, FactorizedReduce, Identity, PoolBN, SepConv, Zero, channel_shuffle
 
@@ -176,7 +176,7 @@ def _conv_candidates(relu_x: torch.Tensor, plan: _StatePlan) -> dict[str, list[t
     weights = [_cat_weights(plan.ops[kind], 1).view(E, C, k, k) for kind, k in zip(_CONVS, kernels)]
     stage1 = depthwise_conv2d_stack(relu_x, weights, plan.stride, paddings, dilations)
     stage1_convs = [op for kind in _CONVS for op in plan.ops[kind]]
-    stage1 = F.conv2d(stage1, _cat_weights(stage1_convs, 2), groups=4 * E)
+    stage1 = pointwise_conv2d(stage1, _cat_weights(stage1_convs, 2), groups=4 * E)
     stage1 = _stacked_batch_norm(stage1, plan.stage1_bns)
     sep3_in, sep5_in, *dil = stage1.split([E * C, E * C] + [C] * (2 * E), dim=1)
 
@@ -186,7 +186,7 @@ def _conv_candidates(relu_x: torch.Tensor, plan: _StatePlan) -> dict[str, list[t
         second.append(depthwise_conv2d(F.relu(part), _cat_weights(plan.ops[kind], 5), 1, p, 1))
     stage2 = torch.cat(second, dim=1)
     stage2_convs = [op for kind in ("sep3", "sep5") for op in plan.ops[kind]]
-    stage2 = F.conv2d(stage2, _cat_weights(stage2_convs, 6), groups=2 * E)
+    stage2 = pointwise_conv2d(stage2, _cat_weights(stage2_convs, 6), groups=2 * E)
     sep = _stacked_batch_norm(stage2, plan.stage2_bns).split(C, dim=1)
     return {"sep3": sep[:E], "sep5": sep[E:], "dil3": dil[:E], "dil5": dil[E:]}
 

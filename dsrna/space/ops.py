@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dsrna.ops import depthwise_conv2d
+from dsrna.ops import depthwise_conv2d, pointwise_conv2d
 from dsrna.ops.pool_bn import pool_bn
 
 # --- batch norm whose train-mode statistics can be frozen --------------------------------------------
@@ -141,8 +141,12 @@ class ReLUConvBN(nn.Module):
             nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
             BatchNorm2d(C_out, affine=affine),
         )
+        self.pointwise = kernel_size == 1 and padding == 0
 
     def forward(self, x):
+        if self.pointwise:  # the cells' preprocessing: through the backend's 1x1 conv (dsrna.ops.pointwise)
+            conv = self.op[1]
+            return self.op[2](pointwise_conv2d(F.relu(x), conv.weight, conv.stride[0]))
         return self.op(x)
 
 
@@ -239,7 +243,8 @@ class FactorizedReduce(nn.Module):
 
     def after_relu(self, relu_x):
         """The op applied to an input that already went through its leading ReLU."""
-        return self.bn(torch.cat([self.conv_1(relu_x), self.conv_2(self.shift(relu_x))], dim=1))
+        return self.bn(torch.cat([pointwise_conv2d(relu_x, self.conv_1.weight, 2),
+                                  pointwise_conv2d(self.shift(relu_x), self.conv_2.weight, 2)], dim=1))
 
 
 class PoolBN(nn.Module):
