@@ -36,18 +36,31 @@ from ._common import accumulator_is_fp64, block_size, contiguous
 
 
 @triton.jit
-def _weighted_sum_kernel(xs, w_ptr, out_ptr, n, N: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _load_input(ptr, row_stride, offs, inner, mask, ROWS: tl.constexpr):
+    """Elements ``offs`` (flat, contiguous numbering) of an input whose rows (first dimension) may lie
+    ``row_stride`` apart: a channel slice of a stacked tensor is read in place, not copied first."""
+    if ROWS:
+        rows = offs // inner
+        return tl.load(ptr + rows * row_stride + (offs - rows * inner), mask=mask, other=0.0)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _weighted_sum_kernel(xs, row_strides, w_ptr, out_ptr, n, inner, N: tl.constexpr, ROWS: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros([BLOCK], dtype=ACC)
     for i in tl.static_range(N):
-        acc += tl.load(xs[i] + offs, mask=mask, other=0.0).to(ACC) * tl.load(w_ptr + i).to(ACC)
+        x = _load_input(xs[i], row_strides[i], offs, inner, mask, ROWS)
+        acc += x.to(ACC) * tl.load(w_ptr + i).to(ACC)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _weighted_sum_grad_kernel(xs, w_ptr, g_ptr, gxs, partial_ptr, n, N: tl.constexpr, SCALE: tl.constexpr,
-                              DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _weighted_sum_grad_kernel(xs, row_strides, w_ptr, g_ptr, gxs, partial_ptr, n, inner, N: tl.constexpr,
+                              ROWS: tl.constexpr, SCALE: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK: tl.constexpr):
     """``SCALE``: write ``gxs[i] = w[i] * g``; ``DOT``: write this block's ``<xs[i], g>`` to
     ``partial[program, i]`` (summed over programs afterwards, so the result is deterministic)."""
     pid = tl.program_id(0)
@@ -59,7 +72,7 @@ def _weighted_sum_grad_kernel(xs, w_ptr, g_ptr, gxs, partial_ptr, n, N: tl.const
             scaled = g * tl.load(w_ptr + i).to(ACC)
             tl.store(gxs[i] + offs, scaled.to(gxs[i].dtype.element_ty), mask=mask)
         if DOT:
-            x = tl.load(xs[i] + offs, mask=mask, other=0.0).to(ACC)
+            x = _load_input(xs[i], row_strides[i], offs, inner, mask, ROWS).to(ACC)
             tl.store(partial_ptr + pid * N + i, tl.sum(x * g, axis=0))
 
 
@@ -74,9 +87,21 @@ def _common_dtype(tensors) -> torch.dtype:
     return dtype
 
 
-def _prepare(xs) -> tuple[torch.Tensor, ...]:
-    # Mixed dtypes are fine: the kernels convert every load to the accumulator dtype.
-    return tuple(contiguous(x) for x in xs)
+def _prepare(xs) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...], int, bool]:
+    """``(inputs, row strides, row length, whether any row stride differs from the row length)``.
+
+    An input whose rows are each contiguous (a channel slice ``t[:, a:b]`` of an NCHW tensor, as the
+    batched cell hands over) is read in place; anything else is copied to contiguous first. Mixed
+    dtypes are fine: the kernels convert every load to the accumulator dtype.
+    """
+    inner = xs[0].numel() // xs[0].shape[0] if xs[0].dim() and xs[0].shape[0] else xs[0].numel()
+    inputs, strides = [], []
+    for x in xs:
+        if not x.is_contiguous() and not (x.dim() > 1 and x.shape[0] > 0 and x[0].is_contiguous()):
+            x = x.contiguous()
+        inputs.append(x)
+        strides.append(x.stride(0) if x.dim() and not x.is_contiguous() else inner)
+    return tuple(inputs), tuple(strides), inner, any(stride != inner for stride in strides)
 
 
 def _acc_dtype(*tensors):
@@ -85,13 +110,14 @@ def _acc_dtype(*tensors):
 
 def _launch_weighted_sum(xs: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     dtype = _common_dtype(xs)
-    xs = _prepare(xs)
+    xs, strides, inner, rows = _prepare(xs)
     w = contiguous(w)
     out = torch.empty_like(xs[0], dtype=dtype, memory_format=torch.contiguous_format)
     n = out.numel()
     if n:
         block = block_size(n)
-        _weighted_sum_kernel[(triton.cdiv(n, block),)](xs, w, out, n, N=len(xs), ACC=_acc_dtype(*xs, w), BLOCK=block)
+        _weighted_sum_kernel[(triton.cdiv(n, block),)](xs, strides, w, out, n, inner, N=len(xs), ROWS=rows,
+                                                      ACC=_acc_dtype(*xs, w), BLOCK=block)
     return out
 
 
@@ -103,8 +129,9 @@ def _launch_grad(xs, w, g, scale: bool, dot: bool) -> tuple[list[torch.Tensor], 
     n = g.numel()
     block = block_size(n)
     programs = triton.cdiv(n, block)
+    strides, inner, rows = (0,) * count, 1, False  # unread without DOT
     if dot:
-        xs = _prepare(xs)
+        xs, strides, inner, rows = _prepare(xs)
     acc = _acc_dtype(g, *(xs if dot else ()), *((w,) if scale else ()))
     acc_torch = torch.float64 if acc == tl.float64 else torch.float32
     gxs = tuple(torch.empty_like(g, memory_format=torch.contiguous_format) for _ in range(count)) if scale else ()
@@ -112,8 +139,8 @@ def _launch_grad(xs, w, g, scale: bool, dot: bool) -> tuple[list[torch.Tensor], 
     if n:
         w_arg = contiguous(w) if scale else g  # an unread placeholder keeps the signature fixed
         _weighted_sum_grad_kernel[(programs,)](
-            xs if dot else gxs, w_arg, g, gxs if scale else xs, partial if dot else g, n,
-            N=count, SCALE=scale, DOT=dot, ACC=acc, BLOCK=block)
+            xs if dot else gxs, strides, w_arg, g, gxs if scale else xs, partial if dot else g, n, inner,
+            N=count, ROWS=rows, SCALE=scale, DOT=dot, ACC=acc, BLOCK=block)
     dots = None
     if dot:
         dots = partial.sum(0) if n else torch.zeros(count, device=g.device, dtype=acc_torch)

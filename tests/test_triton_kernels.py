@@ -128,3 +128,26 @@ def test_non_contiguous_inputs_and_dispatch(device):
     w = weights(3, device)
     out = backend.dispatch("weighted_sum", device, "triton")(xs, w)
     torch.testing.assert_close(out, weighted_sum_reference(xs, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_slices_are_read_in_place(device):
+    """The batched cell hands over channel slices of stacked tensors (rows lying apart): the kernels
+    read them where they are, forward and backward (the dot products read them too)."""
+    triton_device(device)
+    torch.manual_seed(0)
+    stacked = torch.randn(2, 6, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    other = torch.randn(2, 2, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+
+    def node(stacked, other, w, impl):
+        a, b, c = stacked.split(2, dim=1)
+        return impl([a, other, c, b], w)
+
+    fast = lambda *args: node(*args, backend.dispatch("weighted_sum", device, "triton"))  # noqa: E731
+    torch.testing.assert_close(fast(stacked, other, w), node(stacked, other, w, weighted_sum_reference))
+    assert gradcheck(fast, (stacked, other, w), fast_mode=True)
+    assert gradgradcheck(fast, (stacked, other, w), fast_mode=True)
+    xs = list(stacked.detach().split(2, dim=1))
+    assert not xs[1].is_contiguous()
+    torch.library.opcheck(torch.ops.dsrna_triton.weighted_sum.default, (xs, w.detach()))
