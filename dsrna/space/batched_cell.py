@@ -7,6 +7,8 @@ since every edge leaving a state reads the same tensor at the same stride:
 
 - pools with batch-statistics BN: the edges' ``pool -> BN(affine=False)`` outputs are equal (same
   input, same stride, same statistics), so one pass serves them all;
+- strided skips (FactorizedReduce, reduction cells): each half's 1x1 convs of all edges as one conv,
+  one batch norm;
 - conv candidates: one ReLU; the first-stage depthwise convs of every edge's four conv candidates,
   channel-stacked (``[B, 4E*C, H, W]``, type-major: all sep 3x3, all sep 5x5, all dil 3x3, all dil
   5x5); one grouped 1x1 conv (:mod:`dsrna.ops.pointwise`); one batch norm over all those channels;
@@ -58,7 +60,11 @@ def _module_ok(op: nn.Module, kind: str, stride: int) -> bool:
     if kind in ("max", "avg"):
         return op.kind == kind and op.stride == stride and _batch_norm_ok(op.bn)
     if kind == "skip":
-        return isinstance(op, Identity) == (stride == 1) and (stride == 1 or _batch_norm_ok(op.bn))
+        if stride == 1:
+            return isinstance(op, Identity)
+        return isinstance(op, FactorizedReduce) and _batch_norm_ok(op.bn) and all(
+            conv.kernel_size == (1, 1) and conv.stride == (2, 2) and conv.padding == (0, 0) and conv.bias is None
+            and conv.groups == 1 for conv in (op.conv_1, op.conv_2))
     k, p, d = _DEPTHWISE[kind]
     seq = list(op.op)
     stages = [seq[:4], seq[4:]] if kind.startswith("sep") else [seq]
@@ -101,7 +107,8 @@ def build_plan(cell) -> _CellPlan | None:
         stage1 = tuple(op.op[3] for kind in _CONVS for op in ops[kind])
         stage2 = tuple(op.op[7] for kind in ("sep3", "sep5") for op in ops[kind])
         plans.append(_StatePlan(tuple(edge_ids), stride, ops, stage1, stage2, getattr(mixed[0], "bypass_pool", None)))
-    stacked = [bn for p in plans for bn in p.stage1_bns + p.stage2_bns]
+    reduce_bns = [op.bn for p in plans if p.stride == 2 for op in p.ops["skip"]]
+    stacked = [bn for p in plans for bn in p.stage1_bns + p.stage2_bns] + reduce_bns
     if len({(bn.eps, bn.momentum) for bn in stacked}) > 1:
         return None  # one batch_norm call needs one eps and one momentum
     pools = [op.bn for p in plans for kind in ("max", "avg") for op in p.ops[kind]]
@@ -191,17 +198,26 @@ def _conv_candidates(relu_x: torch.Tensor, plan: _StatePlan) -> dict[str, list[t
     return {"sep3": sep[:E], "sep5": sep[E:], "dil3": dil[:E], "dil5": dil[E:]}
 
 
+def _factorized_reduces(relu_x: torch.Tensor, reduces: tuple[FactorizedReduce, ...]) -> tuple[torch.Tensor, ...]:
+    """The strided skips of every edge leaving a state of a reduction cell: each half's 1x1 convs of
+    all edges as one conv, one batch norm over all their channels (each edge's channels in its own
+    order: its ``conv_1`` half, then its ``conv_2`` half)."""
+    E, half = len(reduces), reduces[0].conv_1.weight.shape[0]
+    first = pointwise_conv2d(relu_x, torch.cat([r.conv_1.weight for r in reduces]), 2)
+    second = pointwise_conv2d(FactorizedReduce.shift(relu_x), torch.cat([r.conv_2.weight for r in reduces]), 2)
+    n, _, h, w = first.shape
+    both = torch.stack([first.view(n, E, half, h, w), second.view(n, E, half, h, w)], dim=2)
+    return _stacked_batch_norm(both.view(n, E * 2 * half, h, w), tuple(r.bn for r in reduces)).split(2 * half, dim=1)
+
+
 def _state_candidates(x: torch.Tensor, plan: _StatePlan) -> list[list[torch.Tensor]]:
     """For every edge of ``plan``, its kept candidates' outputs in PRIMITIVES order."""
     relu_x = F.relu(x)
     max_pool = _shared_pool(x, plan.ops["max"])
     avg_pool = _shared_pool(x, plan.ops["avg"])
+    skips = [x] * len(plan.edges) if plan.stride == 1 else _factorized_reduces(relu_x, plan.ops["skip"])
     convs = _conv_candidates(relu_x, plan)
-    outs = []
-    for e, skip in enumerate(plan.ops["skip"]):
-        skipped = x if plan.stride == 1 else skip.after_relu(relu_x)
-        outs.append([max_pool, avg_pool, skipped] + [convs[kind][e] for kind in _CONVS])
-    return outs
+    return [[max_pool, avg_pool, skips[e]] + [convs[kind][e] for kind in _CONVS] for e in range(len(plan.edges))]
 
 
 # --- the cell ----------------------------------------------------------------------------------------
