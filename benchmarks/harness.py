@@ -36,7 +36,7 @@ import torch
 import dsrna
 from dsrna.backend import BACKENDS, backend_status, use_backend
 
-from benchmarks.workloads import GRAPHABLE, IMAGENET_ONLY, METRICS, SMALL_ONLY, Shape, Unavailable, build
+from benchmarks.workloads import GRAPHABLE, IMAGENET_ONLY, METRICS, ROBUST_SEARCH, SMALL_ONLY, Shape, Unavailable, build
 
 EXIT_CONTEXT_LOST = 3
 CONTEXT_LOST = "CUDA context lost"
@@ -120,15 +120,17 @@ def plan(shapes: list[Shape], small: Shape, metrics: tuple[str, ...], imagenet: 
     """(configuration, metric) pairs, most important first, so that a run cut short by its time
     budget has measured what matters: the core metrics at the first batch size, the rest at that
     size, the other sizes, full CROWN and the radius on the small shape, the ImageNet-size search
-    iteration, and last the Jacobian step at the larger sizes (about 20 s a step for the reference at batch 256 on an H200)."""
+    iteration, the Jacobian step at the larger sizes (about 20 s a step for the reference at batch 256
+    on an H200), and last the DSRNA search iterations at the first size."""
     first, others = shapes[:1], shapes[1:]
-    everywhere = [m for m in METRICS if m not in SMALL_ONLY | IMAGENET_ONLY]
+    everywhere = [m for m in METRICS if m not in SMALL_ONLY | IMAGENET_ONLY | ROBUST_SEARCH]
     order = [(s, m) for s in first for m in CORE]
     order += [(s, m) for s in first for m in everywhere if m not in CORE]
     order += [(s, m) for s in others for m in everywhere if m != "jacobian"]
     order += [(small, m) for m in METRICS if m in SMALL_ONLY]
     order += [(imagenet, m) for m in METRICS if m in IMAGENET_ONLY]
     order += [(s, "jacobian") for s in others]
+    order += [(s, m) for s in first for m in METRICS if m in ROBUST_SEARCH]
     return [(s, m) for s, m in order if m in metrics]
 
 

@@ -25,6 +25,9 @@ GRAPHABLE = frozenset({"forward", "train", "train-bf16"})
 SMALL_ONLY = frozenset({"crown", "radius"})
 # The ImageNet-size search iteration runs on its own shape (224x224 inputs, 1000 classes).
 IMAGENET_ONLY = frozenset({"search-imagenet"})
+# The DSRNA search iterations (R_CB's float64 bound pass makes them the slowest steps): at the first
+# batch size only, after everything else.
+ROBUST_SEARCH = frozenset({"search-jacobian", "search-cb"})
 
 JACOBIAN_GAMMA = 0.01  # the paper's gamma in L = CE - gamma * R_Jac, as in BASELINE.md's Jacobian step
 WEIGHT_SGD = dict(lr=0.025, momentum=0.9, weight_decay=3e-4)  # DARTS' weight optimiser
@@ -103,13 +106,18 @@ def _train_bf16(shape, backend, device):
     return _train(shape, backend, device, bf16=True)
 
 
-def _search(order: int):
+def _search(order: int, robustness: str = "none"):
+    """One search iteration (architecture step, then weight step); ``robustness``: the R of the
+    architecture objective (``cb``: DSRNA-CB, R_CB by CROWN-IBP in float64 at the default eps;
+    ``jacobian``: DSRNA-Jacobian), on the whole validation batch as ``dsrna search`` does by default."""
     def build(shape, backend, device):
         SearchConfig = _require("dsrna.search", "SearchConfig")
         Searcher = _require("dsrna.search", "Searcher")
+        RobustnessConfig = _require("dsrna.robustness", "RobustnessConfig")
         net = _search_network(shape, backend, device)
+        dataset = "cifar10" if shape.in_channels == 3 else "mnist"
         config = SearchConfig(order=order, backend=backend, batch_size=shape.batch, layers=shape.layers,
-                              init_channels=shape.C)
+                              init_channels=shape.C, robustness=RobustnessConfig(kind=robustness, dataset=dataset))
         searcher = Searcher(net, config)
         train, val = _batch(shape, device), _batch(shape, device)
         return lambda: searcher.step(train, val)
@@ -189,6 +197,8 @@ BUILDERS: dict[str, Callable[[Shape, str, torch.device], Callable[[], object]]] 
     "train-bf16": _train_bf16,
     "search-1st": _search(1),
     "search-2nd": _search(2),
+    "search-jacobian": _search(1, "jacobian"),
+    "search-cb": _search(1, "cb"),
     "search-imagenet": _search_imagenet,
     "jacobian": _jacobian,
     "ibp": _bound_pass("ibp"),
