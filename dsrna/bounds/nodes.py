@@ -85,11 +85,13 @@ class ChannelAffine(BoundOp):
         return x * scale + shift
 
     def interval(self, b):
+        # The exact image of [lower, upper] under the affine map, four elementwise passes: the
+        # positive part of scale maps lower to lower, the negative part maps upper to lower.
         lower, upper = b
         scale, shift = self._params(lower)
-        centre, radius = (upper + lower) / 2, (upper - lower) / 2
-        centre, radius = centre * scale + shift, radius * scale.abs()
-        return centre - radius, centre + radius
+        positive, negative = scale.clamp(min=0), scale.clamp(max=0)
+        return (torch.addcmul(shift, lower, positive).addcmul_(upper, negative),
+                torch.addcmul(shift, upper, positive).addcmul_(lower, negative))
 
     def backward(self, A, bounds):
         scale, shift = self._params(bounds[0][0])
@@ -112,8 +114,9 @@ class Conv2d(BoundOp):
         lower, upper = b
         if self.depthwise:
             return interval_depthwise_conv2d(lower, upper, self.weight, self.stride[0], self.padding[0], self.dilation[0])
-        centre = F.conv2d((upper + lower) / 2, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        radius = F.conv2d((upper - lower) / 2, self.weight.abs(), None, self.stride, self.padding, self.dilation, self.groups)
+        # Centre (u + l) / 2 through W, radius (u - l) / 2 through |W|, the halves folded into the weights.
+        centre = F.conv2d(upper + lower, self.weight / 2, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        radius = F.conv2d(upper - lower, self.weight.abs() / 2, None, self.stride, self.padding, self.dilation, self.groups)
         return centre - radius, centre + radius
 
     def backward(self, A, bounds):
