@@ -170,31 +170,43 @@ def _head(model: nn.Module, graph: BoundGraph, s: int) -> int:
 # --- the super-network -----------------------------------------------------------------------------
 
 
-def _mixed_terms(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph, x: int, relu_of: dict) -> tuple[list[int], list[torch.Tensor]]:
+def _mixed_terms(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph, x: int, shared: dict) -> tuple[list[int], list[torch.Tensor]]:
     """The non-``none`` candidates of one edge as nodes, with their weights (mirrors ``MixedOp.outputs`` and ``MixedOp.kept_weights``).
-    ``relu_of`` shares the leading ReLU of the candidates between all edges leaving a state."""
+    ``shared`` holds the nodes every edge leaving a state computes alike: the candidates' leading ReLU
+    and each kind and stride of pooling (their batch norms stay per edge). One shared node is bounded
+    once, and CROWN relaxes it once for the sum of its consumers' coefficients, which is never looser."""
     outs, ws = [], []
     for k, op in enumerate(edge.ops):
         if isinstance(op, Zero):
             continue
         if hasattr(op, "after_relu"):
-            if x not in relu_of:
-                relu_of[x] = graph.add(nodes.ReLU(graph.relu_mode), x)
-            outs.append(_lower_after_relu(op, graph, relu_of[x]))
+            if x not in shared:
+                shared[x] = graph.add(nodes.ReLU(graph.relu_mode), x)
+            outs.append(_lower_after_relu(op, graph, shared[x]))
+        elif isinstance(op, PoolBN):
+            key = (x, op.kind, op.stride)
+            if key not in shared:
+                shared[key] = _lower_module(op.pool, graph, x)
+            outs.append(shared[key] if op.bn is None else _lower_module(op.bn, graph, shared[key]))
         else:
             outs.append(_lower_module(op, graph, x))
         ws.append(weights[k])
     return outs, ws
 
 
-def _lower_partial_edge(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph, x: int, channels: int) -> int:
-    """A PC-DARTS edge: candidates on the first C/K channels, bypass for the rest, channel shuffle."""
-    active = graph.add(nodes.ChannelSlice(0, edge.C_op), x)
-    bypass = graph.add(nodes.ChannelSlice(edge.C_op, channels), x)
-    outs, ws = _mixed_terms(edge, weights, graph, active, {})
+def _lower_partial_edge(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph, x: int, channels: int,
+                        shared: dict) -> int:
+    """A PC-DARTS edge: candidates on the first C/K channels, bypass for the rest, channel shuffle.
+    The edges leaving a state share the slices and the bypass pooling too."""
+    key = (x, "partial")
+    if key not in shared:
+        bypass = graph.add(nodes.ChannelSlice(edge.C_op, channels), x)
+        if edge.stride == 2:
+            bypass = _lower_module(edge.bypass_pool, graph, bypass)
+        shared[key] = graph.add(nodes.ChannelSlice(0, edge.C_op), x), bypass
+    active, bypass = shared[key]
+    outs, ws = _mixed_terms(edge, weights, graph, active, shared)
     mixed = graph.add(nodes.WeightedSum(torch.stack(ws)), *outs)
-    if edge.stride == 2:
-        bypass = _lower_module(edge.bypass_pool, graph, bypass)
     return graph.add(nodes.ChannelShuffle(edge.partial_channels), graph.add(nodes.Concat(), mixed, bypass))
 
 
@@ -206,15 +218,15 @@ def _lower_search_network(net: SearchNetwork, graph: BoundGraph, x: int) -> int:
         weights, edge_weights = mixing[cell.reduction]
         states = [_lower_module(cell.preprocess0, graph, s0), _lower_module(cell.preprocess1, graph, s1)]
         C = cell.preprocess1.op[1].out_channels
-        relu_of: dict = {}
+        shared: dict = {}
         outs, ws = [], []
         for node, e, j in cell.edge_index():
             if cell.partial_channels == 1:
-                o, w = _mixed_terms(cell.edges[e], weights[e], graph, states[j], relu_of)
+                o, w = _mixed_terms(cell.edges[e], weights[e], graph, states[j], shared)
                 outs += o
                 ws += w
             else:
-                outs.append(_lower_partial_edge(cell.edges[e], weights[e], graph, states[j], C))
+                outs.append(_lower_partial_edge(cell.edges[e], weights[e], graph, states[j], C, shared))
                 ws.append(edge_weights[e])
             if j == node - 1:
                 states.append(graph.add(nodes.WeightedSum(torch.stack(ws)), *outs))
