@@ -459,6 +459,52 @@ std::vector<Tensor> depthwise_conv2d_stack_weight_cpu(const Tensor& x_, const Te
   return out;
 }
 
+// --- CROWN's backward step through ReLU -------------------------------------------------------------
+// A [B, S, *shape] against the relaxation [B, *shape]: A_out = A+ * lower_slope + A- * upper_slope and
+// bias[b, s] = sum A- * upper_intercept, in one pass over A (the reference makes nine).
+
+std::tuple<Tensor, Tensor> crown_relu_backward_cpu(const Tensor& A_, const Tensor& lower_slope_,
+                                                   const Tensor& upper_slope_, const Tensor& upper_intercept_) {
+  const char* op = "dsrna::crown_relu_backward";
+  TORCH_CHECK(A_.dim() >= 2, op, ": A must be [B, S, ...], got shape ", A_.sizes());
+  std::vector<int64_t> layer{A_.size(0)};
+  for (int64_t d = 2; d < A_.dim(); ++d) layer.push_back(A_.size(d));
+  for (const Tensor* t : {&lower_slope_, &upper_slope_, &upper_intercept_}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(layer), op, ": the relaxation must be [B, ...] = ", at::IntArrayRef(layer),
+                ", got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == A_.scalar_type() && t->device() == A_.device(), op,
+                ": the relaxation must have A's dtype and device");
+  }
+  TORCH_CHECK(A_.scalar_type() == at::kFloat || A_.scalar_type() == at::kDouble, op,
+              ": bounds must be float32 or float64, got ", A_.scalar_type());
+  const Tensor A = A_.contiguous(), ls = lower_slope_.contiguous(), us = upper_slope_.contiguous(),
+               ui = upper_intercept_.contiguous();
+  const int64_t B = A.size(0), S = A.size(1), N = S > 0 ? A.numel() / std::max<int64_t>(1, B * S) : 0;
+  Tensor out = at::empty_like(A);
+  Tensor bias = at::zeros({B, S}, A.options());
+  if (A.numel() == 0) return {out, bias};
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "dsrna::crown_relu_backward", [&] {
+    const scalar_t *ap = A.data_ptr<scalar_t>(), *lp = ls.data_ptr<scalar_t>(), *up = us.data_ptr<scalar_t>(),
+                   *ip = ui.data_ptr<scalar_t>();
+    scalar_t *op_ = out.data_ptr<scalar_t>(), *bp = bias.data_ptr<scalar_t>();
+    at::parallel_for(0, B * S, std::max<int64_t>(1, kElementGrain / std::max<int64_t>(1, N)), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t layer_row = (row / S) * N;
+        const scalar_t* a = ap + row * N;
+        scalar_t* o = op_ + row * N;
+        scalar_t total = 0;
+        for (int64_t j = 0; j < N; ++j) {
+          const scalar_t v = a[j], positive = v > 0 ? v : scalar_t(0), negative = v < 0 ? v : scalar_t(0);
+          o[j] = positive * lp[layer_row + j] + negative * up[layer_row + j];
+          total += negative * ip[layer_row + j];
+        }
+        bp[row] = total;
+      }
+    });
+  });
+  return {out, bias};
+}
+
 // --- CUDA implementations -------------------------------------------------------------------------
 
 #ifdef DSRNA_WITH_CUDA
@@ -988,6 +1034,46 @@ struct DepthwiseStackWeightFunction : torch::autograd::Function<DepthwiseStackWe
   }
 };
 
+// A_out = A+ * ls + A- * us, bias = sum(A- * ui) over the layer. Written with ATen ops, so that it is
+// differentiable again; no gradient reaches A where A == 0, as in the reference.
+struct CrownReluBackwardFunction : torch::autograd::Function<CrownReluBackwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& A, const Tensor& ls, const Tensor& us,
+                               const Tensor& ui) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({A, ls, us, ui});
+    static const auto op = ops::handle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                  const Tensor&)>("dsrna::crown_relu_backward");
+    auto [out, bias] = op.call(A, ls, us, ui);
+    return {out, bias};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &A = saved[0], &ls = saved[1], &us = saved[2], &ui = saved[3];
+    const Tensor positive = at::where(A > 0, A, at::zeros({}, A.options()));
+    const Tensor negative = at::where(A < 0, A, at::zeros({}, A.options()));
+    // grads[0] is [B, S, ...]; grads[1] is [B, S], broadcast over the layer.
+    std::vector<int64_t> bias_view{A.size(0), A.size(1)};
+    bias_view.resize(A.dim(), 1);
+    const Tensor g_out = grads[0].defined() ? grads[0] : at::zeros_like(A);
+    const Tensor g_bias = grads[1].defined() ? grads[1].reshape(bias_view) : at::zeros(bias_view, A.options());
+    Tensor dA, dls, dus, dui;
+    if (ctx->needs_input_grad(0)) {
+      const Tensor zero = at::zeros({}, A.options());
+      dA = at::where(A > 0, g_out * ls.unsqueeze(1), zero) + at::where(A < 0, g_out * us.unsqueeze(1) + g_bias * ui.unsqueeze(1), zero);
+    }
+    if (ctx->needs_input_grad(1)) dls = (g_out * positive).sum(1);
+    if (ctx->needs_input_grad(2)) dus = (g_out * negative).sum(1);
+    if (ctx->needs_input_grad(3)) dui = (g_bias * negative).sum(1);
+    return {dA, dls, dus, dui};
+  }
+};
+
+std::tuple<Tensor, Tensor> crown_relu_backward_autograd(const Tensor& A, const Tensor& ls, const Tensor& us,
+                                                        const Tensor& ui) {
+  auto out = CrownReluBackwardFunction::apply(A, ls, us, ui);
+  return {out[0], out[1]};
+}
+
 Tensor weighted_sum_autograd(at::TensorList xs, const Tensor& w) { return WeightedSumFunction::apply(xs, w); }
 
 Tensor batched_dot_autograd(at::TensorList xs, const Tensor& g) { return BatchedDotFunction::apply(xs, g); }
@@ -1041,6 +1127,8 @@ TORCH_LIBRARY_FRAGMENT(dsrna, m) {
   m.def("interval_depthwise_conv2d(Tensor lower, Tensor upper, Tensor weight, int stride, int padding, "
         "int dilation) -> (Tensor, Tensor)");
   m.def("depthwise_conv2d_stack(Tensor x, Tensor[] weights, int stride, int[] paddings, int[] dilations) -> Tensor");
+  m.def("crown_relu_backward(Tensor A, Tensor lower_slope, Tensor upper_slope, Tensor upper_intercept) "
+        "-> (Tensor, Tensor)");
   m.def("depthwise_conv2d_stack_transpose(Tensor grad_out, Tensor[] weights, int[2] input_hw, int stride, "
         "int[] paddings, int[] dilations) -> Tensor");
   m.def("depthwise_conv2d_stack_weight(Tensor x, Tensor grad_out, int[] kernel_sizes, int stride, int[] paddings, "
@@ -1057,6 +1145,7 @@ TORCH_LIBRARY_IMPL(dsrna, CPU, m) {
   m.impl("depthwise_conv2d_stack", &dsrna::depthwise_conv2d_stack_cpu);
   m.impl("depthwise_conv2d_stack_transpose", &dsrna::depthwise_conv2d_stack_transpose_cpu);
   m.impl("depthwise_conv2d_stack_weight", &dsrna::depthwise_conv2d_stack_weight_cpu);
+  m.impl("crown_relu_backward", &dsrna::crown_relu_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dsrna, Autograd, m) {
@@ -1069,6 +1158,7 @@ TORCH_LIBRARY_IMPL(dsrna, Autograd, m) {
   m.impl("depthwise_conv2d_stack", &dsrna::depthwise_conv2d_stack_autograd);
   m.impl("depthwise_conv2d_stack_transpose", &dsrna::depthwise_conv2d_stack_transpose_autograd);
   m.impl("depthwise_conv2d_stack_weight", &dsrna::depthwise_conv2d_stack_weight_autograd);
+  m.impl("crown_relu_backward", &dsrna::crown_relu_backward_autograd);
 }
 
 #ifdef DSRNA_WITH_CUDA

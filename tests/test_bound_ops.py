@@ -124,6 +124,15 @@ def test_triton_ops_opcheck(device):
     torch.library.opcheck(kernels.crown_relu_backward_op, inputs("crown_relu_backward", torch.float64, device))
 
 
+def test_native_crown_relu_backward_opcheck_and_rejects_bad_shapes():
+    impl("crown_relu_backward", "native", "cpu")
+    args = inputs("crown_relu_backward", torch.float64, "cpu")
+    torch.library.opcheck(torch.ops.dsrna.crown_relu_backward.default, args)
+    A, lower_slope, upper_slope, upper_intercept = args
+    with pytest.raises(RuntimeError, match=r"the relaxation must be \[B, ...\]"):
+        torch.ops.dsrna.crown_relu_backward(A, lower_slope[:1], upper_slope, upper_intercept)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_relu_relaxation_rejects_unknown_mode(device):
     fn = impl("relu_relaxation", "triton", device)

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from dsrna import backend
+from dsrna import _native, backend
 from dsrna.ops.weighted_sum import weighted_sum_native
 
 RELU_MODES = ("adaptive", "fast-lin")
@@ -85,10 +85,23 @@ def interval_weighted_sum_native(lowers: Sequence[torch.Tensor], uppers: Sequenc
     return weighted_sum_native(list(lowers), w), weighted_sum_native(list(uppers), w)
 
 
+def crown_relu_backward_native(A: torch.Tensor, lower_slope: torch.Tensor, upper_slope: torch.Tensor,
+                               upper_intercept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.dsrna.crown_relu_backward``: one pass over ``A`` on the CPU (the GPU has Triton's)."""
+    return torch.ops.dsrna.crown_relu_backward(A, lower_slope, upper_slope, upper_intercept)
+
+
+if _native.C is not None:
+    @torch.library.register_fake("dsrna::crown_relu_backward")
+    def _(A, lower_slope, upper_slope, upper_intercept):
+        return torch.empty_like(A), A.new_empty(A.shape[:2])
+
+
 backend.register("interval_weighted_sum", "reference", interval_weighted_sum_reference)
 backend.register("interval_weighted_sum", "native", interval_weighted_sum_native)
 backend.register("relu_relaxation", "reference", relu_relaxation_reference)
 backend.register("crown_relu_backward", "reference", crown_relu_backward_reference)
+backend.register("crown_relu_backward", "native", crown_relu_backward_native, devices=("cpu",))
 backend.register("interval_depthwise_conv2d", "reference", interval_depthwise_conv2d_reference)
 
 
