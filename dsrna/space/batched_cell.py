@@ -118,6 +118,12 @@ def build_plan(cell) -> _CellPlan | None:
 # --- batch norm over the channel-stacked outputs of several modules ----------------------------------
 
 
+def _buffers(bns, name: str) -> list[torch.Tensor]:
+    """Buffer ``name`` of every module, read from the module dictionaries (``bn.running_mean`` goes
+    through ``nn.Module.__getattr__``: thousands of lookups per step, and a GPU step is host-bound)."""
+    return [bn._buffers[name] for bn in bns]
+
+
 def _stacked_batch_norm(x: torch.Tensor, bns: tuple[BatchNorm2d, ...]) -> torch.Tensor:
     """``cat([bn(part) for bn, part in zip(bns, x.chunk(len(bns), 1))], 1)`` in one call, in every
     mode of :class:`BatchNorm2d` (plain train, capturing, replaying frozen statistics)."""
@@ -134,13 +140,13 @@ def _stacked_batch_norm(x: torch.Tensor, bns: tuple[BatchNorm2d, ...]) -> torch.
         mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
         for bn, m, v in zip(bns, mean.chunk(len(bns)), var.chunk(len(bns))):
             mode[1][bn] = (m, v)
-    running_mean = torch.cat([bn.running_mean for bn in bns])
-    running_var = torch.cat([bn.running_var for bn in bns])
+    means, variances = _buffers(bns, "running_mean"), _buffers(bns, "running_var")
+    running_mean, running_var = torch.cat(means), torch.cat(variances)
     out = torch.batch_norm(x, None, None, running_mean, running_var, True, bn0.momentum, bn0.eps,
                            torch.backends.cudnn.enabled)
-    torch._foreach_copy_([bn.running_mean for bn in bns], list(running_mean.chunk(len(bns))))
-    torch._foreach_copy_([bn.running_var for bn in bns], list(running_var.chunk(len(bns))))
-    torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    torch._foreach_copy_(means, list(running_mean.chunk(len(bns))))
+    torch._foreach_copy_(variances, list(running_var.chunk(len(bns))))
+    torch._foreach_add_(_buffers(bns, "num_batches_tracked"), 1)
     return out
 
 
@@ -155,14 +161,14 @@ def _shared_pool(x: torch.Tensor, pools: tuple[PoolBN, ...]) -> torch.Tensor:
     # new_k = (1 - m) old_k + m stat, and m stat = new_0 - (1 - m) old_0: exact for any prior state,
     # in five multi-tensor launches whatever the number of edges.
     keep = 1.0 - bn0.momentum
-    first_stats = [bn0.running_mean, bn0.running_var]
+    first_stats = _buffers([bn0], "running_mean") + _buffers([bn0], "running_var")
     kept_old = torch._foreach_mul(first_stats, keep)
     out = first(x)
     update = torch._foreach_sub(first_stats, kept_old)
-    stats = [bn.running_mean for bn in others] + [bn.running_var for bn in others]
+    stats = _buffers(others, "running_mean") + _buffers(others, "running_var")
     torch._foreach_mul_(stats, keep)
     torch._foreach_add_(stats, [update[0]] * len(others) + [update[1]] * len(others))
-    torch._foreach_add_([bn.num_batches_tracked for bn in others], 1)
+    torch._foreach_add_(_buffers(others, "num_batches_tracked"), 1)
     if mode is not None:  # capture: every module recorded the same statistics
         for bn in others:
             mode[1][bn] = mode[1][bn0]
@@ -173,7 +179,11 @@ def _shared_pool(x: torch.Tensor, pools: tuple[PoolBN, ...]) -> torch.Tensor:
 
 
 def _cat_weights(modules, index: int) -> torch.Tensor:
-    return torch.cat([m.op[index].weight for m in modules])
+    """The weights of layer ``index`` of each candidate's ``op`` sequence, concatenated. Read from the
+    module dictionaries directly: ``m.op[index].weight`` costs three ``nn.Module`` lookups per weight,
+    about a sixth of the batched cell's host time, and a GPU step is bound by host time."""
+    key = str(index)
+    return torch.cat([m._modules["op"]._modules[key]._parameters["weight"] for m in modules])
 
 
 def _conv_candidates(relu_x: torch.Tensor, plan: _StatePlan) -> dict[str, list[torch.Tensor]]:
