@@ -24,11 +24,11 @@ def fast_backend(device):
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-def pair(partial_channels=1, device="cpu"):
+def pair(partial_channels=1, device="cpu", steps=4, multiplier=4):
     """(fast, reference) copies of one small float64 super-network, alpha away from uniform."""
     torch.manual_seed(0)
     ref = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=2, partial_channels=partial_channels,
-                        backend="reference").to(device, torch.float64)
+                        steps=steps, multiplier=multiplier, backend="reference").to(device, torch.float64)
     with torch.no_grad():
         for p in ref.arch_parameters():
             p.normal_(0, 0.5)
@@ -67,9 +67,9 @@ def test_every_darts_cell_runs_batched_in_train_mode_only(partial_channels):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("partial_channels", [1, 2])
-def test_two_train_steps_match_reference_with_batch_norm_bookkeeping(partial_channels, device):
-    fast, ref = pair(partial_channels, device)
+@pytest.mark.parametrize("partial_channels, steps, multiplier", [(1, 4, 4), (2, 4, 4), (1, 3, 2)])
+def test_two_train_steps_match_reference_with_batch_norm_bookkeeping(partial_channels, steps, multiplier, device):
+    fast, ref = pair(partial_channels, device, steps, multiplier)
     x = torch.rand(3, 2, 9, 9, dtype=torch.float64, device=device)
     y = torch.tensor([0, 2, 1], device=device)
     for _ in range(2):
