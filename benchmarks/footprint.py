@@ -1,0 +1,91 @@
+"""Footprint of one train step, per backend, on any device: the activation memory autograd keeps for
+backward, and the ops one forward dispatches (an estimate of GPU kernel launches, for a CPU).
+
+Peak memory and kernel counts are measured by the harness on a GPU only. Here: the distinct storages
+saved for backward during the super-network's forward and loss (a tensor saved by several ops, or a
+view of a saved tensor, counts once), which is what bounds the batch size; and the top-level compute
+ops of a no-grad forward under torch.profiler (views, reshapes and allocations left out; a
+multi-tensor ``_foreach`` op counts once, as it launches once on a GPU).
+
+    PYTHONPATH=. python benchmarks/footprint.py [--batch 8 --init-channels 16 --layers 8 --device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from dsrna import SearchNetwork, backend
+
+
+def saved_bytes(net: SearchNetwork, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """``(bytes, storages)`` saved for backward by the forward pass and the cross-entropy."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(net(x), y)
+    return sum(storages.values()), len(storages)
+
+
+# Ops that launch no kernel of their own.
+_NO_KERNEL = frozenset({
+    "view", "slice", "as_strided", "select", "unbind", "split", "split_with_sizes", "narrow", "empty", "empty_like",
+    "t", "transpose", "expand", "reshape", "detach", "alias", "unsqueeze", "squeeze", "permute", "chunk", "flatten",
+    "empty_strided", "resize_", "lift_fresh", "_reshape_alias", "contiguous", "result_type", "item",
+    "_local_scalar_dense", "unflatten", "_unsafe_view", "to",
+})
+
+
+def forward_ops(net: SearchNetwork, x: torch.Tensor) -> int:
+    """Top-level compute ops (aten:: and dsrna::) of one no-grad forward."""
+    from torch.profiler import profile
+
+    def ours(event) -> bool:
+        return event is not None and event.name.startswith(("aten::", "dsrna::"))
+
+    with torch.no_grad():
+        net(x)
+        with profile() as prof:
+            net(x)
+    return sum(1 for e in prof.events()
+               if ours(e) and not ours(e.cpu_parent) and e.name.split("::")[-1] not in _NO_KERNEL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--init-channels", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backends", default="reference,native,triton")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    net = SearchNetwork(C=args.init_channels, layers=args.layers).to(args.device)
+    x = torch.rand(args.batch, 3, 32, 32, device=args.device)
+    y = torch.randint(0, 10, (args.batch,), device=args.device)
+    print(f"C={args.init_channels}, {args.layers} cells, batch {args.batch}, 32x32, float32, train mode, {args.device}\n")
+    print("| backend | saved for backward (MiB) | storages | vs reference | ops per forward |")
+    print("|---|---|---|---|---|")
+    reference = None
+    for name in args.backends.split(","):
+        ok, why = backend.backend_status(name, torch.device(args.device).type)
+        if not ok:
+            print(f"| {name} | unavailable: {why} | | | |")
+            continue
+        net.backend = name
+        nbytes, count = saved_bytes(net, x, y)
+        if name == "reference":
+            reference = nbytes
+        ratio = f"{nbytes / reference:.2f}" if reference else ""
+        print(f"| {name} | {nbytes / 2**20:.1f} | {count} | {ratio} | {forward_ops(net, x)} |")
+
+
+if __name__ == "__main__":
+    main()
