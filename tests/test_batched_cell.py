@@ -56,14 +56,30 @@ def assert_close_all(a, b):
 
 
 @pytest.mark.parametrize("partial_channels", [1, 2])
-def test_every_darts_cell_runs_batched_in_train_mode_only(partial_channels):
+def test_every_darts_cell_runs_batched_in_train_and_in_eval_mode(partial_channels):
     fast, _ = pair(partial_channels)
     assert all(batched_cell.usable(cell) for cell in fast.cells)  # normal and reduction cells
-    fast.eval()  # each edge's own running statistics: per edge
-    assert not any(batched_cell.usable(cell) for cell in fast.cells)
+    fast.eval()
+    assert all(batched_cell.usable(cell) for cell in fast.cells)
     fast.train()
     fast.cells[0].edges[3].ops[2].bn.eval()  # one batch norm in another mode than the rest
     assert not batched_cell.usable(fast.cells[0]) and batched_cell.usable(fast.cells[1])
+
+
+@pytest.mark.parametrize("partial_channels", [1, 2])
+def test_eval_mode_uses_each_edges_running_statistics(partial_channels):
+    """In eval mode the edges' pool outputs differ (each batch norm has its own running statistics,
+    here made different on purpose); the batched cell pools once and normalises per edge."""
+    fast, ref = pair(partial_channels)
+    with torch.no_grad():
+        for net in (fast, ref):
+            for n, (name, buf) in enumerate(net.named_buffers()):
+                if name.endswith(("running_mean", "running_var")):
+                    buf.copy_(torch.linspace(0.5, 1.5, buf.numel(), dtype=buf.dtype) * (1 + n % 7))
+            net.eval()
+    x = torch.rand(2, 2, 9, 9, dtype=torch.float64)
+    assert_close_all([fast(x)], [ref(x)])
+    assert_close_all(batch_norm_state(fast), batch_norm_state(ref))  # nothing updated
 
 
 @pytest.mark.parametrize("device", DEVICES)

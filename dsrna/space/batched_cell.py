@@ -5,8 +5,8 @@ The reference cell (:func:`dsrna.space.search_network.cell_nodes_reference`) run
 kernel launches (BASELINE.md). Here the same arithmetic is grouped by the *state* the edges leave,
 since every edge leaving a state reads the same tensor at the same stride:
 
-- pools with batch-statistics BN: the edges' ``pool -> BN(affine=False)`` outputs are equal (same
-  input, same stride, same statistics), so one pass serves them all;
+- pools: one pooling pass per kind; in train mode the edges' ``pool -> BN(affine=False)`` outputs are
+  equal (same input, same stride, same batch statistics), so one pass serves them all;
 - strided skips (FactorizedReduce, reduction cells): each half's 1x1 convs of all edges as one conv,
   one batch norm;
 - conv candidates: one ReLU; the first-stage depthwise convs of every edge's four conv candidates,
@@ -18,8 +18,8 @@ since every edge leaving a state reads the same tensor at the same stride:
 The modules, parameters and buffers stay the per-edge ones (checkpoints, the bound engine and the
 optimizer see no difference): their weights are concatenated per call (a copy of the small weight
 tensors; its backward is views), and the running statistics of the stacked batch norms are written
-back to each module. Train-mode batch norm only: in eval mode each edge normalises with its own
-running statistics, so cells in eval mode (or with modules this plan does not know) run per edge.
+back to each module (in eval mode each module's running statistics are used, as the modules would).
+Cells whose batch norms are in mixed modes, or with modules this plan does not know, run per edge.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsrna.ops import depthwise_conv2d, depthwise_conv2d_stack, pointwise_conv2d, weighted_sum
+from dsrna.ops.pool_bn import pool3x3
 from dsrna.space import ops as _ops
 from dsrna.space.ops import BatchNorm2d, DilConv, FactorizedReduce, Identity, PoolBN, SepConv, Zero, channel_shuffle
 
@@ -126,8 +127,12 @@ def _buffers(bns, name: str) -> list[torch.Tensor]:
 
 def _stacked_batch_norm(x: torch.Tensor, bns: tuple[BatchNorm2d, ...]) -> torch.Tensor:
     """``cat([bn(part) for bn, part in zip(bns, x.chunk(len(bns), 1))], 1)`` in one call, in every
-    mode of :class:`BatchNorm2d` (plain train, capturing, replaying frozen statistics)."""
+    mode of :class:`BatchNorm2d` (eval, plain train, capturing, replaying frozen statistics)."""
     bn0 = bns[0]
+    if not bn0.training:  # each module's running statistics, no update
+        return torch.batch_norm(x, None, None, torch.cat(_buffers(bns, "running_mean")),
+                                torch.cat(_buffers(bns, "running_var")), False, 0.0, bn0.eps,
+                                torch.backends.cudnn.enabled)
     mode = getattr(_ops._bn_mode, "value", None)
     if mode is not None and mode[0] == "replay":
         store = mode[1]
@@ -150,13 +155,18 @@ def _stacked_batch_norm(x: torch.Tensor, bns: tuple[BatchNorm2d, ...]) -> torch.
     return out
 
 
-def _shared_pool(x: torch.Tensor, pools: tuple[PoolBN, ...]) -> torch.Tensor:
-    """The common output of ``pools`` (same kind and stride, batch-statistics BN) on input ``x``: the
-    first module computes it; the others' running statistics take the same update."""
+def _shared_pools(x: torch.Tensor, pools: tuple[PoolBN, ...]) -> list[torch.Tensor]:
+    """The outputs of ``pools`` (same kind and stride) on input ``x``, one per edge. In train mode they
+    are equal (batch statistics): the first module computes it and the others' running statistics take
+    the same update. In eval mode the pooling runs once and each edge normalises it with its own
+    running statistics."""
     first = pools[0]
+    if not first.bn.training:
+        pooled = pool3x3(x, first.kind, first.stride)
+        return [p.bn(pooled) for p in pools]
     mode = getattr(_ops._bn_mode, "value", None)
     if len(pools) == 1 or (mode is not None and mode[0] == "replay"):
-        return first(x)
+        return [first(x)] * len(pools)
     bn0, others = first.bn, [p.bn for p in pools[1:]]
     # new_k = (1 - m) old_k + m stat, and m stat = new_0 - (1 - m) old_0: exact for any prior state,
     # in five multi-tensor launches whatever the number of edges.
@@ -172,7 +182,7 @@ def _shared_pool(x: torch.Tensor, pools: tuple[PoolBN, ...]) -> torch.Tensor:
     if mode is not None:  # capture: every module recorded the same statistics
         for bn in others:
             mode[1][bn] = mode[1][bn0]
-    return out
+    return [out] * len(pools)
 
 
 # --- one state's candidates --------------------------------------------------------------------------
@@ -223,11 +233,11 @@ def _factorized_reduces(relu_x: torch.Tensor, reduces: tuple[FactorizedReduce, .
 def _state_candidates(x: torch.Tensor, plan: _StatePlan) -> list[list[torch.Tensor]]:
     """For every edge of ``plan``, its kept candidates' outputs in PRIMITIVES order."""
     relu_x = F.relu(x)
-    max_pool = _shared_pool(x, plan.ops["max"])
-    avg_pool = _shared_pool(x, plan.ops["avg"])
+    max_pools, avg_pools = _shared_pools(x, plan.ops["max"]), _shared_pools(x, plan.ops["avg"])
     skips = [x] * len(plan.edges) if plan.stride == 1 else _factorized_reduces(relu_x, plan.ops["skip"])
     convs = _conv_candidates(relu_x, plan)
-    return [[max_pool, avg_pool, skips[e]] + [convs[kind][e] for kind in _CONVS] for e in range(len(plan.edges))]
+    return [[max_pools[e], avg_pools[e], skips[e]] + [convs[kind][e] for kind in _CONVS]
+            for e in range(len(plan.edges))]
 
 
 # --- the cell ----------------------------------------------------------------------------------------
@@ -244,9 +254,10 @@ def cell_plan(cell) -> _CellPlan | None:
 
 
 def usable(cell) -> bool:
-    """Whether ``cell`` can run state-batched now: a known layout, every batch norm in train mode."""
+    """Whether ``cell`` can run state-batched now: a known layout, its batch norms all in train mode or
+    all in eval mode."""
     plan = cell_plan(cell)
-    return plan is not None and all(bn.training for bn in plan.batch_norms)
+    return plan is not None and len({bn.training for bn in plan.batch_norms}) == 1
 
 
 def forward_batched(cell, states: list[torch.Tensor], weights: torch.Tensor,
