@@ -1,9 +1,9 @@
 """State-batched execution of a search cell: the fast backends' cell forward.
 
-The reference cell (:func:`dsrna.space.search_network.cell_nodes_reference`) runs each of its 14 mixed ops on its own, about
-25 small kernels per edge, each over one ``[B, C, H, W]`` tensor: on a GPU the step is bound by
-kernel launches (BASELINE.md). Here the same arithmetic is grouped by the *state* the edges leave,
-since every edge leaving a state reads the same tensor at the same stride:
+The reference cell (:func:`dsrna.space.search_network.cell_nodes_reference`) runs each of its 14
+mixed ops on its own, about 25 small kernels per edge, each over one ``[B, C, H, W]`` tensor: on a GPU
+the step is bound by kernel launches (BASELINE.md). Here the same arithmetic is grouped by the *state*
+the edges leave, since every edge leaving a state reads the same tensor at the same stride:
 
 - pools: one pooling pass per kind; in train mode the edges' ``pool -> BN(affine=False)`` outputs are
   equal (same input, same stride, same batch statistics), so one pass serves them all;
