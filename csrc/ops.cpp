@@ -950,11 +950,18 @@ std::vector<int64_t> kernel_sizes(at::TensorList ws) {
   return ks;
 }
 
-// A list of gradients where autograd passed none for some entries: zeros of the forward outputs' shapes.
-variable_list defined_or_zeros(const variable_list& grads, const variable_list& like) {
-  variable_list out;
-  for (size_t i = 0; i < grads.size(); ++i) out.push_back(grads[i].defined() ? grads[i] : at::zeros_like(like[i]));
-  return out;
+// Appends the weights' gradients stack_weight(input, grad) to `out` when any weight (inputs 1..T of
+// both stack Functions) needs one, else T undefined tensors.
+void append_weight_grads(AutogradContext* ctx, variable_list& out, const Tensor& input, const Tensor& grad,
+                         at::TensorList ws, const StackGeometryArgs& geo) {
+  bool any_weight = false;
+  for (size_t t = 0; t < ws.size(); ++t) any_weight |= ctx->needs_input_grad(1 + t);
+  if (!any_weight) {
+    out.resize(out.size() + ws.size());
+    return;
+  }
+  for (const Tensor& dw : ops::depthwise_stack_weight(input, grad, kernel_sizes(ws), geo.s, geo.p, geo.d))
+    out.push_back(dw);
 }
 
 // y = stack(x, Ws): dx = stack_transpose(dy, Ws), dWs = stack_weight(x, dy).
@@ -968,17 +975,12 @@ struct DepthwiseStackFunction : torch::autograd::Function<DepthwiseStackFunction
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto [ws, x] = saved_list_and(ctx);
-    const auto [s, p, d] = stack_geometry_args(ctx);
+    const auto geo = stack_geometry_args(ctx);
     const Tensor& g = grads[0];
-    variable_list out{ctx->needs_input_grad(0) ? ops::depthwise_stack_transpose(g, ws, x.sizes().slice(2), s, p, d)
-                                               : Tensor()};
-    bool any_weight = false;
-    for (size_t t = 0; t < ws.size(); ++t) any_weight |= ctx->needs_input_grad(1 + t);
-    if (any_weight) {
-      for (const Tensor& dw : ops::depthwise_stack_weight(x, g, kernel_sizes(ws), s, p, d)) out.push_back(dw);
-    } else {
-      out.resize(1 + ws.size());
-    }
+    variable_list out{ctx->needs_input_grad(0)
+                          ? ops::depthwise_stack_transpose(g, ws, x.sizes().slice(2), geo.s, geo.p, geo.d)
+                          : Tensor()};
+    append_weight_grads(ctx, out, x, g, ws, geo);
     out.resize(out.size() + 3);  // stride, paddings, dilations
     return out;
   }
@@ -995,16 +997,10 @@ struct DepthwiseStackTransposeFunction : torch::autograd::Function<DepthwiseStac
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto [ws, g] = saved_list_and(ctx);
-    const auto [s, p, d] = stack_geometry_args(ctx);
+    const auto geo = stack_geometry_args(ctx);
     const Tensor& dz = grads[0];
-    variable_list out{ctx->needs_input_grad(0) ? ops::depthwise_stack(dz, ws, s, p, d) : Tensor()};
-    bool any_weight = false;
-    for (size_t t = 0; t < ws.size(); ++t) any_weight |= ctx->needs_input_grad(1 + t);
-    if (any_weight) {
-      for (const Tensor& dw : ops::depthwise_stack_weight(dz, g, kernel_sizes(ws), s, p, d)) out.push_back(dw);
-    } else {
-      out.resize(1 + ws.size());
-    }
+    variable_list out{ctx->needs_input_grad(0) ? ops::depthwise_stack(dz, ws, geo.s, geo.p, geo.d) : Tensor()};
+    append_weight_grads(ctx, out, dz, g, ws, geo);
     out.resize(out.size() + 4);  // input_hw, stride, paddings, dilations
     return out;
   }
@@ -1016,17 +1012,20 @@ struct DepthwiseStackWeightFunction : torch::autograd::Function<DepthwiseStackWe
                                at::IntArrayRef p, at::IntArrayRef d) {
     at::AutoDispatchBelowADInplaceOrView guard;
     save_stack_geometry(ctx, s, p, d);
-    auto out = ops::depthwise_stack_weight(x, g, ks, s, p, d);
-    variable_list saved{x, g};
-    saved.insert(saved.end(), out.begin(), out.end());  // for their shapes, where a gradient is missing
-    ctx->save_for_backward(saved);
-    return out;
+    ctx->saved_data["k"] = ks.vec();
+    ctx->save_for_backward({x, g});
+    return ops::depthwise_stack_weight(x, g, ks, s, p, d);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &g = saved[1];
     const auto [s, p, d] = stack_geometry_args(ctx);
-    const variable_list dgw = defined_or_zeros(grads, variable_list(saved.begin() + 2, saved.end()));
+    // A weight gradient autograd passes none for counts as zero: [M, C, k, k], M from g's channels.
+    const auto ks = ctx->saved_data["k"].toIntVector();
+    const int64_t C = x.size(1), M = g.size(1) / (int64_t(ks.size()) * C);
+    variable_list dgw;
+    for (size_t t = 0; t < ks.size(); ++t)
+      dgw.push_back(grads[t].defined() ? grads[t] : at::zeros({M, C, ks[t], ks[t]}, x.options()));
     Tensor dx, dg;
     if (ctx->needs_input_grad(0)) dx = ops::depthwise_stack_transpose(g, dgw, x.sizes().slice(2), s, p, d);
     if (ctx->needs_input_grad(1)) dg = ops::depthwise_stack(x, dgw, s, p, d);
