@@ -58,12 +58,12 @@ def assert_close_all(a, b):
 @pytest.mark.parametrize("partial_channels", [1, 2])
 def test_every_darts_cell_runs_batched_in_train_and_in_eval_mode(partial_channels):
     fast, _ = pair(partial_channels)
-    assert all(batched_cell.usable(cell) for cell in fast.cells)  # normal and reduction cells
+    assert all(batched_cell.usable_plan(cell) is not None for cell in fast.cells)  # normal and reduction cells
     fast.eval()
-    assert all(batched_cell.usable(cell) for cell in fast.cells)
+    assert all(batched_cell.usable_plan(cell) is not None for cell in fast.cells)
     fast.train()
     fast.cells[0].edges[3].ops[2].bn.eval()  # one batch norm in another mode than the rest
-    assert not batched_cell.usable(fast.cells[0]) and batched_cell.usable(fast.cells[1])
+    assert batched_cell.usable_plan(fast.cells[0]) is None and batched_cell.usable_plan(fast.cells[1]) is not None
 
 
 @pytest.mark.parametrize("partial_channels", [1, 2])
@@ -135,7 +135,7 @@ def test_cells_it_does_not_know_run_per_edge():
     for net in (fast, ref):
         torch.manual_seed(1)
         net.cells[0].edges[2].ops[5] = SepConv(4, 4, 3, 1, 1, affine=False).double()
-    assert batched_cell.cell_plan(fast.cells[0]) is None and batched_cell.usable(fast.cells[1])
+    assert batched_cell.cell_plan(fast.cells[0]) is None and batched_cell.usable_plan(fast.cells[1]) is not None
     x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
     y = torch.tensor([1, 0])
     assert_close_all(step(fast, x, y), step(ref, x, y))

@@ -253,17 +253,17 @@ def cell_plan(cell) -> _CellPlan | None:
     return cache[1]
 
 
-def usable(cell) -> bool:
-    """Whether ``cell`` can run state-batched now: a known layout, its batch norms all in train mode or
-    all in eval mode."""
+def usable_plan(cell) -> _CellPlan | None:
+    """The cell's plan when it can run state-batched now (a known layout, its batch norms all in train
+    mode or all in eval mode), else None."""
     plan = cell_plan(cell)
-    return plan is not None and len({bn.training for bn in plan.batch_norms}) == 1
+    return plan if plan is not None and len({bn.training for bn in plan.batch_norms}) == 1 else None
 
 
-def forward_batched(cell, states: list[torch.Tensor], weights: torch.Tensor,
+def forward_batched(cell, plan: _CellPlan, states: list[torch.Tensor], weights: torch.Tensor,
                     edge_weights: torch.Tensor | None) -> list[torch.Tensor]:
-    """Appends the cell's nodes to ``states`` (its two preprocessed inputs); needs :func:`usable`."""
-    plans = cell_plan(cell).states
+    """Appends the cell's nodes to ``states`` (its two preprocessed inputs), by ``usable_plan(cell)``."""
+    plans = plan.states
     candidates: dict[int, list[torch.Tensor]] = {}  # edge index -> its kept candidate outputs
     bypass: dict[int, torch.Tensor] = {}  # PC-DARTS: state index -> the channels that skip the mixed op
     K = cell.partial_channels

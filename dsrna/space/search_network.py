@@ -154,8 +154,9 @@ def cell_nodes_batched(cell: SearchCell, states: list[torch.Tensor], weights: to
                        edge_weights: torch.Tensor | None) -> list[torch.Tensor]:
     """The fast backends' cell: the edges leaving each state run together (:mod:`.batched_cell`)
     when the cell is in train mode with the DARTS candidates, else one mixed op per edge."""
-    if batched_cell.usable(cell):
-        return batched_cell.forward_batched(cell, states, weights, edge_weights)
+    plan = batched_cell.usable_plan(cell)
+    if plan is not None:
+        return batched_cell.forward_batched(cell, plan, states, weights, edge_weights)
     return cell_nodes_reference(cell, states, weights, edge_weights)
 
 
