@@ -7,6 +7,10 @@ For every DARTS geometry (kernel 3/5, dilation 1/2, stride 1/2) at the super-net
 gradient: PyTorch (``F.conv2d`` and ``aten.convolution_backward``, i.e. cuDNN or PyTorch's depthwise
 kernels on a GPU, oneDNN on a CPU) against ``torch.ops.dsrna.*``. Prints a markdown table of
 medians in microseconds and the totals over all geometries.
+
+On a GPU each op is timed as a CUDA graph of ``CALLS`` back-to-back calls, divided by ``CALLS``: the
+GPU time of the kernels, as a search step replayed from a CUDA graph sees it. (One call timed on
+its own measures the host's dispatch, about 20 us for either side at these sizes.)
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ import torch
 import torch.nn.functional as F
 
 import dsrna._C  # noqa: F401  (registers torch.ops.dsrna)
-from benchmarks.harness import median_us
+from benchmarks.harness import CudaGraphStep, median_us
+
+CALLS = 10
+
+
+def graphed(op):
+    """``CALLS`` calls of ``op`` replayed as one CUDA graph."""
+    return CudaGraphStep(lambda: [op() for _ in range(CALLS)], warmup=1)
 
 DARTS = [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2)]  # (kernel, padding, dilation)
 PLANES = [(16, 32), (32, 16), (64, 8)]  # (channels, side) of the three stages of the super-network
@@ -34,7 +45,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# depthwise ops on {name}, torch {torch.__version__}: median us (PyTorch / native)\n")
+    what = f"GPU us per call, from CUDA graphs of {CALLS} calls" if device.type == "cuda" else "us per call"
+    print(f"# depthwise ops on {name}, torch {torch.__version__}: median {what} (PyTorch / native)\n")
     print("| batch | C | side | k | d | s | forward | input grad | weight grad |")
     print("|---|---|---|---|---|---|---|---|---|")
     totals = [0.0] * 6
@@ -56,7 +68,10 @@ def main() -> None:
                     ]
                     cells = []
                     for i, (ref, nat) in enumerate(pairs):
-                        r, n = median_us(ref, device, args.repeats), median_us(nat, device, args.repeats)
+                        if device.type == "cuda":
+                            r, n = (median_us(graphed(op), device, args.repeats) / CALLS for op in (ref, nat))
+                        else:
+                            r, n = median_us(ref, device, args.repeats), median_us(nat, device, args.repeats)
                         totals[2 * i] += r
                         totals[2 * i + 1] += n
                         cells.append(f"{r:.0f} / {n:.0f}")

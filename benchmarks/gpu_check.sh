@@ -17,14 +17,17 @@
 # (tables), bench.png (speedups).
 # Without a GPU it still builds and tests, and runs the CPU --quick benchmark instead.
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET, MAX_JOBS (default 16), GPU_CHECK_SKIP_BUILD=1,
-# GPU_CHECK_BENCH (extra `dsrna bench` arguments).
+# GPU_CHECK_BENCH (extra `dsrna bench` arguments), GPU_CHECK_SIDE (the side measurements of step 4b
+# to run, comma-separated from plain,profile,depthwise,batchnorm,torchrun; default all of them),
+# GPU_CHECK_TESTS (the test files to run, space-separated names without .py; default the GPU ones).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-465}
+DEFAULT_BUDGET=465  # the budget the stages' caps and reserves below were set for
+BUDGET=${GPU_CHECK_BUDGET:-$DEFAULT_BUDGET}
 LOG=$OUT/log.txt
 : >"$LOG"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MAX_JOBS=${MAX_JOBS:-16}
@@ -37,9 +40,11 @@ left() { echo $((BUDGET - SECONDS)); }
 
 # stage NAME CAP RESERVE FILE COMMAND...: run COMMAND with its output appended to FILE, for at most
 # CAP seconds and never into the last RESERVE seconds of the budget (kept for the later stages).
+# RESERVE is set for the default budget and scales with GPU_CHECK_BUDGET (a fixed reserve once left
+# the build 18 s of a 225 s budget, and every later stage without the extension).
 # Returns the command's status (124 on time-out, 125 when no time was left to start it).
 stage() {
-    local name=$1 cap=$2 reserve=$3 file=$4
+    local name=$1 cap=$2 reserve=$(($3 * BUDGET / DEFAULT_BUDGET)) file=$4
     shift 4
     local box=$(($(left) - reserve))
     ((box > cap)) && box=$cap
@@ -101,7 +106,8 @@ stage info 60 140 "$OUT/env.txt" "$PY" -m dsrna info
 
 # --- 4. the kernel and backend tests, on the GPU ---------------------------------------------------
 TESTS=()
-for f in test_weighted_sum test_depthwise test_pool_bn test_bound_ops test_triton_kernels test_backends test_batched_cell test_build; do
+for f in ${GPU_CHECK_TESTS:-test_weighted_sum test_depthwise test_pointwise test_pool_bn test_batch_norm test_bound_ops \
+    test_triton_kernels test_backends test_batched_cell test_cuda_graph test_build}; do
     [[ -f tests/$f.py ]] && TESTS+=("tests/$f.py")
 done
 if ((${#TESTS[@]})); then
@@ -112,7 +118,7 @@ if ((${#TESTS[@]})); then
     # process of their own (with a C-level traceback) so that a crash cannot hide the other results.
     ERROR_PATHS="reject or bad_arguments"
     # No -x: a single run on the GPU should show every failure, not the first one.
-    stage tests 110 150 "$OUT/tests.txt" "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "not ($ERROR_PATHS)" "${TESTS[@]}"
+    stage tests 180 150 "$OUT/tests.txt" "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "not ($ERROR_PATHS)" "${TESTS[@]}"
     grep -E "passed|failed|error" "$OUT/tests.txt" | tail -n 1 | sed 's/^/    /' | tee -a "$LOG"
     stage "error-path tests" 40 140 "$OUT/tests.txt" "$PY" -X faulthandler -m pytest "${PYTEST_ARGS[@]}" -k "$ERROR_PATHS" "${TESTS[@]}"
     if (($? != 0)) && command -v gdb >/dev/null; then
@@ -124,16 +130,16 @@ else
 fi
 
 # --- 4b. where the time goes: the plain eager port beside the reference, and the kernel profile ------
-if ((HAVE_GPU)); then
-    stage "plain eager port vs reference" 60 120 "$OUT/plain.md" "$PY" benchmarks/plain_darts.py --device cuda --batch 64
-    stage "kernel profile" 60 110 "$OUT/profile.md" "$PY" -m benchmarks.profile_step --metric train --backend auto --graph
-    stage "depthwise ops vs PyTorch" 60 105 "$OUT/depthwise.md" "$PY" -m benchmarks.depthwise_micro --device cuda --batch 64,256
-    stage "batch norm: native vs cuDNN kernels" 30 100 "$OUT/batchnorm.md" "$PY" -m benchmarks.batchnorm_micro --device cuda
-    # The distributed search under torchrun on this GPU (NCCL), one process: the launch path works.
-    stage "torchrun search (nccl)" 90 100 "$OUT/torchrun.txt" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
-        -m dsrna search --dataset mnist-mini --layers 3 --init-channels 8 --epochs 1 --max-steps-per-epoch 20 \
-        --batch-size 64 --out "$OUT/torchrun-search"
-fi
+SIDE=",${GPU_CHECK_SIDE:-plain,profile,depthwise,batchnorm,torchrun},"
+side() { ((HAVE_GPU)) && [[ $SIDE == *",$1,"* ]]; }
+side plain && stage "plain eager port vs reference" 60 120 "$OUT/plain.md" "$PY" benchmarks/plain_darts.py --device cuda --batch 64
+side profile && stage "kernel profile" 60 110 "$OUT/profile.md" "$PY" -m benchmarks.profile_step --metric train --backend auto --graph
+side depthwise && stage "depthwise ops vs PyTorch" 60 105 "$OUT/depthwise.md" "$PY" -m benchmarks.depthwise_micro --device cuda --batch 64,256
+side batchnorm && stage "batch norm: native vs cuDNN kernels" 30 100 "$OUT/batchnorm.md" "$PY" -m benchmarks.batchnorm_micro --device cuda
+# The distributed search under torchrun on this GPU (NCCL), one process: the launch path works.
+side torchrun && stage "torchrun search (nccl)" 90 100 "$OUT/torchrun.txt" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
+    -m dsrna search --dataset mnist-mini --layers 3 --init-channels 8 --epochs 1 --max-steps-per-epoch 20 \
+    --batch-size 64 --out "$OUT/torchrun-search"
 
 # --- 5. the benchmark: most important rows first, each row appended to bench.jsonl as it is measured ----
 if ((HAVE_GPU)); then

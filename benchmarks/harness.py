@@ -35,6 +35,7 @@ import torch
 
 import dsrna
 from dsrna.backend import BACKENDS, backend_status, use_backend
+from dsrna.search.cuda_graph import CudaGraph, run_on_side_stream
 
 from benchmarks.workloads import GRAPHABLE, IMAGENET_ONLY, METRICS, ROBUST_SEARCH, SMALL_ONLY, Shape, Unavailable, build
 
@@ -210,16 +211,17 @@ def _time_once(step: Callable[[], object], device: torch.device) -> float:
 
 
 def time_step(step: Callable[[], object], device: torch.device, warmup: int, repeats: int,
-              row_seconds: float) -> list[float]:
+              row_seconds: float, reset_peak: bool = True) -> list[float]:
     """Warm up (at least once: compilation, autotuning and allocation stay out of the numbers), then
     time up to ``repeats`` steps, stopping early once ``row_seconds`` are spent and 3 samples are in
-    (or 1, when one step takes over half of ``row_seconds``: the row's ``n`` says so)."""
+    (or 1, when one step takes over half of ``row_seconds``: the row's ``n`` says so). The peak
+    memory counter starts after the warm-up unless ``reset_peak`` is False."""
     spent = 0.0
     for i in range(max(1, warmup)):
         spent += _time_once(step, device) / 1e3
         if spent > row_seconds / 3:
             break
-    if device.type == "cuda":
+    if device.type == "cuda" and reset_peak:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     samples, spent = [], 0.0
@@ -238,24 +240,14 @@ def median_us(step: Callable[[], object], device: torch.device, repeats: int, wa
 
 
 class CudaGraphStep:
-    """A step captured once as a CUDA graph and replayed: the same kernels with no host overhead.
-
-    The warm-up runs on a side stream (the capture recipe of ``torch.cuda.graphs``), so that lazy
-    initialisation, autotuning and optimiser state happen outside the capture. The step's tensors
-    stay alive with this object, since the graph reads and writes their memory.
-    """
+    """A step captured once as a CUDA graph (:class:`dsrna.search.cuda_graph.CudaGraph`) after
+    ``warmup`` eager steps on a side stream, then replayed: the same kernels with no host overhead.
+    The step's tensors stay alive with this object, since the graph reads and writes their memory."""
 
     def __init__(self, step: Callable[[], object], warmup: int = 3):
-        self.step = step
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            step()
+        for _ in range(warmup):
+            run_on_side_stream(step)
+        self.graph = CudaGraph(step)
 
     def __call__(self) -> None:
         self.graph.replay()
@@ -334,10 +326,14 @@ def measure(shape: Shape, metric: str, backend: str, options: Options, hard_limi
     step = None
     try:
         with _alarm(hard_limit), use_backend(base):
+            if graph:
+                # A replay allocates nothing: the graph's memory is what its capture (and the eager
+                # warm-up before it) took, so the peak counts from before the set-up.
+                torch.cuda.reset_peak_memory_stats(device)
             step = build(metric, shape, base, device)
             if graph:
                 step = CudaGraphStep(step)
-            samples = time_step(step, device, options.warmup, options.repeats, options.row_seconds)
+            samples = time_step(step, device, options.warmup, options.repeats, options.row_seconds, reset_peak=not graph)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             median = percentile(samples, 50)
             launches = None

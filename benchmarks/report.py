@@ -132,9 +132,10 @@ def markdown(rows: list[dict], baseline: dict) -> str:
         "`Searcher.step` (architecture then weight step); `jacobian` is CE - 0.01 R_Jac (one random "
         "Jacobian row per image) and its double backward; bound passes are l_inf at the data set's "
         "default eps; `radius` is full-CROWN bisection on DARTS_V2 (per image: divide by the batch). "
-        "`+graph` rows replay the step as one CUDA graph. Timings are medians with 20th/80th "
-        "percentiles (CUDA events on a GPU); peak memory is over the timed steps; kernels per step "
-        "come from torch.profiler.",
+        "`+graph` rows replay the step as one CUDA graph (the search steps as `dsrna search "
+        "--cuda-graph` does). Timings are medians with 20th/80th percentiles (CUDA events on a GPU); "
+        "peak memory is over the timed steps (for `+graph` rows, since before the capture: a replay "
+        "allocates nothing); kernels per step come from torch.profiler.",
         "## Median ms (speedup over the reference)",
         speedup_table(rows),
     ]

@@ -163,7 +163,8 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
             if ok:
                 return candidate
             if candidate != "reference":
-                _warn_once(candidate + device_type, f"dsrna: {candidate} backend unusable on {device_type} ({why}); using a slower path")
+                # One warning per cause: a missing extension makes the backend unusable on every device.
+                _warn_once(candidate + why, f"dsrna: {candidate} backend unusable ({why}); using a slower path")
     return "reference"
 
 

@@ -51,8 +51,8 @@ def assert_close_all(a, b):
     """Every pair of tensors close; compared as one flat vector (a thousand separate assert_close
     calls take a minute)."""
     assert len(a) == len(b) and all(u.shape == v.shape for u, v in zip(a, b))
-    torch.testing.assert_close(torch.cat([u.double().flatten() for u in a]),
-                               torch.cat([v.double().flatten() for v in b]), **TOL)
+    torch.testing.assert_close(torch.cat([u.double().flatten().cpu() for u in a]),
+                               torch.cat([v.double().flatten().cpu() for v in b]), **TOL)
 
 
 @pytest.mark.parametrize("partial_channels", [1, 2])
@@ -139,3 +139,31 @@ def test_cells_it_does_not_know_run_per_edge():
     x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
     y = torch.tensor([1, 0])
     assert_close_all(step(fast, x, y), step(ref, x, y))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_recomputed_stages_give_the_gradients_of_kept_ones(monkeypatch, amp):
+    """The depthwise stages keep only their inputs and run again in backward, on the forward's
+    backend and autocast state; first and second derivatives equal those of the same cell keeping
+    everything (in bf16 autocast too: the recomputation runs in bf16 again, so only the order of the
+    float32 gradient sums differs)."""
+    fast, _ = pair()
+    kept = copy.deepcopy(fast)
+    dtype = torch.float32 if amp else torch.float64
+    fast, kept = fast.to(dtype), kept.to(dtype)
+    x = torch.rand(2, 2, 8, 8, dtype=dtype, requires_grad=True)
+    results = []
+    for net, recompute in ((fast, True), (kept, False)):
+        if not recompute:
+            monkeypatch.setattr(batched_cell, "_recomputed", lambda fn, *inputs: fn(*inputs))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = net(x)
+        jac, = torch.autograd.grad(logits[:, 1].sum(), x, create_graph=True)
+        results.append([logits, jac, *torch.autograd.grad(jac.square().sum(), list(net.parameters()), allow_unused=True,
+                                                          materialize_grads=True)])
+    assert all(a.dtype == b.dtype for a, b in zip(*results))
+    if amp:
+        torch.testing.assert_close(torch.cat([t.flatten() for t in results[0]]),
+                                   torch.cat([t.flatten() for t in results[1]]), rtol=1e-5, atol=1e-12)
+    else:
+        assert_close_all(*results)

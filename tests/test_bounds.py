@@ -144,3 +144,50 @@ def test_search_network_with_imagenet_stem_is_bounded_soundly():
         for method in ("ibp", "crown-ibp"):
             lower, upper = logit_bounds(net, x, 0.01, "linf", method)
             assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), method
+
+
+@pytest.mark.parametrize("mode", ["train", "captured", "eval", "mixed"])
+def test_stacked_lowering_gives_the_per_edge_bounds(monkeypatch, mode):
+    """The search network's conv candidates lower state by state into stacked nodes (as the batched
+    cell runs them): IBP and CROWN-IBP give the bounds of the per-edge graph, with far fewer nodes.
+    (Full CROWN takes minutes here; its neuron-wise relaxation choices can flip on rounding
+    differences, so it is checked for soundness in test_bounds_soundness.py instead.)
+    `mixed`: batch norms in different modes cannot stack, and that state lowers per edge."""
+    import dsrna.bounds.graph as graph_module
+    from dsrna import SearchNetwork
+    from dsrna.bounds.graph import lower
+    from dsrna.space import capture_batch_stats
+
+    from dsrna import backend
+
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1).double()
+    net.backend = next(name for name in ("native", "triton") if backend.backend_status(name, "cpu")[0])
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            p.normal_(0, 0.5)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    stats = None
+    if mode == "captured":
+        with torch.no_grad(), capture_batch_stats() as stats:
+            net(x)
+    elif mode == "eval":
+        net(x)  # running statistics away from their initial values
+        net.eval()
+    elif mode == "mixed":
+        net.cells[0].edges[0].ops[7].op[3].eval()  # one stage-1 batch norm of the first state
+    with backend.use_backend("reference"):  # the reference lowers edge by edge, as its cell runs
+        reference_size = len(lower(net, stats).nodes)
+    results, sizes = [], []
+    for stacked in (True, False):
+        if not stacked:
+            monkeypatch.setattr(graph_module.batched_cell, "cell_plan", lambda cell: None)
+        with backend.use_backend(net.backend):  # as BoundModel lowers a model with its own backend
+            sizes.append(len(lower(net, stats).nodes))
+        with torch.no_grad():
+            results += [torch.cat(logit_bounds(net, x, 0.02, "linf", method, bn_stats=stats), 1)
+                        for method in ("ibp", "crown-ibp")]
+    for a, b in zip(results[:2], results[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert sizes[0] < sizes[1] * (0.8 if mode == "mixed" else 0.6), sizes
+    assert reference_size == sizes[1]

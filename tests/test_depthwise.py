@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dsrna import SearchNetwork, _native, backend, use_backend
 from dsrna.ops import (depthwise_conv2d_reference, depthwise_conv2d_stack, depthwise_conv2d_stack_reference,
-                       depthwise_conv2d_transpose_reference)
+                       depthwise_conv2d_stack_transpose_reference, depthwise_conv2d_transpose_reference)
 from conftest import DEVICES
 
 # (kernel, padding, dilation) of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5
@@ -258,6 +258,25 @@ def test_stack_gradcheck_and_gradgradcheck(name, device):
     f = lambda x, *ws: stack(x, ws, 2, [1, 4], [1, 2])  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, *ws), fast_mode=True)
     assert torch.autograd.gradgradcheck(f, (x, *ws), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", ["reference"] + fast_backends("depthwise_conv2d_stack_transpose"))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M, s, hw", [(1, 1, (9, 7)), (3, 2, (9, 7)), (2, 2, (8, 6))])
+def test_stack_transpose_is_the_adjoint_of_the_stack(name, device, M, s, hw):
+    """<stack(x), g> = <x, stack_transpose(g)> in float64 (odd and even sizes at stride 2: the
+    transpose must give back the input's size), and its gradients match the reference's."""
+    fn = impl("depthwise_conv2d_stack_transpose", name, device)
+    x, ws = stack_inputs(M, 3, hw, torch.float64, device)
+    y = depthwise_conv2d_stack_reference(x, ws, s, *STACK_ARGS)
+    g = torch.randn_like(y).requires_grad_()
+    back = fn(g, ws, hw, s, *STACK_ARGS)
+    assert back.shape == x.shape
+    torch.testing.assert_close((y * g).sum(), (x * back).sum(), rtol=1e-12, atol=1e-12)
+    reference = depthwise_conv2d_stack_transpose_reference(g, ws, hw, s, *STACK_ARGS)
+    direction = torch.randn_like(back)
+    assert_all_close([back, *torch.autograd.grad((back * direction).sum(), (g, *ws))],
+                     [reference, *torch.autograd.grad((reference * direction).sum(), (g, *ws))], **tolerance(torch.float64))
 
 
 @needs_native

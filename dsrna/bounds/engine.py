@@ -78,20 +78,46 @@ class Propagation:
     def backward(self, start: int, A: torch.Tensor) -> torch.Tensor:
         """Lower bounds ``[B, S]`` of ``sum A[:, s] * node_start(x')`` over the input set, by CROWN
         from node ``start`` back to the input (ReLU/max-pool relaxations from ``self.bounds``)."""
-        coefficients: dict[int, torch.Tensor] = {start: A}
+        # Per node, the coefficients its consumers sent: full tensors, or channel slices
+        # ``(part, start)`` (a stacked node feeds many slices: summing them padded to full width
+        # would cost the number of slices times the node's size).
+        sent: dict[int, list] = {start: [A]}
         bias = A.new_zeros(A.shape[:2])
         for index in range(start, 0, -1):
-            A = coefficients.pop(index, None)
-            if A is None:
+            if index not in sent:
                 continue
+            A = self._gather(sent.pop(index), index)
             node = self.graph.nodes[index]
             A_inputs, b = node.op.backward(A, [self.bounds[i] for i in node.inputs])
             if b is not None:
                 bias = bias + b
             for i, A_i in zip(node.inputs, A_inputs):
                 if A_i is not None:
-                    coefficients[i] = coefficients[i] + A_i if i in coefficients else A_i
-        return self.ball.concretize(coefficients[0], bias)
+                    sent.setdefault(i, []).append(A_i)
+        return self.ball.concretize(self._gather(sent[0], 0), bias)
+
+    def _gather(self, parts: list, index: int) -> torch.Tensor:
+        """The sum of the coefficients sent to node ``index``."""
+        full = [p for p in parts if isinstance(p, torch.Tensor)]
+        slices = [p for p in parts if not isinstance(p, torch.Tensor)]
+        total = None
+        for p in full:
+            total = p if total is None else total + p
+        if not slices:
+            return total
+        slices.sort(key=lambda part: part[1])
+        ends = [start + part.shape[2] for part, start in slices]
+        if total is None and slices[0][1] == 0 and ends[-1] == self.bounds[index][0].shape[1] \
+                and all(end == start for end, (_, start) in zip(ends, slices[1:])):
+            return torch.cat([part for part, _ in slices], dim=2)  # the slices tile the node
+        if total is None:
+            B, S = slices[0][0].shape[:2]
+            total = slices[0][0].new_zeros(B, S, *self.bounds[index][0].shape[1:])
+        elif len(full) == 1:
+            total = total.clone()  # never write into a tensor a node sent
+        for part, start in slices:
+            total[:, :, start:start + part.shape[2]] += part
+        return total
 
     def lower_bound(self, spec: torch.Tensor) -> torch.Tensor:
         """Lower bounds ``[B, S]`` of ``spec @ logits`` (``spec`` ``[B, S, K]``) by this method."""

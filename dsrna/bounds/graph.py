@@ -6,7 +6,9 @@ mode; in train mode (the search) the statistics of the clean pass over the same 
 §2 [choice]): taken from a ``capture_batch_stats()`` store when one is given, else computed by the
 engine's own clean pass. The architecture weights (softmax(alpha), softmax(beta)) are computed
 once per lowering and stay in the autograd graph, so a graph is built per call. The ``none`` op is
-pruned: it adds nothing to any sum.
+pruned: it adds nothing to any sum. On the fast backends a standard DARTS search cell lowers state
+by state into the stacked nodes the batched cell computes (:func:`_batched_state`), the same maps in
+far fewer ops; on the reference backend edge by edge, as its cell runs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from dsrna import backend
 from dsrna.bounds import nodes
+from dsrna.space import batched_cell
+from dsrna.space.batched_cell import CONV_KINDS, FIRST_DEPTHWISE
 from dsrna.space.network import Network
 from dsrna.space.ops import (
     DilConv,
@@ -63,10 +68,16 @@ class BoundGraph:
     def cast(self, dtype: torch.dtype) -> "BoundGraph":
         """Every op's tensors (weights, batch-norm scales, mixing weights) in ``dtype``, in place.
         The casts are differentiable: gradients still reach the model's own parameters."""
+        def cast(value):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value.to(dtype)
+            if isinstance(value, list):  # the weights of a stack of convs
+                return [cast(v) for v in value]
+            return value
+
         for node in self.nodes[1:]:
             for name, value in vars(node.op).items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    setattr(node.op, name, value.to(dtype))
+                setattr(node.op, name, cast(value))
         return self
 
 
@@ -194,6 +205,72 @@ def _mixed_terms(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph, x: int
     return outs, ws
 
 
+def _stacked_batch_norm(bns: tuple[nn.BatchNorm2d, ...], graph: BoundGraph) -> nodes.ChannelAffine | None:
+    """One affine node for batch norms over channel-stacked inputs, or None when some of them have
+    known statistics and others must take theirs from the clean pass."""
+    affines = [_batch_norm(bn, graph) for bn in bns]
+    known = [a.scale is not None for a in affines]
+    if all(known):
+        return nodes.ChannelAffine(torch.cat([a.scale for a in affines]), torch.cat([a.shift for a in affines]))
+    if not any(known):  # the clean pass computes each stacked channel's statistics, as each module would
+        return nodes.ChannelAffine(None, None, bns[0])
+    return None
+
+
+def _batched_state(plan, weights: torch.Tensor, graph: BoundGraph, x: int,
+                   shared: dict) -> dict[int, tuple[list[int], list[torch.Tensor]]] | None:
+    """The kept candidates of every edge leaving state node ``x`` (``plan``: its
+    :class:`dsrna.space.batched_cell` plan), with their weights, by edge: the conv candidates of all
+    the edges in stacked nodes as the batched cell computes them (a few large ops instead of eight
+    small ones per candidate), the rest as :func:`_mixed_terms` builds them. None when their batch
+    norms cannot be stacked (mixed modes)."""
+    stage1_bn = _stacked_batch_norm(plan.stage1_bns, graph)
+    stage2_bn = _stacked_batch_norm(plan.stage2_bns, graph)
+    if stage1_bn is None or stage2_bn is None:
+        return None
+    E = len(plan.edges)
+    C = plan.ops["sep3"][0].op[1].weight.shape[0]
+
+    def cat(kinds, layer):
+        return torch.cat([op.op[layer].weight for kind in kinds for op in plan.ops[kind]])
+
+    def pointwise(kinds, layer, x):
+        return graph.add(nodes.Conv2d(cat(kinds, layer), None, (1, 1), (0, 0), (1, 1), len(kinds) * E), x)
+
+    def slice_(x, block):
+        return graph.add(nodes.ChannelSlice(block * C, (block + 1) * C), x)
+
+    if x not in shared:
+        shared[x] = graph.add(nodes.ReLU(graph.relu_mode), x)
+    relu_x = shared[x]
+    kernels, paddings, dilations = zip(*(FIRST_DEPTHWISE[kind] for kind in CONV_KINDS))
+    depthwise = [cat([kind], 1).view(E, C, k, k) for kind, k in zip(CONV_KINDS, kernels)]
+    stack = graph.add(nodes.DepthwiseStack(depthwise, plan.stride, list(paddings), list(dilations)), relu_x)
+    stage1 = graph.add(stage1_bn, pointwise(CONV_KINDS, 2, stack))
+    sep_in = graph.add(nodes.ReLU(graph.relu_mode), graph.add(nodes.ChannelSlice(0, 2 * E * C), stage1))
+    second = []
+    for t, kind in enumerate(("sep3", "sep5")):
+        part = graph.add(nodes.ChannelSlice(t * E * C, (t + 1) * E * C), sep_in)
+        padding = FIRST_DEPTHWISE[kind][1]
+        second.append(graph.add(nodes.Conv2d(cat([kind], 5), None, (1, 1), (padding, padding), (1, 1), E * C), part))
+    stage2 = graph.add(stage2_bn, pointwise(("sep3", "sep5"), 6, graph.add(nodes.Concat(), *second)))
+
+    out = {}
+    for n, e in enumerate(plan.edges):
+        terms = []
+        for kind in ("max", "avg"):
+            op = plan.ops[kind][n]
+            key = (x, op.kind, op.stride)
+            if key not in shared:
+                shared[key] = _lower_module(op.pool, graph, x)
+            terms.append(_lower_module(op.bn, graph, shared[key]))
+        skip = plan.ops["skip"][n]
+        terms.append(x if isinstance(skip, Identity) else _lower_after_relu(skip, graph, relu_x))
+        terms += [slice_(stage2, n), slice_(stage2, E + n), slice_(stage1, 2 * E + n), slice_(stage1, 3 * E + n)]
+        out[e] = terms, list(weights[e][1:])  # PRIMITIVES order; weight 0 is `none`'s
+    return out
+
+
 def _lower_partial_edge(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph, x: int, channels: int,
                         shared: dict) -> int:
     """A PC-DARTS edge: candidates on the first C/K channels, bypass for the rest, channel shuffle.
@@ -214,20 +291,28 @@ def _lower_search_network(net: SearchNetwork, graph: BoundGraph, x: int) -> int:
     s0 = _lower_module(net.stem, graph, _lower_module(net.normalize, graph, x))
     s1 = _lower_module(net.stem1, graph, s0) if net.stem1 is not None else s0
     mixing = {False: net.edge_weights(False), True: net.edge_weights(True)}
+    # The graph mirrors the forward of the backend in use: on the fast backends a standard DARTS
+    # cell lowers state by state, as the batched cell runs it (the same bounds in far fewer ops);
+    # the reference lowers edge by edge, as its cell runs.
+    stacked = backend.resolve("search_cell", net.alphas_normal.device) != "reference"
     for cell in net.cells:
         weights, edge_weights = mixing[cell.reduction]
         states = [_lower_module(cell.preprocess0, graph, s0), _lower_module(cell.preprocess1, graph, s1)]
         C = cell.preprocess1.op[1].out_channels
+        plan = batched_cell.cell_plan(cell) if stacked and cell.partial_channels == 1 else None
+        batched: dict[int, dict | None] = {}  # state -> its edges' candidates, once lowered
         shared: dict = {}
         outs, ws = [], []
         for node, e, j in cell.edge_index():
-            if cell.partial_channels == 1:
-                o, w = _mixed_terms(cell.edges[e], weights[e], graph, states[j], shared)
-                outs += o
-                ws += w
-            else:
+            if cell.partial_channels > 1:
                 outs.append(_lower_partial_edge(cell.edges[e], weights[e], graph, states[j], C, shared))
                 ws.append(edge_weights[e])
+            else:
+                if plan is not None and j not in batched:
+                    batched[j] = _batched_state(plan.states[j], weights, graph, states[j], shared)
+                o, w = batched[j][e] if batched.get(j) else _mixed_terms(cell.edges[e], weights[e], graph, states[j], shared)
+                outs += o
+                ws += w
             if j == node - 1:
                 states.append(graph.add(nodes.WeightedSum(torch.stack(ws)), *outs))
                 outs, ws = [], []

@@ -7,7 +7,8 @@ auto_LiRPA's operator classes, without its ONNX tracing):
 - ``interval(*bounds)``: interval bound propagation (IBP), ``bounds[i] = (lower_i, upper_i)``;
 - ``backward(A, bounds)``: one CROWN step in lower-bound form. ``A`` is ``[B, S, *out_shape]``
   (batch, specifications, the op's output shape) and stands for ``sum A * y``; the step returns one
-  ``A_i`` per input (``None`` where nothing flows) and a bias ``[B, S]`` (or ``None``) such that
+  ``A_i`` per input (``None`` where nothing flows; ``(A_part, start)`` for a coefficient that is zero
+  outside channels ``start:start + A_part.shape[2]``) and a bias ``[B, S]`` (or ``None``) such that
   ``sum A * op(x) >= sum_i sum A_i * x_i + bias`` for all ``x_i`` in ``bounds[i]``.
 
 Linear ops ignore ``bounds`` except for their input shapes. Ops with ``needs_input_bounds`` relax a
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from dsrna.ops.bound_ops import crown_relu_backward, interval_depthwise_conv2d, interval_weighted_sum, relu_relaxation
-from dsrna.ops.depthwise import depthwise_conv2d_transpose
+from dsrna.ops.depthwise import depthwise_conv2d_stack, depthwise_conv2d_stack_transpose, depthwise_conv2d_transpose
+from dsrna.ops.pointwise import pointwise_conv2d
 from dsrna.ops.weighted_sum import weighted_sum
 from dsrna.space.ops import FactorizedReduce
 
@@ -94,29 +96,39 @@ class ChannelAffine(BoundOp):
                 torch.addcmul(shift, upper, positive).addcmul_(lower, negative))
 
     def backward(self, A, bounds):
-        scale, shift = self._params(bounds[0][0])
-        return [A * scale], _contract(A, shift)
+        scale, _ = self._params(bounds[0][0])
+        # The bias sum A * shift, as per-channel sums of A times shift: no second A-sized product.
+        per_channel = A.flatten(3).sum(-1) if A.dim() > 3 else A
+        return [A * scale], per_channel @ self.shift.reshape(-1)
 
 
 class Conv2d(BoundOp):
-    """Any ``nn.Conv2d`` (zero padding); depthwise convs go through the dispatched fast ops."""
+    """Any ``nn.Conv2d`` (zero padding); depthwise convs go through the dispatched fast ops, and 1x1
+    convs through :func:`dsrna.ops.pointwise_conv2d` (a matrix product on the fast backends; grouped
+    1x1 convs over stacked channels are slow as convolutions, and their transposes slower)."""
 
     def __init__(self, weight, bias, stride, padding, dilation, groups):
         self.weight, self.bias = weight, bias
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         square = all(len(set(p)) == 1 for p in (stride, padding, dilation))
         self.depthwise = square and groups == weight.shape[0] and weight.shape[1] == 1 and bias is None
+        self.pointwise = square and weight.shape[2:] == (1, 1) and padding == (0, 0) and bias is None
+
+    def _conv(self, x, weight, bias):
+        if self.pointwise:
+            return pointwise_conv2d(x, weight, self.stride[0], self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv(x, self.weight, self.bias)
 
     def interval(self, b):
         lower, upper = b
         if self.depthwise:
             return interval_depthwise_conv2d(lower, upper, self.weight, self.stride[0], self.padding[0], self.dilation[0])
         # Centre (u + l) / 2 through W, radius (u - l) / 2 through |W|, the halves folded into the weights.
-        centre = F.conv2d(upper + lower, self.weight / 2, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        radius = F.conv2d(upper - lower, self.weight.abs() / 2, None, self.stride, self.padding, self.dilation, self.groups)
+        centre = self._conv(upper + lower, self.weight / 2, self.bias)
+        radius = self._conv(upper - lower, self.weight.abs() / 2, None)
         return centre - radius, centre + radius
 
     def backward(self, A, bounds):
@@ -125,6 +137,11 @@ class Conv2d(BoundOp):
         flat = _flat_batch(A)
         if self.depthwise:
             out = depthwise_conv2d_transpose(flat, self.weight, tuple(in_hw), self.stride[0], self.padding[0], self.dilation[0])
+        elif self.pointwise and self.stride == (1, 1):  # the transposed 1x1 conv: W^T per group
+            n, c_out, h, w = flat.shape
+            g = self.groups
+            weight_t = self.weight.reshape(g, c_out // g, -1).transpose(1, 2)
+            out = torch.matmul(weight_t, flat.reshape(n, g, c_out // g, h * w)).reshape(n, -1, h, w)
         else:
             k = self.weight.shape[2:]
             extra = tuple(in_hw[i] - ((flat.shape[2 + i] - 1) * self.stride[i] - 2 * self.padding[i]
@@ -132,6 +149,30 @@ class Conv2d(BoundOp):
             out = F.conv_transpose2d(flat, self.weight, None, self.stride, self.padding, extra, self.groups, self.dilation)
         bias = None if self.bias is None else (A.sum(dim=(3, 4)) * self.bias).sum(-1)
         return [_unflat_batch(out, B, S)], bias
+
+
+class DepthwiseStack(BoundOp):
+    """Several depthwise convs of one input, channel-stacked (:func:`dsrna.ops.depthwise_conv2d_stack`):
+    the first stage of every conv candidate of the edges leaving a state, as the batched cell runs it."""
+
+    def __init__(self, weights: list[torch.Tensor], stride: int, paddings: list[int], dilations: list[int]):
+        self.weights, self.stride, self.paddings, self.dilations = weights, stride, paddings, dilations
+
+    def forward(self, x):
+        return depthwise_conv2d_stack(x, self.weights, self.stride, self.paddings, self.dilations)
+
+    def interval(self, b):
+        lower, upper = b
+        centre = depthwise_conv2d_stack(upper + lower, [w / 2 for w in self.weights], self.stride, self.paddings, self.dilations)
+        radius = depthwise_conv2d_stack(upper - lower, [w.abs() / 2 for w in self.weights], self.stride, self.paddings,
+                                        self.dilations)
+        return centre - radius, centre + radius
+
+    def backward(self, A, bounds):
+        B, S = A.shape[:2]
+        out = depthwise_conv2d_stack_transpose(_flat_batch(A), self.weights, tuple(bounds[0][0].shape[2:]), self.stride,
+                                               self.paddings, self.dilations)
+        return [_unflat_batch(out, B, S)], None
 
 
 class Linear(BoundOp):
@@ -271,9 +312,8 @@ class ChannelSlice(BoundOp):
         return self.forward(b[0]), self.forward(b[1])
 
     def backward(self, A, bounds):
-        channels = bounds[0][0].shape[1]
-        pad = [0, 0] * (A.dim() - 3) + [self.start, channels - self.end]
-        return [F.pad(A, pad)], None
+        # The coefficient of the slice alone, with its offset: the engine adds it in place.
+        return [(A, self.start)], None
 
 
 class ChannelShuffle(BoundOp):

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, default=None, **kwargs)
     parser.add_argument("--deterministic", action="store_true", default=None,
                         help="deterministic algorithms (bit-reproducible on CPU; slower on GPU)")
+    parser.add_argument("--cuda-graph", action="store_true", default=None,
+                        help="replay each search step from a CUDA graph (one GPU process; much faster on GPU)")
     parser.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
@@ -77,7 +79,7 @@ def config_from_args(args: argparse.Namespace):
             robustness[field.split(".", 1)[1]] = given
         else:
             values[field] = given
-    for name in ("dataset", "data_root", "deterministic", "resume", "progress"):
+    for name in ("dataset", "data_root", "deterministic", "cuda_graph", "resume", "progress"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return SearchConfig(**values, robustness=RobustnessConfig(**robustness))

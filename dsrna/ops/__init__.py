@@ -7,11 +7,14 @@ themselves when it imports; without Triton they stay unregistered and `auto` use
 
 import warnings
 
+from dsrna.ops.batch_norm import batch_norm_train, batch_norm_train_reference
 from dsrna.ops.depthwise import (
     depthwise_conv2d,
     depthwise_conv2d_reference,
     depthwise_conv2d_stack,
     depthwise_conv2d_stack_reference,
+    depthwise_conv2d_stack_transpose,
+    depthwise_conv2d_stack_transpose_reference,
     depthwise_conv2d_transpose,
     depthwise_conv2d_transpose_reference,
 )
@@ -29,7 +32,9 @@ else:
     TRITON_IMPORT_ERROR = None
 
 __all__ = [
-    "depthwise_conv2d", "depthwise_conv2d_reference", "depthwise_conv2d_stack", "depthwise_conv2d_stack_reference",
-    "depthwise_conv2d_transpose", "depthwise_conv2d_transpose_reference", "pointwise_conv2d",
-    "pointwise_conv2d_reference", "pool_bn", "pool_bn_reference", "weighted_sum", "weighted_sum_reference",
+    "batch_norm_train", "batch_norm_train_reference", "depthwise_conv2d", "depthwise_conv2d_reference",
+    "depthwise_conv2d_stack", "depthwise_conv2d_stack_reference", "depthwise_conv2d_stack_transpose",
+    "depthwise_conv2d_stack_transpose_reference", "depthwise_conv2d_transpose", "depthwise_conv2d_transpose_reference",
+    "pointwise_conv2d", "pointwise_conv2d_reference", "pool_bn", "pool_bn_reference", "weighted_sum",
+    "weighted_sum_reference",
 ]

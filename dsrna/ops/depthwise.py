@@ -83,6 +83,30 @@ def depthwise_conv2d_stack(x, weights, stride, paddings, dilations, backend_name
         x, list(weights), stride, list(paddings), list(dilations))
 
 
+def depthwise_conv2d_stack_transpose_reference(grad_out: torch.Tensor, weights: Sequence[torch.Tensor],
+                                               input_hw: tuple[int, int], stride: int, paddings: Sequence[int],
+                                               dilations: Sequence[int]) -> torch.Tensor:
+    """Pure-PyTorch twin of the transposed map of :func:`depthwise_conv2d_stack_reference` (its
+    gradient to the input): ``[N, T*M*C, Ho, Wo]`` back to ``[N, C, *input_hw]``, every conv's
+    transposed conv summed. The CROWN backward step of the bound engine uses it."""
+    M, C = weights[0].shape[:2]
+    total = 0
+    for t, (w, p, d) in enumerate(zip(weights, paddings, dilations)):
+        block = grad_out[:, t * M * C:(t + 1) * M * C]
+        back = depthwise_conv2d_transpose_reference(block, w.reshape(M * C, 1, *w.shape[2:]), input_hw, stride, p, d)
+        total = total + back.view(back.shape[0], M, C, *back.shape[2:]).sum(1)
+    return total
+
+
+backend.register("depthwise_conv2d_stack_transpose", "reference", depthwise_conv2d_stack_transpose_reference)
+
+
+def depthwise_conv2d_stack_transpose(grad_out, weights, input_hw, stride, paddings, dilations, backend_name=None):
+    """The adjoint of :func:`depthwise_conv2d_stack`, on the selected backend."""
+    return backend.dispatch("depthwise_conv2d_stack_transpose", grad_out.device, backend_name)(
+        grad_out, list(weights), tuple(input_hw), stride, list(paddings), list(dilations))
+
+
 # --- native ------------------------------------------------------------------------------------------
 
 
@@ -114,6 +138,11 @@ def interval_depthwise_conv2d_native(lower, upper, weight, stride, padding, dila
 def depthwise_conv2d_stack_native(x, weights, stride, paddings, dilations):
     x, *weights = _autocast(x, *weights)
     return torch.ops.dsrna.depthwise_conv2d_stack(x, weights, stride, paddings, dilations)
+
+
+def depthwise_conv2d_stack_transpose_native(grad_out, weights, input_hw, stride, paddings, dilations):
+    grad_out, *weights = _autocast(grad_out, *weights)
+    return torch.ops.dsrna.depthwise_conv2d_stack_transpose(grad_out, weights, list(input_hw), stride, paddings, dilations)
 
 
 def _output_size(size, k, stride, padding, dilation):
@@ -170,3 +199,4 @@ backend.register("depthwise_conv2d", "native", depthwise_conv2d_native)
 backend.register("depthwise_conv2d_transpose", "native", depthwise_conv2d_transpose_native)
 backend.register("interval_depthwise_conv2d", "native", interval_depthwise_conv2d_native)
 backend.register("depthwise_conv2d_stack", "native", depthwise_conv2d_stack_native)
+backend.register("depthwise_conv2d_stack_transpose", "native", depthwise_conv2d_stack_transpose_native)

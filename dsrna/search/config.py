@@ -58,6 +58,7 @@ class SearchConfig:
     robustness: Any = field(default_factory=_default_robustness)
     # run
     amp: str = "none"                   # "none" or "bf16" autocast
+    cuda_graph: bool = False            # replay each step from a CUDA graph (one GPU process)
     seed: int = 0
     deterministic: bool = False
     out: str = "runs/search"
@@ -67,7 +68,8 @@ class SearchConfig:
     preset: str | None = None
 
     # Fields that may differ between a run and its resumption (they do not change the numbers).
-    RESUMABLE = ("data_root", "num_workers", "backend", "out", "resume", "log_every", "deterministic", "progress")
+    RESUMABLE = ("data_root", "num_workers", "backend", "out", "resume", "log_every", "deterministic", "progress",
+                 "cuda_graph")
 
     def __post_init__(self):
         if self.order not in (1, 2):

@@ -31,6 +31,7 @@ from dsrna.errors import CheckpointError, DataError, DivergenceError, DsrnaError
 from dsrna.search import distributed
 from dsrna.search.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, set_rng_state
 from dsrna.search.config import SearchConfig
+from dsrna.search.cuda_graph import GraphedSearcher
 from dsrna.search.searcher import Searcher
 from dsrna.space import Genotype, SearchNetwork
 
@@ -237,6 +238,12 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise CheckpointError(f"checkpoint {checkpoint_path} does not fit this super-network ({first})") from None
             history = _read_log(log_path, start_epoch)
+    stepper = searcher  # what runs the steps; the searcher keeps the schedule and the checkpoints
+    if config.cuda_graph:
+        try:
+            stepper = GraphedSearcher(searcher)
+        except ValueError as exc:
+            raise DsrnaError(f"--cuda-graph: {exc}") from None
     val_stream = ValidationStream(val_loader, val_sampler, world, val_state["val_epoch"], val_state["val_consumed"])
     genotype = net.genotype()
 
@@ -254,11 +261,11 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
                 x, y = (t.to(device, non_blocking=True) for t in next(batches))
                 if searcher.arch_active:
                     xv, yv = (t.to(device, non_blocking=True) for t in next(val_stream))
-                    m = searcher.step((x, y), (xv, yv))
+                    m = stepper.step((x, y), (xv, yv))
                     sums[3:8] += torch.stack([m["val_loss"] * m["val_count"], m["val_correct"], m["val_count"],
                                               m["robustness"], torch.ones((), device=device)]).double()
                 else:
-                    m = searcher.weight_step((x, y))
+                    m = stepper.weight_step((x, y))
                 sums[0:3] += torch.stack([m["train_loss"] * m["train_count"], m["train_correct"], m["train_count"]]).double()
                 step += 1
                 progress.update()

@@ -97,6 +97,12 @@ def _capturing(enabled: bool):
     return capture_batch_stats() if enabled else contextlib.nullcontext({})
 
 
+def _count(y: torch.Tensor) -> torch.Tensor:
+    """The batch size as a tensor on ``y``'s device, written by a kernel (no host-to-device copy,
+    which a CUDA graph capture forbids)."""
+    return torch.full((), y.shape[0], device=y.device)
+
+
 class Searcher:
     """Optimisers and the two steps of the search for one super-network ``net`` (a
     :class:`dsrna.SearchNetwork` already on its device). Steps return detached tensors and never
@@ -108,8 +114,10 @@ class Searcher:
         self.weights = net.weight_parameters()
         self.w_optimizer = torch.optim.SGD(self.weights, lr=config.lr, momentum=config.momentum,
                                            weight_decay=config.weight_decay)
+        # capturable: Adam's step counts live on the GPU, so the step can be replayed as a CUDA graph.
         self.a_optimizer = torch.optim.Adam(self.arch, lr=config.arch_lr, betas=config.arch_betas,
-                                            weight_decay=config.arch_weight_decay)
+                                            weight_decay=config.arch_weight_decay,
+                                            capturable=self.arch[0].is_cuda)
         self.world_size = distributed.world_size()
         self.model = net
         if distributed.is_distributed():
@@ -146,7 +154,8 @@ class Searcher:
         return self.epoch >= self.config.arch_start_epoch
 
     def _autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.amp == "bf16")
+        # No weight-cast cache: every weight is used once per pass, and a CUDA graph capture forbids it.
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.amp == "bf16", cache_enabled=False)
 
     # --- objectives -------------------------------------------------------------------------------
 
@@ -185,7 +194,7 @@ class Searcher:
             # with fewer than 3 layers every cell reduces and the normal alphas get no gradient
             grads = torch.autograd.grad(loss, self.arch, allow_unused=True, materialize_grads=True)
         metrics = {"val_loss": val_loss.detach(), "val_correct": (logits.argmax(1) == y).sum(),
-                   "robustness": r.detach(), "val_count": torch.tensor(y.shape[0], device=y.device)}
+                   "robustness": r.detach(), "val_count": _count(y)}
         return distributed.all_reduce_mean(grads), metrics
 
     def arch_step(self, val_batch, train_batch=None) -> dict[str, torch.Tensor]:
@@ -246,7 +255,7 @@ class Searcher:
         torch.nn.utils.clip_grad_norm_(self.weights, self.config.grad_clip)
         self.w_optimizer.step()
         return {"train_loss": train_loss.detach(), "train_correct": (logits.argmax(1) == y).sum(),
-                "train_count": torch.tensor(y.shape[0], device=y.device)}
+                "train_count": _count(y)}
 
     def step(self, train_batch, val_batch) -> dict[str, torch.Tensor]:
         """One search iteration: the architecture step (skipped before ``arch_start_epoch``), then

@@ -1,0 +1,115 @@
+"""Whole search steps replayed from CUDA graphs: the same kernels, without the host's launch cost.
+
+An eager search step on a GPU is launch-bound (thousands of small kernels per step; the H100 waits
+for the host most of the time), so recording a step once and replaying it is the largest single
+speed-up on a GPU. What a graph fixes at capture time, and how this module keeps it right:
+
+- tensor addresses: the batches are copied into the captured input tensors before each replay;
+  the optimisers' states and the parameters stay where they are (Adam is built ``capturable``);
+- Python numbers: the learning rate of the epoch and whether the architecture step and the
+  robustness term are on. A graph serves one epoch; the next epoch captures anew;
+- shapes: one graph per batch shape (the search loop drops the last, smaller batch).
+
+The first ``warmup`` steps of every graph run eagerly on a side stream (the capture recipe of
+``torch.cuda.graphs``: lazy initialisation, optimiser state and autotuning happen outside the
+capture); they are real steps, not wasted ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+from dsrna.search import distributed
+
+
+def run_on_side_stream(fn: Callable, *args):
+    """``fn(*args)`` on a fresh side stream, ordered after and before the current stream's work."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    return out
+
+
+class CudaGraph:
+    """``fn(*inputs)`` captured once as a CUDA graph. :meth:`replay` copies new tensors into the
+    captured inputs, replays and returns the captured outputs, which the next replay overwrites.
+    ``fn`` must not synchronise with the host (``.item()``, printing a tensor, data-dependent shapes)."""
+
+    def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor] = ()):
+        self.inputs = list(inputs)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: a data-loading thread pinning memory during the capture does not break it.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = fn(*self.inputs)
+
+    def replay(self, *inputs: torch.Tensor):
+        for captured, new in zip(self.inputs, inputs, strict=True):
+            if new is not captured:
+                captured.copy_(new, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+
+class GraphedSearcher:
+    """:meth:`Searcher.step` and :meth:`Searcher.weight_step` of ``searcher`` replayed from CUDA
+    graphs (``dsrna search --cuda-graph``): same calls, same results up to the order of
+    floating-point sums, metrics returned as fresh tensors. The searcher keeps its schedule
+    (``set_epoch``) and its checkpoints. One process only (not under torchrun).
+
+    A step that cannot be captured (an op that synchronises with the host) warns once and runs
+    eagerly from then on.
+    """
+
+    def __init__(self, searcher, warmup: int = 2):
+        device = searcher.net.alphas_normal.device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the super-network on a CUDA device, not {device}")
+        if distributed.is_distributed():
+            raise ValueError("CUDA graphs of the search step run in one process; run without torchrun or without --cuda-graph")
+        self.searcher, self.warmup = searcher, warmup
+        self._epoch = None
+        self._graphs: dict[tuple, CudaGraph] = {}
+        self._eager_runs: dict[tuple, int] = {}
+        self.failed: str | None = None  # why capture failed, once it has
+
+    def step(self, train_batch, val_batch) -> dict[str, torch.Tensor]:
+        return self._run("step", lambda xt, yt, xv, yv: self.searcher.step((xt, yt), (xv, yv)), (*train_batch, *val_batch))
+
+    def weight_step(self, train_batch) -> dict[str, torch.Tensor]:
+        return self._run("weight_step", lambda x, y: self.searcher.weight_step((x, y)), tuple(train_batch))
+
+    def _run(self, kind: str, fn: Callable, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        if self.failed is not None:
+            return fn(*inputs)
+        if self.searcher.epoch != self._epoch:  # a new learning rate, perhaps a new objective
+            self._epoch = self.searcher.epoch
+            self._graphs.clear()  # frees the old graphs' memory pools
+            self._eager_runs.clear()
+        key = (kind, tuple((t.shape, t.dtype) for t in inputs))
+        graph = self._graphs.get(key)
+        if graph is None:
+            runs = self._eager_runs.get(key, 0)
+            if runs < self.warmup:
+                self._eager_runs[key] = runs + 1
+                return run_on_side_stream(fn, *inputs)
+            try:
+                graph = self._graphs[key] = CudaGraph(fn, [t.clone() for t in inputs])
+            except RuntimeError as exc:
+                return self._give_up(exc, fn, inputs)
+        return {name: value.clone() for name, value in graph.replay(*inputs).items()}
+
+    def _give_up(self, exc: Exception, fn: Callable, inputs) -> dict[str, torch.Tensor]:
+        self.failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(f"dsrna: the search step could not be captured as a CUDA graph ({self.failed}); running eagerly",
+                      RuntimeWarning, stacklevel=3)
+        self._graphs.clear()
+        # The failed capture ran the Python side of the step but none of its kernels: drop the
+        # gradients it left behind; parameters and optimiser states are as they were.
+        for p in self.searcher.net.parameters():
+            p.grad = None
+        return fn(*inputs)

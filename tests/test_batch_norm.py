@@ -1,0 +1,79 @@
+"""Train-mode batch norm that keeps its output for backward (dsrna.ops.batch_norm) against
+F.batch_norm: values, running statistics, gradients (both backward formulas), second derivatives."""
+
+import pytest
+import torch
+
+from conftest import DEVICES
+from dsrna.ops import batch_norm_train, batch_norm_train_reference
+
+FAST = ["native", "triton"]
+MOMENTUM, EPS = 0.1, 1e-5
+
+
+def run(fn, x, running):
+    """Output and updated running statistics of ``fn`` on copies of the statistics."""
+    mean, var = (r.clone() for r in running)
+    return fn(x, mean, var, MOMENTUM, EPS), mean, var
+
+
+def statistics(C, dtype, device):
+    return torch.rand(C, dtype=dtype, device=device), 1 + torch.rand(C, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (1, 2, 1, 3), (2, 1, 3, 1)])
+def test_matches_reference_values_statistics_and_gradients(name, device, dtype, shape, assert_error_within):
+    x = (torch.randn(*shape, dtype=torch.float64, device=device) * 3 + 1).to(dtype)
+    running = statistics(shape[1], dtype, device)
+    g = torch.randn(*shape, dtype=dtype, device=device)
+    results = []
+    for fn, xd in ((lambda *a: batch_norm_train(*a, backend_name=name), x),
+                   (batch_norm_train_reference, x), (batch_norm_train_reference, x.double())):
+        xd = xd.clone().requires_grad_()
+        y, mean, var = run(fn, xd, [r.to(xd.dtype) for r in running])
+        grad, = torch.autograd.grad(y, xd, g.to(xd.dtype))
+        results.append([y, mean, var, grad])
+    assert_error_within(*results)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_gradcheck_and_gradgradcheck(name):
+    """Second derivatives run the differentiable formula and the derivative of invstd."""
+    x = torch.randn(3, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x):
+        return batch_norm_train(x, torch.zeros(2, dtype=x.dtype), torch.ones(2, dtype=x.dtype), MOMENTUM, EPS,
+                                backend_name=name)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_both_backward_formulas_agree():
+    """Plain backward uses PyTorch's batch-norm backward kernel on the output; under create_graph
+    the same formula runs as differentiable ops."""
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(x)
+    y = batch_norm_train(x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), MOMENTUM, EPS, "native")
+    plain, = torch.autograd.grad(y, x, g, retain_graph=True)
+    graphed, = torch.autograd.grad(y, x, g, create_graph=True)
+    assert graphed.requires_grad and not plain.requires_grad
+    torch.testing.assert_close(plain, graphed, rtol=1e-12, atol=1e-12)
+
+
+def test_half_precision_takes_the_reference_path():
+    x = torch.randn(2, 3, 4, 4).bfloat16()
+    running = statistics(3, torch.float32, "cpu")
+    fast = run(lambda *a: batch_norm_train(*a, backend_name="native"), x, running)
+    ref = run(batch_norm_train_reference, x, running)
+    assert fast[0].dtype == torch.bfloat16 and all(torch.equal(a, b) for a, b in zip(fast, ref))
+
+
+def test_rejects_one_value_per_channel_and_wrong_statistics():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm_train(torch.rand(1, 3, 1, 1), torch.zeros(3), torch.ones(3), MOMENTUM, EPS, "native")
+    with pytest.raises(ValueError, match=r"running statistics \[C\]"):
+        batch_norm_train(torch.rand(2, 3, 4, 4), torch.zeros(4), torch.ones(4), MOMENTUM, EPS, "native")
