@@ -169,3 +169,17 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     assert "no bench.jsonl" in err[2]
     with pytest.raises(SystemExit):
         main(["bench", "--batch", "0"])
+
+
+@pytest.mark.parametrize("metric", workloads.METRICS)
+def test_every_workload_runs_a_step_on_a_tiny_shape(metric):
+    """Each metric's set-up and step work end to end (on the reference, and on a fast backend where
+    one runs here), so that a GPU run never finds a broken row first."""
+    from dsrna.backend import backend_status, use_backend
+
+    shape = workloads.Shape("tiny-imagenet", batch=2, image=32, C=4, layers=2) if metric == "search-imagenet" else TINY
+    backends = ["reference"] + [b for b in ("native", "triton") if backend_status(b, "cpu")[0]][:1]
+    for name in backends[:1] if metric == "crown" else backends:  # full CROWN takes seconds per pass
+        torch.manual_seed(0)
+        with use_backend(name):
+            workloads.build(metric, shape, name, torch.device("cpu"))()
