@@ -20,7 +20,8 @@ from dsrna import DARTS_V2, Network, SearchNetwork
 from dsrna.space import capture_batch_stats
 
 # The steps a CUDA graph replays (static inputs; the search steps as dsrna search --cuda-graph runs them).
-GRAPHABLE = frozenset({"forward", "train", "train-bf16", "search-1st", "search-2nd", "search-jacobian", "jacobian"})
+GRAPHABLE = frozenset({"forward", "train", "train-bf16", "search-1st", "search-2nd", "search-jacobian", "search-cb",
+                       "search-imagenet", "jacobian"})
 # Full CROWN and the certified-radius bisection cost many bound passes: they run on the small shape only.
 SMALL_ONLY = frozenset({"crown", "radius"})
 # The ImageNet-size search iteration runs on its own shape (224x224 inputs, 1000 classes).

@@ -63,6 +63,36 @@ std::vector<Tensor> contiguous_all(at::TensorList xs) {
   return out;
 }
 
+// Same-shape tensors as rows over dim 0, each contiguous within a row: the candidates of the batched
+// cell are channel slices of one stacked tensor, read in place instead of copied. A tensor not of
+// that form is copied.
+struct Rows {
+  std::vector<Tensor> tensors;
+  std::vector<int64_t> strides;
+  int64_t row_len = 1;
+};
+
+bool contiguous_rows(const Tensor& x) {
+  int64_t expected = 1;
+  for (int64_t d = x.dim() - 1; d >= 1; --d) {
+    if (x.size(d) != 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+  }
+  return true;
+}
+
+Rows as_rows(at::TensorList xs) {
+  Rows rows;
+  const int64_t n0 = xs[0].dim() > 0 ? xs[0].size(0) : 1;
+  rows.row_len = n0 > 0 ? std::max<int64_t>(1, xs[0].numel() / n0) : 1;
+  for (const Tensor& x : xs) {
+    const bool in_place = x.dim() > 0 && contiguous_rows(x);
+    rows.tensors.push_back(in_place ? x : x.contiguous());
+    rows.strides.push_back(in_place && x.size(0) > 1 ? x.stride(0) : rows.row_len);
+  }
+  return rows;
+}
+
 // --- geometry of the depthwise family -----------------------------------------------------------
 
 cpu::DepthwiseGeometry depthwise_geometry(int64_t H, int64_t W, int64_t K, int64_t stride, int64_t padding,
@@ -97,19 +127,19 @@ Tensor weighted_sum_cpu(at::TensorList xs, const Tensor& w) {
   const char* op = "dsrna::weighted_sum";
   check_same_tensors(xs, op);
   check_weights(xs, w, op);
-  const auto xc = contiguous_all(xs);
+  const Rows rows = as_rows(xs);
   Tensor out = at::empty(xs[0].sizes(), xs[0].options());
-  const int64_t numel = out.numel(), n = int64_t(xc.size());
+  const int64_t numel = out.numel(), n = int64_t(rows.tensors.size());
   if (numel == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dsrna::weighted_sum", [&] {
     using Acc = acc_t<scalar_t>;
     const Tensor wc = w.to(acc_dtype(out.scalar_type())).contiguous();
     std::vector<const scalar_t*> ptrs(n);
-    for (int64_t i = 0; i < n; ++i) ptrs[i] = xc[i].data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) ptrs[i] = rows.tensors[i].data_ptr<scalar_t>();
     const Acc* wp = wc.data_ptr<Acc>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, numel, kElementGrain, [&](int64_t begin, int64_t end) {
-      cpu::weighted_sum<scalar_t, Acc>(ptrs.data(), wp, n, op_, begin, end);
+      cpu::weighted_sum<scalar_t, Acc>(ptrs.data(), rows.strides.data(), rows.row_len, wp, n, op_, begin, end);
     });
   });
   return out;
@@ -120,9 +150,9 @@ Tensor batched_dot_cpu(at::TensorList xs, const Tensor& g) {
   check_same_tensors(xs, op);
   TORCH_CHECK(g.sizes() == xs[0].sizes() && g.scalar_type() == xs[0].scalar_type() && g.device() == xs[0].device(), op,
               ": g must match the tensors' shape, dtype and device");
-  const auto xc = contiguous_all(xs);
+  const Rows rows = as_rows(xs);
   const Tensor gc = g.contiguous();
-  const int64_t numel = gc.numel(), n = int64_t(xc.size());
+  const int64_t numel = gc.numel(), n = int64_t(rows.tensors.size());
   // Fixed chunks (independent of the thread count) summed in a fixed order: deterministic.
   const int64_t chunks = std::max<int64_t>(1, (numel + kElementGrain - 1) / kElementGrain);
   Tensor partial = at::zeros({chunks, n}, gc.options().dtype(acc_dtype(gc.scalar_type())));
@@ -130,12 +160,12 @@ Tensor batched_dot_cpu(at::TensorList xs, const Tensor& g) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "dsrna::batched_dot", [&] {
     using Acc = acc_t<scalar_t>;
     std::vector<const scalar_t*> ptrs(n);
-    for (int64_t i = 0; i < n; ++i) ptrs[i] = xc[i].data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) ptrs[i] = rows.tensors[i].data_ptr<scalar_t>();
     const scalar_t* gp = gc.data_ptr<scalar_t>();
     Acc* pp = partial.data_ptr<Acc>();
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        cpu::batched_dot<scalar_t, Acc>(ptrs.data(), gp, n, c * kElementGrain,
+        cpu::batched_dot<scalar_t, Acc>(ptrs.data(), rows.strides.data(), rows.row_len, gp, n, c * kElementGrain,
                                         std::min(numel, (c + 1) * kElementGrain), pp + c * n);
       }
     });

@@ -105,6 +105,27 @@ def test_a_step_that_synchronises_with_the_host_warns_once_and_runs_eagerly(monk
     assert_same_state(eager, graphed, dict(rtol=1e-4, atol=1e-5))
 
 
+@cuda_only
+def test_search_run_with_cuda_graph_matches_the_eager_run(tmp_path):
+    """`dsrna search --cuda-graph` end to end (two epochs, so a re-capture): the same losses and
+    architecture weights as the eager run, up to the order of floating-point sums."""
+    g = torch.Generator().manual_seed(0)
+    half = TensorDataset(torch.rand(48, 1, 10, 10, generator=g), torch.randint(0, 3, (48,), generator=g))
+    data = SearchData(half, half, num_classes=3, in_channels=1, mean=(0.5,), std=(0.5,))
+    results = []
+    for graphed in (False, True):
+        config = SearchConfig(layers=3, init_channels=4, epochs=2, batch_size=8, cuda_graph=graphed, progress=False,
+                              out=str(tmp_path / f"run-{graphed}"))
+        results.append(run_search(config, data))
+    eager, replayed = (r.history for r in results)
+    assert len(eager) == len(replayed) == 2
+    for a, b in zip(eager, replayed):
+        for key in ("train_loss", "val_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        for kind in ("normal", "reduce"):
+            torch.testing.assert_close(torch.tensor(b["alphas"][kind]), torch.tensor(a["alphas"][kind]), rtol=0, atol=1e-5)
+
+
 def test_needs_a_cuda_device():
     searcher = Searcher(SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1), SearchConfig(layers=3, init_channels=4))
     with pytest.raises(ValueError, match="CUDA device"):

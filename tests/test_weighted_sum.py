@@ -57,6 +57,27 @@ def test_non_contiguous_inputs(name, device):
 
 @pytest.mark.parametrize("name", FAST)
 @pytest.mark.parametrize("device", DEVICES)
+def test_channel_slices_and_broadcast_rows(name, device):
+    """The batched cell's candidates are channel slices of one stacked tensor (rows over the batch,
+    contiguous within a row); the fast paths read them in place. Also a tensor broadcast along the
+    batch (row stride 0) and a transposed one (copied). Values and both gradients."""
+    fn = impl(name, device)
+    stacked = torch.randn(3, 12, 5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    row = torch.randn(1, 4, 5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    other = torch.randn(3, 7, 5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.rand(5, dtype=torch.float64, device=device, requires_grad=True)
+    inputs = lambda: [*stacked.split(4, dim=1), row.expand(3, 4, 5, 7), other.transpose(1, 3)]  # noqa: E731
+    g = torch.randn(3, 4, 5, 7, dtype=torch.float64, device=device)
+    results = []
+    for f in (fn, weighted_sum_reference):
+        y = f(inputs(), w)
+        results.append([y, *torch.autograd.grad(y, (stacked, row, other, w), g)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_no_worse_than_reference(name, device, dtype):
     """Error against float64 at most twice the reference's own error in that dtype (+ one ulp)."""
