@@ -1,8 +1,9 @@
-"""Search steps replayed from CUDA graphs (dsrna.search.cuda_graph, ``dsrna search --cuda-graph``)
+"""Search and train steps replayed from CUDA graphs (dsrna.search.cuda_graph, ``--cuda-graph``)
 against the same steps run eagerly. The replay tests need a GPU (benchmarks/gpu_check.sh runs them);
 the errors are checked everywhere."""
 
 import copy
+import json
 import warnings
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from dsrna import SearchNetwork
 from dsrna.errors import DsrnaError
+from dsrna.evaluation.train import TrainConfig, train
 from dsrna.robustness import RobustnessConfig
 from dsrna.search import GraphedSearcher, SearchConfig, SearchData, Searcher, run_search
 
@@ -64,7 +66,7 @@ def test_replayed_steps_match_eager_steps(order, robustness, backend, amp):
             for key in m_eager:
                 torch.testing.assert_close(m_graph[key].float(), m_eager[key].float(), **tol, msg=lambda m: f"{key}: {m}")
         assert_same_state(eager, graphed, tol)
-    assert len(replay._graphs) == 1 and replay.failed is None  # the first epoch's graph was dropped
+    assert len(replay.graphs._graphs) == 1 and replay.graphs.failed is None  # the first epoch's graph was dropped
     for i in range(3):
         eager.weight_step(train[i])
         replay.weight_step(train[i])
@@ -101,7 +103,7 @@ def test_a_step_that_synchronises_with_the_host_warns_once_and_runs_eagerly(monk
             eager.weight_step(batch)
             replay.weight_step(batch)
     messages = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
-    assert len(messages) == 1 and "running eagerly" in messages[0] and replay.failed
+    assert len(messages) == 1 and "running eagerly" in messages[0] and replay.graphs.failed
     assert_same_state(eager, graphed, dict(rtol=1e-4, atol=1e-5))
 
 
@@ -126,6 +128,26 @@ def test_search_run_with_cuda_graph_matches_the_eager_run(tmp_path):
             torch.testing.assert_close(torch.tensor(b["alphas"][kind]), torch.tensor(a["alphas"][kind]), rtol=0, atol=1e-5)
 
 
+@cuda_only
+def test_cuda_graph_training_matches_eager_training(tmp_path):
+    """`dsrna train --cuda-graph`: the same losses and weights as eager training (two epochs: a new
+    learning rate and drop-path rate, so a second capture), up to the order of floating-point sums."""
+    results = []
+    for graphed in (False, True):
+        # Drop path off: a replay draws its random masks at other offsets of the generator.
+        config = TrainConfig(out=str(tmp_path / f"run-{graphed}"), cuda_graph=graphed, device="cuda",
+                             dataset="mnist-mini", layers=3, init_channels=4, batch_size=16, epochs=2,
+                             max_steps_per_epoch=5, eval_limit=32, progress=False, report=False, drop_path_prob=0.0)
+        results.append(train(config))
+    logs = [[json.loads(line) for line in (r.out / "log.jsonl").read_text().splitlines()] for r in results]
+    for a, b in zip(*logs):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    weights = [torch.load(r.model_path, weights_only=True)["state_dict"] for r in results]
+    for name, value in weights[0].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(weights[1][name], value, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_needs_a_cuda_device():
     searcher = Searcher(SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1), SearchConfig(layers=3, init_channels=4))
     with pytest.raises(ValueError, match="CUDA device"):
@@ -139,7 +161,7 @@ def test_search_with_cuda_graph_on_a_cpu_is_a_one_line_error(tmp_path):
     data = SearchData(half, half, num_classes=3, in_channels=1, mean=(0.5,), std=(0.5,))
     config = SearchConfig(layers=3, init_channels=4, epochs=1, batch_size=4, cuda_graph=True, progress=False,
                           out=str(tmp_path / "run"))
-    with pytest.raises(DsrnaError, match=r"^--cuda-graph: CUDA graphs need the super-network on a CUDA device") as info:
+    with pytest.raises(DsrnaError, match=r"^--cuda-graph: CUDA graphs need the model on a CUDA device") as info:
         run_search(config, data)
     assert "\n" not in str(info.value)
 
@@ -197,20 +219,20 @@ def test_the_capture_schedule(monkeypatch):
     seen = [replay.step(batch(i), batch(10 * i))["loss"] for i in range(5)]
     assert FakeGraph.log == ["eager", "eager", "capture", "replay", "replay", "replay"]
     assert [t.item() for t in seen] == [44.0 * i for i in range(5)]  # each step saw its own batch
-    assert seen[3] is not replay._graphs[next(iter(replay._graphs))].outputs["loss"]  # a fresh tensor
+    assert seen[3] is not replay.graphs._graphs[next(iter(replay.graphs._graphs))].outputs["loss"]  # a fresh tensor
 
     FakeGraph.log = []
     replay.weight_step(batch(1))
     replay.step(batch(1, n=6), batch(1, n=6))  # another shape: its own graph after its own warm-up
     searcher.epoch = 1
     replay.step(batch(1), batch(1))
-    assert FakeGraph.log == ["eager", "eager", "eager"] and len(replay._graphs) == 0
+    assert FakeGraph.log == ["eager", "eager", "eager"] and len(replay.graphs._graphs) == 0
 
     replay.step(batch(2), batch(2))  # the second eager step of epoch 1
     monkeypatch.setattr(FakeGraph, "fail", True)
     with pytest.warns(RuntimeWarning, match=r"could not be captured as a CUDA graph \(operation not permitted .*\); running eagerly$"):
         out = replay.step(batch(2), batch(2))
-    assert replay.failed == "operation not permitted when stream is capturing" and out["loss"].item() == 16.0
+    assert replay.graphs.failed == "operation not permitted when stream is capturing" and out["loss"].item() == 16.0
     FakeGraph.log = []
     replay.step(batch(3), batch(3))
     assert FakeGraph.log == [] and searcher.calls[-1] == ("step", 1)

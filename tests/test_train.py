@@ -97,7 +97,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     bad.write_text(json.dumps({"normal": [["conv_9x9", 0]] * 8, "normal_concat": [2, 3, 4, 5],
                                "reduce": [["max_pool_3x3", 0]] * 8, "reduce_concat": [2, 3, 4, 5]}))
     for argv, expected in (([str(bad)], "conv_9x9"), (["NOT_A_GENOTYPE"], "NOT_A_GENOTYPE"),
-                           (["--layers", "0"], "layers")):
+                           (["--layers", "0"], "layers"), (["--cuda-graph", "--device", "cpu"], "CUDA device")):
         assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip()
         assert expected in err and err.count("\n") == 0, err
@@ -109,3 +109,4 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "junk.pt")
+

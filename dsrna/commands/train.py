@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--auxiliary-weight", type=float, default=0.4)
     group.add_argument("--drop-path-prob", type=float, default=0.2, help="final drop-path rate, ramped from 0")
     parser.add_argument("--amp", default="none", choices=AMP_CHOICES, help="bf16 autocast")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay each train step from a CUDA graph (one GPU; much faster on GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
     parser.add_argument("--num-workers", type=int, default=0)

@@ -32,6 +32,7 @@ from dsrna.data import dataset_info, get_dataset, make_loader
 from dsrna.errors import CheckpointError, DivergenceError
 from dsrna.evaluation.common import atomic_save, evaluation_loader, pick_device, write_json
 from dsrna.search.checkpoint import atomic_write_text, rng_state, set_rng_state
+from dsrna.search.cuda_graph import StepGraphs, check_cuda_graphs
 from dsrna.space import Genotype, Network, count_parameters
 
 # Settings left as None in TrainConfig take these per-data-set values ([choice] where the paper is
@@ -72,6 +73,7 @@ class TrainConfig:
     auxiliary_weight: float = 0.4
     drop_path_prob: float = 0.2
     amp: str = "none"
+    cuda_graph: bool = False  # replay each train step from a CUDA graph (one GPU)
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -165,13 +167,18 @@ def evaluate(model: nn.Module, loader, device, amp: str = "none") -> tuple[float
 
 
 def _autocast(device: torch.device, amp: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    # No weight-cast cache: each weight is used once per pass, and a CUDA graph capture forbids it.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16", cache_enabled=False)
 
 
 def train(config: TrainConfig) -> TrainResult:
     """Train the configured network; see the module docstring for what the run folder receives."""
     config = config.resolved()
     device = pick_device(config.device)
+    graphs = None
+    if config.cuda_graph:
+        check_cuda_graphs(device)
+        graphs = StepGraphs()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     genotype = Genotype.from_json(config.genotype)
@@ -206,7 +213,8 @@ def train(config: TrainConfig) -> TrainResult:
         # The data order depends on (seed, epoch) only, so a resumed run sees the same batches.
         loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed * 100003 + epoch,
                              num_workers=config.num_workers)
-        record = _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_epoch, progress, epoch)
+        record = _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_epoch, progress, epoch,
+                              graphs)
         scheduler.step()
         test_loss, test_acc = evaluate(model, eval_loader, device, config.amp)
         record.update(epoch=epoch + 1, test_loss=test_loss, test_acc=test_acc, lr=optimizer.param_groups[0]["lr"],
@@ -271,15 +279,14 @@ def _progress_bar(config: TrainConfig, steps_per_epoch: int, start_epoch: int):
                 desc="train", dynamic_ncols=True)
 
 
-def _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_epoch, progress, epoch) -> dict:
+def _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_epoch, progress, epoch,
+                 graphs: StepGraphs | None) -> dict:
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count, start = 0, time.perf_counter()
-    for step, (x, y) in enumerate(loader):
-        if step == steps_per_epoch:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def train_step(x, y):
         with _autocast(device, config.amp):
             out = model(x)
             logits, aux = out if isinstance(out, tuple) else (out, None)
@@ -290,8 +297,16 @@ def _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        total_loss += loss.detach() * y.numel()
-        correct += (logits.detach().argmax(1) == y).sum()
+        return {"loss": loss.detach(), "correct": (logits.detach().argmax(1) == y).sum()}
+
+    for step, (x, y) in enumerate(loader):
+        if step == steps_per_epoch:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # A graph serves one epoch: the learning rate and the drop-path rate change between epochs.
+        m = train_step(x, y) if graphs is None else graphs.run("train_step", train_step, (x, y), epoch, model.parameters)
+        total_loss += m["loss"] * y.numel()
+        correct += m["correct"]
         count += y.numel()
         if (step + 1) % config.log_every == 0:  # the only host synchronisation inside the epoch
             _check_finite(total_loss, epoch, step)

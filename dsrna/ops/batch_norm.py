@@ -2,7 +2,7 @@
 
 Every conv candidate of the super-network ends in such a batch norm, and the weighted sum of the
 mixed op keeps each candidate's output for the architecture gradient anyway. PyTorch's batch norm
-also keeps its input, a second map of the same size that nothing else needs: a third of a train
+also keeps its input, a second map of the same size that nothing else needs: over a quarter of a train
 step's activation memory. Its gradient can be computed from the output instead (the idea of
 in-place activated batch norm, Rota Bulo et al., CVPR 2018): with ``y = (x - mean) * invstd``,
 

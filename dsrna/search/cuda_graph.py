@@ -1,14 +1,15 @@
-"""Whole search steps replayed from CUDA graphs: the same kernels, without the host's launch cost.
+"""Whole steps replayed from CUDA graphs: the same kernels, without the host's launch cost.
 
-An eager search step on a GPU is launch-bound (thousands of small kernels per step; the H100 waits
-for the host most of the time), so recording a step once and replaying it is the largest single
-speed-up on a GPU. What a graph fixes at capture time, and how this module keeps it right:
+An eager search or train step on a GPU is launch-bound (thousands of small kernels per step; the
+H100 waits for the host most of the time), so recording a step once and replaying it is the largest
+single speed-up on a GPU. What a graph fixes at capture time, and how this module keeps it right:
 
 - tensor addresses: the batches are copied into the captured input tensors before each replay;
   the optimisers' states and the parameters stay where they are (Adam is built ``capturable``);
-- Python numbers: the learning rate of the epoch and whether the architecture step and the
-  robustness term are on. A graph serves one epoch; the next epoch captures anew;
-- shapes: one graph per batch shape (the search loop drops the last, smaller batch).
+- Python numbers: the learning rate of the epoch, the drop-path rate, whether the architecture step
+  and the robustness term are on. A graph serves one epoch; the next epoch captures anew;
+- shapes: one graph per batch shape (a last, smaller batch runs eagerly: it never reaches the
+  warm-up count).
 
 The first ``warmup`` steps of every graph run eagerly on a side stream (the capture recipe of
 ``torch.cuda.graphs``: lazy initialisation, optimiser state and autotuning happen outside the
@@ -18,7 +19,7 @@ capture); they are real steps, not wasted ones.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -55,39 +56,29 @@ class CudaGraph:
         return self.outputs
 
 
-class GraphedSearcher:
-    """:meth:`Searcher.step` and :meth:`Searcher.weight_step` of ``searcher`` replayed from CUDA
-    graphs (``dsrna search --cuda-graph``): same calls, same results up to the order of
-    floating-point sums, metrics returned as fresh tensors. The searcher keeps its schedule
-    (``set_epoch``) and its checkpoints. One process only (not under torchrun).
+class StepGraphs:
+    """Steps replayed from CUDA graphs. :meth:`run` calls ``fn(*inputs)`` (tensors in, a dict of
+    tensors out) and keeps one graph per step kind and input shapes for the current ``phase`` (an
+    epoch: what a graph fixes as Python numbers, such as the learning rate, holds within it). The
+    first ``warmup`` calls of each graph run eagerly on a side stream; outputs come back as fresh
+    tensors. A step that cannot be captured (an op that synchronises with the host) warns once, and
+    every step runs eagerly from then on."""
 
-    A step that cannot be captured (an op that synchronises with the host) warns once and runs
-    eagerly from then on.
-    """
-
-    def __init__(self, searcher, warmup: int = 2):
-        device = searcher.net.alphas_normal.device
-        if device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the super-network on a CUDA device, not {device}")
-        if distributed.is_distributed():
-            raise ValueError("CUDA graphs of the search step run in one process; run without torchrun or without --cuda-graph")
-        self.searcher, self.warmup = searcher, warmup
-        self._epoch = None
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self._phase = None
         self._graphs: dict[tuple, CudaGraph] = {}
         self._eager_runs: dict[tuple, int] = {}
         self.failed: str | None = None  # why capture failed, once it has
 
-    def step(self, train_batch, val_batch) -> dict[str, torch.Tensor]:
-        return self._run("step", lambda xt, yt, xv, yv: self.searcher.step((xt, yt), (xv, yv)), (*train_batch, *val_batch))
-
-    def weight_step(self, train_batch) -> dict[str, torch.Tensor]:
-        return self._run("weight_step", lambda x, y: self.searcher.weight_step((x, y)), tuple(train_batch))
-
-    def _run(self, kind: str, fn: Callable, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    def run(self, kind: str, fn: Callable, inputs: tuple[torch.Tensor, ...], phase,
+            parameters: Callable[[], Iterable[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``fn(*inputs)``, replayed where possible; ``parameters()``: the tensors whose gradients a
+        failed capture leaves behind (the model's parameters)."""
         if self.failed is not None:
             return fn(*inputs)
-        if self.searcher.epoch != self._epoch:  # a new learning rate, perhaps a new objective
-            self._epoch = self.searcher.epoch
+        if phase != self._phase:
+            self._phase = phase
             self._graphs.clear()  # frees the old graphs' memory pools
             self._eager_runs.clear()
         key = (kind, tuple((t.shape, t.dtype) for t in inputs))
@@ -100,16 +91,41 @@ class GraphedSearcher:
             try:
                 graph = self._graphs[key] = CudaGraph(fn, [t.clone() for t in inputs])
             except RuntimeError as exc:
-                return self._give_up(exc, fn, inputs)
+                self.failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                warnings.warn(f"dsrna: the {kind.replace('_', ' ')} could not be captured as a CUDA graph "
+                              f"({self.failed}); running eagerly", RuntimeWarning, stacklevel=3)
+                self._graphs.clear()
+                # The failed capture ran the Python side of the step but none of its kernels: drop
+                # the gradients it left behind; parameters and optimiser states are as they were.
+                for p in parameters():
+                    p.grad = None
+                return fn(*inputs)
         return {name: value.clone() for name, value in graph.replay(*inputs).items()}
 
-    def _give_up(self, exc: Exception, fn: Callable, inputs) -> dict[str, torch.Tensor]:
-        self.failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        warnings.warn(f"dsrna: the search step could not be captured as a CUDA graph ({self.failed}); running eagerly",
-                      RuntimeWarning, stacklevel=3)
-        self._graphs.clear()
-        # The failed capture ran the Python side of the step but none of its kernels: drop the
-        # gradients it left behind; parameters and optimiser states are as they were.
-        for p in self.searcher.net.parameters():
-            p.grad = None
-        return fn(*inputs)
+
+def check_cuda_graphs(device: torch.device) -> None:
+    """Raise ValueError where ``--cuda-graph`` cannot work: off a CUDA device, or under torch.distributed."""
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
+    if distributed.is_distributed():
+        raise ValueError("CUDA graphs run in one process; run without torchrun or without --cuda-graph")
+
+
+class GraphedSearcher:
+    """:meth:`Searcher.step` and :meth:`Searcher.weight_step` of ``searcher`` replayed from CUDA
+    graphs (``dsrna search --cuda-graph``; :class:`StepGraphs`, one phase per epoch): same calls,
+    same results up to the order of floating-point sums, metrics returned as fresh tensors. The
+    searcher keeps its schedule (``set_epoch``) and its checkpoints. One process only.
+    """
+
+    def __init__(self, searcher, warmup: int = 2):
+        check_cuda_graphs(searcher.net.alphas_normal.device)
+        self.searcher, self.graphs = searcher, StepGraphs(warmup)
+
+    def step(self, train_batch, val_batch) -> dict[str, torch.Tensor]:
+        return self.graphs.run("search_step", lambda xt, yt, xv, yv: self.searcher.step((xt, yt), (xv, yv)),
+                               (*train_batch, *val_batch), self.searcher.epoch, self.searcher.net.parameters)
+
+    def weight_step(self, train_batch) -> dict[str, torch.Tensor]:
+        return self.graphs.run("weight_step", lambda x, y: self.searcher.weight_step((x, y)), tuple(train_batch),
+                               self.searcher.epoch, self.searcher.net.parameters)
