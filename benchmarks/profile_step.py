@@ -15,21 +15,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.harness import CudaGraphStep
 from benchmarks.workloads import METRICS, Shape, build
-
-
-def _graphed(step):
-    """The step captured once as a CUDA graph (after warm-up on a side stream), returned as a replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def main() -> None:
@@ -46,10 +33,10 @@ def main() -> None:
     device = torch.device("cuda")
     torch.manual_seed(0)
     step = build(args.metric, Shape(f"b{args.batch}", args.batch, 32, 16, 8), args.backend, device)
+    if args.graph:
+        step = CudaGraphStep(step)  # after three eager warm-up steps on a side stream
     for _ in range(3):
         step()
-    if args.graph:
-        step = _graphed(step)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
