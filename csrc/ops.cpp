@@ -369,6 +369,48 @@ std::vector<int64_t> check_stack_weights(const Tensor& x, at::TensorList weights
   return ks;
 }
 
+// The argument checks and geometry of each stacked op, shared by its CPU and CUDA implementations.
+StackGeometry stack_forward_geometry(const Tensor& x, at::TensorList weights, int64_t stride, at::IntArrayRef paddings,
+                                     at::IntArrayRef dilations, const char* op) {
+  TORCH_CHECK(x.dim() == 4, op, ": input must be [N, C, H, W], got shape ", x.sizes());
+  const auto ks = check_stack_weights(x, weights, x.size(1), op);
+  return stack_geometry(weights[0].size(0), x.size(1), x.size(2), x.size(3), ks, stride, paddings, dilations, op);
+}
+
+StackGeometry stack_transpose_geometry(const Tensor& grad_y, at::TensorList weights, at::IntArrayRef input_hw,
+                                       int64_t stride, at::IntArrayRef paddings, at::IntArrayRef dilations,
+                                       const char* op) {
+  TORCH_CHECK(grad_y.dim() == 4, op, ": grad_out must be [N, B*C, Ho, Wo], got shape ", grad_y.sizes());
+  TORCH_CHECK(input_hw.size() == 2, op, ": input_hw must hold (H, W), got ", input_hw);
+  TORCH_CHECK(!weights.empty() && weights[0].dim() == 4, op, ": weights must be [M, C, k, k] tensors");
+  const int64_t C = weights[0].size(1);
+  const auto ks = check_stack_weights(grad_y, weights, C, op);
+  const auto sg = stack_geometry(weights[0].size(0), C, input_hw[0], input_hw[1], ks, stride, paddings, dilations, op);
+  const int64_t B = sg.blocks(), Ho = sg.convs[0].Ho, Wo = sg.convs[0].Wo;
+  TORCH_CHECK(grad_y.size(1) == B * C && grad_y.size(2) == Ho && grad_y.size(3) == Wo, op, ": an input of ",
+              input_hw[0], "x", input_hw[1], " gives [N, ", B * C, ", ", Ho, ", ", Wo, "] outputs, but grad_out is ",
+              grad_y.sizes());
+  return sg;
+}
+
+StackGeometry stack_weight_geometry(const Tensor& x, const Tensor& grad_y, at::IntArrayRef kernel_sizes, int64_t stride,
+                                    at::IntArrayRef paddings, at::IntArrayRef dilations, const char* op) {
+  TORCH_CHECK(x.dim() == 4 && grad_y.dim() == 4 && grad_y.size(0) == x.size(0), op,
+              ": input [N, C, H, W] and grad_out [N, B*C, Ho, Wo] must agree, got ", x.sizes(), " and ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(), op,
+              ": input and grad_out must have the same dtype and device");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": tensors must be floating point, got ", x.scalar_type());
+  const int64_t C = x.size(1), T = int64_t(kernel_sizes.size());
+  TORCH_CHECK(T >= 1 && C >= 1 && grad_y.size(1) % (T * C) == 0 && grad_y.size(1) > 0, op, ": grad_out has ",
+              grad_y.size(1), " channels, not a positive multiple of ", T, " kernels x ", C, " channels");
+  const auto sg = stack_geometry(grad_y.size(1) / (T * C), C, x.size(2), x.size(3), kernel_sizes, stride, paddings,
+                                 dilations, op);
+  TORCH_CHECK(grad_y.size(2) == sg.convs[0].Ho && grad_y.size(3) == sg.convs[0].Wo, op, ": an input of ", x.size(2),
+              "x", x.size(3), " gives ", sg.convs[0].Ho, "x", sg.convs[0].Wo, " outputs, but grad_out is ",
+              grad_y.size(2), "x", grad_y.size(3));
+  return sg;
+}
+
 template <typename Acc> std::vector<Tensor> accumulator_weights(at::TensorList weights) {
   std::vector<Tensor> out;
   for (const Tensor& w : weights) out.push_back(w.to(c10::CppTypeToScalarType<Acc>::value).contiguous());
@@ -377,12 +419,9 @@ template <typename Acc> std::vector<Tensor> accumulator_weights(at::TensorList w
 
 Tensor depthwise_conv2d_stack_cpu(const Tensor& x_, at::TensorList weights, int64_t stride, at::IntArrayRef paddings,
                                   at::IntArrayRef dilations) {
-  const char* op = "dsrna::depthwise_conv2d_stack";
-  TORCH_CHECK(x_.dim() == 4, op, ": input must be [N, C, H, W], got shape ", x_.sizes());
+  const auto sg = stack_forward_geometry(x_, weights, stride, paddings, dilations, "dsrna::depthwise_conv2d_stack");
   const Tensor x = x_.contiguous();
   const int64_t N = x.size(0), C = x.size(1);
-  const auto ks = check_stack_weights(x, weights, C, op);
-  const auto sg = stack_geometry(weights[0].size(0), C, x.size(2), x.size(3), ks, stride, paddings, dilations, op);
   const int64_t Ho = sg.convs[0].Ho, Wo = sg.convs[0].Wo, B = sg.blocks();
   Tensor y = at::empty({N, B * C, Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
@@ -407,18 +446,10 @@ Tensor depthwise_conv2d_stack_cpu(const Tensor& x_, at::TensorList weights, int6
 
 Tensor depthwise_conv2d_stack_transpose_cpu(const Tensor& grad_y_, at::TensorList weights, at::IntArrayRef input_hw,
                                             int64_t stride, at::IntArrayRef paddings, at::IntArrayRef dilations) {
-  const char* op = "dsrna::depthwise_conv2d_stack_transpose";
-  TORCH_CHECK(grad_y_.dim() == 4, op, ": grad_out must be [N, B*C, Ho, Wo], got shape ", grad_y_.sizes());
-  TORCH_CHECK(input_hw.size() == 2, op, ": input_hw must hold (H, W), got ", input_hw);
-  TORCH_CHECK(!weights.empty() && weights[0].dim() == 4, op, ": weights must be [M, C, k, k] tensors");
-  const int64_t C = weights[0].size(1);
+  const auto sg = stack_transpose_geometry(grad_y_, weights, input_hw, stride, paddings, dilations,
+                                           "dsrna::depthwise_conv2d_stack_transpose");
   const Tensor grad_y = grad_y_.contiguous();
-  const auto ks = check_stack_weights(grad_y, weights, C, op);
-  const auto sg = stack_geometry(weights[0].size(0), C, input_hw[0], input_hw[1], ks, stride, paddings, dilations, op);
-  const int64_t N = grad_y.size(0), B = sg.blocks(), Ho = sg.convs[0].Ho, Wo = sg.convs[0].Wo;
-  TORCH_CHECK(grad_y.size(1) == B * C && grad_y.size(2) == Ho && grad_y.size(3) == Wo, op, ": an input of ",
-              input_hw[0], "x", input_hw[1], " gives [N, ", B * C, ", ", Ho, ", ", Wo, "] outputs, but grad_out is ",
-              grad_y.sizes());
+  const int64_t N = grad_y.size(0), C = sg.C, B = sg.blocks(), Ho = sg.convs[0].Ho, Wo = sg.convs[0].Wo;
   Tensor grad_x = at::empty({N, C, input_hw[0], input_hw[1]}, grad_y.options());
   if (grad_x.numel() == 0) return grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "dsrna::depthwise_conv2d_stack_transpose", [&] {
@@ -446,20 +477,10 @@ Tensor depthwise_conv2d_stack_transpose_cpu(const Tensor& grad_y_, at::TensorLis
 
 std::vector<Tensor> depthwise_conv2d_stack_weight_cpu(const Tensor& x_, const Tensor& grad_y_, at::IntArrayRef kernel_sizes,
                                                       int64_t stride, at::IntArrayRef paddings, at::IntArrayRef dilations) {
-  const char* op = "dsrna::depthwise_conv2d_stack_weight";
-  TORCH_CHECK(x_.dim() == 4 && grad_y_.dim() == 4 && grad_y_.size(0) == x_.size(0), op,
-              ": input [N, C, H, W] and grad_out [N, B*C, Ho, Wo] must agree, got ", x_.sizes(), " and ", grad_y_.sizes());
-  TORCH_CHECK(grad_y_.scalar_type() == x_.scalar_type() && grad_y_.device() == x_.device(), op,
-              ": input and grad_out must have the same dtype and device");
-  TORCH_CHECK(at::isFloatingType(x_.scalar_type()), op, ": tensors must be floating point, got ", x_.scalar_type());
-  const int64_t N = x_.size(0), C = x_.size(1), T = int64_t(kernel_sizes.size());
-  TORCH_CHECK(T >= 1 && C >= 1 && grad_y_.size(1) % (T * C) == 0 && grad_y_.size(1) > 0, op, ": grad_out has ",
-              grad_y_.size(1), " channels, not a positive multiple of ", T, " kernels x ", C, " channels");
-  const auto sg = stack_geometry(grad_y_.size(1) / (T * C), C, x_.size(2), x_.size(3), kernel_sizes, stride, paddings,
-                                 dilations, op);
+  const auto sg = stack_weight_geometry(x_, grad_y_, kernel_sizes, stride, paddings, dilations,
+                                        "dsrna::depthwise_conv2d_stack_weight");
+  const int64_t N = x_.size(0), C = sg.C, T = int64_t(kernel_sizes.size());
   const int64_t B = sg.blocks(), Ho = sg.convs[0].Ho, Wo = sg.convs[0].Wo;
-  TORCH_CHECK(grad_y_.size(2) == Ho && grad_y_.size(3) == Wo, op, ": an input of ", x_.size(2), "x", x_.size(3),
-              " gives ", Ho, "x", Wo, " outputs, but grad_out is ", grad_y_.size(2), "x", grad_y_.size(3));
   const Tensor x = x_.contiguous(), grad_y = grad_y_.contiguous();
   // One partial per plane and conv, summed over the batch in a fixed order: deterministic.
   std::vector<Tensor> partial;
@@ -675,33 +696,28 @@ Tensor depthwise_conv2d_weight_cuda(const Tensor& x_, const Tensor& grad_y_, int
 // reads each input tile once is future work; these give the fast cell the same ops on both devices.
 Tensor depthwise_conv2d_stack_cuda(const Tensor& x, at::TensorList weights, int64_t stride, at::IntArrayRef paddings,
                                    at::IntArrayRef dilations) {
-  const char* op = "dsrna::depthwise_conv2d_stack";
-  TORCH_CHECK(x.dim() == 4, op, ": input must be [N, C, H, W], got shape ", x.sizes());
-  const auto ks = check_stack_weights(x, weights, x.size(1), op);
-  const int64_t M = weights[0].size(0), C = x.size(1);
-  stack_geometry(M, C, x.size(2), x.size(3), ks, stride, paddings, dilations, op);
+  const auto sg = stack_forward_geometry(x, weights, stride, paddings, dilations, "dsrna::depthwise_conv2d_stack");
+  const int64_t M = sg.M, C = sg.C;
   const Tensor copies = M == 1 ? x : x.repeat({1, M, 1, 1});
   std::vector<Tensor> parts;
-  for (size_t t = 0; t < weights.size(); ++t)
-    parts.push_back(depthwise_conv2d_cuda(copies, weights[t].reshape({M * C, 1, ks[t], ks[t]}), stride, paddings[t],
+  for (size_t t = 0; t < weights.size(); ++t) {
+    const int64_t k = sg.convs[t].K;
+    parts.push_back(depthwise_conv2d_cuda(copies, weights[t].reshape({M * C, 1, k, k}), stride, paddings[t],
                                           dilations[t]));
+  }
   return at::cat(parts, 1);
 }
 
 Tensor depthwise_conv2d_stack_transpose_cuda(const Tensor& grad_y, at::TensorList weights, at::IntArrayRef input_hw,
                                              int64_t stride, at::IntArrayRef paddings, at::IntArrayRef dilations) {
-  const char* op = "dsrna::depthwise_conv2d_stack_transpose";
-  TORCH_CHECK(grad_y.dim() == 4, op, ": grad_out must be [N, B*C, Ho, Wo], got shape ", grad_y.sizes());
-  TORCH_CHECK(input_hw.size() == 2, op, ": input_hw must hold (H, W), got ", input_hw);
-  TORCH_CHECK(!weights.empty() && weights[0].dim() == 4, op, ": weights must be [M, C, k, k] tensors");
-  const int64_t M = weights[0].size(0), C = weights[0].size(1), T = int64_t(weights.size());
-  const auto ks = check_stack_weights(grad_y, weights, C, op);
-  stack_geometry(M, C, input_hw[0], input_hw[1], ks, stride, paddings, dilations, op);
-  TORCH_CHECK(grad_y.size(1) == T * M * C, op, ": grad_out must have ", T * M * C, " channels, got ", grad_y.size(1));
+  const auto sg = stack_transpose_geometry(grad_y, weights, input_hw, stride, paddings, dilations,
+                                           "dsrna::depthwise_conv2d_stack_transpose");
+  const int64_t M = sg.M, C = sg.C, T = int64_t(weights.size());
   Tensor sum;
   for (int64_t t = 0; t < T; ++t) {
+    const int64_t k = sg.convs[t].K;
     const Tensor part = depthwise_conv2d_transpose_cuda(grad_y.narrow(1, t * M * C, M * C),
-                                                        weights[t].reshape({M * C, 1, ks[t], ks[t]}), input_hw, stride,
+                                                        weights[t].reshape({M * C, 1, k, k}), input_hw, stride,
                                                         paddings[t], dilations[t]);
     sum = t == 0 ? part : sum.add_(part);
   }
@@ -710,14 +726,9 @@ Tensor depthwise_conv2d_stack_transpose_cuda(const Tensor& grad_y, at::TensorLis
 
 std::vector<Tensor> depthwise_conv2d_stack_weight_cuda(const Tensor& x, const Tensor& grad_y, at::IntArrayRef kernel_sizes,
                                                        int64_t stride, at::IntArrayRef paddings, at::IntArrayRef dilations) {
-  const char* op = "dsrna::depthwise_conv2d_stack_weight";
-  TORCH_CHECK(x.dim() == 4 && grad_y.dim() == 4 && grad_y.size(0) == x.size(0), op,
-              ": input [N, C, H, W] and grad_out [N, B*C, Ho, Wo] must agree, got ", x.sizes(), " and ", grad_y.sizes());
-  const int64_t C = x.size(1), T = int64_t(kernel_sizes.size());
-  TORCH_CHECK(T >= 1 && C >= 1 && grad_y.size(1) % (T * C) == 0 && grad_y.size(1) > 0, op, ": grad_out has ",
-              grad_y.size(1), " channels, not a positive multiple of ", T, " kernels x ", C, " channels");
-  const int64_t M = grad_y.size(1) / (T * C);
-  stack_geometry(M, C, x.size(2), x.size(3), kernel_sizes, stride, paddings, dilations, op);
+  const auto sg = stack_weight_geometry(x, grad_y, kernel_sizes, stride, paddings, dilations,
+                                        "dsrna::depthwise_conv2d_stack_weight");
+  const int64_t M = sg.M, C = sg.C, T = int64_t(kernel_sizes.size());
   const Tensor copies = M == 1 ? x : x.repeat({1, M, 1, 1});
   std::vector<Tensor> out;
   for (int64_t t = 0; t < T; ++t) {
