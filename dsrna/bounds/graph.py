@@ -21,7 +21,8 @@ import torch.nn as nn
 from dsrna import backend
 from dsrna.bounds import nodes
 from dsrna.space import batched_cell
-from dsrna.space.batched_cell import CONV_KINDS, FIRST_DEPTHWISE
+from dsrna.space.batched_cell import (CONV_KINDS, FIRST_DEPTHWISE, STAGE1_DILATIONS, STAGE1_KERNELS, STAGE1_PADDINGS,
+                                      cat_weights)
 from dsrna.space.network import Network
 from dsrna.space.ops import (
     DilConv,
@@ -232,7 +233,7 @@ def _batched_state(plan, weights: torch.Tensor, graph: BoundGraph, x: int,
     C = plan.ops["sep3"][0].op[1].weight.shape[0]
 
     def cat(kinds, layer):
-        return torch.cat([op.op[layer].weight for kind in kinds for op in plan.ops[kind]])
+        return cat_weights([op for kind in kinds for op in plan.ops[kind]], layer)
 
     def pointwise(kinds, layer, x):
         return graph.add(nodes.Conv2d(cat(kinds, layer), None, (1, 1), (0, 0), (1, 1), len(kinds) * E), x)
@@ -243,9 +244,8 @@ def _batched_state(plan, weights: torch.Tensor, graph: BoundGraph, x: int,
     if x not in shared:
         shared[x] = graph.add(nodes.ReLU(graph.relu_mode), x)
     relu_x = shared[x]
-    kernels, paddings, dilations = zip(*(FIRST_DEPTHWISE[kind] for kind in CONV_KINDS))
-    depthwise = [cat([kind], 1).view(E, C, k, k) for kind, k in zip(CONV_KINDS, kernels)]
-    stack = graph.add(nodes.DepthwiseStack(depthwise, plan.stride, list(paddings), list(dilations)), relu_x)
+    depthwise = [cat([kind], 1).view(E, C, k, k) for kind, k in zip(CONV_KINDS, STAGE1_KERNELS)]
+    stack = graph.add(nodes.DepthwiseStack(depthwise, plan.stride, STAGE1_PADDINGS, STAGE1_DILATIONS), relu_x)
     stage1 = graph.add(stage1_bn, pointwise(CONV_KINDS, 2, stack))
     sep_in = graph.add(nodes.ReLU(graph.relu_mode), graph.add(nodes.ChannelSlice(0, 2 * E * C), stage1))
     second = []

@@ -48,6 +48,8 @@ _LAYOUT = (("max", PoolBN), ("avg", PoolBN), ("skip", (Identity, FactorizedReduc
 CONV_KINDS = ("sep3", "sep5", "dil3", "dil5")
 # (kernel size, padding, dilation) of each conv candidate's first depthwise conv (METHOD.md §1).
 FIRST_DEPTHWISE = {"sep3": (3, 1, 1), "sep5": (5, 2, 1), "dil3": (3, 2, 2), "dil5": (5, 4, 2)}
+# The stacked first stage's kernel sizes, paddings and dilations, in CONV_KINDS order.
+STAGE1_KERNELS, STAGE1_PADDINGS, STAGE1_DILATIONS = zip(*(FIRST_DEPTHWISE[kind] for kind in CONV_KINDS))
 
 
 @dataclass
@@ -197,7 +199,7 @@ def _shared_pools(x: torch.Tensor, pools: tuple[PoolBN, ...]) -> list[torch.Tens
 # --- one state's candidates --------------------------------------------------------------------------
 
 
-def _cat_weights(modules, index: int) -> torch.Tensor:
+def cat_weights(modules, index: int) -> torch.Tensor:
     """The weights of layer ``index`` of each candidate's ``op`` sequence, concatenated. Read from the
     module dictionaries directly: ``m.op[index].weight`` costs three ``nn.Module`` lookups per weight,
     about a sixth of the batched cell's host time, and a GPU step is bound by host time."""
@@ -250,8 +252,7 @@ def _recomputed(fn, *inputs: torch.Tensor) -> torch.Tensor:
 
 def _stage1(stride, relu_x, pointwise_weight, *depthwise_weights):
     """The conv candidates' first stage, depthwise -> grouped 1x1 (each conv's C channels a group)."""
-    paddings, dilations = [FIRST_DEPTHWISE[kind][1] for kind in CONV_KINDS], [FIRST_DEPTHWISE[kind][2] for kind in CONV_KINDS]
-    stacked = depthwise_conv2d_stack(relu_x, depthwise_weights, stride, paddings, dilations)
+    stacked = depthwise_conv2d_stack(relu_x, depthwise_weights, stride, STAGE1_PADDINGS, STAGE1_DILATIONS)
     return pointwise_conv2d(stacked, pointwise_weight, groups=stacked.shape[1] // pointwise_weight.shape[1])
 
 
@@ -268,18 +269,15 @@ def _stage2(sep3_in, sep5_in, sep3_weight, sep5_weight, pointwise_weight):
 def _conv_candidates(relu_x: torch.Tensor, plan: _StatePlan) -> dict[str, list[torch.Tensor]]:
     """The four conv candidates of every edge of ``plan`` from the shared ``relu(x)``."""
     E, C = len(plan.edges), relu_x.shape[1]
-    weights = []
-    for kind in CONV_KINDS:
-        k = FIRST_DEPTHWISE[kind][0]
-        weights.append(_cat_weights(plan.ops[kind], 1).view(E, C, k, k))
+    weights = [cat_weights(plan.ops[kind], 1).view(E, C, k, k) for kind, k in zip(CONV_KINDS, STAGE1_KERNELS)]
     stage1_convs = [op for kind in CONV_KINDS for op in plan.ops[kind]]
-    stage1 = _recomputed(_STAGE1[plan.stride], relu_x, _cat_weights(stage1_convs, 2), *weights)
+    stage1 = _recomputed(_STAGE1[plan.stride], relu_x, cat_weights(stage1_convs, 2), *weights)
     stage1 = _stacked_batch_norm(stage1, plan.stage1_bns)
     sep3_in, sep5_in, *dil = stage1.split([E * C, E * C] + [C] * (2 * E), dim=1)
 
     stage2_convs = [op for kind in ("sep3", "sep5") for op in plan.ops[kind]]
-    stage2 = _recomputed(_stage2, sep3_in, sep5_in, _cat_weights(plan.ops["sep3"], 5), _cat_weights(plan.ops["sep5"], 5),
-                         _cat_weights(stage2_convs, 6))
+    stage2 = _recomputed(_stage2, sep3_in, sep5_in, cat_weights(plan.ops["sep3"], 5), cat_weights(plan.ops["sep5"], 5),
+                         cat_weights(stage2_convs, 6))
     sep = _stacked_batch_norm(stage2, plan.stage2_bns).split(C, dim=1)
     return {"sep3": sep[:E], "sep5": sep[E:], "dil3": dil[:E], "dil5": dil[E:]}
 

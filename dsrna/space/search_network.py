@@ -153,7 +153,7 @@ def cell_nodes_reference(cell: SearchCell, states: list[torch.Tensor], weights: 
 def cell_nodes_batched(cell: SearchCell, states: list[torch.Tensor], weights: torch.Tensor,
                        edge_weights: torch.Tensor | None) -> list[torch.Tensor]:
     """The fast backends' cell: the edges leaving each state run together (:mod:`.batched_cell`)
-    when the cell is in train mode with the DARTS candidates, else one mixed op per edge."""
+    when the cell has the DARTS candidates and its batch norms share one mode, else one mixed op per edge."""
     plan = batched_cell.usable_plan(cell)
     if plan is not None:
         return batched_cell.forward_batched(cell, plan, states, weights, edge_weights)
