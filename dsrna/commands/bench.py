@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: all)")
     parser.add_argument("--backends", metavar="LIST", type=_csv,
                         help="comma-separated: reference, native, triton, auto, each optionally +graph (CUDA graph "
-                             "replay of forward and train steps); default on a GPU: reference, reference+graph, "
+                             "replay of the forward, train, search and Jacobian steps); default on a GPU: reference, reference+graph, "
                              "native, triton, auto, auto+graph; on a CPU: reference, native, auto")
     parser.add_argument("--batch", metavar="SIZES", type=_positive_ints,
                         help="comma-separated batch sizes (default 64,256; with --quick 4)")
