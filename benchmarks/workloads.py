@@ -22,8 +22,9 @@ from dsrna.space import capture_batch_stats
 # The steps a CUDA graph replays (static inputs; the search steps as dsrna search --cuda-graph runs them).
 GRAPHABLE = frozenset({"forward", "train", "train-bf16", "search-1st", "search-2nd", "search-jacobian", "search-cb",
                        "search-imagenet", "jacobian"})
-# Full CROWN and the certified-radius bisection cost many bound passes: they run on the small shape only.
-SMALL_ONLY = frozenset({"crown", "radius"})
+# Full CROWN, the symbolic pass (a forward of one "image" per input coordinate) and the certified-radius
+# bisection cost many passes: they run on the small shape only.
+SMALL_ONLY = frozenset({"crown-symbolic", "crown", "radius"})
 # The ImageNet-size search iteration runs on its own shape (224x224 inputs, 1000 classes).
 IMAGENET_ONLY = frozenset({"search-imagenet"})
 # The DSRNA search iterations (R_CB's float64 bound pass makes them the slowest steps): at the first
@@ -212,6 +213,7 @@ BUILDERS: dict[str, Callable[[Shape, str, torch.device], Callable[[], object]]] 
     "jacobian": _jacobian,
     "ibp": _bound_pass("ibp"),
     "crown-ibp": _bound_pass("crown-ibp"),
+    "crown-symbolic": _bound_pass("crown-symbolic"),
     "crown": _bound_pass("crown"),
     "radius": _radius,
 }

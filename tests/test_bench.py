@@ -127,7 +127,7 @@ def test_plan_puts_the_core_rows_first_and_the_expensive_ones_last():
     assert [(s.batch, s.image, s.C, s.layers) for s in shapes] == [(64, 32, 16, 8), (256, 32, 16, 8)]
     order = [(s.name, m) for s, m in harness.plan(shapes, harness.SMALL, workloads.METRICS, harness.IMAGENET)]
     assert order[:4] == [("b64", m) for m in harness.CORE]
-    assert order[-6:] == [(harness.SMALL.name, "crown"), (harness.SMALL.name, "radius"),
+    assert order[-7:] == [(harness.SMALL.name, "crown-symbolic"), (harness.SMALL.name, "crown"), (harness.SMALL.name, "radius"),
                           (harness.IMAGENET.name, "search-imagenet"), ("b256", "jacobian"),
                           ("b64", "search-jacobian"), ("b64", "search-cb")]
     assert ("b64", "crown") not in order and ("b64", "search-imagenet") not in order
@@ -179,7 +179,7 @@ def test_every_workload_runs_a_step_on_a_tiny_shape(metric):
 
     shape = workloads.Shape("tiny-imagenet", batch=2, image=32, C=4, layers=2) if metric == "search-imagenet" else TINY
     backends = ["reference"] + [b for b in ("native", "triton") if backend_status(b, "cpu")[0]][:1]
-    for name in backends[:1] if metric == "crown" else backends:  # full CROWN takes seconds per pass
+    for name in backends[:1] if metric in workloads.SMALL_ONLY else backends:  # seconds per pass
         torch.manual_seed(0)
         with use_backend(name):
             workloads.build(metric, shape, name, torch.device("cpu"))()

@@ -5,11 +5,13 @@ import torch
 import torch.nn as nn
 
 from dense_bounds import DenseBounds, dense_layers, sample_ball
-from dsrna.bounds import BoundModel, logit_bounds, margin_lower_bound
+from dsrna import SearchNetwork
+from dsrna.bounds import METHODS, BoundModel, logit_bounds, margin_lower_bound, margin_spec
+from dsrna.bounds.nodes import ErrorSymbols
 from dsrna.ops.bound_ops import crown_relu_backward_reference, relu_relaxation_reference
 from dsrna.space.ops import DilConv, FactorizedReduce, PoolBN, SepConv
 
-METHODS = ("ibp", "crown-ibp", "crown")
+ORACLE_METHODS = ("ibp", "crown-ibp", "crown")  # the dense oracle's; "crown-symbolic" is checked by exactness below
 NORMS = ("linf", "l2", "l1")
 
 
@@ -34,7 +36,7 @@ def test_matches_dense_oracle(norm, clip):
     layers = dense_layers(net, (1, 6, 6))
     box = (0.0, 1.0) if clip else None
     with torch.no_grad():
-        for method in METHODS:
+        for method in ORACLE_METHODS:
             got = BoundModel(net).lower_bound(x, spec, 0.15, norm, method, box)
             want = torch.stack([DenseBounds(layers, x[i].flatten(), 0.15, norm, method, clip).lower_bound(spec[i], method)
                                 for i in range(3)])
@@ -45,7 +47,7 @@ def test_crown_tighter_than_ibp_on_sequential():
     net = _sequential()
     x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
     with torch.no_grad():
-        widths = {m: torch.sub(*reversed(logit_bounds(net, x, 0.1, "linf", m))) for m in METHODS}
+        widths = {m: torch.sub(*reversed(logit_bounds(net, x, 0.1, "linf", m))) for m in ORACLE_METHODS}
     assert (widths["crown"] <= widths["ibp"] + 1e-9).all()
     assert (widths["crown"] <= widths["crown-ibp"] + 1e-9).all()
     assert widths["crown"].sum() < widths["ibp"].sum()
@@ -85,6 +87,76 @@ def test_each_op_sound(name, make):
             for method in METHODS:
                 lower, upper = logit_bounds(net, x, 0.2, norm, method)
                 assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), (norm, method)
+            # No error symbols at all: every undecided neuron's error goes to the independent radius.
+            prop = BoundModel(net, max_error_symbols=0).propagation(x, 0.2, norm, "crown-symbolic")
+            eye = torch.eye(3, dtype=x.dtype).expand(2, 3, 3)
+            lower, upper = prop.lower_bound(eye), -prop.lower_bound(-eye)
+            assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), (norm, "no error symbols")
+
+
+def _deep_search_network():
+    torch.manual_seed(0)
+    return SearchNetwork(C=4, num_classes=5, layers=3, in_channels=1).double().train()
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_crown_symbolic_is_exact_where_every_neuron_is_decided(norm):
+    """At an eps small enough that no ReLU or max-pool window is undecided the network is affine on the
+    ball, so the exact minimum of each margin is its first-order value ``m(x) - eps ||grad m||_q``:
+    crown-symbolic must reach it, where CROWN-IBP on the same 3-cell super-network is vacuous."""
+    net = _deep_search_network()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 3])
+    model = BoundModel(net)
+    eps = 1e-7
+    bound = model.margin_lower_bound(x, y, eps, norm, "crown-symbolic", clip=None)
+    x_ = x.clone().requires_grad_()
+    margins = margin_spec(y, 5, x.dtype) @ model.graph.forward(x_).unsqueeze(-1)  # statistics fixed by the pass above
+    margins = margins.squeeze(-1)
+    q = {"linf": 1, "l2": 2, "l1": float("inf")}[norm]
+    for t in range(5):
+        grad, = torch.autograd.grad(margins[:, t].sum(), x_, retain_graph=True)
+        exact = margins[:, t].detach() - eps * torch.linalg.vector_norm(grad.flatten(1), ord=q, dim=1)
+        torch.testing.assert_close(bound[:, t], exact, rtol=0, atol=1e-12)
+    loose = model.margin_lower_bound(x, y, eps, norm, "crown-ibp", clip=None)[:, 4]
+    assert (exact - loose > 1.0).all(), exact - loose  # the truth loses about 1e-6 here
+
+
+def test_error_symbols_are_numbered_globally_within_the_budget():
+    errors = ErrorSymbols(count=3, budget=3)
+    coef = torch.ones(1, 2, 4)  # depends on the first 2 of the 3 symbols so far
+    out, left = errors.add(coef, torch.tensor([[0.0, 0.5, 0.0, 2.0]]))
+    assert out.shape == (1, 5, 4) and left is None and (errors.count, errors.left) == (5, 1)
+    assert (out[0, :2] == 1).all() and (out[0, 2] == 0).all()  # symbol 2 was created elsewhere
+    assert out[0, 3].tolist() == [0, 0, 0, 2.0] and out[0, 4].tolist() == [0, 0.5, 0, 0]  # the widest first
+    out, left = errors.add(out, torch.tensor([[1.0, 0.0, 3.0, 0.0]]))
+    assert out.shape == (1, 6, 4) and out[0, 5].tolist() == [0, 0, 3.0, 0] and errors.left == 0
+    assert left.tolist() == [[1.0, 0, 0, 0]]  # past the budget: an independent interval
+
+
+def test_crown_symbolic_gradient_in_alpha_where_every_neuron_is_decided():
+    """The intermediate bounds are constants of the gradient; where they decide every neuron the bound
+    is locally affine in the relaxations' choices, so the gradient in alpha is the true one."""
+    net = _deep_search_network()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    direction = [torch.randn_like(p) for p in net.arch_parameters()]
+
+    def value():
+        return margin_lower_bound(net, x, y, 1e-7, "l2", "crown-symbolic").sum()
+
+    net.zero_grad()
+    value().backward()
+    analytic = sum((p.grad * d).sum() for p, d in zip(net.arch_parameters(), direction))
+    h = 1e-6
+    with torch.no_grad():
+        for p, d in zip(net.arch_parameters(), direction):
+            p.add_(h * d)
+        plus = value()
+        for p, d in zip(net.arch_parameters(), direction):
+            p.sub_(2 * h * d)
+        minus = value()
+    torch.testing.assert_close(analytic, (plus - minus) / (2 * h), rtol=1e-6, atol=1e-9)
 
 
 def test_relu_relaxation_is_exact_when_stable_and_sound_otherwise():

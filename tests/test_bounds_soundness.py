@@ -6,12 +6,12 @@ import torch
 
 from dense_bounds import pgd_min_margin, sample_ball
 from dsrna import Genotype, Network, SearchNetwork
-from dsrna.bounds import BoundModel, logit_bounds, margin_spec
+from dsrna.bounds import METHODS, BoundModel, logit_bounds, margin_spec
 from dsrna.space import capture_batch_stats, frozen_batch_stats
 
-METHODS = ("ibp", "crown-ibp", "crown")
 NORMS = ("linf", "l2", "l1")
 SAMPLES = 5000  # per example, two examples
+NODE_SAMPLES = 1000  # per example, for the intermediate bounds of every node
 TOL = 1e-9
 
 # Every candidate op, both strides (reduction cells hold the stride-2 edges).
@@ -39,12 +39,26 @@ def _final(genotype):
     return net
 
 
+VARIANTS = {m: BoundModel for m in METHODS}
+VARIANTS["crown-symbolic (2 error symbols)"] = lambda net, bn_stats: BoundModel(net, bn_stats, max_error_symbols=2)
+
 MODELS = {
     "search-train": lambda: _search(1),
     "pc-darts-train": lambda: _search(2),
     "final-eval": lambda: _final(ALL_OPS),
     "final-strided-skip": lambda: _final(ALL_OPS_STRIDED_SKIP),
 }
+
+
+def _assert_every_node_holds(prop, points, what):
+    """Every node's interval (the intermediate bounds each method computes) holds at every sampled point."""
+    values = points.flatten(0, 1)
+    outputs = [values]
+    for index, node in enumerate(prop.graph.nodes[1:], start=1):
+        outputs.append(node.op.forward(*(outputs[i] for i in node.inputs)))
+        lower, upper = prop.bounds[index]
+        value = outputs[index].view(points.shape[0], *lower.shape)
+        assert (value >= lower - TOL).all() and (value <= upper + TOL).all(), (*what, index, node.op)
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -66,11 +80,14 @@ def test_bounds_hold_at_samples_and_pgd(kind):
             outputs = model(points.flatten(0, 1)).view(SAMPLES, 2, 3)
             bounds, margins = {}, {}
             eye = torch.eye(3, dtype=x.dtype).expand(2, 3, 3)
-            for m in METHODS:  # one propagation per method serves the logit and the margin specifications
-                prop = BoundModel(net, bn_stats).propagation(x, eps[norm], norm, m)
+            # One propagation per method serves the logit and the margin specifications; crown-symbolic
+            # also with a budget of 2 error symbols, so that most undecided neurons take the interval path.
+            for m, bound_model in VARIANTS.items():
+                prop = bound_model(net, bn_stats).propagation(x, eps[norm], norm, m.split(" ")[0])
                 bounds[m] = prop.lower_bound(eye), -prop.lower_bound(-eye)
                 margins[m] = prop.lower_bound(margin_spec(y, 3, x.dtype))
-        for method in METHODS:
+                _assert_every_node_holds(prop, points[:NODE_SAMPLES], (norm, m))
+        for method in VARIANTS:
             lower, upper = bounds[method]
             assert (outputs >= lower - TOL).all() and (outputs <= upper + TOL).all(), (norm, method)
             sampled_margins = outputs.gather(2, y.view(1, 2, 1).expand(SAMPLES, 2, 1)) - outputs
@@ -78,7 +95,7 @@ def test_bounds_hold_at_samples_and_pgd(kind):
         for t in range(3):
             target = torch.full_like(y, t)
             attacked = pgd_min_margin(model, x, y, target, eps[norm], norm)
-            for method in METHODS:
+            for method in VARIANTS:
                 assert (attacked >= margins[method][:, t] - TOL).all(), (norm, method, t)
         # CROWN is at least as tight as IBP (same intervals underneath, linear bounds on top).
         width = {m: bounds[m][1] - bounds[m][0] for m in METHODS}

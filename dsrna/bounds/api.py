@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from dsrna import backend as _backend
-from dsrna.bounds.engine import DEFAULT_SPEC_CHUNK, Propagation
+from dsrna.bounds.engine import DEFAULT_ERROR_SYMBOLS, DEFAULT_SPEC_CHUNK, Propagation
 from dsrna.bounds.graph import BoundGraph, lower
 from dsrna.bounds.perturbation import Ball
 
@@ -36,11 +36,16 @@ class BoundModel:
     ``dtype``: compute the bounds in this precision (e.g. ``torch.float64`` for a float32 model, whose
     bounds on a deep network can overflow float32); inputs are cast to it and bounds come back in
     it. None: the model's own precision.
+
+    ``max_spec_chunk`` (``crown``) and ``max_error_symbols`` (``crown-symbolic``) trade memory for
+    time and tightness: see :class:`dsrna.bounds.Propagation`.
     """
 
     def __init__(self, model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adaptive",
-                 max_spec_chunk: int = DEFAULT_SPEC_CHUNK, dtype: torch.dtype | None = None):
+                 max_spec_chunk: int = DEFAULT_SPEC_CHUNK, dtype: torch.dtype | None = None,
+                 max_error_symbols: int = DEFAULT_ERROR_SYMBOLS):
         self.model, self.max_spec_chunk, self.dtype = model, max_spec_chunk, dtype
+        self.max_error_symbols = max_error_symbols
         with _model_backend(model):
             self.graph: BoundGraph = lower(model, bn_stats, relu_mode)
         if dtype is not None:
@@ -50,7 +55,7 @@ class BoundModel:
         if self.dtype is not None:
             x = x.to(self.dtype)
         with _model_backend(self.model):
-            return Propagation(self.graph, Ball(x, eps, norm, clip), method, self.max_spec_chunk)
+            return Propagation(self.graph, Ball(x, eps, norm, clip), method, self.max_spec_chunk, self.max_error_symbols)
 
     def lower_bound(self, x, spec, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> torch.Tensor:
         """Lower bounds ``[B, S]`` of ``spec @ logits`` over the input set; ``spec`` ``[B, S, K]``."""
@@ -83,7 +88,7 @@ def logit_bounds(model: nn.Module, x: torch.Tensor, eps, norm: str = "linf", met
                  relu_mode: str = "adaptive", max_spec_chunk: int = DEFAULT_SPEC_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Certified ``(lower, upper)`` ``[B, K]`` of the logits over the ``norm`` ball of radius ``eps``
     around ``x`` (inputs in [0, 1]; ``clip`` intersects the ball with that box, None to drop it).
-    ``method``: "ibp", "crown-ibp" or "crown". ``bn_stats``: train-mode batch-norm statistics
+    ``method``: "ibp", "crown-ibp", "crown-symbolic" or "crown" (:mod:`dsrna.bounds.engine`). ``bn_stats``: train-mode batch-norm statistics
     captured on the clean batch (None: computed here from ``x``)."""
     return BoundModel(model, bn_stats, relu_mode, max_spec_chunk).logit_bounds(x, eps, norm, method, clip)
 

@@ -5,6 +5,13 @@
   logit intervals).
 - ``crown-ibp``: intervals forward for every intermediate node, then one CROWN backward pass from
   the output specification (``[B, S, ...]`` coefficient tensors, transposed maps per op).
+- ``crown-symbolic``: intermediate bounds from a forward symbolic pass (every node an affine form
+  of the input's ``n`` coordinates, :class:`~dsrna.bounds.nodes.Symbolic`, intersected with its
+  interval), then CROWN from the output. Nearly exact where few ReLUs and max-pool windows are
+  undecided (small eps), where interval bounds on a deep network are vacuous. Costs one forward
+  pass of ``n`` "images" per example (memory ``B x n x`` the live activations; 784 for MNIST, 3,072
+  for CIFAR-10), under no_grad: the intermediate bounds are constants of the gradient, which is
+  exact wherever they decide every neuron.
 - ``crown``: as the forward interval walk reaches the input of each ReLU or max pool, the neurons
   still unstable there get CROWN bounds by backward passes from that node, intersected with the
   interval; only those neurons become specifications, in chunks of ``max_spec_chunk``, so memory
@@ -13,40 +20,89 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from dsrna.bounds import nodes
 from dsrna.bounds.graph import BoundGraph
 from dsrna.bounds.perturbation import Ball
 
-METHODS = ("ibp", "crown-ibp", "crown")
+METHODS = ("ibp", "crown-ibp", "crown-symbolic", "crown")
 DEFAULT_SPEC_CHUNK = 256
+DEFAULT_ERROR_SYMBOLS = 2048
+
+
+def _widen(sym: nodes.Symbolic, width: int) -> nodes.Symbolic:
+    """``sym`` with zero coefficients for the symbols it does not depend on, up to ``width``."""
+    missing = width - sym.coef.shape[1]
+    if missing == 0:
+        return sym
+    zeros = sym.coef.new_zeros(sym.coef.shape[0], missing, *sym.coef.shape[2:])
+    return nodes.Symbolic(torch.cat([sym.coef, zeros], dim=1), sym.centre, sym.radius)
 
 
 class Propagation:
-    """Bounds of one graph over one input set. Intervals are computed once at construction."""
+    """Bounds of one graph over one input set. Intervals are computed once at construction.
 
-    def __init__(self, graph: BoundGraph, ball: Ball, method: str, max_spec_chunk: int = DEFAULT_SPEC_CHUNK):
+    ``max_spec_chunk``: ``crown``'s specifications per backward pass (memory O(chunk x layer size)).
+    ``max_error_symbols``: ``crown-symbolic``'s budget of error symbols per example (memory and time
+    grow with ``n`` plus it); the widest undecided neurons get one, the others an independent
+    interval, which is sound but grows like IBP downstream.
+    """
+
+    def __init__(self, graph: BoundGraph, ball: Ball, method: str, max_spec_chunk: int = DEFAULT_SPEC_CHUNK,
+                 max_error_symbols: int = DEFAULT_ERROR_SYMBOLS):
         if method not in METHODS:
             raise ValueError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-        if max_spec_chunk < 1:
-            raise ValueError(f"max_spec_chunk must be >= 1, got {max_spec_chunk}")
+        if max_spec_chunk < 1 or max_error_symbols < 0:
+            raise ValueError(f"need max_spec_chunk >= 1 and max_error_symbols >= 0, got {max_spec_chunk}, {max_error_symbols}")
         self.graph, self.ball, self.method, self.max_spec_chunk = graph, ball, method, max_spec_chunk
+        self.max_error_symbols = max_error_symbols
         if graph.needs_clean_pass:
             graph.forward(ball.x)
-        self.bounds = self._intervals()
+        with torch.no_grad() if method == "crown-symbolic" else contextlib.nullcontext():
+            self.bounds = self._intervals()
 
     # --- forward: intervals ---------------------------------------------------------------------------
 
     def _intervals(self) -> list[nodes.Bound]:
+        if self.method != "crown-symbolic":
+            return self._walk(self.ball)
+        # One example at a time: the symbolic pass's coefficients are n_in + E "images" per example.
+        walks = [self._walk(self.ball.select(b)) for b in range(self.ball.x.shape[0])]
+        return [(torch.cat([w[i][0] for w in walks]), torch.cat([w[i][1] for w in walks])) for i in range(len(walks[0]))]
+
+    def _walk(self, ball: Ball) -> list[nodes.Bound]:
+        """Every node's bounds over ``ball``, in topological order (node 0: the input's box)."""
         graph = self.graph
         # Nodes whose interval feeds a relaxation: full CROWN tightens them.
         relaxed = {i for node in graph.nodes[1:] if node.op.needs_input_bounds for i in node.inputs}
-        self.bounds = [self.ball.box()]
+        self.bounds = [ball.box()]  # in progress: full CROWN's backward passes read the bounds so far
+        symbolic = self.method == "crown-symbolic"
+        if symbolic:
+            coef, centre = ball.symbols()
+            inputs = coef.shape[1]
+            errors = nodes.ErrorSymbols(inputs, self.max_error_symbols)
+            syms = [nodes.Symbolic(coef, centre, None)]
+            last_use = {i: index for index, node in enumerate(graph.nodes) for i in node.inputs}
         for index, node in enumerate(graph.nodes[1:], start=1):
             bound = node.op.interval(*(self.bounds[i] for i in node.inputs))
             if self.method == "crown" and index in relaxed:
                 bound = self._tighten(index, bound)
+            if symbolic:
+                ins = [syms[i] for i in node.inputs]
+                width = max(s.coef.shape[1] for s in ins)  # the terms of a sum depend on different symbols
+                sym = node.op.symbolic([_widen(s, width) for s in ins], [self.bounds[i] for i in node.inputs], errors)
+                deviation = (torch.linalg.vector_norm(sym.coef[:, :inputs], ord=ball.symbol_norm, dim=1)
+                             + sym.coef[:, inputs:].abs().sum(1))
+                if sym.radius is not None:
+                    deviation = deviation + sym.radius
+                bound = (torch.maximum(bound[0], sym.centre - deviation), torch.minimum(bound[1], sym.centre + deviation))
+                syms.append(sym if index in last_use else None)
+                for i in node.inputs:
+                    if last_use[i] == index:
+                        syms[i] = None  # free the coefficients, the pass's bulk, after their last consumer
             self.bounds.append(bound)
         return self.bounds
 

@@ -5,6 +5,9 @@ auto_LiRPA's operator classes, without its ONNX tracing):
 
 - ``forward(*xs)``: the op on concrete tensors (the clean pass; batch-norm statistics come from it);
 - ``interval(*bounds)``: interval bound propagation (IBP), ``bounds[i] = (lower_i, upper_i)``;
+- ``symbolic(syms, bounds, errors)``: one step of the forward symbolic pass (:class:`Symbolic`, the
+  ``crown-symbolic`` method's intermediate bounds); linear ops share one rule built on ``linear``,
+  the op without its constant term;
 - ``backward(A, bounds)``: one CROWN step in lower-bound form. ``A`` is ``[B, S, *out_shape]``
   (batch, specifications, the op's output shape) and stands for ``sum A * y``; the step returns one
   ``A_i`` per input (``None`` where nothing flows; ``(A_part, start)`` for a coefficient that is zero
@@ -17,6 +20,8 @@ nonlinearity with the input interval, which full CROWN tightens first. A new op 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -29,6 +34,58 @@ from dsrna.ops.weighted_sum import weighted_sum
 from dsrna.space.ops import FactorizedReduce
 
 Bound = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Symbolic:
+    """A node's values over the input set as an affine form of symbols:
+    ``value = centre + sum_k coef[:, k] * d_k + radius * e``. The first ``n`` symbols are the input's
+    (``d`` in the unit ball of the set's norm, :meth:`dsrna.bounds.Ball.symbols`); the others are
+    error symbols in ``[-1, 1]``, one per ReLU or max-pool window the bounds left undecided (shared by
+    every node downstream, so their correlations survive); ``e`` in ``[-1, 1]`` per neuron is the
+    overflow once the error symbols reach their budget.
+
+    Linear ops map the form exactly. So while few neurons are undecided (small eps) the bounds it
+    gives are nearly exact, where intervals grow by ``|W|`` at every layer.
+    """
+
+    coef: torch.Tensor  # [B, symbols, *shape]
+    centre: torch.Tensor  # [B, *shape]
+    radius: torch.Tensor | None  # [B, *shape]; None for zero
+
+
+class ErrorSymbols:
+    """The error symbols of one symbolic pass, numbered after the input's ``count`` symbols: :meth:`add`
+    gives undecided neurons fresh ones, the widest first, while ``budget`` lasts."""
+
+    def __init__(self, count: int, budget: int):
+        self.count, self.left = count, budget
+
+    def add(self, coef: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``coef`` (``[B, k, *shape]``, ``k <= count``) with a new symbol of coefficient ``half`` for each
+        neuron where ``half`` (``[B, *shape]``, >= 0) is nonzero; and the half-widths left over past the
+        budget (None if none)."""
+        B = half.shape[0]
+        flat = half.flatten(1)
+        wanted = int((flat > 0).sum(1).max())
+        kept = min(wanted, self.left)
+        if kept == 0:
+            return coef, (half if wanted else None)
+        top, order = flat.topk(kept, dim=1)
+        rows = flat.new_zeros(B, kept, flat.shape[1]).scatter_(2, order.unsqueeze(2), top.unsqueeze(2))
+        skipped = self.count - coef.shape[1]  # symbols created elsewhere, which coef does not depend on
+        parts = [coef, coef.new_zeros(B, skipped, *coef.shape[2:])] if skipped else [coef]
+        self.count, self.left = self.count + kept, self.left - kept
+        coef = torch.cat([*parts, rows.reshape(B, kept, *half.shape[1:])], dim=1)
+        return coef, (flat.scatter(1, order, 0.0).reshape(half.shape) if kept < wanted else None)
+
+
+def _add_radius(radius: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
+    return extra if radius is None else radius if extra is None else radius + extra
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _flat_batch(A: torch.Tensor) -> torch.Tensor:
@@ -56,6 +113,23 @@ class BoundOp:
 
     def backward(self, A: torch.Tensor, bounds: Sequence[Bound]) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         raise NotImplementedError
+
+    def linear(self, *xs: torch.Tensor) -> torch.Tensor:
+        """The op without its constant term (for linear ops: a bias or a batch-norm shift)."""
+        return self.forward(*xs)
+
+    def symbolic(self, syms: Sequence[Symbolic], bounds: Sequence[Bound], errors: ErrorSymbols) -> Symbolic:
+        """``syms`` (of equal symbol counts) through the op; a relaxation adds its error symbols to
+        ``errors``. The rule of every linear op: centre through the op, each symbol's coefficient through its
+        linear part, the independent radius through ``|op|`` (the interval of ``[-r, r]``)."""
+        B, n = syms[0].coef.shape[:2]
+        coef = self.linear(*(s.coef.flatten(0, 1) for s in syms))
+        radius = None
+        if any(s.radius is not None for s in syms):
+            lower, upper = self.interval(*((-r, r) for r in (torch.zeros_like(s.centre) if s.radius is None else s.radius
+                                                             for s in syms)))
+            radius = (upper - lower) / 2
+        return Symbolic(coef.reshape(B, n, *coef.shape[1:]), self.forward(*(s.centre for s in syms)), radius)
 
     def __repr__(self) -> str:
         return type(self).__name__
@@ -85,6 +159,9 @@ class ChannelAffine(BoundOp):
             self.scale, self.shift = bn_scale_shift(self.bn, x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False))
         scale, shift = self._params(x)
         return x * scale + shift
+
+    def linear(self, x):
+        return x * self._params(x)[0]
 
     def interval(self, b):
         # The exact image of [lower, upper] under the affine map, four elementwise passes: the
@@ -121,6 +198,9 @@ class Conv2d(BoundOp):
 
     def forward(self, x):
         return self._conv(x, self.weight, self.bias)
+
+    def linear(self, x):
+        return self._conv(x, self.weight, None)
 
     def interval(self, b):
         lower, upper = b
@@ -182,6 +262,9 @@ class Linear(BoundOp):
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
 
+    def linear(self, x):
+        return F.linear(x, self.weight)
+
     def interval(self, b):
         lower, upper = b
         centre = F.linear((upper + lower) / 2, self.weight, self.bias)
@@ -211,13 +294,24 @@ class ReLU(BoundOp):
         A_out, bias = crown_relu_backward(A, lower_slope, upper_slope, upper_intercept)
         return [A_out], bias
 
+    def symbolic(self, syms, bounds, errors):
+        # Between the chord and the parallel line through the origin: relu(z) = slope * z + half +- half
+        # with half = intercept / 2 (exact for stable neurons: slope 1 or 0, intercept 0).
+        (sym,), (lower, upper) = syms, bounds[0]
+        _, slope, intercept = relu_relaxation(lower, upper, self.mode)
+        half = intercept / 2
+        coef, leftover = errors.add(sym.coef * slope.unsqueeze(1), half)
+        radius = None if sym.radius is None else sym.radius * slope
+        return Symbolic(coef, torch.addcmul(half, slope, sym.centre), _add_radius(radius, leftover))
+
 
 class MaxPool2d(BoundOp):
     """Max pool with implicit ``-inf`` padding (3x3 stride 1/2 padding 1; PC-DARTS' 2x2 ceil_mode).
 
-    Relaxation: ``max_j x_j >= x_{j*}`` with ``j*`` the element of largest lower bound in the
-    window (a linear lower bound), and ``max_j x_j <= max_j u_j`` (a constant upper bound). Both
-    are exact when the window is a single element; the choice of ``j*`` is piecewise constant.
+    Relaxation per window, with ``j*`` its element of largest lower bound: where ``l_{j*}`` reaches
+    every other element's upper bound the window is *decided* and the max is ``x_{j*}`` exactly;
+    elsewhere ``x_{j*} <= max_j x_j <= max_j u_j`` (a linear lower and a constant upper bound). The
+    choice of ``j*`` and of the decided windows is piecewise constant.
     """
 
     needs_input_bounds = True
@@ -235,15 +329,58 @@ class MaxPool2d(BoundOp):
     def interval(self, b):
         return self._pool(b[0]), self._pool(b[1])
 
+    def _windows(self, lower, upper):
+        """``(index, gap)``, each ``[B, C, Ho * Wo]``: the flat input index (into ``H * W``) of each
+        window's ``j*``, and ``D = max(0, max_{j != j*} u_j - l_{j*})``, zero where the window is
+        decided; ``x_{j*} <= max_j x_j <= x_{j*} + D`` always."""
+        B, C, H, W = lower.shape
+        k = _pair(self.kernel_size)
+        s = _pair(self.stride or self.kernel_size)
+        p = _pair(self.padding)
+        Ho, Wo = self._pool(lower[:1, :1]).shape[2:]
+        # -inf padding up to the last window (negative where floor mode drops trailing inputs).
+        pads = (p[1], (Wo - 1) * s[1] + k[1] - W - p[1], p[0], (Ho - 1) * s[0] + k[0] - H - p[0])
+
+        def windows(t):  # [B * C, k * k, Ho * Wo]
+            return F.unfold(F.pad(t.detach().reshape(B * C, 1, H, W), pads, value=-math.inf), k, stride=s)
+
+        lower_w, upper_w = windows(lower), windows(upper)
+        slot = lower_w.argmax(1, keepdim=True)
+        others = upper_w.scatter(1, slot, -math.inf).amax(1, keepdim=True)
+        gap = (others - lower_w.gather(1, slot)).clamp(min=0).reshape(B, C, Ho * Wo)
+        slot = slot.reshape(B, C, Ho, Wo)
+        rows = torch.arange(Ho, device=lower.device).view(Ho, 1) * s[0] - p[0] + torch.div(slot, k[1], rounding_mode="floor")
+        cols = torch.arange(Wo, device=lower.device) * s[1] - p[1] + slot % k[1]
+        return (rows * W + cols).reshape(B, C, Ho * Wo), gap
+
     def backward(self, A, bounds):
         lower, upper = bounds[0]
         B, S, C, Ho, Wo = A.shape
         H, W = lower.shape[2:]
-        _, argmax = self._pool(lower, return_indices=True)  # [B, C, Ho, Wo], flat indices into H * W
-        index = argmax.flatten(2).unsqueeze(1).expand(B, S, C, Ho * Wo)
-        A_in = A.new_zeros(B, S, C, H * W).scatter_add(3, index, A.clamp(min=0).flatten(3))
-        bias = _contract(A.clamp(max=0), self._pool(upper).unsqueeze(1))
+        index, gap = self._windows(lower, upper)
+        A = A.flatten(3)
+        decided = (gap == 0).unsqueeze(1)
+        linear = torch.where(decided, A, A.clamp(min=0))  # the lower line; in decided windows the upper too
+        A_in = A.new_zeros(B, S, C, H * W).scatter_add(3, index.unsqueeze(1).expand(B, S, C, Ho * Wo), linear)
+        constant = torch.where(decided, 0.0, A.clamp(max=0))
+        bias = (constant * self._pool(upper).flatten(2).unsqueeze(1)).flatten(2).sum(-1)
         return [A_in.reshape(B, S, C, H, W)], bias
+
+    def symbolic(self, syms, bounds, errors):
+        # max_j x_j = x_{j*} + D/2 +- D/2: exact in decided windows (D = 0).
+        (sym,), (lower, upper) = syms, bounds[0]
+        index, gap = self._windows(lower, upper)
+        B, n, C = sym.coef.shape[:3]
+        Ho, Wo = self._pool(lower[:1, :1]).shape[2:]
+
+        def pick(t):
+            return t.flatten(2).gather(2, index).reshape(B, C, Ho, Wo)
+
+        half = gap.reshape(B, C, Ho, Wo) / 2
+        coef = sym.coef.flatten(3).gather(3, index.unsqueeze(1).expand(B, n, C, Ho * Wo)).reshape(B, n, C, Ho, Wo)
+        coef, leftover = errors.add(coef, half)
+        radius = None if sym.radius is None else pick(sym.radius)
+        return Symbolic(coef, pick(sym.centre) + half, _add_radius(radius, leftover))
 
 
 class AvgPool2d(BoundOp):

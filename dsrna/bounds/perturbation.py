@@ -29,6 +29,10 @@ class Ball:
         self.x, self.norm, self.clip = x, norm, clip
         self.eps = eps  # [B]
 
+    def select(self, index: int) -> "Ball":
+        """The set of example ``index`` alone (a batch of one)."""
+        return Ball(self.x[index:index + 1], self.eps[index:index + 1], self.norm, self.clip)
+
     def _eps_like(self, t: torch.Tensor) -> torch.Tensor:
         return self.eps.reshape(-1, *([1] * (t.dim() - 1)))
 
@@ -39,6 +43,24 @@ class Ball:
         if self.clip is not None:
             lower, upper = lower.clamp(min=self.clip[0]), upper.clamp(max=self.clip[1])
         return lower, upper
+
+    def symbols(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(coef [B, n, *x.shape[1:]], centre)``: the input as ``centre + coef . d`` over the
+        ``n = x[0].numel()`` symbols ``d`` in the unit ball of :attr:`symbol_norm`. l_inf: the
+        (clipped) box, ``d`` in ``[-1, 1]^n``; l_2 / l_1: the ball itself (the box is left to the
+        intervals the forward symbolic pass is intersected with)."""
+        if self.norm == "linf":
+            lower, upper = self.box()
+            centre, half = (upper + lower) / 2, (upper - lower) / 2
+        else:
+            centre, half = self.x, self._eps_like(self.x).expand_as(self.x)
+        B = self.x.shape[0]
+        return torch.diag_embed(half.reshape(B, -1)).reshape(B, -1, *self.x.shape[1:]), centre
+
+    @property
+    def symbol_norm(self) -> float:
+        """The dual exponent q of the symbols' ball: ``sup_d coef . d = ||coef||_q``."""
+        return 1 if self.norm == "linf" else _DUAL[self.norm]
 
     def concretize(self, A: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``min over the set of sum A * x' + bias``, a sound lower bound ``[B, S]``; ``A`` is ``[B, S, *x.shape[1:]]``.

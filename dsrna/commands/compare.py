@@ -8,6 +8,7 @@ HELP = "search, train, attack and certify DARTS and the three DSRNA variants; wr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dsrna.bounds.engine import METHODS as BOUND_METHODS
     from dsrna.evaluation.compare import METHODS
     from dsrna.evaluation.train import AMP_CHOICES, PRESETS
 
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--l2-eps", type=float, default=0.5, help="budget of C&W and AutoAttack (l2)")
     e.add_argument("--pgd-steps", type=int, default=100)
     e.add_argument("--certify-norm", default="l2", choices=("linf", "l2", "l1"))
-    e.add_argument("--certify-method", default="crown", choices=("ibp", "crown-ibp", "crown"))
+    e.add_argument("--certify-method", default="crown", choices=BOUND_METHODS)
     e.add_argument("--eval-limit", type=int, default=1000, help="test images for accuracy and attacks")
     e.add_argument("--certify-limit", type=int, default=200, help="test images for certified radii")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

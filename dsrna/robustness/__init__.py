@@ -15,11 +15,11 @@ import math
 import torch
 import torch.nn as nn
 
+from dsrna.bounds.engine import METHODS
 from dsrna.robustness.jacobian import DUAL_EXPONENT, ESTIMATORS, jacobian_metric, jacobian_row_norm_sum
 
 KINDS = ("none", "cb", "jacobian", "combined")
 NORMS = tuple(DUAL_EXPONENT)
-METHODS = ("ibp", "crown-ibp", "crown")
 REDUCTIONS = ("min", "mean", "softmin")
 SCALES = ("linear", "asinh")
 BOUND_DTYPES = {"float32": torch.float32, "float64": torch.float64}
