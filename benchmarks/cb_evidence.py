@@ -36,8 +36,9 @@ from dsrna.space import capture_batch_stats, frozen_batch_stats
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
-def _batch(name: str, batch: int):
-    """MNIST: the shipped mnist-mini test images; CIFAR-10 (not shipped): random images of its size."""
+def _batch(name: str, batch: int, image: int = 32):
+    """MNIST: the shipped mnist-mini test images; CIFAR-10 (not shipped): random 3-channel images of
+    ``image``^2 pixels (32: its size)."""
     if name == "mnist-mini":
         from dsrna.data import dataset_info, get_dataset
 
@@ -47,14 +48,14 @@ def _batch(name: str, batch: int):
         info = dataset_info(name)
         return x, y, info.mean, info.std
     generator = torch.Generator().manual_seed(1)
-    return (torch.rand(batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (batch,), generator=generator),
+    return (torch.rand(batch, 3, image, image, generator=generator), torch.randint(0, 10, (batch,), generator=generator),
             CIFAR_MEAN, CIFAR_STD)
 
 
 def _setup(name: str, args) -> tuple[torch.Tensor, torch.Tensor, SearchNetwork]:
     """The batch of data set ``name`` and a freshly initialised super-network in search mode (seeded)."""
     torch.manual_seed(args.seed)
-    x, y, mean, std = _batch(name, args.batch)
+    x, y, mean, std = _batch(name, args.batch, args.image)
     net = SearchNetwork(C=args.channels, num_classes=10, layers=args.layers, in_channels=x.shape[1],
                         mean=mean, std=std).train()
     return x, y, net
@@ -192,6 +193,7 @@ def main() -> None:
     parser.add_argument("--architectures", type=int, default=12)
     parser.add_argument("--search-log", help="log.jsonl of a `dsrna search --robustness cb` run (part search)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image", type=int, default=32, help="side of the random CIFAR-10-like images")
     parser.add_argument("--eps", default="1e-5,1e-4,1e-3", help="part tight: comma list")
     parser.add_argument("--methods", default="crown-ibp,crown-symbolic", help="part tight: comma list")
     args = parser.parse_args()
@@ -200,7 +202,7 @@ def main() -> None:
     args.methods = args.methods.split(",")
     torch.set_num_threads(1)
     print(f"# torch {torch.__version__}, {platform.machine()}, 1 thread; super-network C={args.channels}, "
-          f"{args.layers} cells, batch {args.batch}, seed {args.seed}")
+          f"{args.layers} cells, batch {args.batch}, seed {args.seed}; cifar10: random {args.image}x{args.image} images")
     parts = {"init": part_init, "rank": part_rank, "search": part_search, "tight": part_tight}
     for part in args.part.split(","):
         parts[part](args)

@@ -106,20 +106,21 @@ def _classifier():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double().eval()
 
 
+@pytest.mark.parametrize("method", ["crown", "crown-symbolic"])
 @pytest.mark.parametrize("norm,candidates", [("linf", 1), ("l2", 3)])
-def test_certified_radius_is_tight_and_unbroken(norm, candidates):
+def test_certified_radius_is_tight_and_unbroken(norm, candidates, method):
     net = _classifier()
     x = torch.rand(4, 1, 4, 4, dtype=torch.float64)
     with torch.no_grad():
         y = net(x).argmax(1)
     y[0] = (y[0] + 1) % 3  # one misclassified image: radius 0
     tol = 1e-4
-    radius = certified_radius(net, x, y, norm, "crown", max_eps=2.0, tol=tol, candidates=candidates)
+    radius = certified_radius(net, x, y, norm, method, max_eps=2.0, tol=tol, candidates=candidates)
     assert radius[0] == 0 and (radius[1:] > 0).all()
     ok = slice(1, None)
     with torch.no_grad():
-        below = margin_lower_bound(net, x[ok], y[ok], radius[ok], norm, "crown")
-        above = margin_lower_bound(net, x[ok], y[ok], radius[ok] + tol, norm, "crown")
+        below = margin_lower_bound(net, x[ok], y[ok], radius[ok], norm, method)
+        above = margin_lower_bound(net, x[ok], y[ok], radius[ok] + tol, norm, method)
     label = torch.nn.functional.one_hot(y[ok], 3).bool()
     assert (below.masked_fill(label, float("inf")).min(1).values > 0).all()
     assert (above.masked_fill(label, float("inf")).min(1).values <= 0).all()
