@@ -118,7 +118,7 @@ def test_crown_symbolic_is_exact_where_every_neuron_is_decided(norm):
         grad, = torch.autograd.grad(margins[:, t].sum(), x_, retain_graph=True)
         exact = margins[:, t].detach() - eps * torch.linalg.vector_norm(grad.flatten(1), ord=q, dim=1)
         torch.testing.assert_close(bound[:, t], exact, rtol=0, atol=1e-12)
-    loose = model.margin_lower_bound(x, y, eps, norm, "crown-ibp", clip=None)[:, 4]
+    loose = model.margin_lower_bound(x, y, eps, norm, "crown-ibp", clip=None)[:, 4]  # t = 4, the last exact
     assert (exact - loose > 1.0).all(), exact - loose  # the truth loses about 1e-6 here
 
 

@@ -1,4 +1,4 @@
-"""IBP, CROWN-IBP and CROWN as walks over one bound graph.
+"""IBP, CROWN-IBP, CROWN-symbolic and CROWN as walks over one bound graph.
 
 - ``ibp``: intervals forward through every node; a final linear layer is folded into the
   specification (the margin ``f_y - f_t`` is bounded with ``W_y - W_t``, not by subtracting
@@ -8,10 +8,10 @@
 - ``crown-symbolic``: intermediate bounds from a forward symbolic pass (every node an affine form
   of the input's ``n`` coordinates, :class:`~dsrna.bounds.nodes.Symbolic`, intersected with its
   interval), then CROWN from the output. Nearly exact where few ReLUs and max-pool windows are
-  undecided (small eps), where interval bounds on a deep network are vacuous. Costs one forward
-  pass of ``n`` "images" per example (memory ``B x n x`` the live activations; 784 for MNIST, 3,072
-  for CIFAR-10), under no_grad: the intermediate bounds are constants of the gradient, which is
-  exact wherever they decide every neuron.
+  undecided (small eps), where interval bounds on a deep network are vacuous. Costs a forward pass
+  of ``n + E`` "images" per example (``n``: 784 for MNIST, 3,072 for CIFAR-10; ``E`` error symbols,
+  at most ``max_error_symbols``), one example at a time, under no_grad: the intermediate bounds are
+  constants of the gradient, which is exact wherever they decide every neuron.
 - ``crown``: as the forward interval walk reaches the input of each ReLU or max pool, the neurons
   still unstable there get CROWN bounds by backward passes from that node, intersected with the
   interval; only those neurons become specifications, in chunks of ``max_spec_chunk``, so memory

@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("model", help="model.pt written by dsrna train")
     parser.add_argument("--norm", default="linf", choices=NORMS)
-    parser.add_argument("--method", default="crown", choices=METHODS)
+    parser.add_argument("--method", default="crown", choices=METHODS,
+                        help="bound method (docs/bounds.md); crown and crown-symbolic are the tightest and the costliest")
     parser.add_argument("--eps", default="", help="comma-separated budgets for the certified-accuracy table")
     parser.add_argument("--max-eps", type=float, help="upper end of the bisection (default: the bound engine's)")
     parser.add_argument("--tol", type=float, help="bisection tolerance (default: the bound engine's)")
