@@ -26,8 +26,7 @@ BOUND_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _certified():
-    # Imported on use: the bound engine is heavier than the Jacobian metric, and the plain-DARTS and
-    # DSRNA-Jacobian searches never need it.
+    # Imported on use: it imports this module's choices (REDUCTIONS, SCALES).
     return importlib.import_module("dsrna.robustness.certified")
 
 
