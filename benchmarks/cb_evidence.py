@@ -30,7 +30,8 @@ import time
 import torch
 
 from dsrna import SearchNetwork
-from dsrna.bounds import margin_lower_bound
+from dsrna.bounds import BoundModel, margin_lower_bound
+from dsrna.bounds.engine import DEFAULT_ERROR_SYMBOLS
 from dsrna.robustness.certified import certified_bound_metric, default_eps
 from dsrna.space import capture_batch_stats, frozen_batch_stats
 
@@ -169,7 +170,8 @@ def part_tight(args) -> None:
                 net.zero_grad()
                 with capture_batch_stats() as stats:  # in the autograd graph, as in the search
                     net(x)
-                bound = _min_margin(margin_lower_bound(net, x, y, eps, "linf", method, bn_stats=stats, dtype=torch.float64), y)
+                model = BoundModel(net, stats, dtype=torch.float64, max_error_symbols=args.max_error_symbols)
+                bound = _min_margin(model.margin_lower_bound(x, y, eps, "linf", method), y)
                 bound.mean().backward()  # R_CB on the linear scale
                 grad = torch.cat([p.grad.flatten() for p in net.arch_parameters() if p.grad is not None]).norm().item()
                 drop = ((clean - bound.detach()) / (clean - attacked)).median().item()  # both float64
@@ -201,6 +203,7 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=32, help="side of the random CIFAR-10-like images")
     parser.add_argument("--eps", default="1e-5,1e-4,1e-3", help="part tight: comma list")
     parser.add_argument("--methods", default="crown-ibp,crown-symbolic", help="part tight: comma list")
+    parser.add_argument("--max-error-symbols", type=int, default=DEFAULT_ERROR_SYMBOLS, help="part tight: crown-symbolic's budget")
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")
     args.eps = [float(e) for e in args.eps.split(",")]
