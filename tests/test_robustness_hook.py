@@ -1,6 +1,7 @@
 """The search's robustness hook: RobustnessConfig validation and robustness_term dispatch."""
 
 import importlib.util
+import math
 import sys
 import types
 
@@ -20,8 +21,10 @@ def fake_certified(monkeypatch):
     module = types.ModuleType("dsrna.robustness.certified")
     module.calls = []
 
-    def certified_bound_metric(net, x, y, eps, norm, method, reduce="min", bn_stats=None, scale="linear", dtype=None):
-        module.calls.append(dict(eps=eps, norm=norm, method=method, reduce=reduce, bn_stats=bn_stats, scale=scale, dtype=dtype))
+    def certified_bound_metric(net, x, y, eps, norm, method, reduce="min", bn_stats=None, scale="linear", dtype=None,
+                               max_error_symbols=None):
+        module.calls.append(dict(eps=eps, norm=norm, method=method, reduce=reduce, bn_stats=bn_stats, scale=scale, dtype=dtype,
+                                 max_error_symbols=max_error_symbols))
         return net(x).mean() * 0 + 7.0
 
     def default_eps(dataset, norm):
@@ -52,6 +55,7 @@ def tiny_net():
     ("n", 0, "n "),
     ("robust_batch", 0, "robust_batch"),
     ("warmup_epochs", -1, "warmup_epochs"),
+    ("error_symbols", -1, "error_symbols"),
 ])
 def test_invalid_config_raises(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -94,7 +98,7 @@ def test_cb_and_combined_dispatch_with_resolved_eps(fake_certified):
     cb = robustness_term(net, x, y, RobustnessConfig(kind="cb", method="ibp", reduce="mean"), stats)
     assert cb.item() == 7.0
     assert fake_certified.calls == [dict(eps=0.01, norm="linf", method="ibp", reduce="mean", bn_stats=stats,
-                                         scale="asinh", dtype=torch.float64)]
+                                         scale="asinh", dtype=torch.float64, max_error_symbols=2048)]
 
     config = RobustnessConfig(kind="combined", eps=0.3, norm="linf", estimator="exact")
     combined = robustness_term(net, x, y, config, None)
@@ -132,3 +136,7 @@ def test_cb_kind_with_the_real_certified_metric():
     expected = certified_bound_metric(net, x, y, 0.001, "linf", "ibp", reduce="min", bn_stats=stats, scale="asinh")
     torch.testing.assert_close(r, expected)
     assert torch.isfinite(r)
+    # crown-symbolic's budget reaches the bound pass: none at all gives another (sound, looser) value.
+    budgets = [robustness_term(net, x, y, RobustnessConfig(kind="cb", eps=0.01, method="crown-symbolic", error_symbols=e),
+                               stats).item() for e in (2048, 0)]
+    assert budgets[0] != budgets[1] and all(map(math.isfinite, budgets)), budgets

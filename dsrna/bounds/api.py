@@ -96,12 +96,15 @@ def logit_bounds(model: nn.Module, x: torch.Tensor, eps, norm: str = "linf", met
 def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm: str = "linf",
                        method: str = "crown-ibp", clip: tuple[float, float] | None = (0.0, 1.0),
                        bn_stats: dict | None = None, relu_mode: str = "adaptive",
-                       max_spec_chunk: int = DEFAULT_SPEC_CHUNK, dtype: torch.dtype | None = None) -> torch.Tensor:
+                       max_spec_chunk: int = DEFAULT_SPEC_CHUNK, dtype: torch.dtype | None = None,
+                       max_error_symbols: int = DEFAULT_ERROR_SYMBOLS) -> torch.Tensor:
     """Certified lower bounds ``[B, K]`` of ``f_y(x') - f_t(x')`` over the ball, for every class t
     (column y holds 0). The margin is the specification itself, which is tighter than subtracting
     logit bounds. Differentiable in the weights and the architecture parameters. ``dtype``: the
-    precision of the computation and of the result (None: the model's)."""
-    return BoundModel(model, bn_stats, relu_mode, max_spec_chunk, dtype).margin_lower_bound(x, y, eps, norm, method, clip)
+    precision of the computation and of the result (None: the model's). ``max_error_symbols``: the
+    ``crown-symbolic`` budget (:class:`dsrna.bounds.Propagation`)."""
+    return BoundModel(model, bn_stats, relu_mode, max_spec_chunk, dtype,
+                      max_error_symbols).margin_lower_bound(x, y, eps, norm, method, clip)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn as nn
 
-from dsrna.bounds.engine import METHODS
+from dsrna.bounds.engine import DEFAULT_ERROR_SYMBOLS, METHODS
 from dsrna.robustness.jacobian import DUAL_EXPONENT, ESTIMATORS, jacobian_metric, jacobian_row_norm_sum
 
 KINDS = ("none", "cb", "jacobian", "combined")
@@ -50,7 +50,8 @@ class RobustnessConfig:
     ``eps`` is the perturbation budget in [0, 1] pixel units under ``norm``; None takes
     ``default_eps(dataset, norm)``. ``method``, ``reduce``, ``cb_scale`` and ``bound_dtype`` configure
     R_CB (bound method; reduction of the per-class margin bounds; "asinh" or "linear" averaging, see
-    :func:`certified_bound_metric`; the precision of the bound pass), ``estimator`` and ``n`` configure R_Jac. ``robust_batch``: R is
+    :func:`certified_bound_metric`; the precision of the bound pass), ``error_symbols`` is the
+    ``crown-symbolic`` method's budget per example (docs/bounds.md), ``estimator`` and ``n`` configure R_Jac. ``robust_batch``: R is
     computed on the first ``robust_batch`` examples of the validation batch (None: all of it); the
     caller slices the batch, this module sees only the slice. ``warmup_epochs``: epochs searched
     with R off. ``inner_gamma``: weight of R in the weight step (0: the bilevel problem as published).
@@ -64,6 +65,7 @@ class RobustnessConfig:
     reduce: str = "min"
     cb_scale: str = "asinh"
     bound_dtype: str = "float64"
+    error_symbols: int = DEFAULT_ERROR_SYMBOLS
     estimator: str = "random-row"
     n: int = 1
     robust_batch: int | None = None
@@ -85,6 +87,8 @@ class RobustnessConfig:
                 raise ValueError(f"robustness {name} must be a finite number >= 0; got {value!r}")
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"robustness eps must be a finite number > 0 (or None for the data set default); got {self.eps!r}")
+        if not (isinstance(self.error_symbols, int) and self.error_symbols >= 0):
+            raise ValueError(f"robustness error_symbols must be an integer >= 0; got {self.error_symbols!r}")
         if not (isinstance(self.n, int) and self.n >= 1):
             raise ValueError(f"robustness n (Jacobian rows or projections per example) must be an integer >= 1; got {self.n!r}")
         if self.robust_batch is not None and not (isinstance(self.robust_batch, int) and self.robust_batch >= 1):
@@ -126,7 +130,8 @@ def robustness_term(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Ro
     if config.uses_certified:
         terms.append(_certified().certified_bound_metric(net, x, y, eps, config.norm, config.method,
                                                          reduce=config.reduce, bn_stats=bn_stats, scale=config.cb_scale,
-                                                         dtype=BOUND_DTYPES[config.bound_dtype]))
+                                                         dtype=BOUND_DTYPES[config.bound_dtype],
+                                                         max_error_symbols=config.error_symbols))
     if config.uses_jacobian:
         terms.append(jacobian_metric(net, x, norm=config.norm, estimator=config.estimator, n=config.n, eps=eps,
                                      bn_stats=bn_stats))

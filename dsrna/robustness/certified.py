@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from dsrna.bounds import margin_lower_bound
+from dsrna.bounds.engine import DEFAULT_ERROR_SYMBOLS
 from dsrna.robustness import REDUCTIONS, SCALES
 
 
@@ -51,7 +52,8 @@ def default_eps(dataset: str, norm: str = "linf") -> float:
 
 def certified_bound_metric(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm: str = "linf",
                            method: str = "crown-ibp", reduce: str = "min", bn_stats: dict | None = None,
-                           scale: str = "linear", dtype: torch.dtype | None = None) -> torch.Tensor:
+                           scale: str = "linear", dtype: torch.dtype | None = None,
+                           max_error_symbols: int = DEFAULT_ERROR_SYMBOLS) -> torch.Tensor:
     """Scalar R_CB over the batch, in ``x``'s dtype.
 
     ``reduce`` over the targets t != y: "min" (the metric of the paper), "mean", or "softmin"
@@ -61,12 +63,14 @@ def certified_bound_metric(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps
     super-network at initialisation) gives a finite R whose gradient is the relative change of the
     bound (see docs/bounds.md, "R_CB in the search"). ``dtype``: the precision of the bound
     computation (None: the model's); float64 keeps vacuous bounds finite where float32 overflows.
+    ``max_error_symbols``: the ``crown-symbolic`` budget per example (docs/bounds.md).
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"unknown reduce {reduce!r}; choose one of {', '.join(REDUCTIONS)}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
-    gamma = margin_lower_bound(net, x, y, eps, norm, method, bn_stats=bn_stats, dtype=dtype)  # [B, K], column y is 0
+    gamma = margin_lower_bound(net, x, y, eps, norm, method, bn_stats=bn_stats, dtype=dtype,
+                               max_error_symbols=max_error_symbols)  # [B, K], column y is 0
     is_label = torch.nn.functional.one_hot(y, gamma.shape[1]).bool()
     if reduce == "min":
         per_example = gamma.masked_fill(is_label, math.inf).min(1).values
