@@ -319,9 +319,8 @@ class MaxPool2d(BoundOp):
     def __init__(self, kernel_size, stride, padding, ceil_mode):
         self.kernel_size, self.stride, self.padding, self.ceil_mode = kernel_size, stride, padding, ceil_mode
 
-    def _pool(self, x, return_indices=False):
-        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, ceil_mode=self.ceil_mode,
-                            return_indices=return_indices)
+    def _pool(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, ceil_mode=self.ceil_mode)
 
     def forward(self, x):
         return self._pool(x)
@@ -330,7 +329,7 @@ class MaxPool2d(BoundOp):
         return self._pool(b[0]), self._pool(b[1])
 
     def _windows(self, lower, upper):
-        """``(index, gap)``, each ``[B, C, Ho * Wo]``: the flat input index (into ``H * W``) of each
+        """``(index, gap)``, each ``[B, C, Ho, Wo]``: the flat input index (into ``H * W``) of each
         window's ``j*``, and ``D = max(0, max_{j != j*} u_j - l_{j*})``, zero where the window is
         decided; ``x_{j*} <= max_j x_j <= x_{j*} + D`` always."""
         B, C, H, W = lower.shape
@@ -347,37 +346,37 @@ class MaxPool2d(BoundOp):
         lower_w, upper_w = windows(lower), windows(upper)
         slot = lower_w.argmax(1, keepdim=True)
         others = upper_w.scatter(1, slot, -math.inf).amax(1, keepdim=True)
-        gap = (others - lower_w.gather(1, slot)).clamp(min=0).reshape(B, C, Ho * Wo)
+        gap = (others - lower_w.gather(1, slot)).clamp(min=0).reshape(B, C, Ho, Wo)
         slot = slot.reshape(B, C, Ho, Wo)
         rows = torch.arange(Ho, device=lower.device).view(Ho, 1) * s[0] - p[0] + torch.div(slot, k[1], rounding_mode="floor")
         cols = torch.arange(Wo, device=lower.device) * s[1] - p[1] + slot % k[1]
-        return (rows * W + cols).reshape(B, C, Ho * Wo), gap
+        return rows * W + cols, gap
 
     def backward(self, A, bounds):
         lower, upper = bounds[0]
         B, S, C, Ho, Wo = A.shape
         H, W = lower.shape[2:]
         index, gap = self._windows(lower, upper)
-        A = A.flatten(3)
         decided = (gap == 0).unsqueeze(1)
         linear = torch.where(decided, A, A.clamp(min=0))  # the lower line; in decided windows the upper too
-        A_in = A.new_zeros(B, S, C, H * W).scatter_add(3, index.unsqueeze(1).expand(B, S, C, Ho * Wo), linear)
+        A_in = A.new_zeros(B, S, C, H * W).scatter_add(3, index.flatten(2).unsqueeze(1).expand(B, S, C, Ho * Wo),
+                                                       linear.flatten(3))
         constant = torch.where(decided, 0.0, A.clamp(max=0))
-        bias = (constant * self._pool(upper).flatten(2).unsqueeze(1)).flatten(2).sum(-1)
-        return [A_in.reshape(B, S, C, H, W)], bias
+        return [A_in.reshape(B, S, C, H, W)], _contract(constant, self._pool(upper).unsqueeze(1))
 
     def symbolic(self, syms, bounds, errors):
         # max_j x_j = x_{j*} + D/2 +- D/2: exact in decided windows (D = 0).
         (sym,), (lower, upper) = syms, bounds[0]
         index, gap = self._windows(lower, upper)
-        B, n, C = sym.coef.shape[:3]
-        Ho, Wo = self._pool(lower[:1, :1]).shape[2:]
+        B, n = sym.coef.shape[:2]
+        flat_index = index.flatten(2)
 
         def pick(t):
-            return t.flatten(2).gather(2, index).reshape(B, C, Ho, Wo)
+            return t.flatten(2).gather(2, flat_index).reshape(index.shape)
 
-        half = gap.reshape(B, C, Ho, Wo) / 2
-        coef = sym.coef.flatten(3).gather(3, index.unsqueeze(1).expand(B, n, C, Ho * Wo)).reshape(B, n, C, Ho, Wo)
+        half = gap / 2
+        coef = sym.coef.flatten(3).gather(3, flat_index.unsqueeze(1).expand(B, n, *flat_index.shape[1:]))
+        coef = coef.reshape(B, n, *index.shape[1:])
         coef, leftover = errors.add(coef, half)
         radius = None if sym.radius is None else pick(sym.radius)
         return Symbolic(coef, pick(sym.centre) + half, _add_radius(radius, leftover))

@@ -60,7 +60,7 @@ class Ball:
     @property
     def symbol_norm(self) -> float:
         """The dual exponent q of the symbols' ball: ``sup_d coef . d = ||coef||_q``."""
-        return 1 if self.norm == "linf" else _DUAL[self.norm]
+        return _DUAL[self.norm]
 
     def concretize(self, A: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``min over the set of sum A * x' + bias``, a sound lower bound ``[B, S]``; ``A`` is ``[B, S, *x.shape[1:]]``.
