@@ -15,8 +15,9 @@ Three tables, each a markdown block on stdout:
    CROWN-symbolic: the clean min margin, its certified lower bound, and a PGD attack's min margin
    (an upper bound of the true worst case); "certified/attacked drop" is ``(clean - bound) /
    (clean - attacked)``: 1 for an exact bound, the looseness factor otherwise.
+5. ``along``: the ``tight`` table at several steps of a first-order search (``--along-steps``).
 
-    PYTHONPATH=. python benchmarks/cb_evidence.py [--part init,rank,tight] [--layers 8 --channels 16]
+    PYTHONPATH=. python benchmarks/cb_evidence.py [--part init,rank,tight,along] [--layers 8 --channels 16]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 import torch
 
 from dsrna import SearchNetwork
+from dsrna.attacks import project
 from dsrna.bounds import BoundModel, margin_lower_bound
 from dsrna.bounds.engine import DEFAULT_ERROR_SYMBOLS
 from dsrna.robustness.certified import certified_bound_metric, default_eps
@@ -134,49 +136,86 @@ def part_rank(args) -> None:
                   f"{min(values):.1f} .. {max(values):.1f} | {seconds:.0f} |", flush=True)
 
 
-def _attacked_min_margin(net, x, y, stats, eps: float, steps: int = 20) -> torch.Tensor:
-    """PGD (l_inf, random start) on the min margin, frozen batch statistics: ``[B]``, at least the true worst."""
+def _attacked_min_margin(net, x, y, stats, eps: float, norm: str, steps: int = 20) -> torch.Tensor:
+    """PGD (l_inf or l_2, random start, inside [0, 1]) on the min margin, frozen batch statistics:
+    ``[B]``, at least the true worst case."""
     generator = torch.Generator().manual_seed(0)
-    delta = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1) * eps
+    x_adv = project(x + (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1) * eps, x, eps, norm)
     worst = None
     for _ in range(steps + 1):
-        delta.requires_grad_()
+        x_adv.requires_grad_()
         with frozen_batch_stats(stats):
-            logits = net((x + delta).clamp(0, 1))
+            logits = net(x_adv)
         margin = _min_margin(logits.gather(1, y[:, None]) - logits, y)
         worst = margin.detach() if worst is None else torch.minimum(worst, margin.detach())
-        grad, = torch.autograd.grad(margin.sum(), delta)
-        delta = (delta.detach() - eps / 4 * grad.sign()).clamp(-eps, eps)
+        grad, = torch.autograd.grad(margin.sum(), x_adv)
+        direction = grad.sign() if norm == "linf" else grad / grad.flatten(1).norm(dim=1).clamp(min=1e-30)[:, None, None, None]
+        x_adv = project(x_adv.detach() - eps / 4 * direction, x, eps, norm)
     return worst
+
+
+_TIGHT_COLUMNS = ("| norm | eps | method | clean min margin | certified bound | attacked (PGD-20) | "
+                  "certified/attacked drop | ‖dR/dalpha‖ | seconds |")
+
+
+def _tight_rows(first: str, net: SearchNetwork, x: torch.Tensor, y: torch.Tensor, args) -> None:
+    """One table row per norm, eps and method for ``net`` on the batch ``(x, y)``, led by ``first``."""
+    # Clean margins and the attack on a float64 twin with the float32 clean batch's statistics, the
+    # function the bounds certify: in float32 the rounding of x + delta (about 3e-8 near 0.5) is
+    # several percent of the eps measured here, and the twin's own float64 statistics would move
+    # the margins by more than the certified drop at 1e-5.
+    twin = copy.deepcopy(net).double()
+    with torch.no_grad(), capture_batch_stats() as stats:
+        net(x)
+    twins = dict(zip(net.modules(), twin.modules()))
+    twin_stats = {twins[bn]: tuple(v.double() for v in values) for bn, values in stats.items()}
+    with torch.no_grad(), frozen_batch_stats(twin_stats):
+        logits = twin(x.double())
+    clean = _min_margin(logits.gather(1, y[:, None]) - logits, y)
+    for norm, eps in ((norm, eps) for norm in args.norms for eps in args.eps):
+        attacked = _attacked_min_margin(twin, x.double(), y, twin_stats, eps, norm)
+        for method in args.methods:
+            start = time.perf_counter()
+            net.zero_grad()
+            with capture_batch_stats() as stats:  # in the autograd graph, as in the search
+                net(x)
+            model = BoundModel(net, stats, dtype=torch.float64, max_error_symbols=args.max_error_symbols)
+            bound = _min_margin(model.margin_lower_bound(x, y, eps, norm, method), y)
+            bound.mean().backward()  # R_CB on the linear scale
+            grad = torch.cat([p.grad.flatten() for p in net.arch_parameters() if p.grad is not None]).norm().item()
+            drop = ((clean - bound.detach()) / (clean - attacked)).median().item()  # both float64
+            print(f"| {first} | {norm} | {eps:g} | {method} | {clean.mean():.4g} | {bound.mean().item():.4g} | "
+                  f"{attacked.mean():.4g} | {drop:.3g} | {grad:.3g} | {time.perf_counter() - start:.0f} |", flush=True)
 
 
 def part_tight(args) -> None:
     print("\n## tight: certified min-margin bound against an attack at small eps (float64 bound pass)\n")
-    print("| data set | eps | method | clean min margin | certified bound | attacked (PGD-20) | certified/attacked drop "
-          "| ‖dR/dalpha‖ | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| data set " + _TIGHT_COLUMNS)
+    print("|---" * 10 + "|")
     for name in args.datasets:
         x, y, net = _setup(name, args)
-        # Clean margins and the attack on a float64 twin, as the bounds are computed: in float32 the
-        # rounding of x + delta (about 3e-8 near 0.5) is several percent of the eps measured here.
-        twin = copy.deepcopy(net).double()
-        with torch.no_grad(), capture_batch_stats() as twin_stats:
-            logits = twin(x.double())
-        clean = _min_margin(logits.gather(1, y[:, None]) - logits, y)
-        for eps in args.eps:
-            attacked = _attacked_min_margin(twin, x.double(), y, twin_stats, eps)
-            for method in args.methods:
-                start = time.perf_counter()
-                net.zero_grad()
-                with capture_batch_stats() as stats:  # in the autograd graph, as in the search
-                    net(x)
-                model = BoundModel(net, stats, dtype=torch.float64, max_error_symbols=args.max_error_symbols)
-                bound = _min_margin(model.margin_lower_bound(x, y, eps, "linf", method), y)
-                bound.mean().backward()  # R_CB on the linear scale
-                grad = torch.cat([p.grad.flatten() for p in net.arch_parameters() if p.grad is not None]).norm().item()
-                drop = ((clean - bound.detach()) / (clean - attacked)).median().item()  # both float64
-                print(f"| {name} | {eps:g} | {method} | {clean.mean():.4g} | {bound.mean().item():.4g} | "
-                      f"{attacked.mean():.4g} | {drop:.3g} | {grad:.3g} | {time.perf_counter() - start:.0f} |", flush=True)
+        _tight_rows(name, net, x, y, args)
+
+
+def part_along(args) -> None:
+    """``tight`` along a first-order DARTS search (default settings) of the super-network on the
+    data set's batch: a CIFAR-10-like run has no real data here, so the search fits random labels
+    of random images, which moves the weights, the architecture and the margins all the same."""
+    steps = sorted(int(s) for s in args.along_steps.split(","))
+    print(f"\n## along: certified min-margin bound along a first-order search (steps {steps})\n")
+    print("| data set | search step " + _TIGHT_COLUMNS)
+    print("|---" * 11 + "|")
+    from dsrna.search.config import SearchConfig
+    from dsrna.search.searcher import Searcher
+
+    for name in args.datasets:
+        x, y, net = _setup(name, args)
+        searcher = Searcher(net, SearchConfig(dataset=name, layers=args.layers, init_channels=args.channels))
+        half = x.shape[0] // 2  # the search's two halves: weights on one, architecture on the other
+        for step in range(steps[-1] + 1):
+            if step in steps:
+                _tight_rows(f"{name} | {step}", net, x, y, args)
+            searcher.step((x[half:], y[half:]), (x[:half], y[:half]))
 
 
 def part_search(args) -> None:
@@ -192,7 +231,7 @@ def part_search(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="init,rank", help="comma list of init, rank, search")
+    parser.add_argument("--part", default="init,rank", help="comma list of init, rank, search, tight, along")
     parser.add_argument("--datasets", default="mnist-mini,cifar10")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", type=int, default=8)
@@ -202,16 +241,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image", type=int, default=32, help="side of the random CIFAR-10-like images")
     parser.add_argument("--eps", default="1e-5,1e-4,1e-3", help="part tight: comma list")
+    parser.add_argument("--along-steps", default="0,20,50,100", help="part along: the search steps measured")
+    parser.add_argument("--norms", default="linf", help="part tight: comma list of linf, l2")
     parser.add_argument("--methods", default="crown-ibp,crown-symbolic", help="part tight: comma list")
     parser.add_argument("--max-error-symbols", type=int, default=DEFAULT_ERROR_SYMBOLS, help="part tight: crown-symbolic's budget")
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")
     args.eps = [float(e) for e in args.eps.split(",")]
     args.methods = args.methods.split(",")
+    args.norms = args.norms.split(",")
     torch.set_num_threads(1)
     print(f"# torch {torch.__version__}, {platform.machine()}, 1 thread; super-network C={args.channels}, "
           f"{args.layers} cells, batch {args.batch}, seed {args.seed}; cifar10: random {args.image}x{args.image} images")
-    parts = {"init": part_init, "rank": part_rank, "search": part_search, "tight": part_tight}
+    parts = {"init": part_init, "rank": part_rank, "search": part_search, "tight": part_tight, "along": part_along}
     for part in args.part.split(","):
         parts[part](args)
 

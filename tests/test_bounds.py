@@ -1,5 +1,7 @@
 """The bound engine against the dense oracle, op by op soundness, tightness order, errors."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -88,7 +90,9 @@ def test_each_op_sound(name, make):
                 lower, upper = logit_bounds(net, x, 0.2, norm, method)
                 assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), (norm, method)
             # No error symbols at all: every undecided neuron's error goes to the independent radius.
-            prop = BoundModel(net, max_error_symbols=0).propagation(x, 0.2, norm, "crown-symbolic")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # running out of error symbols is the point here
+                prop = BoundModel(net, max_error_symbols=0).propagation(x, 0.2, norm, "crown-symbolic")
             eye = torch.eye(3, dtype=x.dtype).expand(2, 3, 3)
             lower, upper = prop.lower_bound(eye), -prop.lower_bound(-eye)
             assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), (norm, "no error symbols")
@@ -132,6 +136,20 @@ def test_error_symbols_are_numbered_globally_within_the_budget():
     out, left = errors.add(out, torch.tensor([[1.0, 0.0, 3.0, 0.0]]))
     assert out.shape == (1, 6, 4) and out[0, 5].tolist() == [0, 0, 3.0, 0] and errors.left == 0
     assert left.tolist() == [[1.0, 0, 0, 0]]  # past the budget: an independent interval
+    assert errors.unassigned == 1
+
+
+def test_crown_symbolic_warns_when_its_error_symbols_run_out():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3)).double()
+    x = torch.rand(2, 1, 5, 5, dtype=torch.float64)
+    lower, upper = BoundModel(net).propagation(x, 0.5, "linf", "ibp").bounds[1]
+    assert ((lower < 0) & (upper > 0)).flatten(1).sum(1).min() > 4  # the 4-symbol budget below runs out
+    with pytest.warns(UserWarning, match="ran out of its 4 error symbols"):
+        BoundModel(net, max_error_symbols=4).propagation(x, 0.5, "linf", "crown-symbolic")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BoundModel(net, max_error_symbols=72).propagation(x, 0.5, "linf", "crown-symbolic")  # one per neuron
 
 
 def test_crown_symbolic_gradient_in_alpha_where_every_neuron_is_decided():

@@ -47,7 +47,7 @@ class BoundModel:
         self.model, self.max_spec_chunk, self.dtype = model, max_spec_chunk, dtype
         self.max_error_symbols = max_error_symbols
         with _model_backend(model):
-            self.graph: BoundGraph = lower(model, bn_stats, relu_mode)
+            self.graph: BoundGraph = lower(model, bn_stats, relu_mode, dtype)
         if dtype is not None:
             self.graph.cast(dtype)
 

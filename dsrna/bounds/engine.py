@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -40,6 +41,19 @@ def _widen(sym: nodes.Symbolic, width: int) -> nodes.Symbolic:
         return sym
     zeros = sym.coef.new_zeros(sym.coef.shape[0], missing, *sym.coef.shape[2:])
     return nodes.Symbolic(torch.cat([sym.coef, zeros], dim=1), sym.centre, sym.radius)
+
+
+def _accumulate(total: nodes.Symbolic | None, sym: nodes.Symbolic, weight: torch.Tensor) -> nodes.Symbolic:
+    """``total + weight * sym`` (``weight >= 0``, a 0-d tensor), in place on ``total`` (owned by the
+    caller), widened when ``sym`` depends on more symbols."""
+    if total is None:
+        return nodes.Symbolic(sym.coef * weight, sym.centre * weight, None if sym.radius is None else sym.radius * weight)
+    total = _widen(total, max(total.coef.shape[1], sym.coef.shape[1]))
+    total.coef[:, :sym.coef.shape[1]].addcmul_(sym.coef, weight)
+    total.centre.addcmul_(sym.centre, weight)
+    if sym.radius is not None:
+        total.radius = sym.radius * weight if total.radius is None else total.radius.addcmul_(sym.radius, weight)
+    return total
 
 
 def _deviation(coef: torch.Tensor, q: float) -> torch.Tensor:
@@ -80,7 +94,12 @@ class Propagation:
         if self.method != "crown-symbolic":
             return self._walk(self.ball)
         # One example at a time: the symbolic pass's coefficients are n_in + E "images" per example.
+        self.unassigned_error_symbols = 0  # the most undecided neurons of one example that got no error symbol
         walks = [self._walk(self.ball.select(b)) for b in range(self.ball.x.shape[0])]
+        if self.unassigned_error_symbols:
+            warnings.warn(f"crown-symbolic ran out of its {self.max_error_symbols} error symbols: the undecided neurons "
+                          "past them are bounded by intervals, which grow like IBP downstream; raise max_error_symbols "
+                          "(dsrna search --error-symbols) or lower eps")
         return [(torch.cat([w[i][0] for w in walks]), torch.cat([w[i][1] for w in walks])) for i in range(len(walks[0]))]
 
     def _walk(self, ball: Ball) -> list[nodes.Bound]:
@@ -96,24 +115,45 @@ class Propagation:
             errors = nodes.ErrorSymbols(inputs, self.max_error_symbols)
             syms = [nodes.Symbolic(coef, centre, None)]
             last_use = {i: index for index, node in enumerate(graph.nodes) for i in node.inputs}
+            # A node whose only consumer is a weighted sum (a mixed op's candidate) is added into that
+            # sum as soon as it exists and freed: a DARTS node sums up to 35 candidates, which would
+            # otherwise all be held at once (the pass's peak memory).
+            users: dict[int, list[int]] = {}
+            for index, node in enumerate(graph.nodes):
+                for i in node.inputs:
+                    users.setdefault(i, []).append(index)
+            folded = {i: (u[0], graph.nodes[u[0]].inputs.index(i)) for i, u in users.items()
+                      if len(u) == 1 and isinstance(graph.nodes[u[0]].op, nodes.WeightedSum)}
+            sums: dict[int, nodes.Symbolic] = {}  # weighted sum -> its folded terms so far
         for index, node in enumerate(graph.nodes[1:], start=1):
             bound = node.op.interval(*(self.bounds[i] for i in node.inputs))
             if self.method == "crown" and index in relaxed:
                 bound = self._tighten(index, bound)
             if symbolic:
-                ins = [syms[i] for i in node.inputs]
-                width = max(s.coef.shape[1] for s in ins)  # the terms of a sum depend on different symbols
-                sym = node.op.symbolic([_widen(s, width) for s in ins], [self.bounds[i] for i in node.inputs], errors)
+                if isinstance(node.op, nodes.WeightedSum):
+                    sym = sums.pop(index, None)
+                    for k, i in enumerate(node.inputs):
+                        if i not in folded:
+                            sym = _accumulate(sym, syms[i], node.op.weights[k])
+                else:
+                    ins = [syms[i] for i in node.inputs]
+                    width = max(s.coef.shape[1] for s in ins)  # the terms of a sum depend on different symbols
+                    sym = node.op.symbolic([_widen(s, width) for s in ins], [self.bounds[i] for i in node.inputs], errors)
                 if index in relaxed:  # the only bounds the relaxations and the final CROWN pass read
                     deviation = _deviation(sym.coef[:, :inputs], ball.symbol_norm) + _deviation(sym.coef[:, inputs:], 1)
                     if sym.radius is not None:
                         deviation = deviation + sym.radius
                     bound = (torch.maximum(bound[0], sym.centre - deviation), torch.minimum(bound[1], sym.centre + deviation))
-                syms.append(sym if index in last_use else None)
+                if index in folded:
+                    user, k = folded[index]
+                    sums[user] = _accumulate(sums.get(user), sym, graph.nodes[user].op.weights[k])
+                syms.append(sym if index in last_use and index not in folded else None)
                 for i in node.inputs:
                     if last_use[i] == index:
                         syms[i] = None  # free the coefficients, the pass's bulk, after their last consumer
             self.bounds.append(bound)
+        if symbolic:
+            self.unassigned_error_symbols = max(self.unassigned_error_symbols, errors.unassigned)
         return self.bounds
 
     def _tighten(self, index: int, bound: nodes.Bound) -> nodes.Bound:

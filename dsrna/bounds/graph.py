@@ -50,6 +50,7 @@ class BoundGraph:
 
     relu_mode: str = "adaptive"
     bn_stats: dict | None = None
+    dtype: torch.dtype | None = None  # derived parameters (batch-norm and normalisation affines) computed in it
     nodes: list[Node] = field(default_factory=lambda: [Node(None, ())])
     output: int = 0
     needs_clean_pass: bool = False  # some train-mode BN has no captured statistics
@@ -82,9 +83,13 @@ class BoundGraph:
         return self
 
 
-def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adaptive") -> BoundGraph:
-    """The bound graph of ``model`` (see the module docstring for what is supported)."""
-    graph = BoundGraph(relu_mode=relu_mode, bn_stats=bn_stats)
+def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adaptive",
+          dtype: torch.dtype | None = None) -> BoundGraph:
+    """The bound graph of ``model`` (see the module docstring for what is supported). With ``dtype``
+    the batch-norm and normalisation affines are derived from their statistics in that precision, so
+    a float64 graph of a float32 model is that model's function evaluated in float64 (``1/sqrt(var)``
+    rounded in float32 would move a deep network's margins by more than a small eps does)."""
+    graph = BoundGraph(relu_mode=relu_mode, bn_stats=bn_stats, dtype=dtype)
     if isinstance(model, SearchNetwork):
         graph.output = _lower_search_network(model, graph, 0)
     elif isinstance(model, Network):
@@ -101,13 +106,17 @@ def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adap
 
 def _batch_norm(bn: nn.BatchNorm2d, graph: BoundGraph) -> nodes.ChannelAffine:
     if not bn.training and bn.track_running_stats:
-        return nodes.ChannelAffine(*bn_scale_shift(bn, bn.running_mean, bn.running_var))
+        return nodes.ChannelAffine(*bn_scale_shift(bn, *_cast(graph, bn.running_mean, bn.running_var)))
     if graph.bn_stats is not None:
         if bn not in graph.bn_stats:
             raise ValueError("bn_stats has no statistics for a train-mode BatchNorm2d: capture them over this model's clean pass")
-        return nodes.ChannelAffine(*bn_scale_shift(bn, *graph.bn_stats[bn]))
+        return nodes.ChannelAffine(*bn_scale_shift(bn, *_cast(graph, *graph.bn_stats[bn])))
     graph.needs_clean_pass = True
     return nodes.ChannelAffine(None, None, bn)
+
+
+def _cast(graph: BoundGraph, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tensors if graph.dtype is None else tuple(t.to(graph.dtype) for t in tensors)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -125,7 +134,8 @@ def _lower_module(m: nn.Module, graph: BoundGraph, x: int | None) -> int | None:
     if isinstance(m, (Identity, nn.Identity)) or (isinstance(m, nn.Dropout) and not m.training):
         return x
     if isinstance(m, Normalize):
-        return graph.add(nodes.ChannelAffine(1.0 / m.std.flatten(), -m.mean.flatten() / m.std.flatten()), x)
+        mean, std = _cast(graph, m.mean.flatten(), m.std.flatten())
+        return graph.add(nodes.ChannelAffine(1.0 / std, -mean / std), x)
     if isinstance(m, nn.BatchNorm2d):
         return graph.add(_batch_norm(m, graph), x)
     if isinstance(m, nn.Conv2d):
@@ -290,7 +300,7 @@ def _lower_partial_edge(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph,
 def _lower_search_network(net: SearchNetwork, graph: BoundGraph, x: int) -> int:
     s0 = _lower_module(net.stem, graph, _lower_module(net.normalize, graph, x))
     s1 = _lower_module(net.stem1, graph, s0) if net.stem1 is not None else s0
-    mixing = {False: net.edge_weights(False), True: net.edge_weights(True)}
+    mixing = {False: net.edge_weights(False, graph.dtype), True: net.edge_weights(True, graph.dtype)}
     # The graph mirrors the forward of the backend in use: on the fast backends a standard DARTS
     # cell lowers state by state, as the batched cell runs it (the same bounds in far fewer ops);
     # the reference lowers edge by edge, as its cell runs.

@@ -56,10 +56,11 @@ class Symbolic:
 
 class ErrorSymbols:
     """The error symbols of one symbolic pass, numbered after the input's ``count`` symbols: :meth:`add`
-    gives undecided neurons fresh ones, the widest first, while ``budget`` lasts."""
+    gives undecided neurons fresh ones, the widest first, while ``budget`` lasts; ``unassigned``
+    counts the undecided neurons past it (per example, the most of the batch)."""
 
     def __init__(self, count: int, budget: int):
-        self.count, self.left = count, budget
+        self.count, self.left, self.unassigned = count, budget, 0
 
     def add(self, coef: torch.Tensor, half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``coef`` (``[B, k, *shape]``, ``k <= count``) with a new symbol of coefficient ``half`` for each
@@ -69,6 +70,7 @@ class ErrorSymbols:
         flat = half.flatten(1)
         wanted = int((flat > 0).sum(1).max())
         kept = min(wanted, self.left)
+        self.unassigned += wanted - kept
         if kept == 0:
             return coef, (half if wanted else None)
         top, order = flat.topk(kept, dim=1)

@@ -265,16 +265,17 @@ class SearchNetwork(nn.Module):
 
     # --- weights of the mixed ops -------------------------------------------------------------------
 
-    def edge_weights(self, reduction: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """softmax(alpha) ``[edges, ops]`` and, for PC-DARTS, per-edge softmax(beta) within each node."""
+    def edge_weights(self, reduction: bool, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax(alpha) ``[edges, ops]`` and, for PC-DARTS, per-edge softmax(beta) within each node;
+        computed in ``dtype`` if given (the bound engine's precision)."""
         alpha = self.alphas_reduce if reduction else self.alphas_normal
-        weights = F.softmax(alpha, dim=-1)
+        weights = F.softmax(alpha, dim=-1, dtype=dtype)
         if self.partial_channels == 1:
             return weights, None
         beta = self.betas_reduce if reduction else self.betas_normal
         parts, start = [], 0
         for i in range(self.steps):
-            parts.append(F.softmax(beta[start:start + 2 + i], dim=-1))
+            parts.append(F.softmax(beta[start:start + 2 + i], dim=-1, dtype=dtype))
             start += 2 + i
         return weights, torch.cat(parts)
 
