@@ -126,7 +126,7 @@ def _search(order: int, robustness: str = "none"):
         dataset = "cifar10" if shape.in_channels == 3 else "mnist"
         config = SearchConfig(order=order, backend=backend, batch_size=shape.batch, layers=shape.layers,
                               init_channels=shape.C,
-                              robustness=RobustnessConfig(kind=robustness, dataset=dataset,
+                              robustness=RobustnessConfig(kind=robustness, dataset=dataset, method="crown-ibp",
                                                           robust_batch=CB_ROBUST_BATCH if robustness == "cb" else None))
         searcher = Searcher(net, config)
         train, val = _batch(shape, device), _batch(shape, device)

@@ -7,7 +7,7 @@ import torch.nn as nn
 from dense_bounds import pgd_min_margin
 from dsrna import SearchNetwork
 from dsrna.bounds import certified_radius, margin_lower_bound
-from dsrna.robustness.certified import certified_bound_metric, default_eps
+from dsrna.robustness.certified import certified_bound_metric, certified_defaults, default_eps
 from dsrna.space import capture_batch_stats
 
 
@@ -99,6 +99,16 @@ def test_default_eps():
     assert default_eps("cifar10", "linf") > 0 and default_eps("mnist", "l2") > 0
     with pytest.raises(ValueError, match="no default eps"):
         default_eps("svhn", "linf")
+
+
+def test_certified_defaults():
+    """crown-symbolic at a small eps where it is measured tight (CIFAR-10); crown-ibp at the evaluation budget elsewhere."""
+    for norm in ("linf", "l2"):
+        method, eps = certified_defaults("cifar10", norm)
+        assert method == "crown-symbolic" and eps < default_eps("cifar10", norm) / 10
+    assert certified_defaults("mnist", "linf") == ("crown-ibp", default_eps("mnist", "linf"))
+    with pytest.raises(ValueError, match="no default eps"):
+        certified_defaults("svhn", "linf")
 
 
 def _classifier():

@@ -30,8 +30,12 @@ def fake_certified(monkeypatch):
     def default_eps(dataset, norm):
         return {("mnist-mini", "linf"): 0.01, ("cifar10", "l2"): 0.05}[(dataset, norm)]
 
+    def certified_defaults(dataset, norm):
+        return ("crown-symbolic", 1e-5) if dataset == "cifar10" else ("crown-ibp", default_eps(dataset, norm))
+
     module.certified_bound_metric = certified_bound_metric
     module.default_eps = default_eps
+    module.certified_defaults = certified_defaults
     monkeypatch.setitem(sys.modules, "dsrna.robustness.certified", module)
     return module
 
@@ -43,7 +47,7 @@ def tiny_net():
 @pytest.mark.parametrize("field, value, message", [
     ("kind", "adv", "kind must be one of none, cb, jacobian, combined"),
     ("norm", "l3", "norm must be one of linf, l2, l1"),
-    ("method", "lp", "method must be one of ibp, crown-ibp, crown"),
+    ("method", "lp", "method must be one of ibp, crown-ibp, crown-symbolic, crown"),
     ("reduce", "max", "reduce must be one of"),
     ("cb_scale", "log", "cb_scale must be one of linear, asinh"),
     ("bound_dtype", "float16", "bound_dtype must be one of float32, float64"),
@@ -114,9 +118,25 @@ def test_default_eps_and_warmup(fake_certified):
     assert not RobustnessConfig(kind="none").active(10)
 
 
+def test_certified_defaults_per_data_set(fake_certified):
+    """R_CB takes its own method and eps from the data set (crown-symbolic on CIFAR-10, on 2 examples
+    per step), R_Jac the evaluation budget; explicit settings win."""
+    cifar = RobustnessConfig(kind="combined", dataset="cifar10", norm="l2")
+    assert (cifar.resolved_method(), cifar.resolved_eps(certified=True), cifar.resolved_eps()) == ("crown-symbolic", 1e-5, 0.05)
+    assert cifar.resolved_robust_batch() == robustness.SYMBOLIC_ROBUST_BATCH
+    assert RobustnessConfig(kind="jacobian", dataset="cifar10").resolved_robust_batch() is None  # no bound pass
+    assert RobustnessConfig(kind="cb", dataset="cifar10", method="ibp").resolved_robust_batch() is None
+    assert RobustnessConfig(kind="cb", dataset="cifar10", robust_batch=8).resolved_robust_batch() == 8
+    mnist = RobustnessConfig(kind="cb")
+    assert (mnist.resolved_method(), mnist.resolved_eps(certified=True), mnist.resolved_robust_batch()) == ("crown-ibp", 0.01, None)
+    explicit = RobustnessConfig(kind="cb", dataset="cifar10", method="crown", eps=0.2)
+    assert (explicit.resolved_method(), explicit.resolved_eps(certified=True)) == ("crown", 0.2)
+
+
 def test_certified_exports_resolve_lazily(fake_certified):
     assert robustness.certified_bound_metric is fake_certified.certified_bound_metric
     assert robustness.default_eps is fake_certified.default_eps
+    assert robustness.certified_defaults is fake_certified.certified_defaults
     with pytest.raises(AttributeError):
         robustness.no_such_metric
 

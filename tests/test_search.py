@@ -171,6 +171,16 @@ def test_robustness_hook(monkeypatch, order):
             torch.testing.assert_close(a, e)
 
 
+def test_cifar10_dsrna_cb_defaults_to_crown_symbolic_on_two_images(monkeypatch):
+    fake = _FakeMetric()
+    monkeypatch.setattr(dsrna.robustness, "robustness_term", fake)
+    cfg = config(dataset="cifar10", robustness=RobustnessConfig(kind="cb"))
+    assert cfg.robustness.resolved_method() == "crown-symbolic"
+    Searcher(tiny_net(), cfg).arch_gradient(batch(seed=2), batch(seed=1))
+    (_, m, _), = fake.calls
+    assert m == dsrna.robustness.SYMBOLIC_ROBUST_BATCH < 4  # of the 4 validation images
+
+
 def test_robustness_none_never_calls_the_metric(monkeypatch):
     def boom(*args):
         raise AssertionError("robustness_term called with --robustness none")

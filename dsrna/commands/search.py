@@ -28,10 +28,12 @@ _FLAGS = {
     "--robustness": ("robustness.kind", dict(choices=["none", "cb", "jacobian", "combined"],
                                              help="R: none (plain DARTS), cb, jacobian or combined; default none")),
     "--gamma": ("robustness.gamma", dict(type=float, help="weight of R in the architecture loss; default 0.01")),
-    "--eps": ("robustness.eps", dict(type=float, help="perturbation budget of R (default: per data set)")),
+    "--eps": ("robustness.eps", dict(type=float, help="perturbation budget of R (default: per data set, R_CB's and "
+                                                      "R_Jac's apart; docs/bounds.md)")),
     "--norm": ("robustness.norm", dict(choices=["linf", "l2", "l1"], help="norm of the perturbation ball; default linf")),
     "--method": ("robustness.method", dict(choices=["ibp", "crown-ibp", "crown-symbolic", "crown"],
-                                              help="bound method of R_CB; default crown-ibp")),
+                                              help="bound method of R_CB; default per data set: crown-symbolic "
+                                                   "on CIFAR-10, crown-ibp elsewhere")),
     "--cb-scale": ("robustness.cb_scale", dict(choices=["asinh", "linear"],
                                                help="R_CB averages asinh(bound) (default: finite on vacuous bounds) or the bound")),
     "--bound-dtype": ("robustness.bound_dtype", dict(choices=["float64", "float32"], help="precision of R_CB's bound pass; default float64")),
@@ -39,7 +41,8 @@ _FLAGS = {
                                                                         "default 2048 (MNIST needs about 8192)")),
     "--estimator": ("robustness.estimator", dict(choices=["random-row", "exact", "top1", "projection"],
                                                  help="Jacobian-norm estimator of R_Jac; default random-row")),
-    "--robust-batch": ("robustness.robust_batch", dict(type=int, help="R on the first M validation examples (default: all)")),
+    "--robust-batch": ("robustness.robust_batch", dict(type=int, help="R on the first M validation examples "
+                                                                      "(default: all; 2 when R_CB runs crown-symbolic)")),
     "--warmup-epochs": ("robustness.warmup_epochs", dict(type=int, help="epochs searched without R first; default 0")),
     "--inner-gamma": ("robustness.inner_gamma", dict(type=float, help="R's weight in the weight step; default 0 (off)")),
     "--amp": ("amp", dict(choices=["none", "bf16"], help="bf16 autocast of the forward passes; default none")),

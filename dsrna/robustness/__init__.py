@@ -23,6 +23,7 @@ NORMS = tuple(DUAL_EXPONENT)
 REDUCTIONS = ("min", "mean", "softmin")
 SCALES = ("linear", "asinh")
 BOUND_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SYMBOLIC_ROBUST_BATCH = 2  # R_CB's examples per step by default under crown-symbolic (n + E image passes each)
 
 
 def _certified():
@@ -31,7 +32,7 @@ def _certified():
 
 
 def __getattr__(name: str):
-    if name in ("certified_bound_metric", "default_eps"):
+    if name in ("certified_bound_metric", "certified_defaults", "default_eps"):
         return getattr(_certified(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -47,13 +48,15 @@ class RobustnessConfig:
 
     ``kind``: ``none`` (plain DARTS), ``cb`` (DSRNA-CB), ``jacobian`` (DSRNA-Jacobian) or
     ``combined`` (R_CB + R_Jac). ``gamma`` weighs R in the architecture loss ``L_val - gamma * R``.
-    ``eps`` is the perturbation budget in [0, 1] pixel units under ``norm``; None takes
-    ``default_eps(dataset, norm)``. ``method``, ``reduce``, ``cb_scale`` and ``bound_dtype`` configure
+    ``eps`` is the perturbation budget in [0, 1] pixel units under ``norm``; None takes the data
+    set's: ``certified_defaults(dataset, norm)`` for R_CB, ``default_eps(dataset, norm)`` for R_Jac.
+    ``method`` (None: ``certified_defaults``), ``reduce``, ``cb_scale`` and ``bound_dtype`` configure
     R_CB (bound method; reduction of the per-class margin bounds; "asinh" or "linear" averaging, see
     :func:`certified_bound_metric`; the precision of the bound pass), ``error_symbols`` is the
     ``crown-symbolic`` method's budget per example (docs/bounds.md), ``estimator`` and ``n`` configure R_Jac. ``robust_batch``: R is
-    computed on the first ``robust_batch`` examples of the validation batch (None: all of it); the
-    caller slices the batch, this module sees only the slice. ``warmup_epochs``: epochs searched
+    computed on the first ``robust_batch`` examples of the validation batch (None: all of it, or
+    ``SYMBOLIC_ROBUST_BATCH`` when R_CB runs crown-symbolic, which costs ``n + E`` image passes per
+    example); the caller slices the batch, this module sees only the slice. ``warmup_epochs``: epochs searched
     with R off. ``inner_gamma``: weight of R in the weight step (0: the bilevel problem as published).
     """
 
@@ -61,7 +64,7 @@ class RobustnessConfig:
     gamma: float = 0.01
     eps: float | None = None
     norm: str = "linf"
-    method: str = "crown-ibp"
+    method: str | None = None
     reduce: str = "min"
     cb_scale: str = "asinh"
     bound_dtype: str = "float64"
@@ -76,7 +79,8 @@ class RobustnessConfig:
     def __post_init__(self):
         _check_choice("kind", self.kind, KINDS)
         _check_choice("norm", self.norm, NORMS)
-        _check_choice("method", self.method, METHODS)
+        if self.method is not None:
+            _check_choice("method", self.method, METHODS)
         _check_choice("reduce", self.reduce, REDUCTIONS)
         _check_choice("cb_scale", self.cb_scale, SCALES)
         _check_choice("bound_dtype", self.bound_dtype, tuple(BOUND_DTYPES))
@@ -110,9 +114,23 @@ class RobustnessConfig:
         """Whether R enters the architecture loss at ``epoch`` (0-based): on, and past the warm-up."""
         return self.kind != "none" and epoch >= self.warmup_epochs
 
-    def resolved_eps(self) -> float:
-        """``eps``, or the data set's default budget for ``norm`` when it is None."""
-        return self.eps if self.eps is not None else float(_certified().default_eps(self.dataset, self.norm))
+    def resolved_method(self) -> str:
+        """R_CB's bound method: ``method``, or the data set's default for ``norm`` when it is None."""
+        return self.method if self.method is not None else _certified().certified_defaults(self.dataset, self.norm)[0]
+
+    def resolved_eps(self, certified: bool = False) -> float:
+        """``eps``, or the data set's default budget for ``norm`` (R_CB's own if ``certified``) when it is None."""
+        if self.eps is not None:
+            return self.eps
+        if certified:
+            return float(_certified().certified_defaults(self.dataset, self.norm)[1])
+        return float(_certified().default_eps(self.dataset, self.norm))
+
+    def resolved_robust_batch(self) -> int | None:
+        """``robust_batch``; when None, ``SYMBOLIC_ROBUST_BATCH`` if R_CB runs crown-symbolic, else None (all)."""
+        if self.robust_batch is None and self.uses_certified and self.resolved_method() == "crown-symbolic":
+            return SYMBOLIC_ROBUST_BATCH
+        return self.robust_batch
 
 
 def robustness_term(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: RobustnessConfig,
@@ -125,20 +143,20 @@ def robustness_term(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Ro
     """
     if config.kind == "none":
         return torch.zeros((), dtype=x.dtype, device=x.device)
-    eps = config.resolved_eps()
     terms = []
     if config.uses_certified:
-        terms.append(_certified().certified_bound_metric(net, x, y, eps, config.norm, config.method,
+        terms.append(_certified().certified_bound_metric(net, x, y, config.resolved_eps(certified=True), config.norm,
+                                                         config.resolved_method(),
                                                          reduce=config.reduce, bn_stats=bn_stats, scale=config.cb_scale,
                                                          dtype=BOUND_DTYPES[config.bound_dtype],
                                                          max_error_symbols=config.error_symbols))
     if config.uses_jacobian:
-        terms.append(jacobian_metric(net, x, norm=config.norm, estimator=config.estimator, n=config.n, eps=eps,
+        terms.append(jacobian_metric(net, x, norm=config.norm, estimator=config.estimator, n=config.n, eps=config.resolved_eps(),
                                      bn_stats=bn_stats))
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 __all__ = [
     "KINDS", "NORMS", "METHODS", "REDUCTIONS", "SCALES", "ESTIMATORS", "RobustnessConfig", "robustness_term",
-    "certified_bound_metric", "default_eps", "jacobian_metric", "jacobian_row_norm_sum",
+    "certified_bound_metric", "certified_defaults", "default_eps", "jacobian_metric", "jacobian_row_norm_sum",
 ]

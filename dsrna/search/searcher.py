@@ -163,7 +163,7 @@ class Searcher:
         """R on the first ``robust_batch`` examples (BN statistics of the whole clean batch)."""
         from dsrna.robustness import robustness_term
 
-        m = self.config.robustness.robust_batch or x.shape[0]
+        m = self.config.robustness.resolved_robust_batch() or x.shape[0]
         return robustness_term(net, x[:m], y[:m], self.config.robustness, bn_stats)
 
     def _arch_objective(self, net, x, y):
