@@ -1,5 +1,6 @@
 """The bound engine against the dense oracle, op by op soundness, tightness order, errors."""
 
+import copy
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ from dsrna import SearchNetwork
 from dsrna.bounds import METHODS, BoundModel, logit_bounds, margin_lower_bound, margin_spec
 from dsrna.bounds.nodes import ErrorSymbols
 from dsrna.ops.bound_ops import crown_relu_backward_reference, relu_relaxation_reference
+from dsrna.space import capture_batch_stats, frozen_batch_stats
 from dsrna.space.ops import DilConv, FactorizedReduce, PoolBN, SepConv
 
 ORACLE_METHODS = ("ibp", "crown-ibp", "crown")  # the dense oracle's; "crown-symbolic" is checked by exactness below
@@ -281,3 +283,28 @@ def test_stacked_lowering_gives_the_per_edge_bounds(monkeypatch, mode):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     assert sizes[0] < sizes[1] * (0.8 if mode == "mixed" else 0.6), sizes
     assert reference_size == sizes[1]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_float64_graph_of_a_float32_model_is_its_float64_twin(train):
+    """A float64 bound graph of a float32 super-network derives its batch-norm affines, input
+    normalisation and mixing weights in float64: the function it certifies is the float64 twin's
+    (in float32, 1/sqrt(var) alone moved this net's logits by about 1e-6)."""
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=5, layers=2, in_channels=3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25])
+    net.train(train)
+    x = torch.rand(2, 3, 8, 8)
+    if not train:  # running statistics away from their initial values
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.01, 2.0)
+    with torch.no_grad(), capture_batch_stats() as stats:
+        net(x)
+    twin = copy.deepcopy(net).double()
+    twins = dict(zip(net.modules(), twin.modules()))
+    with torch.no_grad(), frozen_batch_stats({twins[bn]: tuple(v.double() for v in s) for bn, s in stats.items()}):
+        expected = twin(x.double())
+    graph = BoundModel(net, stats if train else None, dtype=torch.float64).graph
+    with torch.no_grad():
+        torch.testing.assert_close(graph.forward(x.double()), expected, rtol=0, atol=1e-12)
