@@ -29,7 +29,7 @@ SMALL_ONLY = frozenset({"crown-symbolic", "crown", "radius"})
 IMAGENET_ONLY = frozenset({"search-imagenet"})
 # The DSRNA search iterations (R_CB's float64 bound pass makes them the slowest steps): at the first
 # batch size only, after everything else.
-ROBUST_SEARCH = frozenset({"search-jacobian", "search-cb"})
+ROBUST_SEARCH = frozenset({"search-jacobian", "search-cb", "search-cb-symbolic"})
 
 JACOBIAN_GAMMA = 0.01  # the paper's gamma in L = CE - gamma * R_Jac, as in BASELINE.md's Jacobian step
 WEIGHT_SGD = dict(lr=0.025, momentum=0.9, weight_decay=3e-4)  # DARTS' weight optimiser
@@ -114,10 +114,11 @@ def _train_bf16(shape, backend, device):
 CB_ROBUST_BATCH = 4
 
 
-def _search(order: int, robustness: str = "none"):
+def _search(order: int, robustness: str = "none", method: str = "crown-ibp"):
     """One search iteration (architecture step, then weight step); ``robustness``: the R of the
-    architecture objective (``cb``: DSRNA-CB, R_CB by CROWN-IBP in float64 at the default eps on the
-    first ``CB_ROBUST_BATCH`` validation images; ``jacobian``: DSRNA-Jacobian on the whole batch)."""
+    architecture objective (``cb``: DSRNA-CB, R_CB by ``method`` in float64 at the default eps, by
+    CROWN-IBP on the first ``CB_ROBUST_BATCH`` validation images, by crown-symbolic on its default
+    robust batch (2); ``jacobian``: DSRNA-Jacobian on the whole batch)."""
     def build(shape, backend, device):
         SearchConfig = _require("dsrna.search", "SearchConfig")
         Searcher = _require("dsrna.search", "Searcher")
@@ -126,8 +127,8 @@ def _search(order: int, robustness: str = "none"):
         dataset = "cifar10" if shape.in_channels == 3 else "mnist"
         config = SearchConfig(order=order, backend=backend, batch_size=shape.batch, layers=shape.layers,
                               init_channels=shape.C,
-                              robustness=RobustnessConfig(kind=robustness, dataset=dataset, method="crown-ibp",
-                                                          robust_batch=CB_ROBUST_BATCH if robustness == "cb" else None))
+                              robustness=RobustnessConfig(kind=robustness, dataset=dataset, method=method,
+                                                          robust_batch=CB_ROBUST_BATCH if method == "crown-ibp" and robustness == "cb" else None))
         searcher = Searcher(net, config)
         train, val = _batch(shape, device), _batch(shape, device)
         return lambda: searcher.step(train, val)
@@ -209,6 +210,7 @@ BUILDERS: dict[str, Callable[[Shape, str, torch.device], Callable[[], object]]] 
     "search-2nd": _search(2),
     "search-jacobian": _search(1, "jacobian"),
     "search-cb": _search(1, "cb"),
+    "search-cb-symbolic": _search(1, "cb", "crown-symbolic"),
     "search-imagenet": _search_imagenet,
     "jacobian": _jacobian,
     "ibp": _bound_pass("ibp"),

@@ -127,11 +127,11 @@ def test_plan_puts_the_core_rows_first_and_the_expensive_ones_last():
     assert [(s.batch, s.image, s.C, s.layers) for s in shapes] == [(64, 32, 16, 8), (256, 32, 16, 8)]
     order = [(s.name, m) for s, m in harness.plan(shapes, harness.SMALL, workloads.METRICS, harness.IMAGENET)]
     assert order[:4] == [("b64", m) for m in harness.CORE]
-    assert order[-7:] == [(harness.SMALL.name, "crown-symbolic"), (harness.SMALL.name, "crown"),
+    assert order[-8:] == [(harness.SMALL.name, "crown-symbolic"), (harness.SMALL.name, "crown"),
                           (harness.SMALL.name, "radius"), (harness.IMAGENET.name, "search-imagenet"), ("b256", "jacobian"),
-                          ("b64", "search-jacobian"), ("b64", "search-cb")]
+                          ("b64", "search-jacobian"), ("b64", "search-cb"), ("b64", "search-cb-symbolic")]
     assert ("b64", "crown") not in order and ("b64", "search-imagenet") not in order
-    assert ("b256", "search-cb") not in order
+    assert ("b256", "search-cb") not in order and ("b256", "search-cb-symbolic") not in order
     assert order.index(("b64", "ibp")) < order.index(("b256", "forward"))
     own_shape = len(workloads.SMALL_ONLY) + len(workloads.IMAGENET_ONLY) + len(workloads.ROBUST_SEARCH)
     assert len(order) == len(set(order)) == 2 * (len(workloads.METRICS) - own_shape) + own_shape

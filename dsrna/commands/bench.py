@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: cuda when visible, else cpu")
     parser.add_argument("--only", metavar="METRICS", type=_csv,
                         help="comma-separated subset of: forward, train, train-bf16, search-1st, search-2nd, "
-                             "search-jacobian, search-cb, search-imagenet, jacobian, ibp, crown-ibp, crown-symbolic, crown, radius "
-                             "(default: all)")
+                             "search-jacobian, search-cb, search-cb-symbolic, search-imagenet, jacobian, ibp, crown-ibp, "
+                             "crown-symbolic, crown, radius (default: all)")
     parser.add_argument("--backends", metavar="LIST", type=_csv,
                         help="comma-separated: reference, native, triton, auto, each optionally +graph (CUDA graph "
                              "replay of the forward, train, search and Jacobian steps); default on a GPU: reference, reference+graph, "
