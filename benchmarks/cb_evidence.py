@@ -1,6 +1,6 @@
 """Evidence for how R_CB is computed in the search (METHOD.md §2 "Beware"; docs/bounds.md).
 
-Three tables, each a markdown block on stdout:
+Tables, each a markdown block on stdout:
 
 1. ``init``: the certified margin bound of the search super-network at initialisation (train-mode
    batch norm with the clean batch's statistics, as in the search), float64, for IBP and CROWN-IBP

@@ -125,9 +125,9 @@ def _search(order: int, robustness: str = "none", method: str = "crown-ibp"):
         RobustnessConfig = _require("dsrna.robustness", "RobustnessConfig")
         net = _search_network(shape, backend, device)
         dataset = "cifar10" if shape.in_channels == 3 else "mnist"
-        config = SearchConfig(order=order, backend=backend, batch_size=shape.batch, layers=shape.layers,
+        config = SearchConfig(dataset=dataset, order=order, backend=backend, batch_size=shape.batch, layers=shape.layers,
                               init_channels=shape.C,
-                              robustness=RobustnessConfig(kind=robustness, dataset=dataset, method=method,
+                              robustness=RobustnessConfig(kind=robustness, method=method,
                                                           robust_batch=CB_ROBUST_BATCH if method == "crown-ibp" and robustness == "cb" else None))
         searcher = Searcher(net, config)
         train, val = _batch(shape, device), _batch(shape, device)
