@@ -114,14 +114,14 @@ class Propagation:
             inputs = coef.shape[1]
             errors = nodes.ErrorSymbols(inputs, self.max_error_symbols)
             syms = [nodes.Symbolic(coef, centre, None)]
-            last_use = {i: index for index, node in enumerate(graph.nodes) for i in node.inputs}
-            # A node whose only consumer is a weighted sum (a mixed op's candidate) is added into that
-            # sum as soon as it exists and freed: a DARTS node sums up to 35 candidates, which would
-            # otherwise all be held at once (the pass's peak memory).
-            users: dict[int, list[int]] = {}
+            users: dict[int, list[int]] = {}  # node -> its consumers, in topological order
             for index, node in enumerate(graph.nodes):
                 for i in node.inputs:
                     users.setdefault(i, []).append(index)
+            last_use = {i: u[-1] for i, u in users.items()}
+            # A node whose only consumer is a weighted sum (a mixed op's candidate) is added into that
+            # sum as soon as it exists and freed: a DARTS node sums up to 35 candidates, which would
+            # otherwise all be held at once (the pass's peak memory).
             folded = {i: (u[0], graph.nodes[u[0]].inputs.index(i)) for i, u in users.items()
                       if len(u) == 1 and isinstance(graph.nodes[u[0]].op, nodes.WeightedSum)}
             sums: dict[int, nodes.Symbolic] = {}  # weighted sum -> its folded terms so far

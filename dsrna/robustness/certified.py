@@ -62,7 +62,8 @@ def certified_defaults(dataset: str, norm: str = "linf") -> tuple[str, float]:
 
 
 def default_eps(dataset: str, norm: str = "linf") -> float:
-    """The eps R_CB uses when none is given (see docs/bounds.md, "R_CB in the search")."""
+    """The data set's evaluation budget: R_Jac's eps when none is given, and R_CB's where
+    :func:`certified_defaults` has none of its own (docs/bounds.md, "R_CB in the search")."""
     try:
         return _DEFAULT_EPS[(dataset, norm)]
     except KeyError:
