@@ -30,7 +30,7 @@ class BoundModel:
     """A model lowered once into its bound graph, for many bound computations on one batch.
 
     ``bn_stats``: a ``capture_batch_stats()`` store for train-mode batch norms (None: the first
-    call's clean pass fixes them, which ties the object to that batch). In eval mode the graph is
+    call's clean pass fixes them, which ties the object to that batch; crown-symbolic's graph has its own). In eval mode the graph is
     valid for any batch. Re-create it after the weights or the architecture change.
 
     ``dtype``: compute the bounds in this precision (e.g. ``torch.float64`` for a float32 model, whose
@@ -38,24 +38,38 @@ class BoundModel:
     it. None: the model's own precision.
 
     ``max_spec_chunk`` (``crown``) and ``max_error_symbols`` (``crown-symbolic``) trade memory for
-    time and tightness: see :class:`dsrna.bounds.Propagation`.
+    time and tightness: see :class:`dsrna.bounds.Propagation`. ``crown-symbolic`` bounds a search
+    network on its edge-by-edge graph (``lower(stacked=False)``), whose largest node is one
+    candidate's: on the stacked graph of the fast backends the forms of a state's stacked convs
+    took twice the memory (docs/bounds.md).
     """
 
     def __init__(self, model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adaptive",
                  max_spec_chunk: int = DEFAULT_SPEC_CHUNK, dtype: torch.dtype | None = None,
                  max_error_symbols: int = DEFAULT_ERROR_SYMBOLS):
-        self.model, self.max_spec_chunk, self.dtype = model, max_spec_chunk, dtype
-        self.max_error_symbols = max_error_symbols
-        with _model_backend(model):
-            self.graph: BoundGraph = lower(model, bn_stats, relu_mode, dtype)
-        if dtype is not None:
-            self.graph.cast(dtype)
+        self.model, self.bn_stats, self.relu_mode = model, bn_stats, relu_mode
+        self.max_spec_chunk, self.dtype, self.max_error_symbols = max_spec_chunk, dtype, max_error_symbols
+        self._graphs: dict[bool, BoundGraph] = {}
+
+    @property
+    def graph(self) -> BoundGraph:
+        """The bound graph of every method but crown-symbolic."""
+        return self._graph(stacked=True)
+
+    def _graph(self, stacked: bool) -> BoundGraph:
+        """The model's bound graph, lowered once per kind (:func:`dsrna.bounds.lower`)."""
+        if stacked not in self._graphs:
+            with _model_backend(self.model):
+                graph = lower(self.model, self.bn_stats, self.relu_mode, self.dtype, stacked)
+            self._graphs[stacked] = graph if self.dtype is None else graph.cast(self.dtype)
+        return self._graphs[stacked]
 
     def propagation(self, x, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> Propagation:
         if self.dtype is not None:
             x = x.to(self.dtype)
         with _model_backend(self.model):
-            return Propagation(self.graph, Ball(x, eps, norm, clip), method, self.max_spec_chunk, self.max_error_symbols)
+            return Propagation(self._graph(stacked=method != "crown-symbolic"), Ball(x, eps, norm, clip), method,
+                               self.max_spec_chunk, self.max_error_symbols)
 
     def lower_bound(self, x, spec, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> torch.Tensor:
         """Lower bounds ``[B, S]`` of ``spec @ logits`` over the input set; ``spec`` ``[B, S, K]``."""
@@ -77,7 +91,7 @@ class BoundModel:
             return prop.lower_bound(margin_spec(y, self._num_classes(prop), prop.ball.x.dtype))
 
     def _num_classes(self, prop: Propagation) -> int:
-        output = prop.bounds[self.graph.output][0]
+        output = prop.bounds[prop.graph.output][0]
         if output.dim() != 2:
             raise ValueError(f"the model's output must be [batch, classes], got shape {tuple(output.shape)}")
         return output.shape[1]

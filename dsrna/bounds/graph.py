@@ -84,14 +84,18 @@ class BoundGraph:
 
 
 def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adaptive",
-          dtype: torch.dtype | None = None) -> BoundGraph:
+          dtype: torch.dtype | None = None, stacked: bool = True) -> BoundGraph:
     """The bound graph of ``model`` (see the module docstring for what is supported). With ``dtype``
     the batch-norm and normalisation affines are derived from their statistics in that precision, so
     a float64 graph of a float32 model is that model's function evaluated in float64 (``1/sqrt(var)``
-    rounded in float32 would move a deep network's margins by more than a small eps does)."""
+    rounded in float32 would move a deep network's margins by more than a small eps does).
+
+    ``stacked=False`` lowers a search cell edge by edge on every backend: the same bounds from many
+    small nodes instead of a few large ones, for passes whose memory is a multiple of the largest
+    node (crown-symbolic holds ``n + E`` coefficients per neuron of a node)."""
     graph = BoundGraph(relu_mode=relu_mode, bn_stats=bn_stats, dtype=dtype)
     if isinstance(model, SearchNetwork):
-        graph.output = _lower_search_network(model, graph, 0)
+        graph.output = _lower_search_network(model, graph, 0, stacked)
     elif isinstance(model, Network):
         graph.output = _lower_network(model, graph, 0)
     else:
@@ -297,14 +301,14 @@ def _lower_partial_edge(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph,
     return graph.add(nodes.ChannelShuffle(edge.partial_channels), graph.add(nodes.Concat(), mixed, bypass))
 
 
-def _lower_search_network(net: SearchNetwork, graph: BoundGraph, x: int) -> int:
+def _lower_search_network(net: SearchNetwork, graph: BoundGraph, x: int, stacked: bool) -> int:
     s0 = _lower_module(net.stem, graph, _lower_module(net.normalize, graph, x))
     s1 = _lower_module(net.stem1, graph, s0) if net.stem1 is not None else s0
     mixing = {False: net.edge_weights(False, graph.dtype), True: net.edge_weights(True, graph.dtype)}
     # The graph mirrors the forward of the backend in use: on the fast backends a standard DARTS
     # cell lowers state by state, as the batched cell runs it (the same bounds in far fewer ops);
     # the reference lowers edge by edge, as its cell runs.
-    stacked = backend.resolve("search_cell", net.alphas_normal.device) != "reference"
+    stacked = stacked and backend.resolve("search_cell", net.alphas_normal.device) != "reference"
     for cell in net.cells:
         weights, edge_weights = mixing[cell.reduction]
         states = [_lower_module(cell.preprocess0, graph, s0), _lower_module(cell.preprocess1, graph, s1)]

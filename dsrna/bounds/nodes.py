@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from dsrna.ops.bound_ops import crown_relu_backward, interval_depthwise_conv2d, interval_weighted_sum, relu_relaxation
-from dsrna.ops.depthwise import depthwise_conv2d_stack, depthwise_conv2d_stack_transpose, depthwise_conv2d_transpose
+from dsrna.ops.depthwise import (depthwise_conv2d, depthwise_conv2d_stack, depthwise_conv2d_stack_transpose,
+                                 depthwise_conv2d_transpose)
 from dsrna.ops.pointwise import pointwise_conv2d
 from dsrna.ops.weighted_sum import weighted_sum
 from dsrna.space.ops import FactorizedReduce
@@ -196,6 +197,8 @@ class Conv2d(BoundOp):
     def _conv(self, x, weight, bias):
         if self.pointwise:
             return pointwise_conv2d(x, weight, self.stride[0], self.groups)
+        if self.depthwise:  # no bias
+            return depthwise_conv2d(x, weight, self.stride[0], self.padding[0], self.dilation[0])
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x):
