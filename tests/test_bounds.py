@@ -47,6 +47,23 @@ def test_matches_dense_oracle(norm, clip):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"{method}")
 
 
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_bias_free_depthwise_conv_matches_dense_oracle(kernel):
+    """Bias-free depthwise convs of the DARTS sizes run on the dispatched depthwise ops, other sizes
+    (which the CUDA kernels lack) on the generic conv: the same bounds either way."""
+    net = nn.Sequential(nn.Conv2d(2, 2, kernel, padding=kernel // 2, groups=2, bias=False), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(50, 3)).double()
+    x = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+    spec = torch.randn(2, 4, 3, dtype=torch.float64)
+    layers = dense_layers(net, (2, 5, 5))
+    with torch.no_grad():
+        for method in ORACLE_METHODS:
+            got = BoundModel(net).lower_bound(x, spec, 0.1, "linf", method)
+            want = torch.stack([DenseBounds(layers, x[i].flatten(), 0.1, "linf", method, True).lower_bound(spec[i], method)
+                                for i in range(2)])
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"{method}")
+
+
 def test_crown_tighter_than_ibp_on_sequential():
     net = _sequential()
     x = torch.rand(4, 1, 6, 6, dtype=torch.float64)

@@ -30,8 +30,8 @@ class BoundModel:
     """A model lowered once into its bound graph, for many bound computations on one batch.
 
     ``bn_stats``: a ``capture_batch_stats()`` store for train-mode batch norms (None: the first
-    call's clean pass fixes them, which ties the object to that batch; crown-symbolic's graph has its own). In eval mode the graph is
-    valid for any batch. Re-create it after the weights or the architecture change.
+    call's clean pass fixes them, which ties the object to that batch; crown-symbolic's graph takes
+    its own). In eval mode the graph is valid for any batch. Re-create it after the weights or the architecture change.
 
     ``dtype``: compute the bounds in this precision (e.g. ``torch.float64`` for a float32 model, whose
     bounds on a deep network can overflow float32); inputs are cast to it and bounds come back in

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from dsrna.ops.bound_ops import crown_relu_backward, interval_depthwise_conv2d, interval_weighted_sum, relu_relaxation
-from dsrna.ops.depthwise import (depthwise_conv2d, depthwise_conv2d_stack, depthwise_conv2d_stack_transpose,
-                                 depthwise_conv2d_transpose)
+from dsrna.ops.depthwise import (KERNEL_SIZES, depthwise_conv2d, depthwise_conv2d_stack,
+                                 depthwise_conv2d_stack_transpose, depthwise_conv2d_transpose)
 from dsrna.ops.pointwise import pointwise_conv2d
 from dsrna.ops.weighted_sum import weighted_sum
 from dsrna.space.ops import FactorizedReduce
@@ -183,15 +183,17 @@ class ChannelAffine(BoundOp):
 
 
 class Conv2d(BoundOp):
-    """Any ``nn.Conv2d`` (zero padding); depthwise convs go through the dispatched fast ops, and 1x1
-    convs through :func:`dsrna.ops.pointwise_conv2d` (a matrix product on the fast backends; grouped
-    1x1 convs over stacked channels are slow as convolutions, and their transposes slower)."""
+    """Any ``nn.Conv2d`` (zero padding); depthwise convs of the DARTS kernel sizes go through the
+    dispatched fast ops, and 1x1 convs through :func:`dsrna.ops.pointwise_conv2d` (a matrix product
+    on the fast backends; grouped 1x1 convs over stacked channels are slow as convolutions, and
+    their transposes slower)."""
 
     def __init__(self, weight, bias, stride, padding, dilation, groups):
         self.weight, self.bias = weight, bias
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         square = all(len(set(p)) == 1 for p in (stride, padding, dilation))
-        self.depthwise = square and groups == weight.shape[0] and weight.shape[1] == 1 and bias is None
+        self.depthwise = (square and groups == weight.shape[0] and weight.shape[1] == 1 and bias is None
+                          and weight.shape[2] in KERNEL_SIZES)
         self.pointwise = square and weight.shape[2:] == (1, 1) and padding == (0, 0) and bias is None
 
     def _conv(self, x, weight, bias):

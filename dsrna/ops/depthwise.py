@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from dsrna import _native, backend
 
 
+KERNEL_SIZES = (3, 5)  # the DARTS family's, which the native kernels cover on every device (CUDA: only these)
+
+
 def depthwise_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
     """Pure-PyTorch twin. ``weight``: ``[C, 1, k, k]``."""
     return F.conv2d(x, weight, None, stride, padding, dilation, groups=x.shape[1])
