@@ -16,6 +16,8 @@ Tables, each a markdown block on stdout:
    (an upper bound of the true worst case); "certified/attacked drop" is ``(clean - bound) /
    (clean - attacked)``: 1 for an exact bound, the looseness factor otherwise.
 5. ``along``: the ``tight`` table at several steps of a first-order search (``--along-steps``).
+6. ``share``: how much of R_CB's architecture gradient is robustness rather than clean margin: its
+   gradient against the same bound's at eps 0 (relative difference and cosine).
 
     PYTHONPATH=. python benchmarks/cb_evidence.py [--part init,rank,tight,along] [--layers 8 --channels 16]
 """
@@ -194,6 +196,32 @@ def _tight_rows(first: str, net: SearchNetwork, x: torch.Tensor, y: torch.Tensor
                   f"{attacked.mean():.4g} | {drop:.3g} | {grad:.3g} | {time.perf_counter() - start:.0f} |", flush=True)
 
 
+def part_share(args) -> None:
+    """How much of R_CB's architecture gradient is robustness: the gradient of the certified min
+    margin at each eps against its gradient at eps 0 (the clean min margin, through the same graph)."""
+    print("\n## share: R_CB's alpha-gradient against the clean margin's (float64 bound pass)\n")
+    print("| data set | norm | eps | method | ‖dR/dalpha‖ | ‖dR/dalpha - dm/dalpha‖ / ‖dm/dalpha‖ | cosine |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.datasets:
+        x, y, net = _setup(name, args)
+        n = args.bound_images or x.shape[0]
+
+        def gradient(eps, norm, method):
+            net.zero_grad()
+            with capture_batch_stats() as stats:
+                net(x)
+            bound = margin_lower_bound(net, x[:n], y[:n], eps, norm, method, bn_stats=stats, dtype=torch.float64)
+            _min_margin(bound, y[:n]).mean().backward()
+            return torch.cat([p.grad.flatten() for p in net.arch_parameters() if p.grad is not None])
+
+        for method in args.methods:
+            clean = gradient(0.0, "linf", method)
+            for norm, eps in ((norm, eps) for norm in args.norms for eps in args.eps):
+                g = gradient(eps, norm, method)
+                print(f"| {name} | {norm} | {eps:g} | {method} | {g.norm():.4g} | {(g - clean).norm() / clean.norm():.3g} | "
+                      f"{torch.nn.functional.cosine_similarity(g, clean, dim=0):.4f} |", flush=True)
+
+
 def part_tight(args) -> None:
     print("\n## tight: certified min-margin bound against an attack at small eps (float64 bound pass)\n")
     print("| data set " + _TIGHT_COLUMNS)
@@ -237,7 +265,7 @@ def part_search(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="init,rank", help="comma list of init, rank, search, tight, along")
+    parser.add_argument("--part", default="init,rank", help="comma list of init, rank, search, tight, along, share")
     parser.add_argument("--datasets", default="mnist-mini,cifar10")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", type=int, default=8)
@@ -246,12 +274,12 @@ def main() -> None:
     parser.add_argument("--search-log", help="log.jsonl of a `dsrna search --robustness cb` run (part search)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image", type=int, default=32, help="side of the random CIFAR-10-like images")
-    parser.add_argument("--eps", default="1e-5,1e-4,1e-3", help="part tight: comma list")
+    parser.add_argument("--eps", default="1e-5,1e-4,1e-3", help="parts tight, along, share: comma list")
     parser.add_argument("--along-steps", default="0,20,50,100", help="part along: the search steps measured")
-    parser.add_argument("--bound-images", type=int, help="parts tight and along: bound the first N "
+    parser.add_argument("--bound-images", type=int, help="parts tight, along and share: bound the first N "
                         "images of the batch, with the whole batch's batch-norm statistics (default: all)")
-    parser.add_argument("--norms", default="linf", help="part tight: comma list of linf, l2")
-    parser.add_argument("--methods", default="crown-ibp,crown-symbolic", help="part tight: comma list")
+    parser.add_argument("--norms", default="linf", help="parts tight, along, share: comma list of linf, l2")
+    parser.add_argument("--methods", default="crown-ibp,crown-symbolic", help="parts tight, along, share: comma list")
     parser.add_argument("--max-error-symbols", type=int, default=DEFAULT_ERROR_SYMBOLS, help="part tight: crown-symbolic's budget")
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")
@@ -261,7 +289,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"# torch {torch.__version__}, {platform.machine()}, 1 thread; super-network C={args.channels}, "
           f"{args.layers} cells, batch {args.batch}, seed {args.seed}; cifar10: random {args.image}x{args.image} images")
-    parts = {"init": part_init, "rank": part_rank, "search": part_search, "tight": part_tight, "along": part_along}
+    parts = {"init": part_init, "rank": part_rank, "search": part_search, "tight": part_tight, "along": part_along,
+             "share": part_share}
     for part in args.part.split(","):
         parts[part](args)
 

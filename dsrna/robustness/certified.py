@@ -43,10 +43,10 @@ _DEFAULT_EPS = {
 
 # R_CB's own defaults (method, eps) per (data set, norm), where evidence shows its bound finite and
 # informative on the search super-network (docs/bounds.md, "R_CB in the search"): crown-symbolic
-# certifies within 1.2x of what an attack reaches at l_inf 1e-6 on the C=16, 8-cell super-network at
-# 32x32, and runs out of error symbols (vacuous) at 1e-5. The l2 budget gives each neuron the same
-# deviation (||g||_1 ~ 0.8 sqrt(n) ||g||_2 for a dense gradient g, n = 3,072: 44x; measured 5.2x the
-# attack's drop there, 1.6x at 16x16). Elsewhere the interval bounds are vacuous at every eps and
+# certifies within 1.11x of what an attack reaches at l_inf 1e-6 on the C=16, 8-cell super-network at
+# 32x32 (1.04x along 100 search steps), and runs out of error symbols (vacuous) at 1e-5. The l2 budget
+# gives each neuron the same deviation (||g||_1 ~ 0.8 sqrt(n) ||g||_2 for a dense gradient g,
+# n = 3,072: 44x; measured 1.38x the attack's drop there). Elsewhere the interval bounds are vacuous at every eps and
 # crown-symbolic does not help: MNIST's flat background ties max-pool windows beyond any affordable
 # error-symbol budget, and an ImageNet input has 150,528 coordinates.
 _CB_DEFAULTS = {
