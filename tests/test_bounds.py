@@ -327,7 +327,6 @@ def test_crown_symbolic_bounds_a_search_network_edge_by_edge():
     from dsrna.bounds import Propagation
     from dsrna.bounds.graph import lower
     from dsrna.bounds.perturbation import Ball
-    from dsrna.space import capture_batch_stats
 
     torch.manual_seed(0)
     net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1).double()
