@@ -71,6 +71,25 @@ def _min_margin(gamma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return gamma.masked_fill(torch.nn.functional.one_hot(y, gamma.shape[1]).bool(), float("inf")).min(1).values
 
 
+def _arch_grad(net: SearchNetwork) -> torch.Tensor:
+    """The architecture parameters' gradient, flat (alphas of a cell type the network lacks, e.g. no
+    normal cell with 2 layers, get none)."""
+    return torch.cat([p.grad.flatten() for p in net.arch_parameters() if p.grad is not None])
+
+
+def _certified_min_margin(net: SearchNetwork, batch: torch.Tensor, x, y, eps: float, norm: str, method: str,
+                          args) -> tuple[torch.Tensor, torch.Tensor]:
+    """As the search computes R_CB: the float64 certified min margin ``[B]`` of ``(x, y)`` with the
+    batch norms at ``batch``'s statistics, and the architecture gradient of its mean."""
+    net.zero_grad()
+    with capture_batch_stats() as stats:  # in the autograd graph, as in the search
+        net(batch)
+    model = BoundModel(net, stats, dtype=torch.float64, max_error_symbols=args.max_error_symbols)
+    bound = _min_margin(model.margin_lower_bound(x, y, eps, norm, method), y)
+    bound.mean().backward()  # R_CB on the linear scale
+    return bound.detach(), _arch_grad(net)
+
+
 def part_init(args) -> None:
     print("\n## init: R_CB of the super-network at initialisation (float64 bound pass)\n")
     print("| data set | method | eps | min-margin bound (mean) | R_CB asinh | ‖dR/dalpha‖ | seconds |")
@@ -88,8 +107,7 @@ def part_init(args) -> None:
                 r.backward()
                 with torch.no_grad():
                     raw = _min_margin(margin_lower_bound(net, x, y, eps, "linf", method, bn_stats=stats, dtype=torch.float64), y)
-                # alphas of a cell type the network lacks (no normal cell with 2 layers) get no gradient
-                grad = torch.cat([p.grad.flatten() for p in net.arch_parameters() if p.grad is not None]).norm().item()
+                grad = _arch_grad(net).norm().item()
                 print(f"| {name} | {method} | {eps:g} | {raw.mean().item():.3g} | {r.item():.2f} | {grad:.3g} | "
                       f"{time.perf_counter() - start:.1f} |", flush=True)
 
@@ -184,16 +202,10 @@ def _tight_rows(first: str, net: SearchNetwork, x: torch.Tensor, y: torch.Tensor
         attacked = _attacked_min_margin(twin, x.double(), y, twin_stats, eps, norm)
         for method in args.methods:
             start = time.perf_counter()
-            net.zero_grad()
-            with capture_batch_stats() as stats:  # in the autograd graph, as in the search
-                net(batch)
-            model = BoundModel(net, stats, dtype=torch.float64, max_error_symbols=args.max_error_symbols)
-            bound = _min_margin(model.margin_lower_bound(x, y, eps, norm, method), y)
-            bound.mean().backward()  # R_CB on the linear scale
-            grad = torch.cat([p.grad.flatten() for p in net.arch_parameters() if p.grad is not None]).norm().item()
-            drop = ((clean - bound.detach()) / (clean - attacked)).median().item()  # both float64
+            bound, grad = _certified_min_margin(net, batch, x, y, eps, norm, method, args)
+            drop = ((clean - bound) / (clean - attacked)).median().item()  # both float64
             print(f"| {first} | {norm} | {eps:g} | {method} | {clean.mean():.4g} | {bound.mean().item():.4g} | "
-                  f"{attacked.mean():.4g} | {drop:.3g} | {grad:.3g} | {time.perf_counter() - start:.0f} |", flush=True)
+                  f"{attacked.mean():.4g} | {drop:.3g} | {grad.norm():.3g} | {time.perf_counter() - start:.0f} |", flush=True)
 
 
 def part_share(args) -> None:
@@ -205,19 +217,10 @@ def part_share(args) -> None:
     for name in args.datasets:
         x, y, net = _setup(name, args)
         n = args.bound_images or x.shape[0]
-
-        def gradient(eps, norm, method):
-            net.zero_grad()
-            with capture_batch_stats() as stats:
-                net(x)
-            bound = margin_lower_bound(net, x[:n], y[:n], eps, norm, method, bn_stats=stats, dtype=torch.float64)
-            _min_margin(bound, y[:n]).mean().backward()
-            return torch.cat([p.grad.flatten() for p in net.arch_parameters() if p.grad is not None])
-
         for method in args.methods:
-            clean = gradient(0.0, "linf", method)
+            _, clean = _certified_min_margin(net, x, x[:n], y[:n], 0.0, "linf", method, args)
             for norm, eps in ((norm, eps) for norm in args.norms for eps in args.eps):
-                g = gradient(eps, norm, method)
+                _, g = _certified_min_margin(net, x, x[:n], y[:n], eps, norm, method, args)
                 print(f"| {name} | {norm} | {eps:g} | {method} | {g.norm():.4g} | {(g - clean).norm() / clean.norm():.3g} | "
                       f"{torch.nn.functional.cosine_similarity(g, clean, dim=0):.4f} |", flush=True)
 
@@ -280,7 +283,7 @@ def main() -> None:
                         "images of the batch, with the whole batch's batch-norm statistics (default: all)")
     parser.add_argument("--norms", default="linf", help="parts tight, along, share: comma list of linf, l2")
     parser.add_argument("--methods", default="crown-ibp,crown-symbolic", help="parts tight, along, share: comma list")
-    parser.add_argument("--max-error-symbols", type=int, default=DEFAULT_ERROR_SYMBOLS, help="part tight: crown-symbolic's budget")
+    parser.add_argument("--max-error-symbols", type=int, default=DEFAULT_ERROR_SYMBOLS, help="parts tight, along, share: crown-symbolic's budget")
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")
     args.eps = [float(e) for e in args.eps.split(",")]

@@ -31,7 +31,8 @@ class BoundModel:
 
     ``bn_stats``: a ``capture_batch_stats()`` store for train-mode batch norms (None: the first
     call's clean pass fixes them, which ties the object to that batch; crown-symbolic's graph takes
-    its own). In eval mode the graph is valid for any batch. Re-create it after the weights or the architecture change.
+    its own). In eval mode the graph is valid for any batch. Re-create it after the weights or the
+    architecture change.
 
     ``dtype``: compute the bounds in this precision (e.g. ``torch.float64`` for a float32 model, whose
     bounds on a deep network can overflow float32); inputs are cast to it and bounds come back in
@@ -60,8 +61,7 @@ class BoundModel:
         """The model's bound graph, lowered once per kind (:func:`dsrna.bounds.lower`)."""
         if stacked not in self._graphs:
             with _model_backend(self.model):
-                graph = lower(self.model, self.bn_stats, self.relu_mode, self.dtype, stacked)
-            self._graphs[stacked] = graph if self.dtype is None else graph.cast(self.dtype)
+                self._graphs[stacked] = lower(self.model, self.bn_stats, self.relu_mode, self.dtype, stacked)
         return self._graphs[stacked]
 
     def propagation(self, x, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> Propagation:

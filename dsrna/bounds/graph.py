@@ -85,10 +85,11 @@ class BoundGraph:
 
 def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adaptive",
           dtype: torch.dtype | None = None, stacked: bool = True) -> BoundGraph:
-    """The bound graph of ``model`` (see the module docstring for what is supported). With ``dtype``
-    the batch-norm and normalisation affines are derived from their statistics in that precision, so
-    a float64 graph of a float32 model is that model's function evaluated in float64 (``1/sqrt(var)``
-    rounded in float32 would move a deep network's margins by more than a small eps does).
+    """The bound graph of ``model`` (see the module docstring for what is supported), in ``dtype`` if
+    given: the batch-norm and normalisation affines are derived from their statistics in that
+    precision and every other tensor is cast, so a float64 graph of a float32 model is that model's
+    function evaluated in float64 (``1/sqrt(var)`` rounded in float32 would move a deep network's
+    margins by more than a small eps does).
 
     ``stacked=False`` lowers a search cell edge by edge on every backend: the same bounds from many
     small nodes instead of a few large ones, for passes whose memory is a multiple of the largest
@@ -102,7 +103,7 @@ def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adap
         graph.output = _lower_module(model, graph, 0)
     if graph.output is None:
         raise TypeError(f"{type(model).__name__} has a constant zero output: nothing to bound")
-    return graph
+    return graph if dtype is None else graph.cast(dtype)
 
 
 # --- modules ---------------------------------------------------------------------------------------
