@@ -691,21 +691,39 @@ Tensor depthwise_conv2d_weight_cuda(const Tensor& x_, const Tensor& grad_y_, int
   return partial.sum(0).to(x.scalar_type()).view({C, 1, g.K, g.K});
 }
 
-// The stacked family on the GPU, composed from the single-conv kernels above (verified on H100):
-// the M copies of x as one input of M*C channels, one launch per kernel size. A fused kernel that
-// reads each input tile once is future work; these give the fast cell the same ops on both devices.
-Tensor depthwise_conv2d_stack_cuda(const Tensor& x, at::TensorList weights, int64_t stride, at::IntArrayRef paddings,
+// The stacked family on the GPU. The forward is one fused kernel that stages each input tile once
+// for all T*M convs; the transpose and the weight gradient are composed from the single-conv kernels
+// above (verified on H100): the M copies of x as one input of M*C channels, one launch per kernel size.
+Tensor depthwise_conv2d_stack_cuda(const Tensor& x_, at::TensorList weights, int64_t stride, at::IntArrayRef paddings,
                                    at::IntArrayRef dilations) {
-  const auto sg = stack_forward_geometry(x, weights, stride, paddings, dilations, "dsrna::depthwise_conv2d_stack");
-  const int64_t M = sg.M, C = sg.C;
-  const Tensor copies = M == 1 ? x : x.repeat({1, M, 1, 1});
-  std::vector<Tensor> parts;
-  for (size_t t = 0; t < weights.size(); ++t) {
-    const int64_t k = sg.convs[t].K;
-    parts.push_back(depthwise_conv2d_cuda(copies, weights[t].reshape({M * C, 1, k, k}), stride, paddings[t],
-                                          dilations[t]));
+  const char* op = "dsrna::depthwise_conv2d_stack";
+  const auto sg = stack_forward_geometry(x_, weights, stride, paddings, dilations, op);
+  const int64_t T = int64_t(weights.size());
+  TORCH_CHECK(T <= gpu::kMaxStackConvs, op, ": the CUDA kernel takes at most ", gpu::kMaxStackConvs,
+              " kernels per call, got ", T);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor x = x_.contiguous();
+  gpu::DepthwiseStackGeometry g{x.size(0), sg.C, x.size(2), x.size(3), sg.convs[0].Ho, sg.convs[0].Wo,
+                                int(T), int(sg.M), int(stride), 0, {}, {}, {}};
+  std::vector<Tensor> wc;
+  std::vector<const void*> ptrs;
+  for (int64_t t = 0; t < T; ++t) {
+    const auto& conv = sg.convs[t];
+    TORCH_CHECK(gpu::depthwise_supports_kernel_size(conv.K), op, ": the CUDA kernels support kernel sizes 3 and 5, got ",
+                conv.K);
+    g.K[t] = int(conv.K);
+    g.padding_of[t] = int(conv.padding);
+    g.dilation[t] = int(conv.dilation);
+    g.padding = std::max(g.padding, int(conv.padding));
+    wc.push_back(weights[t].contiguous());
+    ptrs.push_back(wc.back().data_ptr());
   }
-  return at::cat(parts, 1);
+  Tensor y = at::empty({g.N, sg.blocks() * g.C, g.Ho, g.Wo}, x.options());
+  if (y.numel() == 0) return y;
+  check_launch(gpu::depthwise_stack_forward(gpu_dtype(x.scalar_type(), op), x.data_ptr(), ptrs.data(), y.data_ptr(),
+                                            g, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return y;
 }
 
 Tensor depthwise_conv2d_stack_transpose_cuda(const Tensor& grad_y, at::TensorList weights, at::IntArrayRef input_hw,

@@ -183,3 +183,14 @@ def test_every_workload_runs_a_step_on_a_tiny_shape(metric):
         torch.manual_seed(0)
         with use_backend(name):
             workloads.build(metric, shape, name, torch.device("cpu"))()
+
+
+@pytest.mark.skipif(os.environ.get("DSRNA_NO_EXT") == "1", reason="compares against the native extension")
+def test_depthwise_micro_benchmark_runs_on_a_cpu():
+    """The depthwise table gpu_check.sh runs on the GPU (``--device cuda``), here on a CPU at batch 1."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.depthwise_micro", "--batch", "1", "--repeats", "1",
+                           "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    totals = [line for line in done.stdout.splitlines() if line.startswith("| all |")]
+    assert len(totals) == 2 and all("x) |" in line for line in totals)  # per-conv ops, then the stacked first stage

@@ -54,6 +54,32 @@ TileConfig tile_config(int64_t planes, int64_t out_h, int64_t out_w, int stride,
   return c;
 }
 
+// The thread's plane (blockIdx.x: groups of blockDim.z planes) and its block's output tile origin
+// (blockIdx.y: tiles, tiles_x per row).
+struct TileSlot {
+  int64_t plane;
+  bool live;  // plane < planes
+  int oh0, ow0;
+};
+
+__device__ __forceinline__ TileSlot tile_slot(int64_t planes, int tiles_x) {
+  const int64_t plane = int64_t(blockIdx.x) * blockDim.z + threadIdx.z;
+  return {plane, plane < planes, int(blockIdx.y / tiles_x) * int(blockDim.y), int(blockIdx.y % tiles_x) * int(blockDim.x)};
+}
+
+// The threads of one plane stride over its staged input window (in_w wide, tile_elems in all, origin
+// (ih0, iw0)); store(idx, inside, at) fills element idx from input offset `at` of an H x W plane,
+// or with zero padding where !inside.
+template <typename Store>
+__device__ __forceinline__ void stage_window(int in_w, int tile_elems, int ih0, int iw0, int64_t H, int64_t W,
+                                             Store store) {
+  for (int idx = threadIdx.y * blockDim.x + threadIdx.x; idx < tile_elems; idx += blockDim.x * blockDim.y) {
+    const int r = idx / in_w, c = idx - r * in_w;
+    const int ih = ih0 + r, iw = iw0 + c;
+    store(idx, ih >= 0 && ih < H && iw >= 0 && iw < W, int64_t(ih) * W + iw);
+  }
+}
+
 // y = conv(x, w) or, with kInterval, the interval pair (x = lower, x2 = upper): centre through w
 // and radius through |w| from one staged tile each, y = centre - radius and y2 = centre + radius.
 template <typename T, int K, bool kInterval>
@@ -69,31 +95,26 @@ depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ x2, cons
   const int tile_elems = in_w * in_h;
   Acc* tile = reinterpret_cast<Acc*>(shared_raw) + threadIdx.z * tile_elems * (kInterval ? 2 : 1);
 
-  const int64_t plane = int64_t(blockIdx.x) * blockDim.z + threadIdx.z;
-  const bool live_plane = plane < g.N * g.C;
-  const int oh0 = (blockIdx.y / tiles_x) * th, ow0 = (blockIdx.y % tiles_x) * tw;
-  const int ih0 = oh0 * s - g.padding, iw0 = ow0 * s - g.padding;
-  if (live_plane) {
-    const int64_t base = plane * g.H * g.W;
-    for (int idx = threadIdx.y * tw + threadIdx.x; idx < tile_elems; idx += tw * th) {
-      const int r = idx / in_w, c = idx - r * in_w;
-      const int ih = ih0 + r, iw = iw0 + c;
-      const bool inside = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-      const int64_t at = base + int64_t(ih) * g.W + iw;
-      if (kInterval) {
-        const Acc l = inside ? to_acc(x[at]) : Acc(0), u = inside ? to_acc(x2[at]) : Acc(0);
-        tile[idx] = Acc(0.5) * (l + u);
-        tile[tile_elems + idx] = Acc(0.5) * (u - l);
-      } else {
-        tile[idx] = inside ? to_acc(x[at]) : Acc(0);
-      }
-    }
+  const TileSlot slot = tile_slot(g.N * g.C, tiles_x);
+  if (slot.live) {
+    const T* xp = x + slot.plane * g.H * g.W;
+    const T* x2p = kInterval ? x2 + slot.plane * g.H * g.W : nullptr;
+    stage_window(in_w, tile_elems, slot.oh0 * s - g.padding, slot.ow0 * s - g.padding, g.H, g.W,
+                 [&](int idx, bool inside, int64_t at) {
+                   if (kInterval) {
+                     const Acc l = inside ? to_acc(xp[at]) : Acc(0), u = inside ? to_acc(x2p[at]) : Acc(0);
+                     tile[idx] = Acc(0.5) * (l + u);
+                     tile[tile_elems + idx] = Acc(0.5) * (u - l);
+                   } else {
+                     tile[idx] = inside ? to_acc(xp[at]) : Acc(0);
+                   }
+                 });
   }
   __syncthreads();
-  const int oh = oh0 + threadIdx.y, ow = ow0 + threadIdx.x;
-  if (!live_plane || oh >= g.Ho || ow >= g.Wo) return;
+  const int oh = slot.oh0 + threadIdx.y, ow = slot.ow0 + threadIdx.x;
+  if (!slot.live || oh >= g.Ho || ow >= g.Wo) return;
 
-  const T* wp = w + (plane % g.C) * K * K;
+  const T* wp = w + (slot.plane % g.C) * K * K;
   Acc wr[K * K];
 #pragma unroll
   for (int i = 0; i < K * K; ++i) wr[i] = to_acc(wp[i]);
@@ -108,7 +129,7 @@ depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ x2, cons
       if (kInterval) radius += fabs(wr[kh * K + kw]) * src[tile_elems + off];
     }
   }
-  const int64_t out = (plane * g.Ho + oh) * g.Wo + ow;
+  const int64_t out = (slot.plane * g.Ho + oh) * g.Wo + ow;
   if (kInterval) {
     y[out] = from_acc<T>(acc - radius);
     y2[out] = from_acc<T>(acc + radius);
@@ -157,6 +178,64 @@ depthwise_weight_kernel(const T* __restrict__ x, const T* __restrict__ gy, acc_t
   for (int k = 0; k < K * K; ++k) {
     const Acc total = block_sum(acc[k], scratch);
     if (threadIdx.x == 0) out[k] = total;
+  }
+}
+
+// The stacked family's forward: as depthwise_forward_kernel, but the staged tile is the union of the
+// T convs' input footprints (origin at the largest padding; conv t starts `padding - padding_of[t]`
+// further in), and every thread computes its pixel of all T*M outputs of its plane from it, so the
+// input is read once for the whole first stage of a cell's conv candidates.
+struct StackWeights {
+  const void* ptr[kMaxStackConvs];
+};
+
+template <typename T, int K>
+__device__ __forceinline__ acc_t<T> tap_sum(const acc_t<T>* src, int in_w, int d, const T* __restrict__ w) {
+  acc_t<T> acc = 0;
+#pragma unroll
+  for (int kh = 0; kh < K; ++kh) {
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) acc += to_acc(w[kh * K + kw]) * src[kh * d * in_w + kw * d];
+  }
+  return acc;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+depthwise_stack_forward_kernel(const T* __restrict__ x, T* __restrict__ y, DepthwiseStackGeometry g, StackWeights w,
+                               int reach, int tiles_x) {
+  using Acc = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  const int s = g.stride;
+  const int tw = blockDim.x, th = blockDim.y;
+  const int in_w = (tw - 1) * s + reach, in_h = (th - 1) * s + reach;
+  const int tile_elems = in_w * in_h;
+  Acc* tile = reinterpret_cast<Acc*>(shared_raw) + threadIdx.z * tile_elems;
+
+  const TileSlot slot = tile_slot(g.N * g.C, tiles_x);
+  if (slot.live) {
+    const T* xp = x + slot.plane * g.H * g.W;
+    stage_window(in_w, tile_elems, slot.oh0 * s - g.padding, slot.ow0 * s - g.padding, g.H, g.W,
+                 [&](int idx, bool inside, int64_t at) { tile[idx] = inside ? to_acc(xp[at]) : Acc(0); });
+  }
+  __syncthreads();
+  const int oh = slot.oh0 + threadIdx.y, ow = slot.ow0 + threadIdx.x;
+  if (!slot.live || oh >= g.Ho || ow >= g.Wo) return;
+
+  const int64_t n = slot.plane / g.C, c = slot.plane - n * g.C;
+  const int64_t out_plane = g.Ho * g.Wo;
+  // Output channel (t*M + m)*C + c of example n: conv blocks are C planes apart.
+  T* out = y + (n * g.T * g.M * g.C + c) * out_plane + int64_t(oh) * g.Wo + ow;
+  const Acc* pixel = tile + threadIdx.y * s * in_w + threadIdx.x * s;
+  for (int t = 0; t < g.T; ++t) {
+    const int K = g.K[t], d = g.dilation[t], shift = g.padding - g.padding_of[t];
+    const Acc* src = pixel + shift * in_w + shift;
+    const T* wt = static_cast<const T*>(w.ptr[t]) + c * K * K;
+    for (int m = 0; m < g.M; ++m) {
+      const T* wm = wt + int64_t(m) * g.C * K * K;
+      const Acc acc = K == 3 ? tap_sum<T, 3>(src, in_w, d, wm) : tap_sum<T, 5>(src, in_w, d, wm);
+      out[(int64_t(t) * g.M + m) * g.C * out_plane] = from_acc<T>(acc);
+    }
   }
 }
 
@@ -226,6 +305,27 @@ cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, voi
           static_cast<const T*>(x), static_cast<const T*>(grad_y), static_cast<acc_t<T>*>(partial), g);
       return cudaGetLastError();
     });
+  });
+}
+
+
+cudaError_t depthwise_stack_forward(DType dtype, const void* x, const void* const* weights, void* y,
+                                    const DepthwiseStackGeometry& g, cudaStream_t stream) {
+  if (g.T < 1 || g.T > kMaxStackConvs) return cudaErrorInvalidValue;
+  StackWeights w{};
+  int reach = 0;  // the union footprint of one output pixel, per axis
+  for (int t = 0; t < g.T; ++t) {
+    if (!depthwise_supports_kernel_size(g.K[t]) || g.padding_of[t] > g.padding) return cudaErrorInvalidValue;
+    w.ptr[t] = weights[t];
+    reach = std::max(reach, g.padding - g.padding_of[t] + (g.K[t] - 1) * g.dilation[t] + 1);
+  }
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const TileConfig c = tile_config(g.N * g.C, g.Ho, g.Wo, g.stride, reach, sizeof(acc_t<T>), 1);
+    const dim3 grid{unsigned(ceil_div(g.N * g.C, c.block.z)), unsigned(c.tiles_x * c.tiles_y)};
+    depthwise_stack_forward_kernel<T><<<grid, c.block, c.shared_bytes, stream>>>(
+        static_cast<const T*>(x), static_cast<T*>(y), g, w, reach, c.tiles_x);
+    return cudaGetLastError();
   });
 }
 

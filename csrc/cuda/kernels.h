@@ -42,4 +42,18 @@ int64_t depthwise_weight_chunks(const DepthwiseGeometry& g);
 cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, void* partial, const DepthwiseGeometry& g,
                              int64_t chunks, cudaStream_t stream);
 
+// Several depthwise convs of one input at one stride (the first stage of every conv candidate of the
+// edges leaving a state), channel-stacked: weights[t] is [M, C, K[t], K[t]] and conv (t, m) writes
+// output channels (t*M + m)*C onwards of [N, T*M*C, Ho, Wo]. Every conv gives the same Ho x Wo.
+constexpr int kMaxStackConvs = 8;
+struct DepthwiseStackGeometry {
+  int64_t N, C, H, W;  // input
+  int64_t Ho, Wo;      // output of every conv
+  int T, M, stride;
+  int padding;  // the largest of the convs' paddings
+  int K[kMaxStackConvs], padding_of[kMaxStackConvs], dilation[kMaxStackConvs];
+};
+cudaError_t depthwise_stack_forward(DType dtype, const void* x, const void* const* weights, void* y,
+                                    const DepthwiseStackGeometry& g, cudaStream_t stream);
+
 }  // namespace dsrna::gpu
