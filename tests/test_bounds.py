@@ -1,6 +1,7 @@
 """The bound engine against the dense oracle, op by op soundness, tightness order, errors."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn as nn
 from dense_bounds import DenseBounds, dense_layers, sample_ball
 from dsrna import SearchNetwork
 from dsrna.bounds import METHODS, BoundModel, logit_bounds, margin_lower_bound, margin_spec
+from dsrna.bounds import nodes
 from dsrna.bounds.nodes import ErrorSymbols
 from dsrna.ops.bound_ops import crown_relu_backward_reference, relu_relaxation_reference
 from dsrna.space import capture_batch_stats, frozen_batch_stats
@@ -136,6 +138,12 @@ def test_every_method_gives_the_clean_margins_at_eps_zero():
         for method in METHODS:
             bound = margin_lower_bound(net, x[:2], y[:2], 0.0, "linf", method, bn_stats=stats)
             torch.testing.assert_close(bound, (out.gather(1, y[:, None]) - out)[:2], rtol=0, atol=1e-9, msg=method)
+    flat = torch.cat([x[:1], torch.full_like(x[:1], 0.5)])  # a flat image: ties in every max-pool window
+    with torch.no_grad(), capture_batch_stats() as stats:
+        net(flat)
+        for method in METHODS:  # logit bounds come from two passes, which rounding alone could cross
+            lower, upper = logit_bounds(net, flat, 0.0, "linf", method, bn_stats=stats)
+            assert (lower <= upper).all(), method
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -242,6 +250,86 @@ def test_margin_column_of_label_is_zero_and_clean_margin_at_eps_zero():
     torch.testing.assert_close(margins, out.gather(1, y[:, None]) - out)
 
 
+def _pooled_sequential():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2, 2, ceil_mode=True),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+                        nn.Flatten(), nn.Linear(36, 3)).double().eval()
+    net[1].running_mean.normal_(0, 0.2)
+    net[1].running_var.uniform_(0.5, 2)
+    return net
+
+
+def test_crown_bounds_of_an_image_do_not_depend_on_the_rest_of_the_batch():
+    """Full CROWN tightens, per example, the neurons its relaxations read. It used to tighten as many
+    per example as the batch's most and write all of them back, so an image's bounds (and a certified
+    radius) changed with its neighbours and with ``certified_radius``'s candidates."""
+    net = _pooled_sequential()
+    x = torch.rand(3, 1, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    # Each image with others beside it, and beside itself at larger eps (more neurons to tighten).
+    for images, labels, eps in ((x, y, [0.2, 0.25, 0.375]), (x[:1].repeat(3, 1, 1, 1), y[:1].repeat(3), [0.05, 0.25, 0.375])):
+        eps = torch.tensor(eps, dtype=torch.float64)
+        together = margin_lower_bound(net, images, labels, eps, "l1", "crown")
+        for i in range(3):
+            alone = margin_lower_bound(net, images[i:i + 1], labels[i:i + 1], float(eps[i]), "l1", "crown")
+            torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, ceil_mode, hw", [(3, 2, 1, False, (7, 6)), (3, 1, 1, False, (5, 5)),
+                                                                      (2, 2, 0, True, (5, 7)), (3, 3, 0, False, (8, 7))])
+def test_max_pool_undecided_inputs_are_those_of_undecided_windows(kernel, stride, padding, ceil_mode, hw):
+    pool = nodes.MaxPool2d(kernel, stride, padding, ceil_mode)
+    lower = torch.randn(2, 3, *hw, dtype=torch.float64)
+    upper = lower + torch.rand_like(lower) * torch.rand_like(lower).lt(0.3)  # many points: some windows decided
+    _, gap = pool._windows(lower, upper)
+    expected = torch.zeros_like(lower, dtype=torch.bool)
+    for b, c, i, j in (gap > 0).nonzero().tolist():
+        rows = range(max(i * stride - padding, 0), min(i * stride - padding + kernel, hw[0]))
+        cols = range(max(j * stride - padding, 0), min(j * stride - padding + kernel, hw[1]))
+        expected[b, c, rows.start:rows.stop, cols.start:cols.stop] = True
+    assert (gap > 0).any() and (gap == 0).any()
+    assert torch.equal(pool.undecided((lower, upper)), expected)
+
+
+def test_max_pool_relaxation_picks_a_real_input_where_lower_bounds_overflowed():
+    """float32 intervals of a deep network reach -inf; such a window's j* tied with the -inf padding,
+    whose index lies outside the image (the bound pass crashed)."""
+    pool = nodes.MaxPool2d(3, 2, 1, False)
+    lower, upper = torch.full((1, 2, 5, 5), -math.inf), torch.zeros(1, 2, 5, 5)
+    index, _ = pool._windows(lower, upper)
+    assert ((index >= 0) & (index < 25)).all()
+    (A_in,), _ = pool.backward(torch.randn(1, 4, 2, 3, 3), [(lower, upper)])
+    assert A_in.shape == (1, 4, 2, 5, 5)
+
+
+def test_lowering_takes_square_pools_given_as_pairs_and_keeps_non_square_depthwise_convs_generic():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, (3, 5), padding=(1, 2), groups=2, bias=False),
+                        nn.ReLU(), nn.AvgPool2d(3, stride=(2, 2), padding=(1, 1), count_include_pad=False),
+                        nn.Flatten(), nn.Linear(18, 3)).double().eval()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    points = sample_ball(x, 0.05, "linf", 2000)
+    with torch.no_grad():
+        outputs = net(points.flatten(0, 1)).reshape(-1, 2, 3)
+    for method in METHODS:
+        lower, upper = logit_bounds(net, x, 0.05, "linf", method)
+        assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), method
+    with pytest.raises(TypeError, match="square kernel, stride and padding"):
+        logit_bounds(nn.Sequential(nn.AvgPool2d(3, stride=(1, 2)), nn.Flatten()), x, 0.1)
+
+
+def test_one_bound_model_fixes_its_batch_statistics_once_for_every_method():
+    """crown-symbolic bounds the edge-by-edge graph, the other methods the stacked one: both take the
+    statistics of the first batch the object saw."""
+    net = _deep_search_network()
+    x, y = torch.rand(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    model = BoundModel(net)
+    first = model.margin_lower_bound(x, y, 0.0, method="crown-ibp")
+    later = model.margin_lower_bound(x[:2], y[:2], 0.0, method="crown-symbolic")
+    torch.testing.assert_close(later, first[:2], rtol=0, atol=1e-9)
+
+
 def test_unsupported_module_names_its_type():
     with pytest.raises(TypeError, match="Sigmoid"):
         logit_bounds(nn.Sequential(nn.Flatten(), nn.Linear(4, 2), nn.Sigmoid()), torch.rand(1, 1, 2, 2), 0.1)
@@ -254,8 +342,9 @@ def test_bad_arguments():
         logit_bounds(net, x, 0.1, method="deeppoly")
     with pytest.raises(ValueError, match="norm"):
         logit_bounds(net, x, 0.1, norm="l3")
-    with pytest.raises(ValueError, match="eps"):
-        logit_bounds(net, x, -0.1)
+    for eps in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number"):
+            logit_bounds(net, x, eps)
 
 
 def test_search_network_with_imagenet_stem_is_bounded_soundly():

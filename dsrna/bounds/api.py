@@ -29,9 +29,9 @@ def margin_spec(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.
 class BoundModel:
     """A model lowered once into its bound graph, for many bound computations on one batch.
 
-    ``bn_stats``: a ``capture_batch_stats()`` store for train-mode batch norms (None: the first
-    call's clean pass fixes them, which ties the object to that batch; crown-symbolic's graph takes
-    its own). In eval mode the graph is valid for any batch. Re-create it after the weights or the
+    ``bn_stats``: a ``capture_batch_stats()`` store for train-mode batch norms (None: a clean pass
+    over the first call's batch fixes them, for every method, which ties the object to that batch).
+    In eval mode the graph is valid for any batch. Re-create it after the weights or the
     architecture change.
 
     ``dtype``: compute the bounds in this precision (e.g. ``torch.float64`` for a float32 model, whose
@@ -51,6 +51,7 @@ class BoundModel:
         self.model, self.bn_stats, self.relu_mode = model, bn_stats, relu_mode
         self.max_spec_chunk, self.dtype, self.max_error_symbols = max_spec_chunk, dtype, max_error_symbols
         self._graphs: dict[bool, BoundGraph] = {}
+        self._statistics_batch: torch.Tensor | None = None
 
     @property
     def graph(self) -> BoundGraph:
@@ -68,8 +69,12 @@ class BoundModel:
         if self.dtype is not None:
             x = x.to(self.dtype)
         with _model_backend(self.model):
-            return Propagation(self._graph(stacked=method != "crown-symbolic"), Ball(x, eps, norm, clip), method,
-                               self.max_spec_chunk, self.max_error_symbols)
+            graph = self._graph(stacked=method != "crown-symbolic")
+            if graph.needs_clean_pass:  # the first batch fixes the statistics of every graph of this object
+                if self._statistics_batch is None:
+                    self._statistics_batch = x
+                graph.forward(self._statistics_batch)
+            return Propagation(graph, Ball(x, eps, norm, clip), method, self.max_spec_chunk, self.max_error_symbols)
 
     def lower_bound(self, x, spec, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> torch.Tensor:
         """Lower bounds ``[B, S]`` of ``spec @ logits`` over the input set; ``spec`` ``[B, S, K]``."""
@@ -83,7 +88,9 @@ class BoundModel:
         eye = torch.eye(K, dtype=prop.ball.x.dtype, device=x.device).expand(x.shape[0], K, K)
         with _model_backend(self.model):
             both = prop.lower_bound(torch.cat([eye, -eye], dim=1))
-        return both[:, :K], -both[:, K:]
+        lower, upper = both[:, :K], -both[:, K:]
+        # Two passes, each exact up to rounding where the set is a point (eps 0): they may cross by it.
+        return torch.minimum(lower, upper), torch.maximum(lower, upper)
 
     def margin_lower_bound(self, x, y, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> torch.Tensor:
         prop = self.propagation(x, eps, norm, method, clip)

@@ -13,9 +13,10 @@
   at most ``max_error_symbols``), one example at a time, under no_grad: the intermediate bounds are
   constants of the gradient, which is exact wherever they decide every neuron.
 - ``crown``: as the forward interval walk reaches the input of each ReLU or max pool, the neurons
-  still unstable there get CROWN bounds by backward passes from that node, intersected with the
-  interval; only those neurons become specifications, in chunks of ``max_spec_chunk``, so memory
-  stays O(chunk x layer size) per example and never quadratic in the number of pixels.
+  whose interval the relaxation reads (undecided ReLU inputs, the inputs of undecided max-pool
+  windows) get CROWN bounds by backward passes from that node, intersected with the interval; only
+  those neurons become specifications, in chunks of ``max_spec_chunk``, so memory stays
+  O(chunk x layer size) per example and never quadratic in the number of pixels.
 """
 
 from __future__ import annotations
@@ -116,8 +117,12 @@ class Propagation:
     def _walk(self, ball: Ball) -> list[nodes.Bound]:
         """Every node's bounds over ``ball``, in topological order (node 0: the input's box)."""
         graph = self.graph
-        # Nodes whose interval feeds a relaxation: full CROWN tightens them.
-        relaxed = {i for node in graph.nodes[1:] if node.op.needs_input_bounds for i in node.inputs}
+        # Nodes whose interval feeds a relaxation, with those relaxations: full CROWN tightens them.
+        relaxed: dict[int, list[nodes.BoundOp]] = {}
+        for node in graph.nodes[1:]:
+            if node.op.needs_input_bounds:
+                for i in node.inputs:
+                    relaxed.setdefault(i, []).append(node.op)
         self.bounds = [ball.box()]  # in progress: full CROWN's backward passes read the bounds so far
         symbolic = self.method == "crown-symbolic"
         if symbolic:
@@ -139,7 +144,7 @@ class Propagation:
         for index, node in enumerate(graph.nodes[1:], start=1):
             bound = node.op.interval(*(self.bounds[i] for i in node.inputs))
             if self.method == "crown" and index in relaxed:
-                bound = self._tighten(index, bound)
+                bound = self._tighten(index, bound, relaxed[index])
             if symbolic:
                 if isinstance(node.op, nodes.WeightedSum):
                     sym = sums.pop(index, None)
@@ -167,27 +172,34 @@ class Propagation:
             self.unassigned_error_symbols = max(self.unassigned_error_symbols, errors.unassigned)
         return self.bounds
 
-    def _tighten(self, index: int, bound: nodes.Bound) -> nodes.Bound:
-        """CROWN bounds for the neurons of node ``index`` that the interval leaves unstable (lower < 0 < upper)."""
+    def _tighten(self, index: int, bound: nodes.Bound, relaxations: list[nodes.BoundOp]) -> nodes.Bound:
+        """CROWN bounds for the neurons of node ``index`` whose interval one of ``relaxations`` reads
+        (:meth:`~dsrna.bounds.nodes.BoundOp.undecided`): undecided ReLU inputs, every input of an
+        undecided max-pool window."""
         lower, upper = bound
         B = lower.shape[0]
         flat_lower, flat_upper = lower.flatten(1), upper.flatten(1)
         N = flat_lower.shape[1]
-        unstable = ((flat_lower < 0) & (flat_upper > 0)).detach()
-        count = int(unstable.sum(1).max())
+        needed = torch.zeros_like(lower, dtype=torch.bool)
+        for op in relaxations:
+            needed |= op.undecided(bound).detach()
+        needed = needed.flatten(1)
+        count = int(needed.sum(1).max())
         if count == 0:
             return bound
-        # Unstable neurons first; the padding slots of examples with fewer are distinct stable neurons,
-        # whose CROWN bounds are just as sound, so no mask is needed when writing back.
-        order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :count]
+        # Needed neurons first; an example with fewer fills its slots with others, whose CROWN bounds
+        # are not written back: each example's bounds must not depend on the rest of the batch.
+        order = torch.argsort(needed.to(torch.int8), dim=1, descending=True, stable=True)[:, :count]
         for start in range(0, count, self.max_spec_chunk):
             idx = order[:, start:start + self.max_spec_chunk]  # [B, S]
             S = idx.shape[1]
             spec = lower.new_zeros(B, S, N).scatter(2, idx.unsqueeze(2), 1.0)
             both = self.backward(index, torch.cat([spec, -spec], dim=1).reshape(B, 2 * S, *lower.shape[1:]))
-            crown_lower, crown_upper = both[:, :S], -both[:, S:]
-            lower_idx, upper_idx = _intersect((flat_lower.gather(1, idx), flat_upper.gather(1, idx)), (crown_lower, crown_upper))
-            flat_lower, flat_upper = flat_lower.scatter(1, idx, lower_idx), flat_upper.scatter(1, idx, upper_idx)
+            old = (flat_lower.gather(1, idx), flat_upper.gather(1, idx))
+            new = _intersect(old, (both[:, :S], -both[:, S:]))
+            write = needed.gather(1, idx)
+            flat_lower = flat_lower.scatter(1, idx, torch.where(write, new[0], old[0]))
+            flat_upper = flat_upper.scatter(1, idx, torch.where(write, new[1], old[1]))
         return flat_lower.reshape(lower.shape), flat_upper.reshape(upper.shape)
 
     # --- backward: linear bounds ----------------------------------------------------------------------

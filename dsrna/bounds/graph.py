@@ -157,9 +157,11 @@ def _lower_module(m: nn.Module, graph: BoundGraph, x: int | None) -> int | None:
             raise TypeError("bound propagation supports MaxPool2d without dilation or returned indices")
         return graph.add(nodes.MaxPool2d(m.kernel_size, m.stride, m.padding, m.ceil_mode), x)
     if isinstance(m, nn.AvgPool2d):
-        if m.ceil_mode or m.divisor_override is not None or not isinstance(m.kernel_size, int):
-            raise TypeError("bound propagation supports AvgPool2d with a square kernel, no ceil_mode, no divisor_override")
-        return graph.add(nodes.AvgPool2d(m.kernel_size, m.stride, m.padding, m.count_include_pad), x)
+        kernel, stride, padding = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding)
+        if m.ceil_mode or m.divisor_override is not None or any(a != b for a, b in (kernel, stride, padding)):
+            raise TypeError("bound propagation supports AvgPool2d with a square kernel, stride and padding, no ceil_mode, "
+                            "no divisor_override")
+        return graph.add(nodes.AvgPool2d(kernel[0], stride[0], padding[0], m.count_include_pad), x)
     if isinstance(m, nn.AdaptiveAvgPool2d):
         if _pair(m.output_size) != (1, 1):
             raise TypeError(f"bound propagation supports AdaptiveAvgPool2d(1) only, got output size {m.output_size}")

@@ -121,6 +121,11 @@ class BoundOp:
         """The op without its constant term (for linear ops: a bias or a batch-norm shift)."""
         return self.forward(*xs)
 
+    def undecided(self, bound: Bound) -> torch.Tensor:
+        """(Ops with ``needs_input_bounds``.) The input neurons whose bounds the relaxation reads,
+        given the input's ``bound``: full CROWN tightens those."""
+        raise NotImplementedError
+
     def symbolic(self, syms: Sequence[Symbolic], bounds: Sequence[Bound], errors: ErrorSymbols) -> Symbolic:
         """``syms`` (of equal symbol counts) through the op; a relaxation adds its error symbols to
         ``errors``. The rule of every linear op: centre through the op, each symbol's coefficient through its
@@ -193,7 +198,7 @@ class Conv2d(BoundOp):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         square = all(len(set(p)) == 1 for p in (stride, padding, dilation))
         self.depthwise = (square and groups == weight.shape[0] and weight.shape[1] == 1 and bias is None
-                          and weight.shape[2] in KERNEL_SIZES)
+                          and weight.shape[2] == weight.shape[3] and weight.shape[2] in KERNEL_SIZES)
         self.pointwise = square and weight.shape[2:] == (1, 1) and padding == (0, 0) and bias is None
 
     def _conv(self, x, weight, bias):
@@ -295,6 +300,9 @@ class ReLU(BoundOp):
     def interval(self, b):
         return F.relu(b[0]), F.relu(b[1])
 
+    def undecided(self, bound):
+        return (bound[0] < 0) & (bound[1] > 0)
+
     def backward(self, A, bounds):
         lower, upper = bounds[0]
         lower_slope, upper_slope, upper_intercept = relu_relaxation(lower, upper, self.mode)
@@ -335,29 +343,49 @@ class MaxPool2d(BoundOp):
     def interval(self, b):
         return self._pool(b[0]), self._pool(b[1])
 
+    def _geometry(self, lower):
+        """Kernel, stride, padding, output size, and the ``F.pad`` widths that make every window lie
+        inside the padded input (negative where floor mode drops trailing inputs)."""
+        H, W = lower.shape[2:]
+        k = _pair(self.kernel_size)
+        s = _pair(self.stride or self.kernel_size)
+        p = _pair(self.padding)
+        Ho, Wo = self._pool(lower[:1, :1]).shape[2:]
+        pads = (p[1], (Wo - 1) * s[1] + k[1] - W - p[1], p[0], (Ho - 1) * s[0] + k[0] - H - p[0])
+        return k, s, p, (Ho, Wo), pads
+
     def _windows(self, lower, upper):
         """``(index, gap)``, each ``[B, C, Ho, Wo]``: the flat input index (into ``H * W``) of each
         window's ``j*``, and ``D = max(0, max_{j != j*} u_j - l_{j*})``, zero where the window is
         decided; ``x_{j*} <= max_j x_j <= x_{j*} + D`` always."""
         B, C, H, W = lower.shape
-        k = _pair(self.kernel_size)
-        s = _pair(self.stride or self.kernel_size)
-        p = _pair(self.padding)
-        Ho, Wo = self._pool(lower[:1, :1]).shape[2:]
-        # -inf padding up to the last window (negative where floor mode drops trailing inputs).
-        pads = (p[1], (Wo - 1) * s[1] + k[1] - W - p[1], p[0], (Ho - 1) * s[0] + k[0] - H - p[0])
+        k, s, p, (Ho, Wo), pads = self._geometry(lower)
 
         def windows(t):  # [B * C, k * k, Ho * Wo]
             return F.unfold(F.pad(t.detach().reshape(B * C, 1, H, W), pads, value=-math.inf), k, stride=s)
 
         lower_w, upper_w = windows(lower), windows(upper)
-        slot = lower_w.argmax(1, keepdim=True)
+        # j* among the real inputs only: a lower bound that overflowed to -inf (float32 on a deep
+        # network) would otherwise tie with the padding, whose index lies outside the image.
+        padding = F.unfold(F.pad(lower.new_zeros(1, 1, H, W), pads, value=-math.inf), k, stride=s) == -math.inf
+        slot = lower_w.clamp(min=torch.finfo(lower_w.dtype).min).masked_fill(padding, -math.inf).argmax(1, keepdim=True)
         others = upper_w.scatter(1, slot, -math.inf).amax(1, keepdim=True)
         gap = (others - lower_w.gather(1, slot)).clamp(min=0).reshape(B, C, Ho, Wo)
         slot = slot.reshape(B, C, Ho, Wo)
         rows = torch.arange(Ho, device=lower.device).view(Ho, 1) * s[0] - p[0] + torch.div(slot, k[1], rounding_mode="floor")
         cols = torch.arange(Wo, device=lower.device) * s[1] - p[1] + slot % k[1]
         return rows * W + cols, gap
+
+    def undecided(self, bound):
+        # Every input of an undecided window: the relaxation reads l_{j*} and every u_j there.
+        lower, upper = bound
+        B, C, H, W = lower.shape
+        k, s, _, _, pads = self._geometry(lower)
+        _, gap = self._windows(lower, upper)
+        windows = (gap > 0).to(lower.dtype).reshape(B * C, 1, -1).expand(-1, k[0] * k[1], -1)
+        padded = (H + pads[2] + pads[3], W + pads[0] + pads[1])
+        covered = F.fold(windows, padded, k, stride=s)  # the adjoint of the unfold in _windows
+        return F.pad(covered, tuple(-w for w in pads)).reshape(B, C, H, W) > 0
 
     def backward(self, A, bounds):
         lower, upper = bounds[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 NORMS = ("linf", "l2", "l1")
@@ -19,8 +21,8 @@ class Ball:
     def __init__(self, x: torch.Tensor, eps, norm: str = "linf", clip: tuple[float, float] | None = (0.0, 1.0)):
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-        if not torch.is_tensor(eps) and eps < 0:  # tensors are not checked: that would sync with the device
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not torch.is_tensor(eps) and not 0 <= eps < math.inf:  # tensors are not checked: that would sync with the device
+            raise ValueError(f"eps must be a finite number >= 0, got {eps}")
         eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
         if eps.dim() > 1 or (eps.dim() == 1 and eps.numel() != x.shape[0]):
             raise ValueError(f"eps must be a number or one value per example ({x.shape[0]}), got shape {tuple(eps.shape)}")
