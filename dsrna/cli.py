@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import warnings
 
@@ -21,6 +22,10 @@ SUBCOMMANDS = {
     "data": "dsrna.commands.data",
     "info": "dsrna.commands.info",
 }
+
+
+# Terminal colour codes (PyTorch puts some in its messages) would print as garbage in a log file.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +66,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: list[str] | None = None) -> int:
     from dsrna.backend import BackendUnavailable
-    from dsrna.errors import DsrnaError
+    from dsrna.errors import DsrnaError, first_line
 
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DsrnaError, OSError, ValueError, BackendUnavailable) as exc:
         if os.environ.get("DSRNA_DEBUG"):
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = _ANSI_ESCAPE.sub("", first_line(exc))
         print(f"dsrna {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,3 +15,9 @@ class CheckpointError(DsrnaError):
 
 class DivergenceError(DsrnaError):
     """A loss became NaN or infinite."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

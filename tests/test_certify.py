@@ -17,7 +17,8 @@ def trained_mlp():
     return fit_mnist_mlp(hidden=32, n_test=48)
 
 
-@pytest.mark.parametrize("norm,method", [("linf", "crown"), ("l2", "crown"), ("l2", "crown-ibp"), ("linf", "crown-symbolic")])
+@pytest.mark.parametrize("norm,method", [("linf", "crown"), ("l2", "crown"), ("l2", "crown-ibp"), ("linf", "crown-symbolic"),
+                                         ("l1", "crown"), ("l1", "crown-ibp"), ("l1", "ibp")])
 def test_pgd_never_breaks_an_image_below_its_certified_radius(trained_mlp, norm, method):
     model, x, y = trained_mlp
     radii = certified_radius(model, x, y, norm=norm, method=method, max_eps=4.0, tol=1e-4)

@@ -109,6 +109,12 @@ def test_user_errors_from_a_command_are_one_line(fake_command, error, capsys):
     assert line == f"dsrna fake: error: {str(error).splitlines()[0]}"
 
 
+def test_terminal_escape_codes_are_stripped_from_errors(fake_command, capsys):
+    fake_command.error = ValueError("load failed, \x1b[1mdo those steps only if you trust it\x1b[0m.")
+    assert cli.main(["fake"]) == 2
+    assert one_line_error(capsys.readouterr().err) == "dsrna fake: error: load failed, do those steps only if you trust it."
+
+
 def test_debug_switch_and_bugs_keep_their_traceback(fake_command, monkeypatch):
     fake_command.error = RuntimeError("an internal bug")
     with pytest.raises(RuntimeError, match="an internal bug"):

@@ -39,7 +39,8 @@ def test_search_train_attack_certify_report(tmp_path, capsys):
 
 def test_compare_writes_the_table(tmp_path, capsys):
     out = tmp_path / "compare"
-    argv = ["compare", "--methods", "darts,dsrna-jacobian", "--out", str(out), "--search-epochs", "1",
+    # --robust-batch goes to the DSRNA searches only (plain DARTS has no robustness term to cut)
+    argv = ["compare", "--methods", "darts,dsrna-jacobian", "--out", str(out), "--search-epochs", "1", "--robust-batch", "4",
             "--search-layers", "3", "--search-channels", "4", "--search-batch-size", "8", "--search-max-steps", "1",
             "--train-epochs", "1", "--train-layers", "3", "--train-channels", "4", "--train-batch-size", "16",
             "--train-max-steps", "1", "--eps", "0.1", "--pgd-steps", "2", "--eval-limit", "8",
@@ -56,4 +57,67 @@ def test_compare_writes_the_table(tmp_path, capsys):
     stages = json.loads((out / "darts" / "stages.json").read_text())
     assert set(stages) == {"search", "train", "attack", "certify"}  # what a second run would skip
     assert main([*argv, "--pgd-steps", "3"]) == 2  # the same folder with other settings is refused
-    assert "other settings" in capsys.readouterr().err
+    assert "other settings: pgd_steps=2 (now 3); choose another --out" in capsys.readouterr().err
+
+
+def test_attack_and_certify_check_their_inputs_before_any_work(tmp_path, capsys, monkeypatch):
+    import dsrna.evaluation.attack
+    import dsrna.evaluation.certify
+    import dsrna.search.checkpoint
+
+    train = tmp_path / "train"
+    assert main(["train", "--layers", "3", "--init-channels", "4", "--epochs", "1", "--batch-size", "16",
+                 "--max-steps-per-epoch", "1", "--eval-limit", "8", "--out", str(train), "--no-progress"]) == 0
+    capsys.readouterr()
+    model = str(train / "model.pt")
+    worked = []
+    monkeypatch.setattr(dsrna.evaluation.attack, "run_attack", lambda *a, **k: worked.append(1))
+    monkeypatch.setattr(dsrna.evaluation.certify, "evaluation_pass", lambda *a, **k: worked.append(1))
+    attack, certify = ["attack", model, "--limit", "4", "--no-progress"], ["certify", model, "--limit", "4", "--no-progress"]
+    for argv, expected in (
+        ([*attack, "--eps", "inf"], "--eps: expected one or more finite numbers"),
+        ([*attack, "--eps", "0.1", "--dataset", "cifar10"],
+         "the model expects 1 input channels but the data set cifar10 has 3"),
+        ([*attack, "--eps", "0.1", "--device", "bogus"], "--device 'bogus' is not a device"),
+        ([*certify, "--max-eps", "inf"], "--max-eps must be a finite number > 0"),
+        ([*certify, "--dataset", "cifar10"], "the model expects 1 input channels"),
+        ([*certify, "--device", "cuda:x"], "is not a device"),
+        (["compare", "--device", "bogus", "--out", str(tmp_path / "compare")], "--device 'bogus' is not a device"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert expected in err and err.count("\n") == 0, err
+    assert not (tmp_path / "compare").exists()
+
+    # An output folder that cannot be written is found before the attack, not after it.
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(dsrna.search.checkpoint.tempfile, "mkstemp", read_only)
+    for argv in ([*attack, "--eps", "0.1", "--out", str(tmp_path / "out")], [*certify, "--out", str(tmp_path / "out")],
+                 ["report", str(train)]):
+        assert main(argv) == 2
+        assert "cannot write in" in capsys.readouterr().err
+    assert worked == []
+
+
+def test_results_table_is_printed_even_when_writing_fails(tmp_path, capsys, monkeypatch):
+    import dsrna.evaluation.common
+
+    train = tmp_path / "train"
+    assert main(["train", "--layers", "3", "--init-channels", "4", "--epochs", "1", "--batch-size", "16",
+                 "--max-steps-per-epoch", "1", "--eval-limit", "8", "--out", str(train), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dsrna.evaluation.common, "write_json", full_disk)
+    assert main(["attack", str(train / "model.pt"), "--eps", "0.1", "--attacks", "fgsm", "--limit", "4",
+                 "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "| eps (linf) | fgsm |" in captured.out and "No space left" in captured.err
+    assert main(["certify", str(train / "model.pt"), "--method", "ibp", "--limit", "2", "--max-eps", "1",
+                 "--tol", "0.1", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "certified radius (linf, ibp)" in captured.out and "No space left" in captured.err

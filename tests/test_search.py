@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,10 +242,19 @@ def test_resume_continues_exactly(tmp_path):
     # a different configuration, a fresh run over an old one, and a corrupt checkpoint are refused
     with pytest.raises(CheckpointError, match="different settings: layers=3 \\(now 4\\)"):
         run_search(config(out=str(out), resume=True, **{**cfg, "epochs": 2}, layers=4), tiny_data())
-    with pytest.raises(DsrnaError, match="already holds a search"):
+    with pytest.raises(CheckpointError) as error:  # only the differing robustness settings are named
+        run_search(config(out=str(out), resume=True, **cfg, robustness=RobustnessConfig(kind="jacobian", gamma=0.5)),
+                   tiny_data())
+    assert "robustness.kind='none' (now 'jacobian')" in str(error.value)
+    assert "robustness.gamma=0.01 (now 0.5)" in str(error.value) and "RobustnessConfig" not in str(error.value)
+    with pytest.raises(DsrnaError, match="already holds a search run: pass --resume"):
         run_search(config(out=str(out), **cfg), tiny_data())
+    log = (out / "log.jsonl").read_text()
+    (out / "log.jsonl").write_text(log.splitlines()[0] + "\n{torn line\n")
+    with pytest.raises(CheckpointError, match=f"{out / 'log.jsonl'} line 2 is not an epoch record"):
+        run_search(config(out=str(out), resume=True, **cfg), tiny_data())
     (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="is not a dsrna search checkpoint \\(not a torch file"):
         run_search(config(out=str(out), resume=True, **cfg), tiny_data())
     with pytest.raises(CheckpointError, match="no checkpoint"):
         run_search(config(out=str(tmp_path / "empty"), resume=True, **cfg), tiny_data())
@@ -275,10 +285,19 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_arch_start_epoch_freezes_architecture(tmp_path):
-    result = run_search(config(out=str(tmp_path), epochs=1, max_steps_per_epoch=2, arch_start_epoch=1), tiny_data())
-    assert result.history[0]["val_loss"] is None
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert state["searcher"]["a_optimizer"]["state"] == {}
+    frozen = []
+
+    def record_optimizer_state(epoch, record):
+        if epoch == 0:
+            frozen.append(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["searcher"]["a_optimizer"]["state"])
+
+    result = run_search(config(out=str(tmp_path), epochs=2, max_steps_per_epoch=2, arch_start_epoch=1), tiny_data(),
+                        on_epoch_end=record_optimizer_state)
+    assert result.history[0]["val_loss"] is None and result.history[1]["val_loss"] is not None
+    assert frozen == [{}]
+    # an architecture that would never be updated is refused, not searched in silence
+    with pytest.raises(ValueError, match="arch_start_epoch"):
+        config(epochs=2, arch_start_epoch=2)
 
 
 def test_cli_search_on_mnist_mini(tmp_path, capsys):
@@ -297,11 +316,76 @@ def test_cli_preset_and_flags():
     from dsrna.cli import build_parser
     from dsrna.commands.search import config_from_args
 
-    args = build_parser("search").parse_args(["search", "--preset", "imagenet-pcdarts", "--epochs", "3",
+    args = build_parser("search").parse_args(["search", "--preset", "imagenet-pcdarts", "--epochs", "40",
                                               "--robustness", "cb", "--gamma", "0.1", "--robust-batch", "8"])
     cfg = config_from_args(args)
     assert (cfg.dataset, cfg.stem, cfg.partial_channels, cfg.amp, cfg.arch_start_epoch) == ("imagenet", "imagenet", 2, "bf16", 35)
-    assert cfg.epochs == 3 and cfg.subset_fractions == (0.1, 0.025)
+    assert cfg.epochs == 40 and cfg.subset_fractions == (0.1, 0.025)
     assert (cfg.robustness.kind, cfg.robustness.gamma, cfg.robustness.robust_batch) == ("cb", 0.1, 8)
     plain = config_from_args(build_parser("search").parse_args(["search"]))
     assert plain.dataset == "mnist-mini" and plain.robustness.kind == "none" and plain.epochs == 50
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--partial-channels", "0"], "partial_channels must be >= 1"),
+    (["--arch-start-epoch", "2"], "arch_start_epoch must be in [0, epochs=2)"),
+    (["--robustness", "jacobian", "--warmup-epochs", "2"], "warmup_epochs (2) must be below epochs (2)"),
+    (["--robustness", "jacobian", "--robust-batch", "100"], "robust_batch (100) is larger than the validation batch"),
+    (["--robust-batch", "2"], "robust_batch has no effect without a robustness term"),
+])
+def test_cli_search_refuses_settings_it_would_ignore_or_crash_on(tmp_path, capsys, flags, expected):
+    argv = ["search", "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "run"), "--no-progress", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and err.count("\n") == 0, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_search_config_refuses_a_non_positive_grad_clip():
+    for clip in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="grad_clip"):
+            config(grad_clip=clip)
+
+
+def test_search_checks_its_folder_before_any_step(tmp_path, monkeypatch):
+    import dsrna.search.checkpoint as checkpoint
+
+    (tmp_path / "trained").mkdir()
+    (tmp_path / "trained" / "model.pt").write_bytes(b"kept")
+    with pytest.raises(CheckpointError, match="already holds a training run: choose another --out"):
+        run_search(config(out=str(tmp_path / "trained"), epochs=1, max_steps_per_epoch=1), tiny_data())
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    steps = []
+    monkeypatch.setattr(Searcher, "step", lambda *args: steps.append(1))
+    with pytest.raises(CheckpointError, match="cannot write in .*read-only.*Permission denied"):
+        run_search(config(out=str(tmp_path / "read-only"), epochs=1, max_steps_per_epoch=1), tiny_data())
+    assert steps == []
+
+
+def test_atomic_write_gives_the_umask_mode_and_leaves_no_temp_file(tmp_path):
+    import os
+
+    from dsrna.search.checkpoint import atomic_write, atomic_write_text
+
+    before = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "public.txt", "x")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "public.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+
+    def fail(temp):
+        Path(temp).write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(tmp_path / "public.txt", fail)
+    assert (tmp_path / "public.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["private.txt", "public.txt"]

@@ -56,7 +56,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(out=str(tmp_path / "split"), **TINY))
     assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    with pytest.raises(ValueError, match="--resume"):
+    with pytest.raises(CheckpointError, match="already holds a training run: pass --resume"):
         train(TrainConfig(out=str(tmp_path / "split"), **TINY))
     resumed = train(TrainConfig(out=str(tmp_path / "split"), resume=True, **TINY))
     a = torch.load(whole.model_path, weights_only=True)["state_dict"]
@@ -78,7 +78,7 @@ def test_divergence_raises_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
         return real(input, target, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
-    with pytest.raises(DivergenceError, match="epoch 2"):
+    with pytest.raises(DivergenceError, match="epoch 2.*checkpoint .* is kept: --resume with a lower --grad-clip"):
         train(TrainConfig(out=str(tmp_path), **TINY))
     kept = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert kept["epoch"] == 1
@@ -97,7 +97,13 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     bad.write_text(json.dumps({"normal": [["conv_9x9", 0]] * 8, "normal_concat": [2, 3, 4, 5],
                                "reduce": [["max_pool_3x3", 0]] * 8, "reduce_concat": [2, 3, 4, 5]}))
     for argv, expected in (([str(bad)], "conv_9x9"), (["NOT_A_GENOTYPE"], "NOT_A_GENOTYPE"),
-                           (["--layers", "0"], "layers"), (["--cuda-graph", "--device", "cpu"], "CUDA device")):
+                           (["--layers", "0"], "layers"), (["--cuda-graph", "--device", "cpu"], "CUDA device"),
+                           (["--grad-clip", "-1"], "grad_clip"), (["--grad-clip", "0"], "grad_clip"),
+                           (["--max-steps-per-epoch", "0"], "max_steps_per_epoch"),
+                           (["--auxiliary-weight", "-0.5"], "auxiliary_weight"),
+                           (["--label-smoothing", "1"], "label_smoothing"),
+                           (["--label-smoothing", "-0.1"], "label_smoothing"),
+                           (["--device", "bogus"], "--device 'bogus' is not a device")):
         assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip()
         assert expected in err and err.count("\n") == 0, err
@@ -110,3 +116,97 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "junk.pt")
 
+
+
+def _interrupted_run(tmp_path, monkeypatch, **settings):
+    """A run folder whose run stopped after epoch 1's checkpoint."""
+    with monkeypatch.context() as patch:
+        _interrupt_second_evaluation(patch)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(**{**TINY, **settings}))
+
+
+def test_resume_compares_the_genotype_contents_not_how_it_is_named(tmp_path, monkeypatch):
+    from dsrna.space.genotype import DARTS_V2
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.json").write_text(DARTS_V2.to_json())
+    _interrupted_run(tmp_path, monkeypatch, genotype="g.json", out="run")
+    # An edited file is another architecture: the weights in the checkpoint do not belong to it.
+    (tmp_path / "g.json").write_text(DARTS_V2.to_json().replace("max_pool_3x3", "avg_pool_3x3"))
+    with pytest.raises(CheckpointError, match="different settings: genotype"):
+        train(TrainConfig(genotype="g.json", out="run", resume=True, **TINY))
+    # The same contents by another path, or as JSON text, are the same architecture.
+    (tmp_path / "g.json").write_text(DARTS_V2.to_json())
+    result = train(TrainConfig(genotype=str(tmp_path / "g.json"), out="run", resume=True, **TINY))
+    assert result.metrics["epochs"] == 2
+
+
+def test_resume_of_a_foreign_or_damaged_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    from dsrna.cli import main
+    from dsrna.search.checkpoint import FORMAT
+
+    run = tmp_path / "run"
+    _interrupted_run(tmp_path, monkeypatch, out=str(run))
+    good = torch.load(run / "checkpoint.pt", weights_only=True)
+    model_keys = list(good["model"])
+    damaged = {
+        "search checkpoint": ({"format": FORMAT, "config": "{}", "model": {}}, "is a search checkpoint"),
+        "config as text": ({**good, "config": "{}"}, "config is not a table"),
+        "no optimizer": ({k: v for k, v in good.items() if k != "optimizer"}, "no optimizer"),
+        "renamed weights": ({**good, "model": {"x" + k: v for k, v in good["model"].items()}},
+                            f"missing {', '.join(sorted(model_keys)[:3])} and {len(model_keys) - 3} more; unexpected x"),
+        "bad optimizer": ({**good, "optimizer": "sgd"}, "unusable optimizer"),
+    }
+    argv = ["train", "--layers", "3", "--init-channels", "4", "--batch-size", "16", "--epochs", "2",
+            "--max-steps-per-epoch", "2", "--eval-limit", "32", "--no-progress", "--out", str(run), "--resume"]
+    for name, (payload, expected) in damaged.items():
+        torch.save(payload, run / "checkpoint.pt")
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dsrna train: error: ") and str(run / "checkpoint.pt") in err, (name, err)
+        assert expected in err and err.count("\n") == 0, (name, err)
+    (run / "checkpoint.pt").write_bytes(b"\x80\x02 random bytes")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a dsrna training checkpoint (not a torch file" in err and "weights_only" not in err, err
+
+
+def test_a_folder_of_another_run_is_refused_by_its_kind(tmp_path, capsys):
+    from dsrna.cli import main
+
+    for kind, files in (("comparison", ("compare_config.json", "report.html")), ("search", ("alphas.png", "log.jsonl"))):
+        folder = tmp_path / kind
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("kept")
+        assert main(["train", "--out", str(folder), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"already holds a {kind} run: choose another --out"), err
+        assert all((folder / name).read_text() == "kept" for name in files)
+
+
+def test_divergence_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, monkeypatch):
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda *args, **kwargs: real(*args, **kwargs) * float("nan"))
+    with pytest.raises(DivergenceError, match="epoch 1.*no checkpoint was written: start again") as error:
+        train(TrainConfig(out=str(tmp_path), **TINY))
+    assert "--resume" not in str(error.value)
+    # nothing of the failed run blocks starting again in the same folder
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", real)
+    train(TrainConfig(out=str(tmp_path), **{**TINY, "epochs": 1, "max_steps_per_epoch": 1}))
+
+
+def test_model_files_that_are_not_ours_are_named_without_torch_advice(tmp_path):
+    import numpy as np
+
+    torch.save({"state_dict": np.float64(1.0)}, tmp_path / "numpy.pt")  # loadable only by unpickling code
+    for name, reason in (("numpy.pt", "holds objects other than tensors"), ("junk.pt", "not a torch file")):
+        if name == "junk.pt":
+            (tmp_path / name).write_bytes(bytes(range(256)))
+        with pytest.raises(CheckpointError) as error:
+            load_model(tmp_path / name)
+        message = str(error.value)
+        assert message.startswith(f"{tmp_path / name} is not a dsrna model file") and reason in message
+        assert "weights_only" not in message and "\x1b" not in message and "\n" not in message

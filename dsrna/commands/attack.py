@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = "robust accuracy of a trained model.pt under FGSM/PGD (and C&W/AutoAttack with the extra)"
 
@@ -30,10 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsrna.attacks import ATTACKS
     from dsrna.evaluation.attack import attack_table, check_attack_norm, evaluate_attacks
-    from dsrna.evaluation.common import evaluation_loader, parse_floats, pick_device, write_json
+    from dsrna.evaluation.common import parse_floats, prepare_evaluation, write_json
     from dsrna.evaluation.report import plot_attack_curve
     from dsrna.plots import save_figure
-    from dsrna.evaluation.train import load_model
 
     eps = parse_floats(args.eps, "--eps")
     attacks = list(dict.fromkeys(a.strip() for a in args.attacks.split(",") if a.strip()))
@@ -42,15 +40,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--attacks: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(ATTACKS)}")
     # A norm the attack does not support, or a missing extra, fails before any work.
     check_attack_norm(attacks, args.norm)
-    device = pick_device(args.device)
-    model, meta = load_model(args.model, device)
-    loader = evaluation_loader(args.dataset or meta["dataset"], args.data_root, args.limit, args.batch_size)
+    device, model, meta, loader, out = prepare_evaluation(args)
     result = evaluate_attacks(model, loader, eps, attacks, args.norm, steps=args.steps, restarts=args.restarts,
                               num_classes=meta["model_config"]["num_classes"], device=device, progress=args.progress)
-    out = Path(args.out) if args.out else Path(args.model).parent
-    out.mkdir(parents=True, exist_ok=True)
+    print(attack_table(result), flush=True)  # shown even if writing the files fails
     write_json(result, out / "attack.json")
     save_figure(plot_attack_curve(result), out / "attack.png")
-    print(attack_table(result))
     print(f"results: {out / 'attack.json'}, curve: {out / 'attack.png'}")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = "certified radius per test image of a trained model.pt (IBP, CROWN-IBP or CROWN bounds)"
 
@@ -29,23 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsrna.evaluation.certify import certify, certify_table
-    from dsrna.evaluation.common import evaluation_loader, parse_floats, pick_device, write_json
+    from dsrna.evaluation.certify import certify, certify_table, check_bisection_options
+    from dsrna.evaluation.common import parse_floats, prepare_evaluation, write_json
     from dsrna.evaluation.report import plot_certified_curve, plot_radius_histogram
     from dsrna.plots import save_figure
-    from dsrna.evaluation.train import load_model
 
     eps = parse_floats(args.eps, "--eps") if args.eps.strip() else []
-    device = pick_device(args.device)
-    model, meta = load_model(args.model, device)
-    loader = evaluation_loader(args.dataset or meta["dataset"], args.data_root, args.limit, args.batch_size)
+    check_bisection_options(args.max_eps, args.tol, args.candidates)
+    device, model, meta, loader, out = prepare_evaluation(args)
     result = certify(model, loader, args.norm, args.method, eps, max_eps=args.max_eps, tol=args.tol,
                      candidates=args.candidates, device=device, progress=args.progress)
-    out = Path(args.out) if args.out else Path(args.model).parent
-    out.mkdir(parents=True, exist_ok=True)
+    print(certify_table(result), flush=True)  # shown even if writing the files fails
     write_json(result, out / "certify.json")
     save_figure(plot_radius_histogram(result), out / "certify_hist.png")
     save_figure(plot_certified_curve(result), out / "certify_curve.png")
-    print(certify_table(result))
     print(f"results: {out / 'certify.json'}")
     return 0

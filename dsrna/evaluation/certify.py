@@ -8,6 +8,8 @@ images classified correctly whose radius is at least eps.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -30,6 +32,7 @@ def certify(model: nn.Module, loader, norm: str = "linf", method: str = "crown",
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_bisection_options(max_eps, tol, candidates)
     options = {k: v for k, v in (("max_eps", max_eps), ("tol", tol), ("candidates", candidates)) if v is not None}
     device = torch.device(device)
     model = model.to(device)
@@ -45,6 +48,15 @@ def certify(model: nn.Module, loader, norm: str = "linf", method: str = "crown",
                 correct=correct_t.tolist(), mean_radius=radii_t.mean().item(), median_radius=radii_t.median().item(),
                 clean_acc=correct_t.double().mean().item(), eps=[float(e) for e in eps_list],
                 certified_acc=[certified_accuracy(radii_t, correct_t, e) for e in eps_list], **options)
+
+
+def check_bisection_options(max_eps: float | None, tol: float | None, candidates: int | None) -> None:
+    """Refuse bisection settings that cannot end (an infinite upper end) or cannot narrow the radius."""
+    for name, value in (("--max-eps", max_eps), ("--tol", tol)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if candidates is not None and candidates < 1:
+        raise ValueError(f"--candidates must be >= 1, got {candidates}")
 
 
 def certified_accuracy(radii: torch.Tensor, correct: torch.Tensor, eps: float) -> float:

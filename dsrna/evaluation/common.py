@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from dsrna.search.checkpoint import atomic_write, atomic_write_text
+from dsrna.errors import DataError
+from dsrna.search.checkpoint import atomic_write, atomic_write_text, check_writable
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; an explicit CUDA device without CUDA is a user error."""
+    """``auto`` is CUDA when present, else CPU; an explicit CUDA device without CUDA is a user error.
+
+    Every command that takes ``--device`` calls this before any work, so a typo fails at once."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 
@@ -46,14 +58,42 @@ def evaluation_loader(dataset: str, root: str | None = None, limit: int | None =
 
 
 def parse_floats(text: str, name: str) -> list[float]:
-    """``"0.1,0.2"`` -> ``[0.1, 0.2]``; each value must be >= 0."""
+    """``"0.1,0.2"`` -> ``[0.1, 0.2]``; each value must be finite and >= 0."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{name}: expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not v >= 0 for v in values):
-        raise ValueError(f"{name}: expected one or more numbers >= 0, got {text!r}")
+    if not values or any(not (math.isfinite(v) and v >= 0) for v in values):
+        raise ValueError(f"{name}: expected one or more finite numbers >= 0, got {text!r}")
     return values
+
+
+def check_model_fits_dataset(meta: dict, dataset: str) -> None:
+    """Refuse to evaluate a model on a data set of another shape: its first convolution would fail
+    (channels), or its labels would index past the classifier (classes)."""
+    from dsrna.data import dataset_info
+
+    info, model_config = dataset_info(dataset), meta["model_config"]
+    for what, expected, given in (("input channels", model_config["in_channels"], info.in_channels),
+                                  ("classes", model_config["num_classes"], info.num_classes)):
+        if expected != given:
+            raise DataError(f"the model expects {expected} {what} but the data set {dataset} has {given}: "
+                            f"pass the --dataset it was trained on ({meta.get('dataset')})")
+
+
+def prepare_evaluation(args) -> tuple[torch.device, torch.nn.Module, dict, DataLoader, Path]:
+    """What ``dsrna attack`` and ``dsrna certify`` need, every input checked before the long work:
+    ``(device, model, model.pt metadata, test loader, output folder)``."""
+    from dsrna.evaluation.train import load_model
+
+    device = pick_device(args.device)
+    model, meta = load_model(args.model, device)
+    dataset = args.dataset or meta["dataset"]
+    check_model_fits_dataset(meta, dataset)
+    out = Path(args.out) if args.out else Path(args.model).parent
+    check_writable(out)
+    loader = evaluation_loader(dataset, args.data_root, args.limit, args.batch_size)
+    return device, model, meta, loader, out
 
 
 @contextlib.contextmanager

@@ -79,14 +79,19 @@ def compare(config: CompareConfig) -> dict:
     """Run every method's chain and write the table; returns the ``compare.json`` content."""
     from dsrna.attacks import has_torchattacks, require_torchattacks
 
+    pick_device(config.device)  # a bad --device fails now, not after the first search
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = dataclasses.asdict(config)
+    settings = json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back: tuples become lists
     for volatile in ("progress", "device", "methods"):
         settings.pop(volatile)
     saved = out / "compare_config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != settings:
-        raise ValueError(f"{out} holds a comparison run with other settings: choose another --out")
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        differing = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in settings.items() if before.get(k) != v]
+        if differing:
+            raise ValueError(f"{out} holds a comparison run with other settings: {', '.join(differing)}; "
+                             "choose another --out")
     write_json(settings, saved)
     extra = has_torchattacks()
     if extra:
@@ -169,8 +174,11 @@ def _search(method: str, config: CompareConfig, folder: Path) -> dict:
     from dsrna.robustness import RobustnessConfig
     from dsrna.search import SearchConfig, run_search
 
-    robustness = RobustnessConfig(kind=METHODS[method], gamma=config.gamma, eps=config.robust_eps,
-                                  norm=config.robust_norm, robust_batch=config.robust_batch, dataset=config.dataset)
+    kind = METHODS[method]
+    # plain DARTS has no robustness term to cut to robust_batch
+    robustness = RobustnessConfig(kind=kind, gamma=config.gamma, eps=config.robust_eps, norm=config.robust_norm,
+                                  robust_batch=config.robust_batch if kind != "none" else None,
+                                  dataset=config.dataset)
     search_config = SearchConfig(dataset=config.dataset, data_root=config.data_root, epochs=config.search_epochs,
                                  batch_size=config.search_batch_size, layers=config.search_layers,
                                  init_channels=config.search_channels, order=config.search_order,

@@ -30,7 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dsrna.search.checkpoint import atomic_write_text  # noqa: E402
+from dsrna.search.checkpoint import atomic_write_text, check_writable  # noqa: E402
 
 # PNGs that this module draws itself from JSON; the gallery leaves them out to avoid duplicates.
 OWN_PICTURES = ("attack.png", "certify_hist.png", "certify_curve.png")
@@ -206,6 +206,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder at {run_dir}")
+    check_writable(run_dir, "make the folder writable")  # before drawing every picture
     sections: list[tuple[str, list[str]]] = []
     compare = _read_json(run_dir / "compare.json")
     if isinstance(compare, dict):

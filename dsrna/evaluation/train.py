@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -29,9 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsrna.data import dataset_info, get_dataset, make_loader
-from dsrna.errors import CheckpointError, DivergenceError
+from dsrna.errors import CheckpointError, DivergenceError, first_line
 from dsrna.evaluation.common import atomic_save, evaluation_loader, pick_device, write_json
-from dsrna.search.checkpoint import atomic_write_text, rng_state, set_rng_state
+from dsrna.search.checkpoint import FORMAT as SEARCH_FORMAT
+from dsrna.search.checkpoint import (atomic_write_text, check_writable, load_state_checked, load_torch_file,
+                                     refuse_existing_run, rng_state, set_rng_state)
 from dsrna.search.cuda_graph import StepGraphs, check_cuda_graphs
 from dsrna.space import Genotype, Network, count_parameters
 
@@ -102,6 +103,15 @@ class TrainConfig:
                              "use --layers >= 3 or --no-auxiliary")
         if not 0 <= filled.drop_path_prob < 1:
             raise ValueError(f"drop_path_prob must be in [0, 1), got {filled.drop_path_prob}")
+        if not 0 <= filled.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {filled.label_smoothing}")
+        if not (math.isfinite(filled.grad_clip) and filled.grad_clip > 0):
+            # clip_grad_norm_ with a negative norm flips every gradient's sign
+            raise ValueError(f"grad_clip must be a finite number > 0, got {filled.grad_clip}")
+        if not (math.isfinite(filled.auxiliary_weight) and filled.auxiliary_weight >= 0):
+            raise ValueError(f"auxiliary_weight must be a finite number >= 0, got {filled.auxiliary_weight}")
+        if filled.max_steps_per_epoch is not None and filled.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1, got {filled.max_steps_per_epoch}")
         Genotype.from_json(filled.genotype)  # fail early, with the genotype's own one-line message
         return filled
 
@@ -127,15 +137,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ne
     The metadata holds ``genotype``, ``model_config``, ``dataset``, ``train_config`` and ``metrics``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
+    blob = load_torch_file(path, "model file")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
         genotype = Genotype.from_dict(blob["genotype"])
         model = build_model(genotype, blob["model_config"])
-        model.load_state_dict(blob["state_dict"])
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{path} is not a dsrna model file ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{path} is not a dsrna model file ({first_line(exc)})") from None
+    load_state_checked(model, blob.get("state_dict"), path, "model file")
     model.drop_path_prob = 0.0
     return model.to(device).eval(), {k: v for k, v in blob.items() if k != "state_dict"}
 
@@ -180,7 +188,9 @@ def train(config: TrainConfig) -> TrainResult:
         check_cuda_graphs(device)
         graphs = StepGraphs()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not config.resume:
+        refuse_existing_run(out, "training")
+    check_writable(out)
     genotype = Genotype.from_json(config.genotype)
     info, train_set, eval_loader = _datasets(config)
     model_config = dict(init_channels=config.init_channels, layers=config.layers, num_classes=info.num_classes,
@@ -198,9 +208,7 @@ def train(config: TrainConfig) -> TrainResult:
     start_epoch, history = 0, []
     checkpoint_path = out / "checkpoint.pt"
     if config.resume:
-        start_epoch, history = _resume(checkpoint_path, config, model, optimizer, scheduler)
-    elif checkpoint_path.exists():
-        raise ValueError(f"{out} already holds a training run: pass --resume to continue it or choose another --out")
+        start_epoch, history = _resume(checkpoint_path, _identity(config, genotype), model, optimizer, scheduler)
     write_json(dataclasses.asdict(config), out / "config.json")
     atomic_write_text(out / "genotype.json", genotype.to_json() + "\n")
 
@@ -214,7 +222,7 @@ def train(config: TrainConfig) -> TrainResult:
         loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed * 100003 + epoch,
                              num_workers=config.num_workers)
         record = _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_epoch, progress, epoch,
-                              graphs)
+                              graphs, checkpoint_path)
         scheduler.step()
         test_loss, test_acc = evaluate(model, eval_loader, device, config.amp)
         record.update(epoch=epoch + 1, test_loss=test_loss, test_acc=test_acc, lr=optimizer.param_groups[0]["lr"],
@@ -222,7 +230,7 @@ def train(config: TrainConfig) -> TrainResult:
         history.append(record)
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
-                     "history": history, "config": _identity(config)}, checkpoint_path)
+                     "history": history, "config": _identity(config, genotype)}, checkpoint_path)
         # Rewritten whole from the history the checkpoint holds: a resumed run's log has no gaps or repeats.
         atomic_write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         if progress is not None:
@@ -244,30 +252,43 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(out, model_path, metrics)
 
 
-def _identity(config: TrainConfig) -> dict:
-    """The settings a resumed run must share with the original (the rest may change, e.g. device)."""
-    keys = ("genotype", "dataset", "epochs", "batch_size", "layers", "init_channels", "cutout", "lr", "stem",
+def _identity(config: TrainConfig, genotype: Genotype) -> dict:
+    """The settings a resumed run must share with the original (the rest may change, e.g. device).
+
+    The genotype is its contents, not the argument naming it: an edited genotype.json is another
+    architecture, and the same file by another path is the same one."""
+    keys = ("dataset", "epochs", "batch_size", "layers", "init_channels", "cutout", "lr", "stem",
             "label_smoothing", "momentum", "weight_decay", "auxiliary", "auxiliary_weight", "drop_path_prob", "seed",
             "max_steps_per_epoch")
-    return {k: getattr(config, k) for k in keys}
+    return {"genotype": genotype.to_dict(), **{k: getattr(config, k) for k in keys}}
 
 
-def _resume(path: Path, config, model, optimizer, scheduler) -> tuple[int, list]:
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "history", "config")
+
+
+def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> tuple[int, list]:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state["config"]
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{path} is corrupt or not a training checkpoint ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
-    differing = [k for k, v in _identity(config).items() if saved.get(k) != v]
+    state = load_torch_file(path, "training checkpoint")
+    if isinstance(state, dict) and state.get("format") == SEARCH_FORMAT:
+        raise CheckpointError(f"{path} is a search checkpoint, not a training one: continue it with dsrna search --resume")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(_CHECKPOINT_KEYS)
+    if missing or not isinstance(state["config"], dict):
+        what = f"no {', '.join(missing)}" if missing else "its config is not a table"
+        raise CheckpointError(f"{path} is not a dsrna training checkpoint ({what})")
+    saved = state["config"]
+    differing = [k if k == "genotype" else f"{k}={saved.get(k)!r} (now {v!r})"
+                 for k, v in identity.items() if saved.get(k) != v]
     if differing:
-        raise CheckpointError(f"{path} was written with different settings: {', '.join(differing)}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return int(state["epoch"]), list(state["history"])
+        raise CheckpointError(f"cannot resume {path}: it was written with different settings: {', '.join(differing)}")
+    load_state_checked(model, state["model"], path, "training checkpoint")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return int(state["epoch"]), list(state["history"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} holds an unusable optimizer, scheduler or RNG state ({first_line(exc)})") from None
 
 
 def _progress_bar(config: TrainConfig, steps_per_epoch: int, start_epoch: int):
@@ -280,7 +301,7 @@ def _progress_bar(config: TrainConfig, steps_per_epoch: int, start_epoch: int):
 
 
 def _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_epoch, progress, epoch,
-                 graphs: StepGraphs | None) -> dict:
+                 graphs: StepGraphs | None, checkpoint_path: Path) -> dict:
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -309,19 +330,24 @@ def _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_
         correct += m["correct"]
         count += y.numel()
         if (step + 1) % config.log_every == 0:  # the only host synchronisation inside the epoch
-            _check_finite(total_loss, epoch, step)
+            _check_finite(total_loss, epoch, step, checkpoint_path)
             if progress is not None:
                 progress.set_postfix(epoch=epoch + 1, loss=f"{total_loss.item() / count:.4f}")
         if progress is not None:
             progress.update(1)
-    _check_finite(total_loss, epoch, None)
+    _check_finite(total_loss, epoch, None, checkpoint_path)
     elapsed = time.perf_counter() - start
     return dict(train_loss=total_loss.item() / max(count, 1), train_acc=correct.item() / max(count, 1),
                 time_s=elapsed, images_per_s=count / max(elapsed, 1e-9))
 
 
-def _check_finite(total_loss: torch.Tensor, epoch: int, step: int | None) -> None:
+def _check_finite(total_loss: torch.Tensor, epoch: int, step: int | None, checkpoint_path: Path) -> None:
     if not torch.isfinite(total_loss):
         where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step is not None else "")
-        raise DivergenceError(f"training diverged (loss is NaN or infinite at {where}); the last good checkpoint "
-                              "is kept: lower --lr or --grad-clip, or try --amp none, then --resume")
+        # --resume keeps --lr (it shapes the schedule) but not --grad-clip or --amp
+        if checkpoint_path.exists():
+            advice = (f"the last good checkpoint {checkpoint_path} is kept: --resume with a lower --grad-clip or "
+                      "--amp none, or start again with a lower --lr in another --out")
+        else:
+            advice = "no checkpoint was written: start again with a lower --lr or --grad-clip, or --amp none"
+        raise DivergenceError(f"training diverged (loss is NaN or infinite at {where}); {advice}")

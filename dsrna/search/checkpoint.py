@@ -22,23 +22,140 @@ from dsrna.search.config import SearchConfig
 FORMAT = "dsrna-search-checkpoint/1"
 
 
+def _umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere it can only be read by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory (Windows cannot).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(temp_path)`` then move the file into place, so readers never see half a file."""
+    """Call ``write(temp_path)`` then move the file into place, so readers never see half a file,
+    and a crash right after the rename never leaves an empty one (the data is flushed to disk first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
+        # mkstemp creates the file 0600; the result should have the mode a plain open() would give.
+        os.chmod(temp, 0o666 & ~_umask())
+        os.close(fd)
+        fd = None
         write(temp)
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temp, path)
     except BaseException:
+        if fd is not None:
+            os.close(fd)
         if os.path.exists(temp):
             os.unlink(temp)
         raise
+    _fsync_directory(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda temp: Path(temp).write_text(text))
+
+
+def check_writable(folder: Path, hint: str = "choose another --out") -> None:
+    """Create ``folder`` and make sure files can be written in it, before any long work whose
+    results would otherwise be lost at the end."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".dsrna-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write in {folder} ({exc.strerror or type(exc).__name__}): {hint}") from None
+
+
+# Files that tell which command filled a run folder, most specific first.
+_RUN_MARKERS = (
+    ("comparison", ("compare_config.json", "compare.json")),
+    ("search", ("alphas.png", "normal.png", "reduce.png")),
+    ("training", ("model.pt", "checkpoint.pt")),
+)
+
+
+def run_kind(folder: Path) -> str | None:
+    """``"comparison"``, ``"search"`` or ``"training"``: the kind of run ``folder`` holds (None: none)."""
+    folder = Path(folder)
+    for kind, markers in _RUN_MARKERS:
+        if any((folder / name).exists() for name in markers):
+            return kind
+    return None
+
+
+def refuse_existing_run(folder: Path, own_kind: str) -> None:
+    """A new run must not overwrite another run's files: refuse a folder that already holds one
+    (a run of ``own_kind`` can be continued with --resume instead)."""
+    kind = run_kind(folder)
+    if kind is not None:
+        hint = "pass --resume to continue it or " if kind == own_kind else ""
+        raise CheckpointError(f"{folder} already holds a {kind} run: {hint}choose another --out")
+
+
+def load_torch_file(path: Path, what: str, map_location: torch.device | str = "cpu"):
+    """``torch.load(path, weights_only=True)``, or a one-line ``CheckpointError`` naming the file.
+
+    PyTorch's own message for a file that is not plain data suggests ``weights_only=False``, which
+    would run code from the file: it is never passed on."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        if isinstance(exc, OSError):
+            reason = exc.strerror or type(exc).__name__
+        elif "Unsupported global" in str(exc):
+            reason = "it holds objects other than tensors and plain data"
+        else:
+            reason = "not a torch file, or truncated"
+        raise CheckpointError(f"{path} is not a dsrna {what} ({reason})") from None
+
+
+def load_state_checked(module: torch.nn.Module, state_dict, path: Path, what: str) -> None:
+    """``module.load_state_dict(state_dict)``, or one line naming a few missing/unexpected keys
+    (PyTorch's message lists every key, one per line)."""
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} is not a dsrna {what} (its weights are a {type(state_dict).__name__})")
+    expected, given = set(module.state_dict()), set(state_dict)
+    problems = []
+    for label, keys in (("missing", sorted(expected - given)), ("unexpected", sorted(given - expected))):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{label} {', '.join(keys[:3])}{more}")
+    if not problems:
+        try:
+            module.load_state_dict(state_dict)
+            return
+        except (RuntimeError, TypeError, ValueError) as exc:
+            # e.g. a shape mismatch: the first detail line names the parameter
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            problems.append(lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__))
+    raise CheckpointError(f"{path} does not fit this network: {'; '.join(problems)}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,11 +204,7 @@ def load_checkpoint(path: Path, config: SearchConfig, map_location: torch.device
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"cannot resume: no checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    payload = load_torch_file(path, "search checkpoint", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dsrna search checkpoint (expected format {FORMAT})")
     try:
@@ -100,6 +213,6 @@ def load_checkpoint(path: Path, config: SearchConfig, map_location: torch.device
         raise CheckpointError(f"checkpoint {path} holds an unreadable config ({exc})") from None
     differing = config.differences(saved)
     if differing:
-        shown = ", ".join(f"{k}={getattr(saved, k)!r} (now {getattr(config, k)!r})" for k in differing[:3])
+        shown = ", ".join(f"{name}={before!r} (now {now!r})" for name, before, now in differing[:3])
         raise CheckpointError(f"cannot resume {path}: it belongs to a run with different settings: {shown}")
     return payload

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,13 +83,37 @@ class SearchConfig:
             raise ValueError(f"log_every must be positive, got {self.log_every}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be positive, got {self.max_steps_per_epoch}")
+        if self.partial_channels < 1:
+            raise ValueError(f"partial_channels must be >= 1 (1 = plain DARTS), got {self.partial_channels}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            # clip_grad_norm_ with a negative norm flips every gradient's sign
+            raise ValueError(f"grad_clip must be a finite number > 0, got {self.grad_clip}")
+        if not 0 <= self.arch_start_epoch < self.epochs:
+            raise ValueError(f"arch_start_epoch must be in [0, epochs={self.epochs}) or the architecture is never "
+                             f"updated, got {self.arch_start_epoch}")
         if isinstance(self.robustness, dict):
             self.robustness = _robustness_config_class()(**self.robustness)
+        self._check_robustness_schedule()
         if self.robustness.dataset != self.dataset:  # R's default budget follows the searched data set
             self.robustness = dataclasses.replace(self.robustness, dataset=self.dataset)
         self.arch_betas = tuple(self.arch_betas)
         if self.subset_fractions is not None:
             self.subset_fractions = tuple(self.subset_fractions)
+
+    def _check_robustness_schedule(self) -> None:
+        """Refuse robustness settings that the run would silently never use."""
+        robustness = self.robustness
+        if not self.uses_robustness:
+            if robustness.robust_batch is not None:
+                raise ValueError("robust_batch has no effect without a robustness term: "
+                                 "set robustness (--robustness cb, jacobian or combined) or drop it")
+            return
+        if robustness.warmup_epochs >= self.epochs:
+            raise ValueError(f"robustness warmup_epochs ({robustness.warmup_epochs}) must be below epochs "
+                             f"({self.epochs}) or the robustness term is never used")
+        if robustness.robust_batch is not None and robustness.robust_batch > self.batch_size:
+            raise ValueError(f"robust_batch ({robustness.robust_batch}) is larger than the validation batch "
+                             f"(batch_size {self.batch_size}): R is computed on at most the whole batch")
 
     @property
     def uses_robustness(self) -> bool:
@@ -106,10 +131,19 @@ class SearchConfig:
             raise ValueError(f"search config: unknown field(s) {', '.join(unknown)}")
         return cls(**data)
 
-    def differences(self, other: "SearchConfig") -> list[str]:
-        """Names of the fields that change the run's numbers and differ between the two configs."""
+    def differences(self, other: "SearchConfig") -> list[tuple[str, Any, Any]]:
+        """``(field, other's value, own value)`` for each field that changes the run's numbers and
+        differs between the two configs; nested settings by their own name (``robustness.gamma``)."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return [k for k in mine if k not in self.RESUMABLE and mine[k] != theirs.get(k)]
+        found = []
+        for key, value in mine.items():
+            if key in self.RESUMABLE or value == theirs.get(key):
+                continue
+            if isinstance(value, dict) and isinstance(theirs.get(key), dict):
+                found += [(f"{key}.{k}", theirs[key].get(k), v) for k, v in value.items() if theirs[key].get(k) != v]
+            else:
+                found.append((key, theirs.get(key), value))
+        return found
 
 
 # PC-DARTS' ImageNet protocol (Xu et al. 2020): 10% / 2.5% per-class subsets, 224x224 inputs through a

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from dsrna.errors import CheckpointError, DataError, DivergenceError, DsrnaError
 from dsrna.search import distributed
-from dsrna.search.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, set_rng_state
+from dsrna.search.checkpoint import (atomic_write_text, check_writable, load_checkpoint, load_state_checked,
+                                     refuse_existing_run, save_checkpoint, set_rng_state)
 from dsrna.search.config import SearchConfig
 from dsrna.search.cuda_graph import GraphedSearcher
 from dsrna.search.searcher import Searcher
@@ -156,7 +157,18 @@ def _read_log(path: Path, before_epoch: int) -> list[dict]:
     """The log lines of the epochs a checkpoint covers (a crash may have left one more)."""
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise CheckpointError(f"{path} line {number} is not an epoch record (corrupt?); "
+                                  "repair or remove that line to resume")
+        records.append(record)
     return [r for r in records if r["epoch"] <= before_epoch]
 
 
@@ -194,8 +206,10 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
     # failure on one rank (data or --out missing on one node, a checkpoint there and not here)
     # stops all of them with one line each instead of leaving the others waiting.
     with distributed.fail_together():
-        if not config.resume and checkpoint_path.exists():
-            raise DsrnaError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
+        if not config.resume:
+            refuse_existing_run(out, "search")
+        if rank == 0:  # the only writer: an unwritable --out fails now, not after the first epoch
+            check_writable(out)
 
         # Every rank draws the same stream: the same initial weights and alphas (DDP and the explicit
         # broadcast make sure anyway) and the same random choices of the robustness estimators.
@@ -229,8 +243,8 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
     history: list[dict] = []
     if payload is not None:
         with distributed.fail_together():
+            load_state_checked(net, payload.get("model"), checkpoint_path, "search checkpoint")
             try:
-                net.load_state_dict(payload["model"])
                 searcher.load_state_dict(payload["searcher"])
                 start_epoch, step, val_state = int(payload["epoch"]), int(payload["step"]), payload["data"]
                 set_rng_state(payload["rng"])

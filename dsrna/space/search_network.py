@@ -198,6 +198,8 @@ class SearchNetwork(nn.Module):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         if layers < 1 or steps < 1 or not 1 <= multiplier <= steps:
             raise ValueError(f"need layers >= 1 and 1 <= multiplier <= steps, got layers={layers}, steps={steps}, multiplier={multiplier}")
+        if partial_channels < 1:
+            raise ValueError(f"partial_channels must be >= 1 (1 = plain DARTS), got {partial_channels}")
         self.C, self.num_classes, self.layers = C, num_classes, layers
         self.in_channels, self.steps, self.multiplier = in_channels, steps, multiplier
         self.partial_channels, self.backend, self.stem_multiplier = partial_channels, backend, stem_multiplier
