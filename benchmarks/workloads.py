@@ -128,7 +128,8 @@ def _search(order: int, robustness: str = "none", method: str = "crown-ibp"):
         config = SearchConfig(dataset=dataset, order=order, backend=backend, batch_size=shape.batch, layers=shape.layers,
                               init_channels=shape.C,
                               robustness=RobustnessConfig(kind=robustness, method=method,
-                                                          robust_batch=CB_ROBUST_BATCH if method == "crown-ibp" and robustness == "cb" else None))
+                                                          robust_batch=min(CB_ROBUST_BATCH, shape.batch)
+                                                          if method == "crown-ibp" and robustness == "cb" else None))
         searcher = Searcher(net, config)
         train, val = _batch(shape, device), _batch(shape, device)
         return lambda: searcher.step(train, val)
