@@ -64,7 +64,7 @@ def format_report(data: dict[str, Any]) -> str:
              f"triton {v['triton'] or 'not installed'}", "devices:"]
     for d in data["devices"]:
         if d["type"] == "cpu":
-            lines.append(f"  cpu: {d['name']}, {d['threads']} threads")
+            lines.append(f"  cpu: {d['name']}, {d['threads']} thread{'s' if d['threads'] != 1 else ''}")
         else:
             lines.append(f"  cuda:{d['index']}: {d['name']}, sm_{d['capability'].replace('.', '')}, {d['memory_gib']} GiB")
     if len(data["devices"]) == 1:

@@ -31,7 +31,8 @@ def _run_folder(path):
 
 def test_report_embeds_everything_the_folder_holds(tmp_path):
     _run_folder(tmp_path)
-    page = write_report(tmp_path).read_text()
+    with pytest.warns(UserWarning, match=r"log.jsonl: line\(s\) 4 are not JSON records"):  # said, not silent
+        page = write_report(tmp_path).read_text()
     for heading in ("Metrics", "Cells", "Training curves", "Architecture weights over epochs", "Robust accuracy",
                     "Certified robustness", "Pictures"):
         assert f"<h2>{heading}</h2>" in page, heading
@@ -41,6 +42,13 @@ def test_report_embeds_everything_the_folder_holds(tmp_path):
     assert "http://" not in page and "https://" not in page
     # cells (2) + run-log curves (1) + heatmaps (2) + attack (1) + certify (2) + gallery (1)
     assert len(sources) == 2 + 1 + 2 + 1 + 2 + 1
+
+
+def test_report_names_an_unreadable_file_it_leaves_out(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"test_acc": 0.9,')
+    with pytest.warns(UserWarning, match="metrics.json is unreadable"):
+        page = write_report(tmp_path).read_text()
+    assert "test_acc" not in page
 
 
 def test_report_of_an_empty_or_missing_folder(tmp_path):

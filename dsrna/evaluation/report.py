@@ -23,6 +23,7 @@ import html
 import io
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -98,21 +99,29 @@ def _table(rows: list[list], head: list[str] | None = None) -> str:
 
 
 def _read_json(path: Path):
+    """The file's JSON; None if it is absent, or unreadable (said in a warning: the report leaves it out)."""
+    if not path.is_file():
+        return None
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError) as exc:
+        warnings.warn(f"{path} is unreadable ({type(exc).__name__}): left out of the report")
         return None
 
 
 def _read_log(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text().splitlines():
+    records, torn = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line torn by an interrupted run
+            record = None
         if isinstance(record, dict):
             records.append(record)
+        elif line.strip():
+            torn.append(number)
+    if torn:
+        warnings.warn(f"{path}: line(s) {', '.join(map(str, torn))} are not JSON records: left out of the report")
     return records
 
 

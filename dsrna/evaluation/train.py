@@ -190,9 +190,9 @@ def train(config: TrainConfig) -> TrainResult:
     out = Path(config.out)
     if not config.resume:
         refuse_existing_run(out, "training")
-    check_writable(out)
     genotype = Genotype.from_json(config.genotype)
     info, train_set, eval_loader = _datasets(config)
+    check_writable(out)  # after the data: a missing data root leaves no empty folder behind
     model_config = dict(init_channels=config.init_channels, layers=config.layers, num_classes=info.num_classes,
                         in_channels=info.in_channels, auxiliary=config.auxiliary, stem=config.stem,
                         mean=list(map(float, info.mean)), std=list(map(float, info.std)))

@@ -182,8 +182,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, *, config: SearchConfig, net: torch.nn.Module, searcher_state: dict,
-                    epoch: int, step: int, data_state: dict, world_size: int) -> None:
-    """``epoch`` is the number of finished epochs (the epoch a resumed run starts with)."""
+                    epoch: int, step: int, data_state: dict, world_size: int, history: list[dict]) -> None:
+    """``epoch`` is the number of finished epochs (the epoch a resumed run starts with); ``history``
+    their log records (plain data), which a resumed run continues."""
     payload = {
         "format": FORMAT,
         "config": json.dumps(config.to_dict()),
@@ -194,6 +195,7 @@ def save_checkpoint(path: Path, *, config: SearchConfig, net: torch.nn.Module, s
         "searcher": searcher_state,  # both optimisers; the learning rate is a function of the epoch
         "rng": rng_state(),
         "data": data_state,
+        "history": history,
     }
     atomic_write(path, lambda temp: torch.save(payload, temp))
 

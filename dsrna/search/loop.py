@@ -153,25 +153,6 @@ def _write_pictures(net: SearchNetwork, genotype: Genotype, out: Path, epoch: in
     plot_alpha_heatmaps(tables, out / "alphas.png", f"epoch {epoch}")
 
 
-def _read_log(path: Path, before_epoch: int) -> list[dict]:
-    """The log lines of the epochs a checkpoint covers (a crash may have left one more)."""
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-            raise CheckpointError(f"{path} line {number} is not an epoch record (corrupt?); "
-                                  "repair or remove that line to resume")
-        records.append(record)
-    return [r for r in records if r["epoch"] <= before_epoch]
-
-
 def run_search(config: SearchConfig, data: SearchData | None = None,
                on_epoch_end: Callable[[int, dict], None] | None = None) -> SearchResult:
     """Run (or, with ``config.resume``, continue) a search; see the module docstring for the files.
@@ -248,10 +229,11 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
                 searcher.load_state_dict(payload["searcher"])
                 start_epoch, step, val_state = int(payload["epoch"]), int(payload["step"]), payload["data"]
                 set_rng_state(payload["rng"])
+                # the checkpoint's own copy of the log: log.jsonl, lost or torn, is rewritten from it
+                history = list(payload["history"])
             except (KeyError, RuntimeError, ValueError, TypeError) as exc:
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise CheckpointError(f"checkpoint {checkpoint_path} does not fit this super-network ({first})") from None
-            history = _read_log(log_path, start_epoch)
     stepper = searcher  # what runs the steps; the searcher keeps the schedule and the checkpoints
     if config.cuda_graph:
         try:
@@ -321,7 +303,8 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
                     atomic_write_text(out / "genotype.json", genotype.to_json() + "\n")
                     _write_pictures(net, genotype, out, epoch + 1)
                     save_checkpoint(checkpoint_path, config=config, net=net, searcher_state=searcher.state_dict(),
-                                    epoch=epoch + 1, step=step, data_state=val_stream.state(), world_size=world)
+                                    epoch=epoch + 1, step=step, data_state=val_stream.state(), world_size=world,
+                                    history=history)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
     finally:
