@@ -308,7 +308,6 @@ cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, voi
   });
 }
 
-
 cudaError_t depthwise_stack_forward(DType dtype, const void* x, const void* const* weights, void* y,
                                     const DepthwiseStackGeometry& g, cudaStream_t stream) {
   if (g.T < 1 || g.T > kMaxStackConvs) return cudaErrorInvalidValue;

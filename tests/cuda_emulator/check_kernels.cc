@@ -34,12 +34,29 @@ template <typename T> T from_double(double v) { return T(v); }
 template <> __half from_double(double v) { return __float2half_rn(float(v)); }
 template <> __nv_bfloat16 from_double(double v) { return __float2bfloat16_rn(float(v)); }
 
+// Per dtype: the launcher's tag, the relative tolerance of one value, a name for the report.
 template <typename T> struct Info;
-template <> struct Info<float> { static constexpr DType dtype = DType::kFloat32; static constexpr double tol = 1e-5; static constexpr const char* name = "f32"; };
-template <> struct Info<double> { static constexpr DType dtype = DType::kFloat64; static constexpr double tol = 1e-12; static constexpr const char* name = "f64"; };
+template <> struct Info<float> {
+  static constexpr DType dtype = DType::kFloat32;
+  static constexpr double tol = 1e-5;
+  static constexpr const char* name = "f32";
+};
+template <> struct Info<double> {
+  static constexpr DType dtype = DType::kFloat64;
+  static constexpr double tol = 1e-12;
+  static constexpr const char* name = "f64";
+};
 // One rounding of a float accumulator to the output type: half has an 11-bit, bfloat16 an 8-bit significand.
-template <> struct Info<__half> { static constexpr DType dtype = DType::kFloat16; static constexpr double tol = 1e-3; static constexpr const char* name = "f16"; };
-template <> struct Info<__nv_bfloat16> { static constexpr DType dtype = DType::kBFloat16; static constexpr double tol = 8e-3; static constexpr const char* name = "bf16"; };
+template <> struct Info<__half> {
+  static constexpr DType dtype = DType::kFloat16;
+  static constexpr double tol = 1e-3;
+  static constexpr const char* name = "f16";
+};
+template <> struct Info<__nv_bfloat16> {
+  static constexpr DType dtype = DType::kBFloat16;
+  static constexpr double tol = 8e-3;
+  static constexpr const char* name = "bf16";
+};
 
 template <typename T> std::vector<T> random_values(int64_t n) {
   std::vector<T> v(n);
@@ -47,8 +64,8 @@ template <typename T> std::vector<T> random_values(int64_t n) {
   return v;
 }
 
-// Max over elements of |got - want| / (1 + |want|) (NaN counts as a failure), against `tol` times
-// `scale` (the number of terms summed into each value, for sums in a float accumulator).
+// Max over elements of |got - want| / (1 + |want|) (NaN counts as a failure), against `tol` (callers
+// scale it by the number of terms of each value where a long sum runs in a float accumulator).
 template <typename T> void check(const std::string& what, const T* got, const std::vector<double>& want, double tol) {
   double worst = 0;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -91,7 +108,9 @@ template <typename T> void conv_plane(const std::vector<T>& x, int64_t C, int64_
 
 struct Shape {
   int64_t N, C, H, W;
-  std::string str() const { return std::to_string(N) + "x" + std::to_string(C) + "x" + std::to_string(H) + "x" + std::to_string(W); }
+  std::string str() const {
+    return std::to_string(N) + "x" + std::to_string(C) + "x" + std::to_string(H) + "x" + std::to_string(W);
+  }
 };
 
 // (kernel, padding, dilation) of the first depthwise conv of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5.
@@ -110,7 +129,8 @@ template <typename T> void depthwise_forward_case(Shape sh, Conv cv, int s) {
   std::vector<T> y(want.size(), from_double<T>(NAN));
   const std::string what = std::string("depthwise_forward ") + Info<T>::name + " " + sh.str() + " k" +
                            std::to_string(cv.K) + "s" + std::to_string(s) + "d" + std::to_string(cv.d);
-  launched(depthwise_forward(Info<T>::dtype, x.data(), w.data(), y.data(), {sh.N, sh.C, sh.H, sh.W, Ho, Wo, cv.K, s, cv.p, cv.d}, nullptr), what);
+  const DepthwiseGeometry g{sh.N, sh.C, sh.H, sh.W, Ho, Wo, cv.K, s, cv.p, cv.d};
+  launched(depthwise_forward(Info<T>::dtype, x.data(), w.data(), y.data(), g, nullptr), what);
   check(what, y.data(), want, Info<T>::tol);
 }
 
@@ -142,7 +162,8 @@ template <typename T> void interval_depthwise_case(Shape sh, Conv cv, int s) {
 }
 
 template <typename T> void depthwise_weight_case(Shape sh, Conv cv, int s) {
-  const DepthwiseGeometry g{sh.N, sh.C, sh.H, sh.W, out_size(sh.H, cv.K, s, cv.p, cv.d), out_size(sh.W, cv.K, s, cv.p, cv.d), cv.K, s, cv.p, cv.d};
+  const DepthwiseGeometry g{sh.N, sh.C, sh.H, sh.W, out_size(sh.H, cv.K, s, cv.p, cv.d),
+                            out_size(sh.W, cv.K, s, cv.p, cv.d), cv.K, s, cv.p, cv.d};
   const auto x = random_values<T>(sh.N * sh.C * sh.H * sh.W);
   const auto gy = random_values<T>(sh.N * sh.C * g.Ho * g.Wo);
   std::vector<double> want(sh.C * cv.K * cv.K, 0.0);
@@ -173,7 +194,8 @@ template <typename T> void depthwise_weight_case(Shape sh, Conv cv, int s) {
 
 template <typename T> void depthwise_stack_case(Shape sh, const std::vector<Conv>& convs, int M, int s) {
   const int Tn = int(convs.size());
-  const int64_t Ho = out_size(sh.H, convs[0].K, s, convs[0].p, convs[0].d), Wo = out_size(sh.W, convs[0].K, s, convs[0].p, convs[0].d);
+  const Conv& first = convs[0];
+  const int64_t Ho = out_size(sh.H, first.K, s, first.p, first.d), Wo = out_size(sh.W, first.K, s, first.p, first.d);
   const int64_t B = int64_t(Tn) * M;
   const auto x = random_values<T>(sh.N * sh.C * sh.H * sh.W);
   DepthwiseStackGeometry g{sh.N, sh.C, sh.H, sh.W, Ho, Wo, Tn, M, s, 0, {}, {}, {}};

@@ -3,8 +3,9 @@
 // tests/test_cuda_emulated.py has rewritten: `<<<...>>>` launches call emu::launch, the dynamic shared
 // memory is emu::shared_memory and static __shared__ arrays are function statics.
 //
-// The model: the blocks of a grid run one after another; the threads of a block are fibers, each run as far as it goes before the next: the schedule under which a missing
-// __syncthreads shows (a thread reads shared memory its neighbours have not written yet).
+// The model: the blocks of a grid run one after another; the threads of a block are fibers, each
+// run as far as it goes before the next: the schedule under which a missing __syncthreads shows (a
+// thread reads shared memory its neighbours have not written yet).
 // __syncthreads waits for every thread of the block that has not returned, __shfl_down_sync
 // exchanges through memory between two barriers of its warp (32 consecutive threads); a barrier no
 // thread can pass (divergent __syncthreads) is an error. Shared memory starts filled with NaN bytes,
@@ -150,7 +151,9 @@ template <typename Kernel, typename... Args> void launch(Config c, Kernel kernel
           bool done = true;
           for (const auto& f : fibers) done = done && f.state == State::kDone;
           if (done) break;
-          if (!release_barriers() && !ran) throw std::runtime_error("emulated launch: threads wait at a barrier that others never reach");
+          if (!release_barriers() && !ran) {
+            throw std::runtime_error("emulated launch: threads wait at a barrier that others never reach");
+          }
         }
       }
     }
@@ -167,7 +170,9 @@ template <typename T> T __shfl_down_sync(unsigned /*mask: the full warp here*/, 
   std::memcpy(emu::lanes[rank].data(), &v, sizeof(T));
   emu::wait(emu::State::kAtWarpBarrier);
   T out = v;  // a lane past the warp's end keeps its own value
-  if (lane + offset < 32 && rank + offset < emu::fibers.size()) std::memcpy(&out, emu::lanes[rank + offset].data(), sizeof(T));
+  if (lane + offset < 32 && rank + offset < emu::fibers.size()) {
+    std::memcpy(&out, emu::lanes[rank + offset].data(), sizeof(T));
+  }
   emu::wait(emu::State::kAtWarpBarrier);
   return out;
 }
