@@ -6,7 +6,7 @@ import re
 import pytest
 
 from dsrna import DARTS_V2
-from dsrna.evaluation.report import plot_attack_curve, write_report
+from dsrna.evaluation.report import _curve_groups, plot_attack_curve, write_report
 from dsrna.plots import save_figure
 
 
@@ -15,7 +15,8 @@ def _run_folder(path):
     for epoch in (1, 2, 3):
         alphas = {"normal": [[1 / 8] * 8] * 14, "reduce": [[0.5] + [0.5 / 7] * 7] * 14}
         log.append({"epoch": epoch, "train_loss": 2.0 / epoch, "val_loss": 2.1 / epoch, "train_acc": 0.3 * epoch,
-                    "robustness": -0.1 * epoch, "alphas": alphas, "genotype": DARTS_V2.to_dict()})
+                    "robustness": None if epoch == 1 else -0.1 * epoch,  # R warming up in epoch 1
+                    "alphas": alphas, "genotype": DARTS_V2.to_dict()})
     (path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"epoch": 4, "train_lo')  # torn line
     (path / "metrics.json").write_text(json.dumps({"test_acc": 0.9, "parameters": 1234}))
     DARTS_V2.to_json(path / "genotype.json")
@@ -42,6 +43,12 @@ def test_report_embeds_everything_the_folder_holds(tmp_path):
     assert "http://" not in page and "https://" not in page
     # cells (2) + run-log curves (1) + heatmaps (2) + attack (1) + certify (2) + gallery (1)
     assert len(sources) == 2 + 1 + 2 + 1 + 2 + 1
+
+
+def test_log_curves_skip_the_epochs_without_a_value():
+    records = [{"epoch": 1, "train_loss": 2.0, "val_loss": None, "robustness": None, "flag": True},
+               {"epoch": 2, "train_loss": 1.0, "val_loss": 1.5, "robustness": -0.3, "flag": False}]
+    assert _curve_groups(records, "epoch") == {"loss": ["train_loss", "val_loss"], "robustness": ["robustness"]}
 
 
 def test_report_names_an_unreadable_file_it_leaves_out(tmp_path):

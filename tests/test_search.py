@@ -330,6 +330,8 @@ def test_cli_preset_and_flags():
     (["--robustness", "jacobian", "--warmup-epochs", "2"], "warmup_epochs (2) must be below epochs (2)"),
     (["--robustness", "jacobian", "--robust-batch", "100"], "robust_batch (100) is larger than the validation batch"),
     (["--robust-batch", "2"], "robust_batch has no effect without a robustness term"),
+    (["--robustness", "jacobian", "--order", "2", "--inner-gamma", "0.1"],
+     "inner_gamma (R in the weight step) works with first-order search only"),
 ])
 def test_cli_search_refuses_settings_it_would_ignore_or_crash_on(tmp_path, capsys, flags, expected):
     argv = ["search", "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "run"), "--no-progress", *flags]
@@ -337,6 +339,26 @@ def test_cli_search_refuses_settings_it_would_ignore_or_crash_on(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert expected in err and err.count("\n") == 0, err
     assert not (tmp_path / "run").exists()
+
+
+def test_float64_search_keeps_its_losses_in_float64():
+    """Only bf16 logits are raised to float32 for the loss: cast down, a float64 search's gradients
+    carried float32 rounding (the second-order one stopped improving at 4e-8)."""
+    net = tiny_net(torch.float64)
+    val = batch(dtype=torch.float64, seed=2)
+    grads, metrics = Searcher(net, config(order=1)).arch_gradient(val)
+    assert metrics["val_loss"].dtype == torch.float64
+    exact = torch.autograd.grad(F.cross_entropy(net(val[0]), val[1]), net.arch_parameters())
+    for g, e in zip(grads, exact):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-15)
+
+
+def test_the_log_has_no_robustness_value_while_r_warms_up(tmp_path):
+    """R is off in its warm-up epochs: None, not the 0 the steps return (0 is R_Jac's best value)."""
+    cfg = config(out=str(tmp_path / "run"), epochs=2, robustness=RobustnessConfig(kind="jacobian", eps=0.1,
+                                                                                  warmup_epochs=1))
+    history = run_search(cfg, tiny_data()).history
+    assert history[0]["robustness"] is None and history[1]["robustness"] < 0
 
 
 def test_search_config_refuses_a_non_positive_grad_clip():

@@ -125,18 +125,26 @@ def _read_log(path: Path) -> list[dict]:
     return records
 
 
-def _curves(records: list[dict]) -> list[str]:
-    """One figure, one panel per group of numeric fields (losses together, accuracies together, each
-    other field alone), drawn at once: a figure per panel would cost a render each."""
-    x_key = "epoch" if all("epoch" in r for r in records) else None
-    xs = [r["epoch"] for r in records] if x_key else list(range(1, len(records) + 1))
-    numeric = [k for k in dict.fromkeys(k for r in records for k in r)
-               if k != x_key and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
-                                     for r in records if k in r)]
+def _curve_groups(records: list[dict], x_key: str | None) -> dict[str, list[str]]:
+    """The numeric fields of the log by panel: losses together, accuracies together, each other
+    field alone. None marks an epoch without the value (R in its warm-up, val_loss before the
+    architecture starts): the curve skips it."""
+    present = {k: [r[k] for r in records if r.get(k) is not None] for k in dict.fromkeys(k for r in records for k in r)}
     groups: dict[str, list[str]] = {}
-    for key in numeric:
+    for key, values in present.items():
+        if key == x_key or not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
         group = "loss" if "loss" in key else "accuracy" if key.endswith("acc") or "accuracy" in key else key
         groups.setdefault(group, []).append(key)
+    return groups
+
+
+def _curves(records: list[dict]) -> list[str]:
+    """One figure, one panel per group of numeric fields (:func:`_curve_groups`), drawn at once: a
+    figure per panel would cost a render each."""
+    x_key = "epoch" if all("epoch" in r for r in records) else None
+    xs = [r["epoch"] for r in records] if x_key else list(range(1, len(records) + 1))
+    groups = _curve_groups(records, x_key)
     if not groups:
         return []
     columns = min(3, len(groups))
@@ -144,7 +152,7 @@ def _curves(records: list[dict]) -> list[str]:
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.9 * rows), squeeze=False)
     for ax, (group, keys) in zip(axes.flat, groups.items()):
         for key in keys:
-            points = [(x, r[key]) for x, r in zip(xs, records) if key in r]
+            points = [(x, r[key]) for x, r in zip(xs, records) if r.get(key) is not None]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None, label=key)
         ax.set_title(group, fontsize=10)
         ax.grid(alpha=0.3)

@@ -108,6 +108,11 @@ class SearchConfig:
                 raise ValueError("robust_batch has no effect without a robustness term: "
                                  "set robustness (--robustness cb, jacobian or combined) or drop it")
             return
+        if self.order == 2 and robustness.inner_gamma > 0:
+            # The unrolled step w' = w - eta grad L_train models the weight step; with R in it the
+            # architecture gradient would be that of another objective.
+            raise ValueError("inner_gamma (R in the weight step) works with first-order search only: "
+                             "the second-order unrolled step assumes plain L_train")
         if robustness.warmup_epochs >= self.epochs:
             raise ValueError(f"robustness warmup_epochs ({robustness.warmup_epochs}) must be below epochs "
                              f"({self.epochs}) or the robustness term is never used")

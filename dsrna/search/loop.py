@@ -249,8 +249,10 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
         for epoch in range(start_epoch, config.epochs):
             searcher.set_epoch(epoch)
             train_sampler.set_epoch(epoch)
-            # train loss, train correct, train count, val loss, val correct, val count, R, arch steps
+            # train loss, train correct, train count, val loss, val correct, val count, R, steps with R
             sums = torch.zeros(8, dtype=torch.float64, device=device)
+            # R is off during its warm-up: the epoch logs None then, not the 0 the steps return
+            with_r = torch.full((), float(searcher.robustness_active), device=device)
             started = time.perf_counter()
             batches = iter(train_loader)
             for i in range(steps_per_epoch):
@@ -259,7 +261,7 @@ def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchR
                     xv, yv = (t.to(device, non_blocking=True) for t in next(val_stream))
                     m = stepper.step((x, y), (xv, yv))
                     sums[3:8] += torch.stack([m["val_loss"] * m["val_count"], m["val_correct"], m["val_count"],
-                                              m["robustness"], torch.ones((), device=device)]).double()
+                                              m["robustness"], with_r]).double()
                 else:
                     m = stepper.weight_step((x, y))
                 sums[0:3] += torch.stack([m["train_loss"] * m["train_count"], m["train_correct"], m["train_count"]]).double()

@@ -79,6 +79,12 @@ def finite_difference_hvp(net: torch.nn.Module, weights: Sequence[torch.Tensor],
     return [(plus - minus) / (2 * eps) for plus, minus in zip(*sides)]
 
 
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss in at least float32: bf16 logits (autocast) are raised, float64 ones kept (casting
+    them down capped the second-order gradient's accuracy at float32's)."""
+    return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), y)
+
+
 @contextlib.contextmanager
 def _frozen(params: Sequence[torch.Tensor]):
     """Parameters excluded from autograd inside (the weight step needs no architecture gradient)."""
@@ -172,7 +178,7 @@ class Searcher:
         robust = self.robustness_active
         with self._autocast(x.device), _capturing(robust) as bn_stats:
             logits = net(x)
-        val_loss = F.cross_entropy(logits.float(), y)
+        val_loss = _cross_entropy(logits, y)
         if not robust:
             return val_loss, val_loss, logits, torch.zeros((), device=x.device)
         r = self._robustness(net, x, y, bn_stats)
@@ -220,7 +226,7 @@ class Searcher:
         # w' = w - eta * (momentum * buffer + grad L_train(w) + wd * w): the SGD step the weights are
         # about to take, with the gradient averaged over ranks so every rank unrolls to the same w'.
         with self._autocast(xt.device):
-            train_loss = F.cross_entropy(self.net(xt).float(), yt)
+            train_loss = _cross_entropy(self.net(xt), yt)
         g_train = distributed.all_reduce_mean(torch.autograd.grad(train_loss, self.weights))
         unrolled = sgd_lookahead(self.weights, g_train, self.w_optimizer, eta, self.config.momentum,
                                  self.config.weight_decay)
@@ -246,7 +252,7 @@ class Searcher:
         with _frozen(self.arch):
             with self._autocast(x.device), _capturing(robust) as bn_stats:
                 logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = _cross_entropy(logits, y)
             train_loss = loss
             if robust:
                 loss = loss - inner_gamma * self._robustness(self.net, x, y, bn_stats)
