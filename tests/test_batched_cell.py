@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import prune
 
 from conftest import DEVICES
 from dsrna import SearchNetwork, backend
@@ -135,6 +136,32 @@ def test_cells_it_does_not_know_run_per_edge():
     for net in (fast, ref):
         torch.manual_seed(1)
         net.cells[0].edges[2].ops[5] = SepConv(4, 4, 3, 1, 1, affine=False).double()
+    assert batched_cell.cell_plan(fast.cells[0]) is None and batched_cell.usable_plan(fast.cells[1]) is not None
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1, 0])
+    assert_close_all(step(fast, x, y), step(ref, x, y))
+
+
+def _prune_a_conv(net):
+    prune.l1_unstructured(net.cells[0].edges[1].ops[4].op[2], "weight", amount=0.5)
+
+
+def _hook_a_batch_norm(net):
+    net.cells[0].edges[1].ops[6].op[3].register_forward_hook(lambda module, inputs, output: output * 2)
+
+
+def _pool_batch_norm_of_its_own(net):
+    net.cells[0].edges[1].ops[1].bn.momentum = 0.5
+
+
+@pytest.mark.parametrize("change", [_prune_a_conv, _hook_a_batch_norm, _pool_batch_norm_of_its_own])
+def test_candidates_the_plan_cannot_honour_run_per_edge(change):
+    """The batched cell computes from the modules' tensors without calling them: a pruned conv (which
+    crashed it), a hook (which it skipped), a pool batch norm with its own momentum (which it
+    ignored) leave their cell on the per-edge path, with the reference's results."""
+    fast, ref = pair()
+    for net in (fast, ref):
+        change(net)
     assert batched_cell.cell_plan(fast.cells[0]) is None and batched_cell.usable_plan(fast.cells[1]) is not None
     x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
     y = torch.tensor([1, 0])

@@ -65,7 +65,11 @@ class _StatePlan:
 
 
 def _module_ok(op: nn.Module, kind: str, stride: int) -> bool:
-    """Whether candidate ``op`` is the standard DARTS module this plan assumes for ``kind``."""
+    """Whether candidate ``op`` is the standard DARTS module this plan assumes for ``kind``. The plan
+    computes from the modules' tensors without calling them, so a module with hooks (which also
+    covers ``torch.nn.utils.prune``: it keeps the class and moves the weight) is not one."""
+    if any(m._forward_hooks or m._forward_pre_hooks for m in op.modules()):
+        return False
     if kind in ("max", "avg"):
         return op.kind == kind and op.stride == stride and _batch_norm_ok(op.bn)
     if kind == "skip":
@@ -118,9 +122,10 @@ def build_plan(cell) -> _CellPlan | None:
         plans.append(_StatePlan(tuple(edge_ids), stride, ops, stage1, stage2, getattr(mixed[0], "bypass_pool", None)))
     reduce_bns = [op.bn for p in plans if p.stride == 2 for op in p.ops["skip"]]
     stacked = [bn for p in plans for bn in p.stage1_bns + p.stage2_bns] + reduce_bns
-    if len({(bn.eps, bn.momentum) for bn in stacked}) > 1:
-        return None  # one batch_norm call needs one eps and one momentum
     pools = [op.bn for p in plans for kind in ("max", "avg") for op in p.ops[kind]]
+    # One batch_norm call needs one eps and one momentum; the pools of a state share one output.
+    if len({(bn.eps, bn.momentum) for bn in stacked + pools}) > 1:
+        return None
     return _CellPlan(plans, tuple(stacked + pools))
 
 
