@@ -17,6 +17,23 @@ class DivergenceError(DsrnaError):
     """A loss became NaN or infinite."""
 
 
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """``name=old (now new)`` for each setting of ``now`` that differs from ``before``, for messages
+    that refuse to mix two runs: a table on both sides by its own differing entries
+    (``robustness.gamma=0.01 (now 0.5)``), a change too long to read (a genotype) by its name alone."""
+    found = []
+    for key, value in now.items():
+        old = before.get(key)
+        if old == value:
+            continue
+        if isinstance(value, dict) and isinstance(old, dict):
+            found += [f"{key}.{change}" for change in changed_settings(old, value)]
+        else:
+            shown = f"{key}={old!r} (now {value!r})"
+            found.append(shown if len(shown) <= 100 else key)
+    return found
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
     lines = str(exc).strip().splitlines()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dsrna.errors import changed_settings
 from dsrna.evaluation.common import evaluation_loader, pick_device, write_json
 from dsrna.search.checkpoint import atomic_write_text
 
@@ -87,8 +88,7 @@ def compare(config: CompareConfig) -> dict:
         settings.pop(volatile)
     saved = out / "compare_config.json"
     if saved.is_file():
-        before = json.loads(saved.read_text())
-        differing = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in settings.items() if before.get(k) != v]
+        differing = changed_settings(json.loads(saved.read_text()), settings)
         if differing:
             raise ValueError(f"{out} holds a comparison run with other settings: {', '.join(differing)}; "
                              "choose another --out")

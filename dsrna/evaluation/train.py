@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsrna.data import dataset_info, get_dataset, make_loader
-from dsrna.errors import CheckpointError, DivergenceError, first_line
+from dsrna.errors import CheckpointError, DivergenceError, changed_settings, first_line
 from dsrna.evaluation.common import atomic_save, evaluation_loader, pick_device, write_json
 from dsrna.search.checkpoint import FORMAT as SEARCH_FORMAT
 from dsrna.search.checkpoint import (atomic_write_text, check_writable, load_state_checked, load_torch_file,
@@ -277,8 +277,7 @@ def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> tuple[in
         what = f"no {', '.join(missing)}" if missing else "its config is not a table"
         raise CheckpointError(f"{path} is not a dsrna training checkpoint ({what})")
     saved = state["config"]
-    differing = [k if k == "genotype" else f"{k}={saved.get(k)!r} (now {v!r})"
-                 for k, v in identity.items() if saved.get(k) != v]
+    differing = changed_settings(saved, identity)
     if differing:
         raise CheckpointError(f"cannot resume {path}: it was written with different settings: {', '.join(differing)}")
     load_state_checked(model, state["model"], path, "training checkpoint")

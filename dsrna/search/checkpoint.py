@@ -215,6 +215,6 @@ def load_checkpoint(path: Path, config: SearchConfig, map_location: torch.device
         raise CheckpointError(f"checkpoint {path} holds an unreadable config ({exc})") from None
     differing = config.differences(saved)
     if differing:
-        shown = ", ".join(f"{name}={before!r} (now {now!r})" for name, before, now in differing[:3])
-        raise CheckpointError(f"cannot resume {path}: it belongs to a run with different settings: {shown}")
+        raise CheckpointError(f"cannot resume {path}: it belongs to a run with different settings: "
+                              f"{', '.join(differing[:3])}")
     return payload

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsrna.errors import changed_settings
+
 
 def _robustness_config_class():
     # Imported on use: the metrics sit above the search space and pull in the bound engine.
@@ -136,19 +138,11 @@ class SearchConfig:
             raise ValueError(f"search config: unknown field(s) {', '.join(unknown)}")
         return cls(**data)
 
-    def differences(self, other: "SearchConfig") -> list[tuple[str, Any, Any]]:
-        """``(field, other's value, own value)`` for each field that changes the run's numbers and
-        differs between the two configs; nested settings by their own name (``robustness.gamma``)."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        found = []
-        for key, value in mine.items():
-            if key in self.RESUMABLE or value == theirs.get(key):
-                continue
-            if isinstance(value, dict) and isinstance(theirs.get(key), dict):
-                found += [(f"{key}.{k}", theirs[key].get(k), v) for k, v in value.items() if theirs[key].get(k) != v]
-            else:
-                found.append((key, theirs.get(key), value))
-        return found
+    def differences(self, other: "SearchConfig") -> list[str]:
+        """The fields that change the run's numbers and differ from ``other``'s, as
+        :func:`dsrna.errors.changed_settings` shows them."""
+        mine = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE}
+        return changed_settings(other.to_dict(), mine)
 
 
 # PC-DARTS' ImageNet protocol (Xu et al. 2020): 10% / 2.5% per-class subsets, 224x224 inputs through a
