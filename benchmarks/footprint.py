@@ -1,5 +1,6 @@
 """Footprint of one train step, per backend, on any device: the activation memory autograd keeps for
-backward, and the ops one forward dispatches (an estimate of GPU kernel launches, for a CPU).
+backward, and the ops one forward dispatches (an estimate of GPU kernel launches, for a CPU); with
+``--bound-methods``, the peak host memory of one no-grad margin bound pass per method instead.
 
 Peak memory and kernel counts are measured by the harness on a GPU only. Here: the distinct storages
 saved for backward during the super-network's forward and loss (a tensor saved by several ops, or a
@@ -8,11 +9,18 @@ ops of a no-grad forward under torch.profiler (views, reshapes and allocations l
 multi-tensor ``_foreach`` op counts once, as it launches once on a GPU).
 
     PYTHONPATH=. python benchmarks/footprint.py [--batch 8 --init-channels 16 --layers 8 --device cpu]
+    PYTHONPATH=. python benchmarks/footprint.py --bound-methods ibp,crown-ibp [--keep-all-bounds]
+
+A bound pass's peak is the growth of the process's peak resident memory over the pass (a fresh
+process per method: that peak only ever grows), float32, l_inf at CIFAR-10's default eps.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +66,23 @@ def forward_ops(net: SearchNetwork, x: torch.Tensor) -> int:
                if ours(e) and not ours(e.cpu_parent) and e.name.split("::")[-1] not in _NO_KERNEL)
 
 
+def bound_pass_peak_gib(net: SearchNetwork, x: torch.Tensor, method: str, keep_all_bounds: bool) -> float:
+    """Growth of this process's peak resident memory over one no-grad pass bounding the margins of
+    class 0 (Linux counts ru_maxrss in KiB)."""
+    from dsrna.bounds import BoundModel, margin_spec
+    from dsrna.robustness.certified import default_eps
+    from dsrna.space import capture_batch_stats
+
+    with torch.no_grad(), capture_batch_stats() as stats:
+        net(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        prop = BoundModel(net, stats).propagation(x, default_eps("cifar10", "linf"), "linf", method,
+                                                  keep_all_bounds=keep_all_bounds)
+        prop.lower_bound(margin_spec(torch.zeros(len(x), dtype=torch.long), 10, x.dtype))
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -65,11 +90,29 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", default="reference,native,triton")
+    parser.add_argument("--bound-methods", help="comma-separated bound methods: report their passes' peak memory (CPU)")
+    parser.add_argument("--keep-all-bounds", action="store_true", help="keep every node's interval (the old behaviour)")
+    parser.add_argument("--one-bound-pass", help=argparse.SUPPRESS)  # the child process of --bound-methods
     args = parser.parse_args()
     torch.manual_seed(0)
     net = SearchNetwork(C=args.init_channels, layers=args.layers).to(args.device)
     x = torch.rand(args.batch, 3, 32, 32, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
+    if args.one_bound_pass:
+        print(bound_pass_peak_gib(net, x, args.one_bound_pass, args.keep_all_bounds))
+        return
+    if args.bound_methods:
+        kept = "every interval kept" if args.keep_all_bounds else "intervals released after their last use"
+        print(f"C={args.init_channels}, {args.layers} cells, batch {args.batch}, 32x32, float32, no gradient, {kept}\n")
+        print("| method | peak growth (GiB) |")
+        print("|---|---|")
+        for method in args.bound_methods.split(","):
+            child = [sys.executable, __file__, "--one-bound-pass", method, "--batch", str(args.batch),
+                     "--init-channels", str(args.init_channels), "--layers", str(args.layers)]
+            child += ["--keep-all-bounds"] if args.keep_all_bounds else []
+            peak = float(subprocess.run(child, check=True, capture_output=True, text=True).stdout.split()[-1])
+            print(f"| {method} | {peak:.2f} |")
+        return
     print(f"C={args.init_channels}, {args.layers} cells, batch {args.batch}, 32x32, float32, train mode, {args.device}\n")
     print("| backend | saved for backward (MiB) | storages | vs reference | ops per forward |")
     print("|---|---|---|---|---|")

@@ -73,6 +73,11 @@ say "budget ${BUDGET}s, python: $PY, results: $OUT"
     timeout 20 nvidia-smi 2>&1 || echo "(no nvidia-smi)"
     echo "## nvcc"
     timeout 20 nvcc --version 2>&1 | tail -n 2 || echo "(no nvcc)"
+    # The C++ error-path tests crash there (a C++ exception thrown from the extension kills the
+    # process; not on this project's CPU machine): the host compilers, to compare with torch's.
+    echo "## host compilers (CC=${CC:-} CXX=${CXX:-})"
+    for c in c++ g++ gcc; do echo "$c: $(command -v $c) $(timeout 10 $c --version 2>&1 | head -n 1)"; done
+    timeout 60 "$PY" -c "import torch; print('torch built with:', torch.__config__.show().splitlines()[1:4])" 2>&1
 } >"$OUT/env.txt"
 if timeout 60 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >>"$LOG" 2>&1; then
     HAVE_GPU=1
@@ -87,6 +92,7 @@ if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then
     say "build: skipped (GPU_CHECK_SKIP_BUILD=1)"
 else
     stage build 210 200 "$OUT/build.txt" "$PY" setup.py build_ext --inplace
+    { echo "## the extension's C++ runtime"; ldd dsrna/_C*.so 2>&1 | grep -E "stdc|gcc_s|c10.so"; } >>"$OUT/build.txt"
 fi
 
 # --- 2. dsrna.kernels maps to the top-level kernels/ folder only when installed ----------------------
@@ -111,9 +117,12 @@ for f in ${GPU_CHECK_TESTS:-test_weighted_sum test_depthwise test_pointwise test
     [[ -f tests/$f.py ]] && TESTS+=("tests/$f.py")
 done
 if ((${#TESTS[@]})); then
-    PYTEST_ARGS=(-q -p no:cacheprovider -rfE --durations=10)
+    PYTEST_ARGS=(-q -p no:cacheprovider -rfEs --durations=10)
     # A hung test must not eat the whole box: per-test limit where pytest-timeout is installed.
     "$PY" -c "import pytest_timeout" >/dev/null 2>&1 && PYTEST_ARGS+=(--timeout=60)
+    # Where pytest-xdist is installed, the tests share the 16 cores: most of their time is Triton's
+    # and nvcc's compiling on the CPU, not the GPU (GPU_CHECK_WORKERS, default 8).
+    "$PY" -c "import xdist" >/dev/null 2>&1 && PYTEST_ARGS+=(-n "${GPU_CHECK_WORKERS:-8}")
     # The C++ error-path tests crashed the whole process on torch 2.11 once (issue 8): they run in a
     # process of their own (with a C-level traceback) so that a crash cannot hide the other results.
     ERROR_PATHS="reject or bad_arguments"

@@ -13,6 +13,16 @@ torch.set_num_threads(1)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def require_backend(name: str, device) -> None:
+    """Skip by capability only (the GPU machine runs Triton without its interpreter, so no CPU tensors);
+    an op a backend lacks runs on the reference path (dsrna.backend.resolve)."""
+    from dsrna import backend
+
+    ok, why = backend.backend_status(name, device)
+    if not ok:
+        pytest.skip(f"{name} unavailable on {device}: {why}")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

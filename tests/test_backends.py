@@ -10,20 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES
+from conftest import DEVICES, require_backend
 from dsrna import SearchNetwork, backend
 
 FAST = [name for name in backend.BACKENDS if name != "reference"]
 # Errors compound through a dozen layers whose sums run in another order than the reference's.
 FACTOR = 4.0
 ULPS = 16.0
-
-
-def available(name, device):
-    """Skip by capability only; ops a backend lacks run on the reference path (dsrna.backend.resolve)."""
-    ok, why = backend.backend_status(name, device)
-    if not ok:
-        pytest.skip(f"{name} unavailable on {device}: {why}")
 
 
 def triple(device, partial_channels, name):
@@ -54,7 +47,7 @@ def outputs_and_gradients(net, x, y):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("partial_channels, size", [(1, 9), (2, 7)])
 def test_train_forward_and_gradients_match_reference(name, device, partial_channels, size, assert_error_within):
-    available(name, device)
+    require_backend(name, device)
     nets = triple(device, partial_channels, name)
     x = torch.rand(2, 2, size, size, device=device)
     y = torch.tensor([0, 2], device=device)
@@ -68,7 +61,7 @@ def test_train_forward_and_gradients_match_reference(name, device, partial_chann
 @pytest.mark.parametrize("name", FAST)
 @pytest.mark.parametrize("device", DEVICES)
 def test_eval_mode_forward_matches_reference(name, device, assert_error_within):
-    available(name, device)
+    require_backend(name, device)
     nets = triple(device, 1, name)
     x = torch.rand(2, 2, 8, 8, device=device)
     for net in nets:
@@ -82,7 +75,7 @@ def test_eval_mode_forward_matches_reference(name, device, assert_error_within):
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_backward_architecture_gradient_matches_reference(name, device, assert_error_within):
     """The DSRNA-Jacobian architecture step differentiates the input gradient with respect to alpha."""
-    available(name, device)
+    require_backend(name, device)
     nets = triple(device, 1, name)
     results = []
     for net in nets:

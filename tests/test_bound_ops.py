@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from conftest import DEVICES
+from conftest import DEVICES, require_backend
 from dsrna import backend
 from dsrna.ops import bound_ops
 
@@ -19,9 +19,7 @@ REFERENCE = {
 
 
 def impl(op, name, device):
-    ok, why = backend.backend_status(name, device)
-    if not ok:
-        pytest.skip(f"{name} unavailable on {device}: {why}")
+    require_backend(name, device)
     return backend.dispatch(op, device, name)
 
 

@@ -187,7 +187,7 @@ def test_crown_symbolic_warns_when_its_error_symbols_run_out():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3)).double()
     x = torch.rand(2, 1, 5, 5, dtype=torch.float64)
-    lower, upper = BoundModel(net).propagation(x, 0.5, "linf", "ibp").bounds[1]
+    lower, upper = BoundModel(net).propagation(x, 0.5, "linf", "ibp", keep_all_bounds=True).bounds[1]
     assert ((lower < 0) & (upper > 0)).flatten(1).sum(1).min() > 4  # the 4-symbol budget below runs out
     with pytest.warns(UserWarning, match="ran out of its 4 error symbols"):
         BoundModel(net, max_error_symbols=4).propagation(x, 0.5, "linf", "crown-symbolic")
@@ -275,6 +275,35 @@ def test_crown_bounds_of_an_image_do_not_depend_on_the_rest_of_the_batch():
         for i in range(3):
             alone = margin_lower_bound(net, images[i:i + 1], labels[i:i + 1], float(eps[i]), "l1", "crown")
             torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_released_intervals_change_no_bound_and_hold_no_memory(method):
+    """A pass keeps only the intervals a later step reads (relaxation inputs, the output): the others
+    become NaN stand-ins without storage. Every bound and gradient equals the keep-everything pass's,
+    also with PC-DARTS, and an IBP pass keeps a handful of the super-network's 400-odd intervals."""
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=5, layers=3, in_channels=1, partial_channels=2).double().train()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    spec = margin_spec(torch.tensor([0, 3]), 5, x.dtype)
+    with torch.no_grad(), capture_batch_stats() as stats:
+        net(x)
+    results = []
+    for keep in (True, False):
+        prop = BoundModel(net, stats).propagation(x, 0.01, "l2", method, keep_all_bounds=keep)
+        bound = prop.lower_bound(spec)
+        grads = torch.autograd.grad(bound.sum(), net.arch_parameters())
+        results.append((bound, grads))
+        stored = [i for i, (lower, _) in enumerate(prop.bounds) if lower.untyped_storage().nbytes() > lower.element_size()]
+        released = [i for i, (lower, _) in enumerate(prop.bounds) if torch.isnan(lower).all()]
+        assert len(stored) + len(released) == len(prop.bounds)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    feeds_relaxation = {i for node in prop.graph.nodes if isinstance(node.op, (nodes.ReLU, nodes.MaxPool2d))
+                        for i in node.inputs}
+    if method == "ibp":
+        assert len(stored) <= 4, stored
+    else:
+        assert released and not feeds_relaxation & set(released)
 
 
 @pytest.mark.parametrize("kernel, stride, padding, ceil_mode, hw", [(3, 2, 1, False, (7, 6)), (3, 1, 1, False, (5, 5)),

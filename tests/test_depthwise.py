@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dsrna import SearchNetwork, _native, backend, use_backend
 from dsrna.ops import (depthwise_conv2d_reference, depthwise_conv2d_stack, depthwise_conv2d_stack_reference,
                        depthwise_conv2d_stack_transpose_reference, depthwise_conv2d_transpose_reference)
-from conftest import DEVICES
+from conftest import DEVICES, require_backend
 
 # (kernel, padding, dilation) of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5
 DARTS = [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2)]
@@ -25,9 +25,7 @@ def fast_backends(op):
 
 
 def impl(op, name, device):
-    ok, why = backend.backend_status(name, device)
-    if not ok:
-        pytest.skip(f"{name} unavailable on {device}: {why}")
+    require_backend(name, device)
     return backend.dispatch(op, device, name)
 
 

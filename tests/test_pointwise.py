@@ -4,7 +4,7 @@ reference convolution: forward, gradients and double backward, strided, grouped,
 import pytest
 import torch
 
-from conftest import DEVICES
+from conftest import DEVICES, require_backend
 from dsrna import backend
 from dsrna.ops import pointwise_conv2d, pointwise_conv2d_reference
 
@@ -12,9 +12,7 @@ FAST = [b for b in backend.registered_ops()["pointwise_conv2d"] if b != "referen
 
 
 def impl(name, device):
-    ok, why = backend.backend_status(name, device)
-    if not ok:
-        pytest.skip(f"{name} unavailable on {device}: {why}")
+    require_backend(name, device)
     return backend.dispatch("pointwise_conv2d", device, name)
 
 

@@ -8,19 +8,13 @@ import torch
 import torch.nn as nn
 from torch.autograd import gradcheck, gradgradcheck
 
-from conftest import DEVICES
+from conftest import DEVICES, require_backend
 from dsrna import backend
 from dsrna.ops.pool_bn import pool_bn, pool_bn_reference, pool3x3
 from dsrna.space.ops import PoolBN, capture_batch_stats, frozen_batch_stats
 
 FAST = [b for b in backend.registered_ops()["pool_bn"] if b != "reference"]
 CASES = [(kind, stride) for kind in ("max", "avg") for stride in (1, 2)]
-
-
-def available(name, device):
-    ok, why = backend.backend_status(name, device)
-    if not ok:
-        pytest.skip(f"{name} unavailable on {device}: {why}")
 
 
 def make_bn(C, device, dtype=torch.float32, training=True):
@@ -65,7 +59,7 @@ def test_rejects_bad_arguments():
 @pytest.mark.parametrize("training", [True, False])
 def test_fast_matches_reference_float32(name, device, kind, stride, training, assert_error_within):
     """Output, input gradient and running statistics, odd sizes, errors relative to float64."""
-    available(name, device)
+    require_backend(name, device)
     x = with_ties(torch.randn(2, 3, 7, 9, device=device) * 2 + 1).requires_grad_()
     x64 = x.detach().double().requires_grad_()
     bns = [make_bn(3, device, training=training) for _ in range(2)]
@@ -87,7 +81,7 @@ def test_fast_matches_reference_float32(name, device, kind, stride, training, as
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind, stride, training", [("max", 1, True), ("avg", 2, True), ("max", 2, False)])
 def test_fast_gradcheck_and_gradgradcheck(name, device, kind, stride, training):
-    available(name, device)
+    require_backend(name, device)
     bn = make_bn(2, device, torch.float64, training)
     stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
 
@@ -104,7 +98,7 @@ def test_fast_gradcheck_and_gradgradcheck(name, device, kind, stride, training):
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_ops_opcheck(device):
     kernels = pytest.importorskip("dsrna.kernels.pool_bn")
-    available("triton", device)
+    require_backend("triton", device)
     x = torch.randn(2, 3, 5, 5, device=device)
     bn = make_bn(3, device)
     args = (x, bn.running_mean, bn.running_var, bn.num_batches_tracked, "max", 2, True, 0.1, 1e-5)
@@ -118,7 +112,7 @@ def test_triton_ops_opcheck(device):
 def test_module_keeps_captured_and_frozen_batch_statistics(name, device):
     """PoolBN uses the fused op in plain train mode, and the BN module itself while batch statistics
     are captured or replayed, so frozen statistics stay constants of the input."""
-    available(name, device)
+    require_backend(name, device)
     op = PoolBN("avg", 3, 1).to(device)
     x = torch.randn(2, 3, 6, 6, device=device)
     with backend.use_backend(name):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from conftest import DEVICES
+from conftest import DEVICES, require_backend
 from dsrna import backend
 from dsrna.ops.weighted_sum import weighted_sum_reference
 
@@ -16,9 +16,7 @@ kernels = pytest.importorskip("dsrna.kernels.weighted_sum")
 
 
 def triton_device(device):
-    ok, why = backend.backend_status("triton", device)
-    if not ok:
-        pytest.skip(f"triton unavailable on {device}: {why}")
+    require_backend("triton", device)
     return device
 
 

@@ -8,16 +8,14 @@ import torch
 
 from dsrna import _native, backend
 from dsrna.ops import weighted_sum_reference
-from conftest import DEVICES
+from conftest import DEVICES, require_backend
 
 OP = "weighted_sum"
 FAST = [b for b in backend.registered_ops()[OP] if b != "reference"]
 
 
 def impl(name, device):
-    ok, why = backend.backend_status(name, device)
-    if not ok:
-        pytest.skip(f"{name} unavailable on {device}: {why}")
+    require_backend(name, device)
     return backend.dispatch(OP, device, name)
 
 

@@ -65,7 +65,10 @@ class BoundModel:
                 self._graphs[stacked] = lower(self.model, self.bn_stats, self.relu_mode, self.dtype, stacked)
         return self._graphs[stacked]
 
-    def propagation(self, x, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> Propagation:
+    def propagation(self, x, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0),
+                    keep_all_bounds: bool = False) -> Propagation:
+        """The bound pass itself (:class:`dsrna.bounds.Propagation`); ``keep_all_bounds`` keeps every
+        node's interval in its ``bounds`` for inspection (by default only those a later step reads)."""
         if self.dtype is not None:
             x = x.to(self.dtype)
         with _model_backend(self.model):
@@ -74,7 +77,8 @@ class BoundModel:
                 if self._statistics_batch is None:
                     self._statistics_batch = x
                 graph.forward(self._statistics_batch)
-            return Propagation(graph, Ball(x, eps, norm, clip), method, self.max_spec_chunk, self.max_error_symbols)
+            return Propagation(graph, Ball(x, eps, norm, clip), method, self.max_spec_chunk, self.max_error_symbols,
+                               keep_all_bounds)
 
     def lower_bound(self, x, spec, eps, norm="linf", method="crown-ibp", clip=(0.0, 1.0)) -> torch.Tensor:
         """Lower bounds ``[B, S]`` of ``spec @ logits`` over the input set; ``spec`` ``[B, S, K]``."""
