@@ -87,7 +87,7 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _frozen(params: Sequence[torch.Tensor]):
-    """Parameters excluded from autograd inside (the weight step needs no architecture gradient)."""
+    """Parameters excluded from autograd inside (a step needs no gradient of the other set)."""
     for p in params:
         p.requires_grad_(False)
     try:
@@ -196,9 +196,12 @@ class Searcher:
                 raise ValueError("the second-order architecture step needs the training batch too")
             grads, val_loss, logits, r = self._unrolled_arch_gradient(train_batch, val_batch)
         else:
-            loss, val_loss, logits, r = self._arch_objective(self.net, x, y)
-            # with fewer than 3 layers every cell reduces and the normal alphas get no gradient
-            grads = torch.autograd.grad(loss, self.arch, allow_unused=True, materialize_grads=True)
+            # The weights are constants of this gradient: without them autograd keeps no tensor for
+            # their gradients (R_CB's bound pass and R_Jac's double backward kept many).
+            with _frozen(self.weights):
+                loss, val_loss, logits, r = self._arch_objective(self.net, x, y)
+                # with fewer than 3 layers every cell reduces and the normal alphas get no gradient
+                grads = torch.autograd.grad(loss, self.arch, allow_unused=True, materialize_grads=True)
         metrics = {"val_loss": val_loss.detach(), "val_correct": (logits.argmax(1) == y).sum(),
                    "robustness": r.detach(), "val_count": _count(y)}
         return distributed.all_reduce_mean(grads), metrics
