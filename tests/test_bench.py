@@ -148,13 +148,15 @@ def gpu_row(metric, batch, backend, ms, **extra):
 
 def test_report_speedups_and_the_baseline_comparison(tmp_path):
     rows = [gpu_row("train", 64, "reference", 260.0), gpu_row("train", 64, "triton", 65.0),
+            gpu_row("train", 64, "reference+graph", 130.0),
             gpu_row("jacobian", 64, "reference", 20000.0), gpu_row("jacobian", 64, "native", 1.0, status="error: x")]
     (tmp_path / harness.ROWS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"truncated')
     text = report.render(tmp_path, compare_baseline=True)
-    assert "| b64 | train | 260 |  | 65.0 (4.00x) |" in text  # columns: reference, native, triton
-    assert "| b64 | jacobian | 20000 | error |  |" in text
-    assert "| train | 64 | 257 | 260 | 1.01 | 7.60 | 7.00 | near |" in text
-    assert "| jacobian | 64 | 6275 | 20000 | 3.19 |" in text and "CHECK" in text
+    assert "| b64 | train | 260 | 130 (2.00x) |  | 65.0 (4.00x) |" in text  # reference, +graph, native, triton
+    assert "| b64 | jacobian | 20000 |  | error |  |" in text
+    assert "| train | 64 | reference | 257 | 260 | 1.01 | 7.60 | 7.00 | near |" in text
+    assert "| train | 64 | reference+graph | 132 | 130 | 0.98 |  | 7.00 | near |" in text
+    assert "| jacobian | 64 | reference | 6275 | 20000 | 3.19 |" in text and "CHECK" in text
     assert "Different cards" in text  # the baseline is an H200, these rows an H100
     assert "## Reference against BASELINE.md" in (tmp_path / harness.REPORT_FILE).read_text()
     assert (tmp_path / harness.CHART_FILE).is_file()
