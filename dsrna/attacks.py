@@ -41,17 +41,26 @@ ATTACKS = ("fgsm", "pgd", "cw", "autoattack")
 INSTALL_HINT = "pip install 'dsrna[attacks]'"
 # Fraction of coordinates an l_1 step moves (SLIDE uses the top 1% of gradient magnitudes).
 DEFAULT_L1_SPARSITY = 0.01
+# Croce & Hein's standard AutoAttack: 100 iterations of APGD-CE, APGD-T and FAB-T; 9 target classes.
+STANDARD_AUTOATTACK_STEPS, STANDARD_AUTOATTACK_TARGETS = 100, 9
 
 
 class MissingExtraError(DsrnaError):
     """An attack needs an optional dependency that is not installed."""
 
 
-def _check(norm: str, eps: float) -> None:
+def _check(norm: str, eps: float, x: torch.Tensor) -> None:
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    # Every result is clipped to [0, 1]: an input outside it (normalised images) would come back
+    # moved far outside the ball, silently.
+    if x.numel() and not (x.min() >= 0 and x.max() <= 1):
+        raise ValueError(f"attack inputs must lie in [0, 1] (normalisation belongs inside the model); "
+                         f"got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("attacks need gradients: call them outside torch.inference_mode()")
 
 
 def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +69,7 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-class _EvalMode:
+class EvalMode:
     """Run the model in eval mode and put its (possibly mixed) per-module modes back afterwards."""
 
     def __init__(self, model: nn.Module):
@@ -93,6 +102,9 @@ def project_l1_ball(v: torch.Tensor, eps: float) -> torch.Tensor:
     Soft-thresholds ``|v|`` at the ``theta`` making the l_1 norm exactly ``eps``; examples already
     inside are returned unchanged.
     """
+    if v.dtype in (torch.float16, torch.bfloat16):
+        # Ranks and cumulative sums of thousands of coordinates need more than 8-11 bits.
+        return project_l1_ball(v.float(), eps).to(v.dtype)
     flat = v.flatten(1)
     magnitude = flat.abs()
     outside = magnitude.sum(dim=1) > eps
@@ -161,7 +173,9 @@ def _loss_and_grad(model, x_adv, y):
     with torch.enable_grad():
         x_adv = x_adv.detach().requires_grad_(True)
         logits = logits_of(model, x_adv)
-        loss = F.cross_entropy(logits.float(), y, reduction="none")
+        # Low-precision logits are raised to float32; float64 stays float64 (a float32 softmax of a
+        # confident float64 model underflows to a zero gradient).
+        loss = F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), y, reduction="none")
         # Summed, not averaged: each example's gradient must not depend on the batch size.
         (grad,) = torch.autograd.grad(loss.sum(), x_adv)
     return logits.detach(), loss.detach(), grad
@@ -192,13 +206,18 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: s
          l1_sparsity: float = DEFAULT_L1_SPARSITY) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): one steepest-ascent step of size ``eps``
     from ``x`` (for l_2 the fast gradient method; for l_1 one sparse step, see the module docstring)."""
-    _check(norm, eps)
+    _check(norm, eps, x)
     x, y = x.detach(), y.detach()
     if eps == 0:
         return x.clone()
-    with _EvalMode(model):
+    with EvalMode(model):
         _, _, grad = _loss_and_grad(model, x, y)
         return project(x + eps * _ascent_direction(grad, x, norm, l1_sparsity), x, eps, norm).detach()
+
+
+def check_pgd_options(steps: int, restarts: int) -> None:
+    if steps < 1 or restarts < 1:
+        raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
 
 
 def default_step_size(eps: float, steps: int) -> float:
@@ -216,9 +235,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     the worst case per example over runs and iterates is returned. ``l1_sparsity`` is the fraction
     of coordinates an l_1 step moves (see the module docstring).
     """
-    _check(norm, eps)
-    if steps < 1 or restarts < 1:
-        raise ValueError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
+    _check(norm, eps, x)
+    check_pgd_options(steps, restarts)
     if not random_start and restarts > 1:
         raise ValueError("restarts > 1 needs random_start=True (the runs would be identical)")
     if not 0 < l1_sparsity <= 1:
@@ -227,7 +245,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     if eps == 0:
         return x.clone()
     step_size = default_step_size(eps, steps) if step_size is None else step_size
-    with _EvalMode(model):
+    with EvalMode(model):
         best, fooled, best_loss = _steepest_ascent(model, x, y, eps, norm, steps, step_size, random_start, l1_sparsity)
         for _ in range(restarts - 1):
             candidate, c_fooled, c_loss = _steepest_ascent(model, x, y, eps, norm, steps, step_size, True, l1_sparsity)
@@ -243,12 +261,18 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
 # imports at load time; its requests pin is never imported). What the wrappers below correct in it:
 # - every attack's __call__ puts the model back in training mode afterwards when the module it was
 #   given was in training mode, and a fresh wrapper module is: the wrapper is built in eval mode, and
-#   _EvalMode restores the caller's per-module modes in any case;
+#   EvalMode restores the caller's per-module modes in any case;
 # - APGD, APGD-T, FAB and Square reseed the global torch (and CUDA) generators with their fixed seed:
 #   AutoAttack runs inside torch.random.fork_rng, so the caller's random stream is left as it was;
 # - C&W maps pixels at exactly 0 or 1 to -inf/+inf in tanh space, where the gradient is 0 for good:
 #   on MNIST (about 80% of pixels are 0) most of the image could never move. It starts 1e-6 inside
 #   the box instead, as Carlini & Wagner's own code does;
+# - C&W's margin took the largest other logit as max((1 - onehot) * Z), i.e. 0 for the true class:
+#   with every logit negative (a log-softmax output, shifted logits) the margin and its gradient
+#   were 0 and C&W never moved. The margin masks the true class with -inf instead;
+# - AutoAttack's "standard" version ran APGD-CE, APGD-T and FAB-T for torchattacks' default of 10
+#   iterations and APGD-T/FAB-T against every other class; Croce & Hein's standard version runs 100
+#   iterations against at most 9 target classes, which the wrapper sets;
 # - C&W (and FAB) call backward(), which fills the model's .grad: the parameters stop requiring
 #   gradients while an attack runs, and the attacks run under enable_grad (a caller's no_grad would
 #   break them);
@@ -334,6 +358,12 @@ def _cw_class(torchattacks):
             def inverse_tanh_space(self, x):
                 return torch.atanh(torch.clamp(x * 2 - 1, min=-1 + 1e-6, max=1 - 1e-6))
 
+            def f(self, outputs, labels):
+                real = outputs.gather(1, labels[:, None]).squeeze(1)
+                other = outputs.scatter(1, labels[:, None], -float("inf")).amax(1)
+                gap = other - real if self.targeted else real - other
+                return gap.clamp(min=-self.kappa)
+
         _CW_CLASS = CW
     return _CW_CLASS
 
@@ -353,14 +383,14 @@ def carlini_wagner(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     (measured on an MNIST MLP at eps 1: 56% robust accuracy with lr 0.01, 23% with 0.1, PGD-20 20%;
     lr 0.1 without the start fix: 52%).
     """
-    _check("l2", eps)
+    _check("l2", eps, x)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     torchattacks = require_torchattacks("C&W")
     x, y = x.detach(), y.detach()
     if eps == 0 or x.size(0) == 0:
         return x.clone()
-    with _EvalMode(model), _FrozenParameters(model), torch.enable_grad():
+    with EvalMode(model), _FrozenParameters(model), torch.enable_grad():
         attack = _cw_class(torchattacks)(_torchattacks_model(model, x), c=c, kappa=kappa, steps=steps, lr=lr)
         attack.set_device(x.device)
         x_cw = attack(x, y).detach().to(x.dtype)
@@ -372,12 +402,12 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
                num_classes: int | None = None, seed: int = 0) -> torch.Tensor:
     """AutoAttack, standard version (Croce & Hein 2020, via torchattacks), for l_inf or l_2.
 
-    APGD-CE, then APGD-T, FAB-T and Square (5000 queries) on the examples still classified
-    correctly. The result is projected onto the ball and the box (torchattacks' own output may overshoot
+    APGD-CE, then APGD-T and FAB-T (100 iterations each, the targeted ones against the 9 most likely
+    other classes) and Square (5000 queries) on the examples still classified correctly. The result is projected onto the ball and the box (torchattacks' own output may overshoot
     the budget by a rounding error). ``num_classes`` is read from the model's logits; when given, it
     must match them. The caller's random generators are left untouched (``seed`` drives the attack's).
     """
-    _check(norm, eps)
+    _check(norm, eps, x)
     if norm == "l1":
         raise ValueError("autoattack supports norms linf and l2")
     torchattacks = require_torchattacks("AutoAttack")
@@ -386,7 +416,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         raise ValueError(f"autoattack l2 needs images of at least 5x5 pixels (Square's l2 start), got {tuple(x.shape)}")
     if eps == 0 or x.size(0) == 0:
         return x.clone()
-    with _EvalMode(model), _FrozenParameters(model), torch.enable_grad():
+    with EvalMode(model), _FrozenParameters(model), torch.enable_grad():
         wrapper = _torchattacks_model(model, x)
         with torch.no_grad():
             classes = wrapper(x[:1]).size(1)
@@ -398,6 +428,11 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         with torch.random.fork_rng(devices=_rng_devices(x)):
             attack = torchattacks.AutoAttack(wrapper, norm="Linf" if norm == "linf" else "L2", eps=eps,
                                              version="standard", n_classes=classes, seed=seed)
+            apgd_ce, apgd_t, fab_t, _square = attack._autoattack.attacks
+            for sub in (apgd_ce, apgd_t, fab_t):
+                sub.steps = STANDARD_AUTOATTACK_STEPS
+            for sub in (apgd_t, fab_t):
+                sub.n_target_classes = min(STANDARD_AUTOATTACK_TARGETS, classes - 1)
             attack.set_device(x.device)
             x_adv = attack(x, y).detach().to(x.dtype)
     return project(x_adv, x, eps, norm)

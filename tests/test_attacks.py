@@ -145,6 +145,51 @@ def test_bad_arguments_are_value_errors():
         pgd(model, x, y, 0.1, restarts=2, random_start=False)
 
 
+def test_inputs_outside_the_box_and_inference_mode_are_refused():
+    """Results are clipped to [0, 1]: normalised inputs would come back far outside the ball."""
+    model, y = _small_cnn(), torch.tensor([0, 1])
+    normalised = torch.randn(2, 1, 8, 8)
+    for attack in (fgsm, pgd):
+        with pytest.raises(ValueError, match=r"inputs must lie in \[0, 1\]"):
+            attack(model, normalised, y, 0.03)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        pgd(model, torch.rand(2, 1, 8, 8), y, 0.03)
+
+
+def test_float64_model_keeps_a_float64_loss():
+    """A confident float64 model: a float32 softmax underflows to a zero gradient and FGSM stays put."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).double().eval()
+    with torch.no_grad():
+        model[1].weight[0], model[1].weight[1] = 1000.0, -1.0
+        model[1].bias.copy_(torch.tensor([0.0, 7888.0]))
+    x, y = torch.full((1, 1, 4, 4), 0.5, dtype=torch.float64), torch.tensor([0])
+    x_adv = fgsm(model, x, y, 0.01)  # clean margin 120, 16 pixels at 1001 each: 0.01 crosses it
+    assert (x_adv - x).abs().max() == pytest.approx(0.01) and model(x_adv).argmax(1).item() == 1
+
+
+def test_l1_projection_in_bfloat16_stays_in_the_ball():
+    torch.manual_seed(0)
+    v = torch.randn(4, 3, 32, 32).bfloat16()
+    assert (_norm(project_l1_ball(v, 2.0).float(), "l1") <= 2.0 * 1.005).all()
+
+
+def test_evaluation_restores_each_modules_mode_and_checks_pgd_options_first():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dsrna.evaluation.attack import evaluate_attacks
+
+    model = _small_cnn().train()
+    model[1].eval()
+    loader = DataLoader(TensorDataset(torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))), batch_size=2)
+    evaluate_attacks(model, loader, [0.1], attacks=("fgsm", "pgd"), steps=2)
+    assert model.training and model[0].training and not model[1].training
+    calls = []
+    model[0].register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="steps and restarts"):
+        evaluate_attacks(model, loader, [0.1], attacks=("fgsm", "pgd"), steps=0)
+    assert calls == []
+
+
 def test_optional_attacks_without_the_extra_say_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # as if not installed
     model, x, y = _small_cnn(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
@@ -224,6 +269,36 @@ def test_cw_moves_pixels_on_the_box_faces(trained_mlp):
     delta = _norm(x_cw - x, "l2")
     small = carlini_wagner(model, x, y, eps=float(delta[delta > 0].min()) * 0.999)
     assert (_norm(small - x, "l2") == 0).sum() >= (delta == 0).sum() + 1
+
+
+@needs_torchattacks
+def test_cw_margin_does_not_depend_on_the_sign_of_the_logits(trained_mlp):
+    """torchattacks' margin took 0 as the largest other logit: with every logit negative (shifted
+    logits, a log-softmax output) C&W never moved."""
+    model, x, y = trained_mlp
+    x, y = x[:64], y[:64]
+    shifted = nn.Sequential(model, nn.LogSoftmax(dim=1))
+    raw, negative = (_accuracy(m, carlini_wagner(m, x, y, 1.5), y) for m in (model, shifted))
+    assert negative <= raw + 0.05 and negative < _accuracy(model, x, y) - 0.5  # measured 0.016 both, clean 0.875
+
+
+@needs_torchattacks
+def test_autoattack_runs_the_standard_version(monkeypatch):
+    """Croce & Hein's standard AutoAttack: 100 iterations of APGD-CE, APGD-T and FAB-T, at most 9
+    target classes (torchattacks defaults to 10 iterations and every other class)."""
+    import torchattacks
+
+    seen = []
+
+    def record(self, images, labels):
+        seen.extend((type(a).__name__, getattr(a, "steps", None), getattr(a, "n_target_classes", None))
+                    for a in self.attacks)
+        return images
+
+    monkeypatch.setattr(torchattacks.MultiAttack, "forward", record)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 12))
+    autoattack(model, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.1, "linf")
+    assert seen[:3] == [("APGD", 100, None), ("APGDT", 100, 9), ("FAB", 100, 9)] and seen[3][0] == "Square"
 
 
 @needs_torchattacks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dsrna.attacks import ATTACKS, NORMS, logits_of, require_torchattacks, run_attack
+from dsrna.attacks import ATTACKS, NORMS, check_pgd_options, logits_of, require_torchattacks, run_attack
 from dsrna.evaluation.common import evaluation_pass
 
 
@@ -28,6 +28,8 @@ def evaluate_attacks(model: nn.Module, loader, eps_list, attacks=("fgsm", "pgd")
     if unknown:
         raise ValueError(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
     check_attack_norm(attacks, norm)
+    if "pgd" in attacks:
+        check_pgd_options(steps, restarts)
     device = torch.device(device)
     model = model.to(device)
     clean = torch.zeros((), dtype=torch.long, device=device)

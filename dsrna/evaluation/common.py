@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from dsrna.attacks import EvalMode
 from dsrna.errors import DataError
 from dsrna.search.checkpoint import atomic_write, atomic_write_text, check_writable
 
@@ -99,10 +100,8 @@ def prepare_evaluation(args) -> tuple[torch.device, torch.nn.Module, dict, DataL
 @contextlib.contextmanager
 def evaluation_pass(model: torch.nn.Module, loader, device: torch.device, desc: str,
                     progress: bool) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """The loader's batches moved to ``device``, with ``model`` in eval mode (its mode is restored
-    afterwards, also on error) and, with ``progress``, a bar counting images."""
-    was_training = model.training
-    model.eval()
+    """The loader's batches moved to ``device``, with ``model`` in eval mode (each module's own mode
+    is restored afterwards, also on error) and, with ``progress``, a bar counting images."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -115,8 +114,8 @@ def evaluation_pass(model: torch.nn.Module, loader, device: torch.device, desc: 
                 bar.update(y.numel())
 
     try:
-        yield batches()
+        with EvalMode(model):
+            yield batches()
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
