@@ -90,5 +90,10 @@ def test_rejections_say_what_and_where():
         Genotype.from_json(_edit(reduce_concat=[2, 9]))
     with pytest.raises(ValueError, match="missing field"):
         Genotype.from_json('{"normal": []}')
+    for field, value in (("normal_concat", 2), ("reduce", None), ("normal", 5)):
+        with pytest.raises(ValueError, match=rf"genotype\.{field}: expected a list"):
+            Genotype.from_json(_edit(**{field: value}))
+    with pytest.raises(ValueError, match="normal_concat"):  # true is not state 1
+        Genotype.from_json(_edit(normal_concat=[True, 2]))
     with pytest.raises(ValueError, match="invalid JSON"):
         Genotype.from_json("{not json")

@@ -130,6 +130,17 @@ def test_darts_v2_parameter_count_matches_published_size():
     assert count_parameters(Network(DARTS_V1, C=36, num_classes=10, layers=20)) == pytest.approx(3.3e6, rel=0.05)
 
 
+def test_auxiliary_head_pools_as_darts():
+    """Two overlapping 5x5 windows per side: DARTS' stride 3 on its 8x8 CIFAR map, stride 2 on 7x7."""
+    from dsrna.space.network import AuxiliaryHead
+
+    pool = AuxiliaryHead(1, 10).features[1]
+    grid = torch.arange(64.0).view(1, 1, 8, 8)
+    assert pool(grid).flatten().tolist() == [18.0, 21.0, 42.0, 45.0]
+    torch.testing.assert_close(pool(grid[..., :7, :7]), torch.nn.functional.avg_pool2d(grid[..., :7, :7], 5, 2))
+    assert pool(torch.rand(2, 3, 4, 5)).shape == (2, 3, 2, 2)  # a small map: 2x2 average
+
+
 @pytest.mark.parametrize("stem,size", [("cifar", 9), ("imagenet", 32)])
 def test_final_network_shapes_and_auxiliary(stem, size):
     net = Network(DARTS_V2, C=8, num_classes=4, layers=5, in_channels=3, auxiliary=True, drop_path_prob=0.2, stem=stem)

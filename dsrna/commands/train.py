@@ -8,7 +8,7 @@ HELP = "train a genotype's final network from scratch (DARTS recipe) and write m
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dsrna.evaluation.train import AMP_CHOICES, PRESETS
+    from dsrna.evaluation.train import AMP_CHOICES, LR_SCHEDULES, PRESETS
 
     parser.add_argument("genotype", nargs="?", default="DARTS_V2",
                         help="genotype.json path, JSON text, or built-in name (DARTS_V1, DARTS_V2, DARTS = DARTS_V2); default DARTS_V2")
@@ -21,15 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layers", type=int, help="cells (20 for CIFAR-10)")
     group.add_argument("--init-channels", type=int, help="C (36 for CIFAR-10)")
     group.add_argument("--cutout", type=int, help="cutout square side, 0 = off (16 for CIFAR-10)")
-    group.add_argument("--lr", type=float, help="initial SGD learning rate, cosine-annealed to 0")
+    group.add_argument("--lr", type=float, help="initial SGD learning rate")
+    group.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                       help="cosine: annealed to 0 (CIFAR-10); exponential: times 0.97 per epoch (ImageNet)")
     group.add_argument("--stem", choices=("cifar", "imagenet"))
     group.add_argument("--label-smoothing", type=float)
     group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--weight-decay", type=float, default=3e-4)
+    group.add_argument("--weight-decay", type=float, help="3e-4 (3e-5 for ImageNet)")
     group.add_argument("--grad-clip", type=float, default=5.0)
     group.add_argument("--no-auxiliary", dest="auxiliary", action="store_false", help="no auxiliary head")
     group.add_argument("--auxiliary-weight", type=float, default=0.4)
-    group.add_argument("--drop-path-prob", type=float, default=0.2, help="final drop-path rate, ramped from 0")
+    group.add_argument("--drop-path-prob", type=float, help="final drop-path rate, ramped from 0 (0.2; 0 for ImageNet)")
     parser.add_argument("--amp", default="none", choices=AMP_CHOICES, help="bf16 autocast")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay each train step from a CUDA graph (one GPU; much faster on GPU)")

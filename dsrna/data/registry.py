@@ -74,7 +74,7 @@ def get_dataset(
 
     ``train`` picks the training or the test split (ImageNet: ``train``/``val``). ``augment`` adds the
     usual training augmentation (CIFAR-10: crop with padding 4 and flips; MNIST family: crop with
-    padding 2; ImageNet: RandomResizedCrop 224 and flips instead of resize 256 + centre crop 224) and
+    padding 2; ImageNet: RandomResizedCrop 224, flips and colour jitter instead of resize 256 + centre crop 224) and
     ``cutout`` a :class:`Cutout` of that length filled with the data set's mean colour; both apply to
     training data only. ``subset_fraction`` keeps that fraction of every class, drawn with ``seed``
     (PC-DARTS searches ImageNet on 10% + 2.5% of the training images). ``root`` is ignored by

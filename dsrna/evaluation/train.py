@@ -38,17 +38,23 @@ from dsrna.space import Genotype, Network, count_parameters
 
 # Settings left as None in TrainConfig take these per-data-set values ([choice] where the paper is
 # silent: MNIST-family epochs and no cutout on digits; mnist-mini is sized to train in minutes on a CPU).
-_DARTS = dict(batch_size=96, layers=20, init_channels=36, lr=0.025, stem="cifar", label_smoothing=0.0)
+_DARTS = dict(batch_size=96, layers=20, init_channels=36, lr=0.025, lr_schedule="cosine", stem="cifar",
+              label_smoothing=0.0, weight_decay=3e-4, drop_path_prob=0.2)
 PRESETS = {
     "cifar10": dict(_DARTS, epochs=600, cutout=16),
     "mnist": dict(_DARTS, epochs=100, cutout=0),
     "fashion-mnist": dict(_DARTS, epochs=100, cutout=0),
     "mnist-mini": dict(_DARTS, epochs=5, batch_size=64, layers=5, init_channels=8, cutout=0),
-    # DARTS' mobile ImageNet setting: 14 cells, C=48, stride-8 stem, lr 0.1, label smoothing 0.1.
-    "imagenet": dict(epochs=250, batch_size=128, layers=14, init_channels=48, cutout=0, lr=0.1, stem="imagenet",
-                     label_smoothing=0.1),
+    # DARTS' mobile ImageNet setting (its train_imagenet.py): 14 cells, C=48, stride-8 stem, lr 0.1
+    # decayed by 0.97 per epoch, weight decay 3e-5, label smoothing 0.1, no drop path.
+    "imagenet": dict(epochs=250, batch_size=128, layers=14, init_channels=48, cutout=0, lr=0.1,
+                     lr_schedule="exponential", stem="imagenet", label_smoothing=0.1, weight_decay=3e-5,
+                     drop_path_prob=0.0),
 }
 AMP_CHOICES = ("none", "bf16")
+# cosine: annealed to 0 over the epochs (DARTS on CIFAR-10); exponential: times 0.97 per epoch (on ImageNet).
+LR_SCHEDULES = ("cosine", "exponential")
+EXPONENTIAL_LR_DECAY = 0.97
 
 
 @dataclass
@@ -65,14 +71,15 @@ class TrainConfig:
     init_channels: int | None = None
     cutout: int | None = None
     lr: float | None = None
+    lr_schedule: str | None = None
     stem: str | None = None
     label_smoothing: float | None = None
     momentum: float = 0.9
-    weight_decay: float = 3e-4
+    weight_decay: float | None = None
     grad_clip: float = 5.0
     auxiliary: bool = True
     auxiliary_weight: float = 0.4
-    drop_path_prob: float = 0.2
+    drop_path_prob: float | None = None
     amp: str = "none"
     cuda_graph: bool = False  # replay each train step from a CUDA graph (one GPU)
     seed: int = 0
@@ -95,12 +102,28 @@ class TrainConfig:
                 setattr(filled, key, value)
         if filled.amp not in AMP_CHOICES:
             raise ValueError(f"unknown --amp {filled.amp!r}; choose one of {', '.join(AMP_CHOICES)}")
+        if filled.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown --lr-schedule {filled.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         for key in ("epochs", "batch_size", "layers", "init_channels"):
             if getattr(filled, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(filled, key)}")
-        if filled.layers < 3 and filled.auxiliary:
+        if filled.eval_limit is not None and filled.eval_limit < 1:
+            raise ValueError(f"--eval-limit must be >= 1, got {filled.eval_limit}")
+        if not (math.isfinite(filled.lr) and filled.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {filled.lr}")
+        for key in ("momentum", "weight_decay"):
+            if not (math.isfinite(getattr(filled, key)) and getattr(filled, key) >= 0):
+                raise ValueError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {getattr(filled, key)}")
+        image_size = dataset_info(filled.dataset).image_size
+        if not 0 <= filled.cutout < image_size:
+            raise ValueError(f"--cutout must be in [0, {image_size}) for {filled.dataset}'s {image_size}-pixel images "
+                             f"(a larger square blanks every image), got {filled.cutout}")
+        if filled.auxiliary and filled.layers < 3:
             raise ValueError("the auxiliary head sits after the second reduction cell: "
                              "use --layers >= 3 or --no-auxiliary")
+        if filled.auxiliary and filled.batch_size < 2:
+            raise ValueError("the auxiliary head's batch norm needs 2 or more images per batch (its map is 1x1): "
+                             "use --batch-size >= 2 or --no-auxiliary")
         if not 0 <= filled.drop_path_prob < 1:
             raise ValueError(f"drop_path_prob must be in [0, 1), got {filled.drop_path_prob}")
         if not 0 <= filled.label_smoothing < 1:
@@ -203,7 +226,10 @@ def train(config: TrainConfig) -> TrainResult:
     model = build_model(genotype, model_config).to(device)
     optimizer = torch.optim.SGD(model.parameters(), config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
+    if config.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, EXPONENTIAL_LR_DECAY)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     start_epoch, history = 0, []
     checkpoint_path = out / "checkpoint.pt"
@@ -212,7 +238,10 @@ def train(config: TrainConfig) -> TrainResult:
     write_json(dataclasses.asdict(config), out / "config.json")
     atomic_write_text(out / "genotype.json", genotype.to_json() + "\n")
 
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    # A last batch of one image would give the auxiliary head's batch norm one value per channel
+    # (an error at the end of the first epoch): that image waits for the next epoch's shuffle.
+    drop_last = config.auxiliary and len(train_set) % config.batch_size == 1
+    steps_per_epoch = len(train_set) // config.batch_size if drop_last else math.ceil(len(train_set) / config.batch_size)
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     progress = _progress_bar(config, steps_per_epoch, start_epoch)
@@ -220,13 +249,13 @@ def train(config: TrainConfig) -> TrainResult:
         model.drop_path_prob = config.drop_path_prob * epoch / config.epochs
         # The data order depends on (seed, epoch) only, so a resumed run sees the same batches.
         loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed * 100003 + epoch,
-                             num_workers=config.num_workers)
+                             num_workers=config.num_workers, drop_last=drop_last)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
         record = _train_epoch(model, loader, optimizer, criterion, config, device, steps_per_epoch, progress, epoch,
                               graphs, checkpoint_path)
         scheduler.step()
         test_loss, test_acc = evaluate(model, eval_loader, device, config.amp)
-        record.update(epoch=epoch + 1, test_loss=test_loss, test_acc=test_acc, lr=optimizer.param_groups[0]["lr"],
-                      drop_path_prob=model.drop_path_prob)
+        record.update(epoch=epoch + 1, test_loss=test_loss, test_acc=test_acc, lr=lr, drop_path_prob=model.drop_path_prob)
         history.append(record)
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
@@ -257,7 +286,7 @@ def _identity(config: TrainConfig, genotype: Genotype) -> dict:
 
     The genotype is its contents, not the argument naming it: an edited genotype.json is another
     architecture, and the same file by another path is the same one."""
-    keys = ("dataset", "epochs", "batch_size", "layers", "init_channels", "cutout", "lr", "stem",
+    keys = ("dataset", "epochs", "batch_size", "layers", "init_channels", "cutout", "lr", "lr_schedule", "stem",
             "label_smoothing", "momentum", "weight_decay", "auxiliary", "auxiliary_weight", "drop_path_prob", "seed",
             "max_steps_per_epoch")
     return {"genotype": genotype.to_dict(), **{k: getattr(config, k) for k in keys}}

@@ -49,7 +49,7 @@ class Genotype(namedtuple("Genotype", "normal normal_concat reduce reduce_concat
                     raise ValueError(f"genotype.{kind}[{k}]: node {node} cannot take input {index!r} (valid: 0..{node - 1})")
             concat = list(getattr(self, kind + "_concat"))
             n_states = 2 + len(edges) // 2
-            if not concat or any(not isinstance(i, int) or not 0 <= i < n_states for i in concat):
+            if not concat or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_states for i in concat):
                 raise ValueError(f"genotype.{kind}_concat: {concat!r} must name states in 0..{n_states - 1}")
         if len(self.normal) != len(self.reduce):
             raise ValueError(f"genotype: normal has {len(self.normal) // 2} nodes but reduce has {len(self.reduce) // 2}")
@@ -77,9 +77,13 @@ class Genotype(namedtuple("Genotype", "normal normal_concat reduce reduce_concat
         missing = [f for f in cls._fields if f not in data]
         if missing:
             raise ValueError(f"genotype: missing field(s) {', '.join(missing)}")
+        for field in cls._fields:
+            if not isinstance(data[field], list):
+                raise ValueError(f"genotype.{field}: expected a list, got {json.dumps(data[field])}")
+
         def pairs(kind):
             return [tuple(e) if isinstance(e, (list, tuple)) else e for e in data[kind]]
-        return cls(pairs("normal"), list(data["normal_concat"]), pairs("reduce"), list(data["reduce_concat"])).validate()
+        return cls(pairs("normal"), data["normal_concat"], pairs("reduce"), data["reduce_concat"]).validate()
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "Genotype":

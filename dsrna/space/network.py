@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dsrna.space.genotype import Genotype
 from dsrna.space.ops import (
@@ -48,14 +49,26 @@ class Cell(nn.Module):
         return torch.cat([states[i] for i in self.concat], dim=1)
 
 
+class _AuxiliaryPool(nn.Module):
+    """Two 5x5 average windows per side, overlapping to cover the map: DARTS' stride-3 pool on its
+    8x8 CIFAR map and stride-2 pool on its 7x7 ImageNet map, the same rule on any map of 6 pixels
+    or more. [choice] A smaller map (a small input image) is average-pooled to 2x2."""
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        if min(H, W) < 6:
+            return F.adaptive_avg_pool2d(x, 2)
+        return F.avg_pool2d(x, 5, stride=(H - 5, W - 5), count_include_pad=False)
+
+
 class AuxiliaryHead(nn.Module):
-    """DARTS' auxiliary classifier after the second reduction; pools to 2x2 whatever the input size."""
+    """DARTS' auxiliary classifier after the second reduction, ending in a 2x2 conv on a 2x2 map."""
 
     def __init__(self, C, num_classes):
         super().__init__()
         self.features = nn.Sequential(
             nn.ReLU(inplace=False),
-            nn.AdaptiveAvgPool2d(2),
+            _AuxiliaryPool(),
             nn.Conv2d(C, 128, 1, bias=False),
             BatchNorm2d(128),
             nn.ReLU(inplace=False),
