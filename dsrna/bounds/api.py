@@ -14,6 +14,9 @@ from dsrna.bounds.graph import BoundGraph, lower
 from dsrna.bounds.perturbation import Ball
 
 
+DEFAULT_MAX_EPS, DEFAULT_TOL = 1.0, 1e-4  # certified_radius's bracket and precision
+
+
 def _model_backend(model: nn.Module):
     """The model's own ``backend=`` choice governs the dispatched bound ops too."""
     name = getattr(model, "backend", "auto")
@@ -134,7 +137,7 @@ def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, 
 
 @torch.no_grad()
 def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf", method: str = "crown",
-                     max_eps: float = 1.0, tol: float = 1e-4, clip: tuple[float, float] | None = (0.0, 1.0),
+                     max_eps: float = DEFAULT_MAX_EPS, tol: float = DEFAULT_TOL, clip: tuple[float, float] | None = (0.0, 1.0),
                      bn_stats: dict | None = None, candidates: int = 1, relu_mode: str = "adaptive",
                      max_spec_chunk: int = DEFAULT_SPEC_CHUNK) -> torch.Tensor:
     """The largest eps in ``[0, max_eps]`` (to within ``tol``) at which every margin bound of each
@@ -144,8 +147,8 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: s
     pass (the batch is repeated), shrinking the bracket ``candidates + 1``-fold per pass. The
     returned radius is always a certified eps, and the bracket's upper end an uncertified one.
     """
-    if max_eps <= 0 or tol <= 0 or candidates < 1:
-        raise ValueError(f"need max_eps > 0, tol > 0, candidates >= 1; got {max_eps}, {tol}, {candidates}")
+    if not (math.isfinite(max_eps) and max_eps > 0 and math.isfinite(tol) and tol > 0) or candidates < 1:
+        raise ValueError(f"need finite max_eps > 0 and tol > 0, candidates >= 1; got {max_eps}, {tol}, {candidates}")
     bound_model = BoundModel(model, bn_stats, relu_mode, max_spec_chunk)
     with _model_backend(model):
         clean = bound_model.graph.forward(x)  # also fixes train-mode batch-norm statistics to this batch

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from dsrna.plots import save_figure
 
     eps = parse_floats(args.eps, "--eps") if args.eps.strip() else []
-    check_bisection_options(args.max_eps, args.tol, args.candidates)
+    check_bisection_options(args.max_eps, args.tol, args.candidates, eps)
     device, model, meta, loader, out = prepare_evaluation(args)
     result = certify(model, loader, args.norm, args.method, eps, max_eps=args.max_eps, tol=args.tol,
                      candidates=args.candidates, device=device, progress=args.progress)

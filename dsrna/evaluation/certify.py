@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from dsrna.attacks import logits_of
+from dsrna.bounds.api import DEFAULT_MAX_EPS, DEFAULT_TOL
 from dsrna.bounds.engine import METHODS
 from dsrna.bounds.perturbation import NORMS
 from dsrna.evaluation.common import evaluation_pass
@@ -23,17 +24,21 @@ def certify(model: nn.Module, loader, norm: str = "linf", method: str = "crown",
             max_eps: float | None = None, tol: float | None = None, candidates: int | None = None, device="cpu",
             progress: bool = False) -> dict:
     """Certified radii over a loader. Returns a JSON-ready dict with ``radii`` (per image, loader
-    order), ``correct``, ``mean_radius``, ``median_radius``, ``clean_acc`` and ``certified_acc``
-    at each of ``eps``. ``max_eps``, ``tol`` and ``candidates`` (eps tested per bound pass) go to the
-    bisection; None leaves the bound engine's default."""
+    order, in the model's precision: a radius is a certified eps, which rounding up could break),
+    ``correct``, ``mean_radius``, ``median_radius``, ``clean_acc``, ``certified_acc`` at each of
+    ``eps``, the bisection's ``max_eps``, ``tol`` and ``candidates`` (eps tested per bound pass), and
+    ``at_max_eps``, the images whose radius reached ``max_eps`` (their true radius may be larger).
+    ``max_eps`` defaults to the larger of the bound engine's default and the largest ``eps``."""
     from dsrna.bounds import certified_radius
 
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    check_bisection_options(max_eps, tol, candidates)
-    options = {k: v for k, v in (("max_eps", max_eps), ("tol", tol), ("candidates", candidates)) if v is not None}
+    eps_list = [float(e) for e in eps_list]
+    check_bisection_options(max_eps, tol, candidates, eps_list)
+    options = dict(max_eps=max([DEFAULT_MAX_EPS, *eps_list]) if max_eps is None else max_eps,
+                   tol=DEFAULT_TOL if tol is None else tol, candidates=1 if candidates is None else candidates)
     device = torch.device(device)
     model = model.to(device)
     radii, correct = [], []
@@ -41,22 +46,27 @@ def certify(model: nn.Module, loader, norm: str = "linf", method: str = "crown",
         for x, y in batches:
             with torch.no_grad():
                 correct.append((logits_of(model, x).argmax(1) == y).cpu())
-            radii.append(certified_radius(model, x, y, norm=norm, method=method, **options).detach().float().cpu())
+            radii.append(certified_radius(model, x, y, norm=norm, method=method, **options).detach().double().cpu())
     radii_t, correct_t = torch.cat(radii), torch.cat(correct)
     radii_t = torch.where(correct_t, radii_t, torch.zeros_like(radii_t))
     return dict(norm=norm, method=method, n=int(radii_t.numel()), radii=radii_t.tolist(),
-                correct=correct_t.tolist(), mean_radius=radii_t.mean().item(), median_radius=radii_t.median().item(),
-                clean_acc=correct_t.double().mean().item(), eps=[float(e) for e in eps_list],
-                certified_acc=[certified_accuracy(radii_t, correct_t, e) for e in eps_list], **options)
+                correct=correct_t.tolist(), mean_radius=radii_t.mean().item(),
+                median_radius=radii_t.quantile(0.5).item(), clean_acc=correct_t.double().mean().item(), eps=eps_list,
+                certified_acc=[certified_accuracy(radii_t, correct_t, e) for e in eps_list],
+                at_max_eps=int((radii_t >= options["max_eps"]).sum()), **options)
 
 
-def check_bisection_options(max_eps: float | None, tol: float | None, candidates: int | None) -> None:
-    """Refuse bisection settings that cannot end (an infinite upper end) or cannot narrow the radius."""
+def check_bisection_options(max_eps: float | None, tol: float | None, candidates: int | None, eps_list=()) -> None:
+    """Refuse bisection settings that cannot end (an infinite upper end) or cannot narrow the radius,
+    and an eps above ``max_eps``, where a radius (capped there) could never reach."""
     for name, value in (("--max-eps", max_eps), ("--tol", tol)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value}")
     if candidates is not None and candidates < 1:
         raise ValueError(f"--candidates must be >= 1, got {candidates}")
+    if max_eps is not None and eps_list and max(eps_list) > max_eps:
+        raise ValueError(f"--eps {max(eps_list):g} is above --max-eps {max_eps:g}: radii stop at max_eps, "
+                         f"so no image could be certified there; raise --max-eps")
 
 
 def certified_accuracy(radii: torch.Tensor, correct: torch.Tensor, eps: float) -> float:
@@ -69,6 +79,9 @@ def certify_table(result: dict) -> str:
     lines = [f"certified radius ({result['norm']}, {result['method']}) over {result['n']} images: "
              f"mean {result['mean_radius']:.4g}, median {result['median_radius']:.4g}; "
              f"clean accuracy {100 * result['clean_acc']:.2f}%"]
+    if result.get("at_max_eps"):
+        lines.append(f"{result['at_max_eps']} radii reached max_eps {result['max_eps']:g} (their true radius may be "
+                     "larger: raise --max-eps)")
     if result["eps"]:
         lines += ["", f"| eps ({result['norm']}) | certified accuracy (%) |", "|---|---|"]
         lines += [f"| {e:g} | {100 * a:.2f} |" for e, a in zip(result["eps"], result["certified_acc"])]
