@@ -20,15 +20,15 @@ def test_search_train_attack_certify_report(tmp_path, capsys):
     model = str(train / "model.pt")
     assert main(["attack", model, "--eps", "0.05,0.1", "--attacks", "fgsm,pgd", "--steps", "3", "--limit", "8",
                  "--no-progress"]) == 0
-    attack = json.loads((train / "attack.json").read_text())
+    attack = json.loads((train / "attack_linf.json").read_text())
     assert attack["n"] == 8 and set(attack["robust_acc"]) == {"fgsm", "pgd"}
     assert all(0 <= a <= attack["clean_acc"] for accs in attack["robust_acc"].values() for a in accs)
-    assert (train / "attack.png").is_file()
+    assert (train / "attack_linf.png").is_file()
     assert main(["certify", model, "--norm", "l2", "--method", "ibp", "--eps", "0.01", "--limit", "4",
                  "--max-eps", "1", "--tol", "0.01", "--no-progress"]) == 0
-    certify = json.loads((train / "certify.json").read_text())
+    certify = json.loads((train / "certify_l2_ibp.json").read_text())
     assert certify["n"] == 4 and len(certify["radii"]) == 4
-    assert (train / "certify_hist.png").is_file() and (train / "certify_curve.png").is_file()
+    assert (train / "certify_l2_ibp_hist.png").is_file() and (train / "certify_l2_ibp_curve.png").is_file()
     out = capsys.readouterr().out
     assert "pgd" in out and "certified radius" in out
     assert main(["report", str(train)]) == 0

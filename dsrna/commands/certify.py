@@ -23,13 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="certify the first N test images only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="folder for certify.json and the pictures (default: the model's folder)")
+    parser.add_argument("--out", help="folder for certify_<norm>_<method>.json and its pictures (default: the model's folder)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def run(args: argparse.Namespace) -> int:
     from dsrna.evaluation.certify import certify, certify_table, check_bisection_options
-    from dsrna.evaluation.common import parse_floats, prepare_evaluation, write_json
+    from dsrna.evaluation.common import parse_floats, prepare_evaluation, result_name, write_json
     from dsrna.evaluation.report import plot_certified_curve, plot_radius_histogram
     from dsrna.plots import save_figure
 
@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     result = certify(model, loader, args.norm, args.method, eps, max_eps=args.max_eps, tol=args.tol,
                      candidates=args.candidates, device=device, progress=args.progress)
     print(certify_table(result), flush=True)  # shown even if writing the files fails
-    write_json(result, out / "certify.json")
-    save_figure(plot_radius_histogram(result), out / "certify_hist.png")
-    save_figure(plot_certified_curve(result), out / "certify_curve.png")
-    print(f"results: {out / 'certify.json'}")
+    stem = result_name("certify", args.norm, args.method)
+    write_json(result, out / f"{stem}.json")
+    save_figure(plot_radius_histogram(result), out / f"{stem}_hist.png")
+    save_figure(plot_certified_curve(result), out / f"{stem}_curve.png")
+    print(f"results: {out / f'{stem}.json'}")
     return 0

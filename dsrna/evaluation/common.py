@@ -97,6 +97,12 @@ def prepare_evaluation(args) -> tuple[torch.device, torch.nn.Module, dict, DataL
     return device, model, meta, loader, out
 
 
+def result_name(kind: str, norm: str, method: str | None = None) -> str:
+    """The stem of an evaluation's files, e.g. ``attack_linf`` or ``certify_l2_crown``: one set per
+    norm (and bound method), so that evaluating another norm keeps the first one's results."""
+    return "_".join([kind, norm] + ([method] if method else []))
+
+
 @contextlib.contextmanager
 def evaluation_pass(model: torch.nn.Module, loader, device: torch.device, desc: str,
                     progress: bool) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:

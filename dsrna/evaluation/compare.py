@@ -2,7 +2,7 @@
 
 Each method runs the same chain with the same budget, through the Python APIs, in its own folder
 ``OUT/<method>/``: search (``search/``), final training of the found genotype (``train/``), attacks
-and certification of the trained network (``train/attack.json``, ``train/certify.json``). The
+and certification of the trained network (``train/attack_<norm>.json``, ``train/certify_<norm>_<method>.json``). The
 table (``OUT/compare.md`` and ``OUT/compare.json``) has, per method: clean accuracy, FGSM and PGD
 robust accuracy at ``eps`` (``norm``), C&W and AutoAttack l_2 robust accuracy at ``l2_eps`` (when
 the optional torchattacks is installed), mean certified radius, search time and parameter count.
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dsrna.errors import changed_settings
-from dsrna.evaluation.common import evaluation_loader, pick_device, write_json
+from dsrna.evaluation.common import evaluation_loader, pick_device, result_name, write_json
 from dsrna.search.checkpoint import atomic_write_text
 
 # Method name -> kind of robustness term in the architecture objective (METHOD.md §4).
@@ -146,12 +146,12 @@ def _run_method(method: str, config: CompareConfig, folder: Path, extra: bool) -
         loader = evaluation_loader(config.dataset, config.data_root, config.eval_limit)
         linf = evaluate_attacks(model, loader, config.eps, ("fgsm", "pgd"), config.norm, steps=config.pgd_steps,
                                 num_classes=num_classes, device=device, progress=config.progress)
-        write_json(linf, folder / "train" / "attack.json")
+        write_json(linf, folder / "train" / f"{result_name('attack', config.norm)}.json")
         l2 = None
         if extra:
             l2 = evaluate_attacks(model, loader, [config.l2_eps], ("cw", "autoattack"), "l2",
                                   num_classes=num_classes, device=device, progress=config.progress)
-            write_json(l2, folder / "train" / "attack_l2.json")
+            write_json(l2, folder / "train" / f"{result_name('attack', 'l2')}.json")
         _done(folder, stages, "attack", dict(clean_acc=linf["clean_acc"],
                                              fgsm=linf["robust_acc"]["fgsm"][-1], pgd=linf["robust_acc"]["pgd"][-1],
                                              cw=l2["robust_acc"]["cw"][0] if l2 else None,
@@ -160,7 +160,7 @@ def _run_method(method: str, config: CompareConfig, folder: Path, extra: bool) -
         loader = evaluation_loader(config.dataset, config.data_root, config.certify_limit, batch_size=32)
         result = certify(model, loader, config.certify_norm, config.certify_method, device=device,
                          progress=config.progress)
-        write_json(result, folder / "train" / "certify.json")
+        write_json(result, folder / "train" / f"{result_name('certify', config.certify_norm, config.certify_method)}.json")
         _done(folder, stages, "certify", dict(mean_radius=result["mean_radius"], median_radius=result["median_radius"]))
     from dsrna.evaluation.report import write_report
     from dsrna.space import count_parameters

@@ -9,8 +9,9 @@ or archived alone):
 - ``genotype.json``: the normal and reduction cells (drawn here unless the folder has them);
 - ``log.jsonl``: curves of every numeric field over epochs (losses, accuracies, robustness term...)
   and, when lines carry the softmax of the architecture parameters, heatmaps of them over epochs;
-- ``attack.json`` / ``certify.json``: robust-accuracy curves, the radius histogram and the
-  certified-accuracy curve;
+- ``attack_<norm>.json`` / ``certify_<norm>_<method>.json`` (each evaluation's own file; also the
+  ``attack.json`` / ``certify.json`` of older runs): robust-accuracy curves, the radius histogram and
+  the certified-accuracy curve;
 - any other PNG in the folder (e.g. the search's cell pictures and its latest alpha heatmap).
 
 The plotting functions here are also what ``dsrna attack`` and ``dsrna certify`` save as PNG.
@@ -33,8 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dsrna.search.checkpoint import atomic_write_text, check_writable  # noqa: E402
 
-# PNGs that this module draws itself from JSON; the gallery leaves them out to avoid duplicates.
-OWN_PICTURES = ("attack.png", "certify_hist.png", "certify_curve.png")
+# The evaluations' files; their PNGs are drawn here again from the JSON, so the gallery leaves them out.
+EVALUATION_PREFIXES = ("attack", "certify")
 
 
 def plot_attack_curve(result: dict):
@@ -243,21 +244,21 @@ def write_report(run_dir: str | Path) -> Path:
             heatmaps = _alpha_heatmaps(records)
             if heatmaps:
                 sections.append(("Architecture weights over epochs", heatmaps))
-    attack = _read_json(run_dir / "attack.json")
-    if isinstance(attack, dict):
-        from dsrna.evaluation.attack import attack_table
+    from dsrna.evaluation.attack import attack_table
+    from dsrna.evaluation.certify import certify_table
 
-        sections.append(("Robust accuracy", [_img(_png(plot_attack_curve(attack)), "robust accuracy over eps"),
-                                             f"<pre>{html.escape(attack_table(attack))}</pre>"]))
-    certified = _read_json(run_dir / "certify.json")
-    if isinstance(certified, dict):
-        from dsrna.evaluation.certify import certify_table
-
-        sections.append(("Certified robustness", [
-            _img(_png(plot_certified_curve(certified)), "certified accuracy over eps"),
-            _img(_png(plot_radius_histogram(certified)), "certified radius per image"),
-            f"<pre>{html.escape(certify_table(certified))}</pre>"]))
-    gallery = [p for p in sorted(run_dir.glob("*.png")) if p.name not in OWN_PICTURES]
+    attacks = [a for a in map(_read_json, sorted(run_dir.glob("attack*.json"))) if isinstance(a, dict)]
+    if attacks:
+        sections.append(("Robust accuracy", [part for a in attacks for part in (
+            _img(_png(plot_attack_curve(a)), f"robust accuracy over eps ({a.get('norm')})"),
+            f"<pre>{html.escape(attack_table(a))}</pre>")]))
+    certified = [c for c in map(_read_json, sorted(run_dir.glob("certify*.json"))) if isinstance(c, dict)]
+    if certified:
+        sections.append(("Certified robustness", [part for c in certified for part in (
+            _img(_png(plot_certified_curve(c)), f"certified accuracy over eps ({c.get('norm')}, {c.get('method')})"),
+            _img(_png(plot_radius_histogram(c)), f"certified radius per image ({c.get('norm')}, {c.get('method')})"),
+            f"<pre>{html.escape(certify_table(c))}</pre>")]))
+    gallery = [p for p in sorted(run_dir.glob("*.png")) if not p.name.startswith(EVALUATION_PREFIXES)]
     if gallery:
         sections.append(("Pictures", [_img(base64.b64encode(p.read_bytes()).decode(), p.name) for p in gallery]))
 
