@@ -276,6 +276,21 @@ def test_class_balanced_subset_counts():
         class_balanced_subset(dataset, 1.5)
 
 
+def test_search_data_with_subset_fractions_draws_each_half_per_class():
+    """PC-DARTS' halves are per-class draws of each fraction (one pool cut at random was not)."""
+    from dsrna.search import SearchConfig
+    from dsrna.search.loop import load_search_data
+
+    data = load_search_data(SearchConfig(subset_fractions=(0.1, 0.025)))  # mnist-mini: 400 images per class
+    assert torch.equal(torch.bincount(dataset_targets(data.train)), torch.full((10,), 40))
+    assert torch.equal(torch.bincount(dataset_targets(data.val)), torch.full((10,), 10))
+
+
+def test_search_split_sizes_survive_floating_point():
+    weights_half, _ = search_split(torch.utils.data.TensorDataset(torch.zeros(50000)), 0.29)
+    assert len(weights_half) == 14500  # int(0.29 * 50000) is 14499
+
+
 def test_class_balanced_split_is_disjoint_per_class_and_seeded():
     dataset = get_dataset("mnist-mini", train=False)
     weights_part, arch_part = class_balanced_split(dataset, (0.1, 0.025), seed=2)  # the PC-DARTS proportions

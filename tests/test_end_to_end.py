@@ -58,6 +58,10 @@ def test_compare_writes_the_table(tmp_path, capsys):
     assert set(stages) == {"search", "train", "attack", "certify"}  # what a second run would skip
     assert main([*argv, "--pgd-steps", "3"]) == 2  # the same folder with other settings is refused
     assert "other settings: pgd_steps=2 (now 3); choose another --out" in capsys.readouterr().err
+    # a setting one method's search refuses fails before any method runs or the folder is claimed
+    fresh = tmp_path / "fresh"
+    assert main([*argv[:4], str(fresh), *argv[5:], "--robust-batch", "100"]) == 2
+    assert "robust_batch (100) is larger" in capsys.readouterr().err and not fresh.exists()
 
 
 def test_attack_and_certify_check_their_inputs_before_any_work(tmp_path, capsys, monkeypatch):

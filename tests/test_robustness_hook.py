@@ -66,11 +66,15 @@ def test_invalid_config_raises(field, value, message):
         RobustnessConfig(**{field: value})
 
 
-def test_projection_needs_l2_only_when_jacobian_is_used():
+def test_projection_needs_l2_and_settings_of_an_unused_term_are_refused():
     with pytest.raises(ValueError, match="projection"):
         RobustnessConfig(kind="jacobian", estimator="projection", norm="linf")
     RobustnessConfig(kind="jacobian", estimator="projection", norm="l2")
-    RobustnessConfig(kind="cb", estimator="projection", norm="linf")  # the estimator is unused there
+    with pytest.raises(ValueError, match="estimator has no effect with kind 'cb'"):  # silently ignored before
+        RobustnessConfig(kind="cb", estimator="projection", norm="linf")
+    with pytest.raises(ValueError, match="gamma, method have no effect with kind 'none'"):
+        RobustnessConfig(gamma=0.5, method="ibp")
+    RobustnessConfig(kind="combined", estimator="exact", method="ibp", gamma=0.5)  # combined uses both
 
 
 def test_none_returns_zero_without_a_forward():

@@ -48,6 +48,7 @@ _FLAGS = {
     "--amp": ("amp", dict(choices=["none", "bf16"], help="bf16 autocast of the forward passes; default none")),
     "--seed": ("seed", dict(type=int, help="default 0")),
     "--backend": ("backend", dict(choices=["auto", "reference", "triton", "native"], help="op implementations; default auto")),
+    "--device": ("device", dict(help="auto (default: the GPU when present, under torchrun the LOCAL_RANK's), cpu, cuda or cuda:N")),
     "--out": ("out", dict(metavar="DIR", help="run folder; default runs/search")),
     "--max-steps-per-epoch": ("max_steps_per_epoch", dict(type=int, help="cap the steps of every epoch (quick runs)")),
     "--log-every": ("log_every", dict(type=int, help="steps between progress-bar updates (host syncs); default 50")),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
@@ -12,7 +14,7 @@ def search_split(dataset: Dataset, portion: float = 0.5, seed: int = 0) -> tuple
     if not 0.0 < portion < 1.0:
         raise ValueError(f"train portion must be strictly between 0 and 1, got {portion}")
     size = len(dataset)
-    train_size = int(portion * size)
+    train_size = math.floor(round(portion * size, 6))  # 0.29 * 50000 is 14499.999... in floating point
     if train_size == 0 or train_size == size:
         raise ValueError(f"a train portion of {portion} leaves one half of the {size} search images empty")
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from dsrna.errors import changed_settings
 from dsrna.evaluation.common import evaluation_loader, pick_device, result_name, write_json
@@ -82,6 +79,8 @@ def compare(config: CompareConfig) -> dict:
 
     pick_device(config.device)  # a bad --device fails now, not after the first search
     out = Path(config.out)
+    for method in config.methods:  # every method's search settings are checked before any work
+        _search_config(method, config, out / method)
     out.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back: tuples become lists
     for volatile in ("progress", "device", "methods"):
@@ -170,28 +169,29 @@ def _run_method(method: str, config: CompareConfig, folder: Path, extra: bool) -
                 parameters=count_parameters(model), genotype=meta["genotype"])
 
 
-def _search(method: str, config: CompareConfig, folder: Path) -> dict:
+def _search_config(method: str, config: CompareConfig, folder: Path):
     from dsrna.robustness import RobustnessConfig
-    from dsrna.search import SearchConfig, run_search
+    from dsrna.search import SearchConfig
 
     kind = METHODS[method]
-    # plain DARTS has no robustness term to cut to robust_batch
-    robustness = RobustnessConfig(kind=kind, gamma=config.gamma, eps=config.robust_eps, norm=config.robust_norm,
-                                  robust_batch=config.robust_batch if kind != "none" else None,
-                                  dataset=config.dataset)
-    search_config = SearchConfig(dataset=config.dataset, data_root=config.data_root, epochs=config.search_epochs,
-                                 batch_size=config.search_batch_size, layers=config.search_layers,
-                                 init_channels=config.search_channels, order=config.search_order,
-                                 robustness=robustness, seed=config.seed, backend=config.backend, out=str(folder),
-                                 max_steps_per_epoch=config.search_max_steps, progress=config.progress,
-                                 resume=(folder / "checkpoint.pt").exists())
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run_search(search_config)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return dict(time_s=time.perf_counter() - start)
+    # plain DARTS has no robustness term: its settings would be refused as unused
+    robustness = RobustnessConfig(kind=kind, dataset=config.dataset) if kind == "none" else RobustnessConfig(
+        kind=kind, gamma=config.gamma, eps=config.robust_eps, norm=config.robust_norm,
+        robust_batch=config.robust_batch, dataset=config.dataset)
+    return SearchConfig(dataset=config.dataset, data_root=config.data_root, epochs=config.search_epochs,
+                        batch_size=config.search_batch_size, layers=config.search_layers,
+                        init_channels=config.search_channels, order=config.search_order, robustness=robustness,
+                        seed=config.seed, backend=config.backend, device=config.device, out=str(folder),
+                        max_steps_per_epoch=config.search_max_steps, progress=config.progress,
+                        resume=(folder / "checkpoint.pt").exists())
+
+
+def _search(method: str, config: CompareConfig, folder: Path) -> dict:
+    from dsrna.search import run_search
+
+    result = run_search(_search_config(method, config, folder))
+    # The epochs' own times, summed over the history: a resumed search counts its earlier sessions too.
+    return dict(time_s=sum(record["time_s"] for record in result.history))
 
 
 COLUMNS = ("method", "clean", "FGSM", "PGD", "C&W", "AutoAttack", "mean cert. radius", "search time", "params")

@@ -38,6 +38,7 @@ class SearchConfig:
     partial_channels: int = 1
     stem: str = "cifar"
     backend: str = "auto"
+    device: str = "auto"                # auto: the GPU when present (per process under torchrun); cpu, cuda:N
     # schedule
     epochs: int = 50
     batch_size: int = 64                # per process
@@ -72,7 +73,7 @@ class SearchConfig:
 
     # Fields that may differ between a run and its resumption (they do not change the numbers).
     RESUMABLE = ("data_root", "num_workers", "backend", "out", "resume", "log_every", "deterministic", "progress",
-                 "cuda_graph")
+                 "cuda_graph", "device")
 
     def __post_init__(self):
         if self.order not in (1, 2):
@@ -90,6 +91,12 @@ class SearchConfig:
         if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
             # clip_grad_norm_ with a negative norm flips every gradient's sign
             raise ValueError(f"grad_clip must be a finite number > 0, got {self.grad_clip}")
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.lr_min) and 0 <= self.lr_min <= self.lr):
+            raise ValueError(f"need finite lr > 0 and 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
+        if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
+            raise ValueError(f"lr_reference_batch must be >= 1 (or unset), got {self.lr_reference_batch}")
+        if self.lr_warmup_epochs < 0:
+            raise ValueError(f"lr_warmup_epochs must be >= 0, got {self.lr_warmup_epochs}")
         if not 0 <= self.arch_start_epoch < self.epochs:
             raise ValueError(f"arch_start_epoch must be in [0, epochs={self.epochs}) or the architecture is never "
                              f"updated, got {self.arch_start_epoch}")
@@ -106,10 +113,7 @@ class SearchConfig:
         """Refuse robustness settings that the run would silently never use."""
         robustness = self.robustness
         if not self.uses_robustness:
-            if robustness.robust_batch is not None:
-                raise ValueError("robust_batch has no effect without a robustness term: "
-                                 "set robustness (--robustness cb, jacobian or combined) or drop it")
-            return
+            return  # RobustnessConfig refuses every setting of R without R
         if self.order == 2 and robustness.inner_gamma > 0:
             # The unrolled step w' = w - eta grad L_train models the weight step; with R in it the
             # architecture gradient would be that of another objective.

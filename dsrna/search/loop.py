@@ -13,6 +13,7 @@ continues where the interrupted one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,16 +61,14 @@ def load_search_data(config: SearchConfig) -> SearchData:
     """The named data set split for the search: ``train_portion`` of the training set for the
     weights and the rest for the architecture, or, with ``subset_fractions=(a, b)``, disjoint
     class-balanced draws of fractions a and b (PC-DARTS on ImageNet)."""
-    from dsrna.data import class_balanced_subset, dataset_info, get_dataset, search_split
+    from dsrna.data import class_balanced_split, dataset_info, get_dataset, search_split
 
     info = dataset_info(config.dataset)
     full = get_dataset(config.dataset, config.data_root, train=True)
     if config.subset_fractions is None:
         train, val = search_split(full, config.train_portion, config.seed)
     else:
-        a, b = config.subset_fractions
-        pool = class_balanced_subset(full, a + b, config.seed)
-        train, val = search_split(pool, a / (a + b), config.seed)
+        train, val = class_balanced_split(full, config.subset_fractions, config.seed)
     return SearchData(train, val, info.num_classes, info.in_channels, info.mean, info.std)
 
 
@@ -164,7 +163,9 @@ def run_search(config: SearchConfig, data: SearchData | None = None,
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         _set_deterministic(config.deterministic)
-        return _run(config, data, on_epoch_end)
+        device = _search_device(config)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return _run(config, device, data, on_epoch_end)
     except Exception as exc:
         # A collective broken by a peer that died (out of memory, killed) says nothing useful in
         # its traceback: one line here, the cause is in the failed process's own message.
@@ -177,9 +178,20 @@ def run_search(config: SearchConfig, data: SearchData | None = None,
             torch.distributed.destroy_process_group()
 
 
-def _run(config: SearchConfig, data: SearchData | None, on_epoch_end) -> SearchResult:
+def _search_device(config: SearchConfig) -> torch.device:
+    """``auto``: this process's device (its ``LOCAL_RANK``'s GPU under torchrun, else the first GPU,
+    else the CPU); an explicit one for a single process only."""
+    if config.device == "auto":
+        return distributed.default_device()
+    if distributed.is_distributed():
+        raise ValueError("--device is chosen per process under torchrun (the LOCAL_RANK's GPU): drop it")
+    from dsrna.evaluation.common import pick_device  # here: dsrna.evaluation imports this package
+
+    return pick_device(config.device)
+
+
+def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on_epoch_end) -> SearchResult:
     rank, world = distributed.rank(), distributed.world_size()
-    device = distributed.default_device()
     out = Path(config.out)
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
 
