@@ -139,6 +139,10 @@ def test_auxiliary_head_pools_as_darts():
     assert pool(grid).flatten().tolist() == [18.0, 21.0, 42.0, 45.0]
     torch.testing.assert_close(pool(grid[..., :7, :7]), torch.nn.functional.avg_pool2d(grid[..., :7, :7], 5, 2))
     assert pool(torch.rand(2, 3, 4, 5)).shape == (2, 3, 2, 2)  # a small map: 2x2 average
+    # DARTS' ImageNet head has no batch norm after its 768-channel conv (the CIFAR head has one):
+    # the mobile setting with its head holds exactly DARTS' 5,979,528 parameters.
+    mobile = Network(DARTS_V2, C=48, num_classes=1000, layers=14, in_channels=3, auxiliary=True, stem="imagenet")
+    assert sum(p.numel() for p in mobile.parameters()) == 5_979_528
 
 
 @pytest.mark.parametrize("stem,size", [("cifar", 9), ("imagenet", 32)])

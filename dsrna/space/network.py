@@ -62,9 +62,11 @@ class _AuxiliaryPool(nn.Module):
 
 
 class AuxiliaryHead(nn.Module):
-    """DARTS' auxiliary classifier after the second reduction, ending in a 2x2 conv on a 2x2 map."""
+    """DARTS' auxiliary classifier after the second reduction, ending in a 2x2 conv on a 2x2 map.
+    DARTS' ImageNet head leaves out the batch norm after that conv ("for consistency with the
+    experiments in the paper"): ``imagenet=True`` does too (an identity in its place)."""
 
-    def __init__(self, C, num_classes):
+    def __init__(self, C, num_classes, imagenet: bool = False):
         super().__init__()
         self.features = nn.Sequential(
             nn.ReLU(inplace=False),
@@ -73,7 +75,7 @@ class AuxiliaryHead(nn.Module):
             BatchNorm2d(128),
             nn.ReLU(inplace=False),
             nn.Conv2d(128, 768, 2, bias=False),
-            BatchNorm2d(768),
+            nn.Identity() if imagenet else BatchNorm2d(768),
             nn.ReLU(inplace=False),
         )
         self.classifier = nn.Linear(768, num_classes)
@@ -131,7 +133,7 @@ class Network(nn.Module):
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
             if auxiliary and i == 2 * layers // 3:
-                self.auxiliary_head = AuxiliaryHead(C_prev, num_classes)
+                self.auxiliary_head = AuxiliaryHead(C_prev, num_classes, imagenet=stem == "imagenet")
         self.aux_position = 2 * layers // 3
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
