@@ -125,11 +125,10 @@ def _search(order: int, robustness: str = "none", method: str = "crown-ibp"):
         RobustnessConfig = _require("dsrna.robustness", "RobustnessConfig")
         net = _search_network(shape, backend, device)
         dataset = "cifar10" if shape.in_channels == 3 else "mnist"
+        r_cb = dict(method=method, robust_batch=min(CB_ROBUST_BATCH, shape.batch) if method == "crown-ibp" else None)
         config = SearchConfig(dataset=dataset, order=order, backend=backend, batch_size=shape.batch, layers=shape.layers,
                               init_channels=shape.C,
-                              robustness=RobustnessConfig(kind=robustness, method=method,
-                                                          robust_batch=min(CB_ROBUST_BATCH, shape.batch)
-                                                          if method == "crown-ibp" and robustness == "cb" else None))
+                              robustness=RobustnessConfig(kind=robustness, **(r_cb if robustness == "cb" else {})))
         searcher = Searcher(net, config)
         train, val = _batch(shape, device), _batch(shape, device)
         return lambda: searcher.step(train, val)
