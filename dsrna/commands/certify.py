@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="crown", choices=METHODS,
                         help="bound method (docs/bounds.md); crown and crown-symbolic are the tightest and the costliest")
     parser.add_argument("--eps", default="", help="comma-separated budgets for the certified-accuracy table")
-    parser.add_argument("--max-eps", type=float, help="upper end of the bisection (default: the bound engine's)")
+    parser.add_argument("--max-eps", type=float, help="upper end of the bisection (default: the larger of 1 and the largest --eps)")
     parser.add_argument("--tol", type=float, help="bisection tolerance (default: the bound engine's)")
     parser.add_argument("--candidates", type=int, help="eps values tested per bound pass (default 1)")
     parser.add_argument("--dataset", help="default: the data set the model was trained on")
