@@ -408,7 +408,7 @@ def test_cli_attack_runs_cw_and_autoattack(tmp_path, capsys):
                  "--max-steps-per-epoch", "3", "--eval-limit", "8", "--out", str(train), "--no-progress"]) == 0
     assert main(["attack", str(train / "model.pt"), "--norm", "l2", "--eps", "2.0", "--attacks", "pgd,cw,autoattack",
                  "--steps", "5", "--limit", "4", "--no-progress"]) == 0
-    result = json.loads((train / "attack_l2.json").read_text())
+    result = json.loads((train / "attack_l2_pgd-cw-autoattack.json").read_text())
     assert result["n"] == 4 and result["attacks"] == ["pgd", "cw", "autoattack"]
     assert all(0 <= accs[0] <= result["clean_acc"] for accs in result["robust_acc"].values())
     assert "autoattack" in capsys.readouterr().out

@@ -87,6 +87,15 @@ def test_certify_radii_stay_certified_and_reach_the_largest_eps_asked(trained_ml
     assert (margins.scatter(1, y[:, None], float("inf")).amin(1) > 0).all()
     with pytest.raises(ValueError, match="above --max-eps"):
         certify(model, loader, "l2", "crown", eps_list=[2.0], max_eps=1.0)
+    # a cap that float32 cannot hold (float32(1.3) < 1.3) is rounded up, so a radius at the cap counts at 1.3
+    robust = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with torch.no_grad():
+        robust[1].weight.mul_(1e-4)
+        robust[1].bias.copy_(torch.arange(10.0) * 100)
+    images = x[:4].float()
+    capped = certify(robust, DataLoader(TensorDataset(images, torch.full((4,), 9)), batch_size=4), "l2", "crown",
+                     eps_list=[0.5, 1.3])
+    assert capped["certified_acc"] == [1.0, 1.0] and capped["at_max_eps"] == 4
     for bad in (dict(max_eps=float("nan")), dict(max_eps=float("inf")), dict(tol=float("nan"))):
         with pytest.raises(ValueError, match="finite"):
             certified_radius(model, x, y, "l2", **bad)

@@ -20,10 +20,10 @@ def test_search_train_attack_certify_report(tmp_path, capsys):
     model = str(train / "model.pt")
     assert main(["attack", model, "--eps", "0.05,0.1", "--attacks", "fgsm,pgd", "--steps", "3", "--limit", "8",
                  "--no-progress"]) == 0
-    attack = json.loads((train / "attack_linf.json").read_text())
+    attack = json.loads((train / "attack_linf_fgsm-pgd.json").read_text())
     assert attack["n"] == 8 and set(attack["robust_acc"]) == {"fgsm", "pgd"}
     assert all(0 <= a <= attack["clean_acc"] for accs in attack["robust_acc"].values() for a in accs)
-    assert (train / "attack_linf.png").is_file()
+    assert (train / "attack_linf_fgsm-pgd.png").is_file()
     assert main(["certify", model, "--norm", "l2", "--method", "ibp", "--eps", "0.01", "--limit", "4",
                  "--max-eps", "1", "--tol", "0.01", "--no-progress"]) == 0
     certify = json.loads((train / "certify_l2_ibp.json").read_text())
@@ -54,6 +54,7 @@ def test_compare_writes_the_table(tmp_path, capsys):
     table = (out / "compare.md").read_text()
     assert "| darts |" in table and "| dsrna-jacobian |" in table
     assert (out / "report.html").is_file() and "<h2>Comparison</h2>" in (out / "report.html").read_text()
+    assert (out / "darts" / "train" / "attack_linf_fgsm-pgd.json").is_file()  # C&W/AutoAttack get their own file
     stages = json.loads((out / "darts" / "stages.json").read_text())
     assert set(stages) == {"search", "train", "attack", "certify"}  # what a second run would skip
     assert main([*argv, "--pgd-steps", "3"]) == 2  # the same folder with other settings is refused

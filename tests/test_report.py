@@ -22,8 +22,8 @@ def _run_folder(path):
     DARTS_V2.to_json(path / "genotype.json")
     attack = dict(norm="linf", eps=[0.0, 0.1], attacks=["fgsm", "pgd"], steps=5, restarts=1, n=4, clean_acc=0.75,
                   robust_acc={"fgsm": [0.75, 0.5], "pgd": [0.75, 0.25]})
-    (path / "attack_linf.json").write_text(json.dumps(attack))
-    save_figure(plot_attack_curve(attack), path / "attack_linf.png")  # drawn again from the JSON, not duplicated
+    (path / "attack_linf_fgsm-pgd.json").write_text(json.dumps(attack))
+    save_figure(plot_attack_curve(attack), path / "attack_linf_fgsm-pgd.png")  # drawn again from the JSON, not duplicated
     (path / "certify_l2_crown.json").write_text(json.dumps(dict(
         norm="l2", method="crown", n=4, radii=[0.0, 0.1, 0.2, 0.4], correct=[False, True, True, True],
         mean_radius=0.175, median_radius=0.1, clean_acc=0.75, eps=[0.1], certified_acc=[0.75])))
@@ -32,8 +32,8 @@ def _run_folder(path):
 
 def test_report_embeds_everything_the_folder_holds(tmp_path):
     _run_folder(tmp_path)
-    attack = json.loads((tmp_path / "attack_linf.json").read_text())
-    (tmp_path / "attack_l2.json").write_text(json.dumps({**attack, "norm": "l2"}))  # another norm's evaluation
+    attack = json.loads((tmp_path / "attack_linf_fgsm-pgd.json").read_text())
+    (tmp_path / "attack_l2_fgsm-pgd.json").write_text(json.dumps({**attack, "norm": "l2"}))  # another norm's evaluation
     with pytest.warns(UserWarning, match=r"log.jsonl: line\(s\) 4 are not JSON records"):  # said, not silent
         page = write_report(tmp_path).read_text()
     for heading in ("Metrics", "Cells", "Training curves", "Architecture weights over epochs", "Robust accuracy",
@@ -41,7 +41,7 @@ def test_report_embeds_everything_the_folder_holds(tmp_path):
         assert f"<h2>{heading}</h2>" in page, heading
     sources = re.findall(r'<img src="([^"]*)"', page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)  # self-contained
-    assert "extra_picture.png" in page and "attack_linf.png</figcaption>" not in page
+    assert "extra_picture.png" in page and "attack_linf_fgsm-pgd.png</figcaption>" not in page
     assert "http://" not in page and "https://" not in page
     # cells (2) + run-log curves (1) + heatmaps (2) + attacks in two norms (2) + certify (2) + gallery (1)
     assert len(sources) == 2 + 1 + 2 + 2 + 2 + 1

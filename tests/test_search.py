@@ -401,6 +401,23 @@ def test_the_log_has_no_robustness_value_while_r_warms_up(tmp_path):
     assert history[0]["robustness"] is None and history[1]["robustness"] < 0
 
 
+def test_a_checkpointed_config_with_settings_of_an_unused_term_still_loads():
+    """Runs saved before such settings were refused (--method with jacobian) can be resumed."""
+    saved = config(robustness=RobustnessConfig(kind="jacobian")).to_dict()
+    saved["robustness"]["method"] = "crown"
+    assert SearchConfig.from_dict(saved).robustness.method is None
+
+
+def test_architecture_optimizer_follows_the_device_on_resume():
+    """A GPU run's Adam is capturable (its steps live on the GPU); resumed on a CPU it must not be."""
+    searcher = Searcher(tiny_net(), config())
+    state = searcher.state_dict()
+    state["a_optimizer"]["param_groups"][0]["capturable"] = True  # as a GPU run writes it
+    searcher.load_state_dict(state)
+    assert not searcher.a_optimizer.param_groups[0]["capturable"]
+    searcher.step(batch(seed=1), batch(seed=2))
+
+
 def test_search_config_refuses_a_non_positive_grad_clip():
     for clip in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="grad_clip"):

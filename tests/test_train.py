@@ -154,6 +154,28 @@ def _interrupted_run(tmp_path, monkeypatch, **settings):
             train(TrainConfig(**{**TINY, **settings}))
 
 
+def test_older_files_still_load(tmp_path, monkeypatch):
+    """A checkpoint written before lr_schedule existed resumes as cosine; an ImageNet model whose
+    auxiliary head had one more batch norm (training only) still loads for evaluation."""
+    _interrupted_run(tmp_path, monkeypatch, out=str(tmp_path))
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["lr_schedule"]
+    torch.save(state, path)
+    train(TrainConfig(**{**TINY, "out": str(tmp_path), "resume": True}))
+
+    from dsrna import DARTS_V2, Network
+
+    model_config = dict(init_channels=4, layers=3, num_classes=10, in_channels=3, auxiliary=True, stem="imagenet",
+                        mean=None, std=None)
+    net = Network(DARTS_V2, C=4, num_classes=10, layers=3, in_channels=3, auxiliary=True, stem="imagenet")
+    weights = {**net.state_dict(), "auxiliary_head.features.6.weight": torch.ones(768),
+               "auxiliary_head.features.6.bias": torch.zeros(768)}
+    torch.save({"state_dict": weights, "genotype": DARTS_V2.to_dict(), "model_config": model_config,
+                "dataset": "imagenet"}, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt")[0].auxiliary_head is not None
+
+
 def test_resume_compares_the_genotype_contents_not_how_it_is_named(tmp_path, monkeypatch):
     from dsrna.space.genotype import DARTS_V2
 

@@ -161,7 +161,10 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: s
         return (margins.min(1).values > 0).view(n, B)
 
     lo = x.new_zeros(B)
-    hi = x.new_full((B,), float(max_eps))
+    # The cap in x's precision, rounded up: float32(1.3) < 1.3 left every radius below an eps of 1.3.
+    cap = torch.tensor(float(max_eps), dtype=x.dtype, device=x.device)
+    cap = torch.where(cap.double() < max_eps, torch.nextafter(cap, cap.new_tensor(math.inf)), cap)
+    hi = cap.expand(B).clone()
     lo = torch.where(certified(hi, 1)[0], hi, lo)
     passes = max(0, math.ceil(math.log(max_eps / tol) / math.log(candidates + 1)))
     steps = torch.arange(1, candidates + 1, dtype=x.dtype, device=x.device).unsqueeze(1) / (candidates + 1)

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="attack the first N test images only")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="folder for attack_<norm>.json/.png (default: the model's folder)")
+    parser.add_argument("--out", help="folder for attack_<norm>_<attacks>.json/.png (default: the model's folder)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_attacks(model, loader, eps, attacks, args.norm, steps=args.steps, restarts=args.restarts,
                               num_classes=meta["model_config"]["num_classes"], device=device, progress=args.progress)
     print(attack_table(result), flush=True)  # shown even if writing the files fails
-    stem = result_name("attack", args.norm)
+    stem = result_name("attack", args.norm, attacks)
     write_json(result, out / f"{stem}.json")
     save_figure(plot_attack_curve(result), out / f"{stem}.png")
     print(f"results: {out / f'{stem}.json'}, curve: {out / f'{stem}.png'}")

@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -97,10 +97,10 @@ def prepare_evaluation(args) -> tuple[torch.device, torch.nn.Module, dict, DataL
     return device, model, meta, loader, out
 
 
-def result_name(kind: str, norm: str, method: str | None = None) -> str:
-    """The stem of an evaluation's files, e.g. ``attack_linf`` or ``certify_l2_crown``: one set per
-    norm (and bound method), so that evaluating another norm keeps the first one's results."""
-    return "_".join([kind, norm] + ([method] if method else []))
+def result_name(kind: str, norm: str, what: str | Sequence[str]) -> str:
+    """The stem of an evaluation's files, e.g. ``attack_linf_fgsm-pgd`` or ``certify_l2_crown``: one
+    set per norm and attacks (or bound method), so that another evaluation keeps this one's results."""
+    return "_".join([kind, norm, what if isinstance(what, str) else "-".join(what)])
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 Each method runs the same chain with the same budget, through the Python APIs, in its own folder
 ``OUT/<method>/``: search (``search/``), final training of the found genotype (``train/``), attacks
-and certification of the trained network (``train/attack_<norm>.json``, ``train/certify_<norm>_<method>.json``). The
+and certification of the trained network (``train/attack_<norm>_<attacks>.json``, ``train/certify_<norm>_<method>.json``). The
 table (``OUT/compare.md`` and ``OUT/compare.json``) has, per method: clean accuracy, FGSM and PGD
 robust accuracy at ``eps`` (``norm``), C&W and AutoAttack l_2 robust accuracy at ``l2_eps`` (when
 the optional torchattacks is installed), mean certified radius, search time and parameter count.
@@ -145,12 +145,12 @@ def _run_method(method: str, config: CompareConfig, folder: Path, extra: bool) -
         loader = evaluation_loader(config.dataset, config.data_root, config.eval_limit)
         linf = evaluate_attacks(model, loader, config.eps, ("fgsm", "pgd"), config.norm, steps=config.pgd_steps,
                                 num_classes=num_classes, device=device, progress=config.progress)
-        write_json(linf, folder / "train" / f"{result_name('attack', config.norm)}.json")
+        write_json(linf, folder / "train" / f"{result_name('attack', config.norm, ('fgsm', 'pgd'))}.json")
         l2 = None
         if extra:
             l2 = evaluate_attacks(model, loader, [config.l2_eps], ("cw", "autoattack"), "l2",
                                   num_classes=num_classes, device=device, progress=config.progress)
-            write_json(l2, folder / "train" / f"{result_name('attack', 'l2')}.json")
+            write_json(l2, folder / "train" / f"{result_name('attack', 'l2', ('cw', 'autoattack'))}.json")
         _done(folder, stages, "attack", dict(clean_acc=linf["clean_acc"],
                                              fgsm=linf["robust_acc"]["fgsm"][-1], pgd=linf["robust_acc"]["pgd"][-1],
                                              cw=l2["robust_acc"]["cw"][0] if l2 else None,

@@ -9,7 +9,7 @@ or archived alone):
 - ``genotype.json``: the normal and reduction cells (drawn here unless the folder has them);
 - ``log.jsonl``: curves of every numeric field over epochs (losses, accuracies, robustness term...)
   and, when lines carry the softmax of the architecture parameters, heatmaps of them over epochs;
-- ``attack_<norm>.json`` / ``certify_<norm>_<method>.json`` (each evaluation's own file; also the
+- ``attack_<norm>_<attacks>.json`` / ``certify_<norm>_<method>.json`` (each evaluation's own file; also the
   ``attack.json`` / ``certify.json`` of older runs): robust-accuracy curves, the radius histogram and
   the certified-accuracy curve;
 - any other PNG in the folder (e.g. the search's cell pictures and its latest alpha heatmap).

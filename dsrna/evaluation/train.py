@@ -166,7 +166,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ne
         model = build_model(genotype, blob["model_config"])
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise CheckpointError(f"{path} is not a dsrna model file ({first_line(exc)})") from None
-    load_state_checked(model, blob.get("state_dict"), path, "model file")
+    state = blob.get("state_dict")
+    if isinstance(state, dict):  # the training-only auxiliary head of an older ImageNet model had one more BN
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own or not k.startswith("auxiliary_head.")}
+    load_state_checked(model, state, path, "model file")
     model.drop_path_prob = 0.0
     return model.to(device).eval(), {k: v for k, v in blob.items() if k != "state_dict"}
 
@@ -305,7 +309,7 @@ def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> tuple[in
     if missing or not isinstance(state["config"], dict):
         what = f"no {', '.join(missing)}" if missing else "its config is not a table"
         raise CheckpointError(f"{path} is not a dsrna training checkpoint ({what})")
-    saved = state["config"]
+    saved = {"lr_schedule": "cosine", **state["config"]}  # written before the setting existed: cosine
     differing = changed_settings(saved, identity)
     if differing:
         raise CheckpointError(f"cannot resume {path}: it was written with different settings: {', '.join(differing)}")

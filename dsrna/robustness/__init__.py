@@ -100,7 +100,7 @@ class RobustnessConfig:
         if not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0):
             raise ValueError(f"warmup_epochs must be an integer >= 0; got {self.warmup_epochs!r}")
         unused = [f.name for f in dataclasses.fields(self)
-                  if f.name not in self._fields_in_use() and getattr(self, f.name) != f.default]
+                  if f.name not in self.fields_in_use(self.kind) and getattr(self, f.name) != f.default]
         if unused:
             raise ValueError(f"robustness {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with "
                              f"kind {self.kind!r}: drop {'it' if len(unused) == 1 else 'them'} or choose a kind that "
@@ -108,14 +108,15 @@ class RobustnessConfig:
         if self.uses_jacobian and self.estimator == "projection" and self.norm != "l2":
             raise ValueError(f"the projection estimator bounds l2 Jacobian row norms only; use norm l2 or another estimator (norm is {self.norm!r})")
 
-    def _fields_in_use(self) -> set[str]:
-        """The settings this kind of R reads (the others would be silently ignored)."""
+    @staticmethod
+    def fields_in_use(kind: str) -> set[str]:
+        """The settings a kind of R reads (the others would be silently ignored)."""
         fields = {"kind", "dataset"}
-        if self.kind != "none":
+        if kind != "none":
             fields |= {"gamma", "eps", "norm", "robust_batch", "warmup_epochs", "inner_gamma"}
-        if self.uses_certified:
+        if kind in ("cb", "combined"):
             fields |= {"method", "reduce", "cb_scale", "bound_dtype", "error_symbols"}
-        if self.uses_jacobian:
+        if kind in ("jacobian", "combined"):
             fields |= {"estimator", "n"}
         return fields
 

@@ -140,6 +140,12 @@ class SearchConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"search config: unknown field(s) {', '.join(unknown)}")
+        robustness = data.get("robustness")
+        if isinstance(robustness, dict):
+            # A run saved before settings of an unused term were refused may hold some: they never
+            # changed its numbers, so they are dropped rather than refused.
+            in_use = _robustness_config_class().fields_in_use(robustness.get("kind", "none"))
+            data = {**data, "robustness": {k: v for k, v in robustness.items() if k in in_use}}
         return cls(**data)
 
     def differences(self, other: "SearchConfig") -> list[str]:

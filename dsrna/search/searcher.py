@@ -282,4 +282,6 @@ class Searcher:
     def load_state_dict(self, state: dict) -> None:
         self.w_optimizer.load_state_dict(state["w_optimizer"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
+        for group in self.a_optimizer.param_groups:  # a GPU run's checkpoint resumed on a CPU, or back
+            group["capturable"] = self.arch[0].is_cuda
         self.set_epoch(int(state["epoch"]))
