@@ -1,5 +1,7 @@
 """Errors a user can fix. The CLI prints them as one line (no traceback) and exits with status 2."""
 
+import math
+
 
 class DsrnaError(Exception):
     """Base class: bad input, missing data, corrupt checkpoint, diverged run. The message is the whole story."""
@@ -32,6 +34,13 @@ def changed_settings(before: dict, now: dict) -> list[str]:
             shown = f"{key}={old!r} (now {value!r})"
             found.append(shown if len(shown) <= 100 else key)
     return found
+
+
+def check_finite(name: str, value: float, positive: bool = False) -> None:
+    """Refuse a setting that is not a finite number ``> 0`` (``positive``) or ``>= 0``: NaN passes
+    every comparison test and an infinite one never ends, so both are named in one line."""
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
 
 
 def first_line(exc: BaseException) -> str:

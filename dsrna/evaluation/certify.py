@@ -8,8 +8,6 @@ images classified correctly whose radius is at least eps.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
@@ -17,6 +15,7 @@ from dsrna.attacks import logits_of
 from dsrna.bounds.api import DEFAULT_MAX_EPS, DEFAULT_TOL
 from dsrna.bounds.engine import METHODS
 from dsrna.bounds.perturbation import NORMS
+from dsrna.errors import check_finite
 from dsrna.evaluation.common import evaluation_pass
 
 
@@ -60,8 +59,8 @@ def check_bisection_options(max_eps: float | None, tol: float | None, candidates
     """Refuse bisection settings that cannot end (an infinite upper end) or cannot narrow the radius,
     and an eps above ``max_eps``, where a radius (capped there) could never reach."""
     for name, value in (("--max-eps", max_eps), ("--tol", tol)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if value is not None:
+            check_finite(name, value, positive=True)
     if candidates is not None and candidates < 1:
         raise ValueError(f"--candidates must be >= 1, got {candidates}")
     if max_eps is not None and eps_list and max(eps_list) > max_eps:

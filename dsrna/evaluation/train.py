@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsrna.data import dataset_info, get_dataset, make_loader
-from dsrna.errors import CheckpointError, DivergenceError, changed_settings, first_line
+from dsrna.errors import CheckpointError, DivergenceError, changed_settings, check_finite, first_line
 from dsrna.evaluation.common import atomic_save, evaluation_loader, pick_device, write_json
 from dsrna.search.checkpoint import FORMAT as SEARCH_FORMAT
 from dsrna.search.checkpoint import (atomic_write_text, check_writable, load_state_checked, load_torch_file,
@@ -109,11 +109,9 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(filled, key)}")
         if filled.eval_limit is not None and filled.eval_limit < 1:
             raise ValueError(f"--eval-limit must be >= 1, got {filled.eval_limit}")
-        if not (math.isfinite(filled.lr) and filled.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {filled.lr}")
-        for key in ("momentum", "weight_decay"):
-            if not (math.isfinite(getattr(filled, key)) and getattr(filled, key) >= 0):
-                raise ValueError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {getattr(filled, key)}")
+        check_finite("--lr", filled.lr, positive=True)
+        check_finite("--momentum", filled.momentum)
+        check_finite("--weight-decay", filled.weight_decay)
         image_size = dataset_info(filled.dataset).image_size
         if not 0 <= filled.cutout < image_size:
             raise ValueError(f"--cutout must be in [0, {image_size}) for {filled.dataset}'s {image_size}-pixel images "
@@ -128,11 +126,8 @@ class TrainConfig:
             raise ValueError(f"drop_path_prob must be in [0, 1), got {filled.drop_path_prob}")
         if not 0 <= filled.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {filled.label_smoothing}")
-        if not (math.isfinite(filled.grad_clip) and filled.grad_clip > 0):
-            # clip_grad_norm_ with a negative norm flips every gradient's sign
-            raise ValueError(f"grad_clip must be a finite number > 0, got {filled.grad_clip}")
-        if not (math.isfinite(filled.auxiliary_weight) and filled.auxiliary_weight >= 0):
-            raise ValueError(f"auxiliary_weight must be a finite number >= 0, got {filled.auxiliary_weight}")
+        check_finite("grad_clip", filled.grad_clip, positive=True)  # a negative norm would flip every gradient
+        check_finite("auxiliary_weight", filled.auxiliary_weight)
         if filled.max_steps_per_epoch is not None and filled.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be >= 1, got {filled.max_steps_per_epoch}")
         Genotype.from_json(filled.genotype)  # fail early, with the genotype's own one-line message

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 
+from dsrna.errors import check_finite
 from dsrna.bounds.engine import DEFAULT_ERROR_SYMBOLS, METHODS
 from dsrna.robustness.jacobian import DUAL_EXPONENT, ESTIMATORS, jacobian_metric, jacobian_row_norm_sum
 
@@ -86,9 +87,7 @@ class RobustnessConfig:
         _check_choice("bound_dtype", self.bound_dtype, tuple(BOUND_DTYPES))
         _check_choice("estimator", self.estimator, ESTIMATORS)
         for name in ("gamma", "inner_gamma"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"robustness {name} must be a finite number >= 0; got {value!r}")
+            check_finite(f"robustness {name}", getattr(self, name))
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"robustness eps must be a finite number > 0 (or None for the data set default); got {self.eps!r}")
         if not (isinstance(self.error_symbols, int) and self.error_symbols >= 0):

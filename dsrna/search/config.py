@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsrna.errors import changed_settings
+from dsrna.errors import changed_settings, check_finite
 
 
 def _robustness_config_class():
@@ -88,9 +88,7 @@ class SearchConfig:
             raise ValueError(f"max_steps_per_epoch must be positive, got {self.max_steps_per_epoch}")
         if self.partial_channels < 1:
             raise ValueError(f"partial_channels must be >= 1 (1 = plain DARTS), got {self.partial_channels}")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
-            # clip_grad_norm_ with a negative norm flips every gradient's sign
-            raise ValueError(f"grad_clip must be a finite number > 0, got {self.grad_clip}")
+        check_finite("grad_clip", self.grad_clip, positive=True)  # a negative norm would flip every gradient
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.lr_min) and 0 <= self.lr_min <= self.lr):
             raise ValueError(f"need finite lr > 0 and 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
         if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
