@@ -180,6 +180,13 @@ def dispatch(op: str, device: torch.device | str, backend: str | None = None) ->
     return _registry[op][resolve(op, device, backend)][0]
 
 
+def device_scope(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """``device`` as CUDA's current device inside the block; nothing for other devices. Triton
+    launches, new CUDA streams and CUDA graph captures use the current device, not their tensors'."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def registered_ops() -> dict[str, tuple[str, ...]]:
     """Op name -> backends that have an implementation registered."""
     return {op: tuple(impls) for op, impls in sorted(_registry.items())}

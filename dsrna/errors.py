@@ -44,6 +44,13 @@ def check_finite(name: str, value: float, positive: bool = False) -> None:
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when it has none), for one-line errors."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    """The first line of an exception's message (its type name when it has none), for one-line errors.
+    An error raised in a ``DataLoader`` worker comes back as "Caught X in DataLoader worker process 0."
+    and the worker's traceback: its message is the traceback's last line, without the type's name."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        name, colon, message = lines[-1].partition(": ")
+        return message if colon and " " not in name else lines[-1]
+    return lines[0]

@@ -95,8 +95,9 @@ def relu_relaxation_op(lower: torch.Tensor, upper: torch.Tensor, fast_lin: bool)
     n = lower.numel()
     if n:
         block = block_size(n)
-        _relu_relaxation_kernel[(triton.cdiv(n, block),)](lower, upper, *outs, n, FAST_LIN=fast_lin,
-                                                           ACC=_acc(lower, upper), BLOCK=block)
+        with backend.device_scope(lower.device):
+            _relu_relaxation_kernel[(triton.cdiv(n, block),)](lower, upper, *outs, n, FAST_LIN=fast_lin,
+                                                               ACC=_acc(lower, upper), BLOCK=block)
     return outs
 
 
@@ -155,8 +156,9 @@ def crown_relu_backward_op(A: torch.Tensor, lower_slope: torch.Tensor, upper_slo
     out = torch.empty(A.shape, device=A.device, dtype=dtype)
     bias = torch.empty(B, S, device=A.device, dtype=dtype)
     if B * S:
-        _crown_relu_backward_kernel[(B * S,)](A, lower_slope, upper_slope, upper_intercept, out, bias, S, M,
-                                              ACC=_acc(A, lower_slope), BLOCK=block_size(M))
+        with backend.device_scope(A.device):
+            _crown_relu_backward_kernel[(B * S,)](A, lower_slope, upper_slope, upper_intercept, out, bias, S, M,
+                                                  ACC=_acc(A, lower_slope), BLOCK=block_size(M))
     return out, bias
 
 

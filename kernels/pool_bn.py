@@ -276,7 +276,9 @@ def pool_bn_forward_op(x: torch.Tensor, running_mean: torch.Tensor, running_var:
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, stats, arg)``: the output, per-channel ``(mean, rstd)`` used, and the int8 window
     offsets of the maxima (empty for avg pooling). Train mode updates the running statistics."""
-    return _launch_forward(x, running_mean, running_var, num_batches_tracked, kind, stride, training, momentum, eps)
+    with backend.device_scope(x.device):
+        return _launch_forward(x, running_mean, running_var, num_batches_tracked, kind, stride, training, momentum,
+                               eps)
 
 
 @pool_bn_forward_op.register_fake
@@ -291,7 +293,8 @@ def _(x, running_mean, running_var, num_batches_tracked, kind, stride, training,
 def pool_bn_backward_op(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, arg: torch.Tensor,
                         kind: str, stride: int, training: bool) -> torch.Tensor:
     """Gradient to ``x`` (``x`` gives only the shape and dtype: the pooling is not recomputed)."""
-    return _launch_backward(grad, x, y, stats, arg, kind, stride, training)
+    with backend.device_scope(x.device):
+        return _launch_backward(grad, x, y, stats, arg, kind, stride, training)
 
 
 @pool_bn_backward_op.register_fake

@@ -116,8 +116,9 @@ def _launch_weighted_sum(xs: list[torch.Tensor], w: torch.Tensor) -> torch.Tenso
     n = out.numel()
     if n:
         block = block_size(n)
-        _weighted_sum_kernel[(triton.cdiv(n, block),)](xs, strides, w, out, n, inner, N=len(xs), ROWS=rows,
-                                                      ACC=_acc_dtype(*xs, w), BLOCK=block)
+        with backend.device_scope(out.device):
+            _weighted_sum_kernel[(triton.cdiv(n, block),)](xs, strides, w, out, n, inner, N=len(xs), ROWS=rows,
+                                                          ACC=_acc_dtype(*xs, w), BLOCK=block)
     return out
 
 
@@ -138,9 +139,10 @@ def _launch_grad(xs, w, g, scale: bool, dot: bool) -> tuple[list[torch.Tensor], 
     partial = torch.empty(programs, count, device=g.device, dtype=acc_torch) if dot else None
     if n:
         w_arg = contiguous(w) if scale else g  # an unread placeholder keeps the signature fixed
-        _weighted_sum_grad_kernel[(programs,)](
-            xs if dot else gxs, strides, w_arg, g, gxs if scale else xs, partial if dot else g, n, inner,
-            N=count, ROWS=rows, SCALE=scale, DOT=dot, ACC=acc, BLOCK=block)
+        with backend.device_scope(g.device):
+            _weighted_sum_grad_kernel[(programs,)](
+                xs if dot else gxs, strides, w_arg, g, gxs if scale else xs, partial if dot else g, n, inner,
+                N=count, ROWS=rows, SCALE=scale, DOT=dot, ACC=acc, BLOCK=block)
     dots = None
     if dot:
         dots = partial.sum(0) if n else torch.zeros(count, device=g.device, dtype=acc_torch)

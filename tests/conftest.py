@@ -11,6 +11,9 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Tensors on a second GPU while the first is current: Triton launches, CUDA streams and graph
+# captures use the current device unless the library makes the tensors' device current.
+OTHER_GPU = ["cuda:1"] if torch.cuda.device_count() >= 2 else []
 
 
 def require_backend(name: str, device) -> None:
@@ -18,7 +21,7 @@ def require_backend(name: str, device) -> None:
     an op a backend lacks runs on the reference path (dsrna.backend.resolve)."""
     from dsrna import backend
 
-    ok, why = backend.backend_status(name, device)
+    ok, why = backend.backend_status(name, torch.device(device).type)
     if not ok:
         pytest.skip(f"{name} unavailable on {device}: {why}")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICES, require_backend
+from conftest import DEVICES, OTHER_GPU, require_backend
 from dsrna import SearchNetwork, backend
 
 FAST = [name for name in backend.BACKENDS if name != "reference"]
@@ -44,7 +44,7 @@ def outputs_and_gradients(net, x, y):
 
 
 @pytest.mark.parametrize("name", FAST)
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES + OTHER_GPU)
 @pytest.mark.parametrize("partial_channels, size", [(1, 9), (2, 7)])
 def test_train_forward_and_gradients_match_reference(name, device, partial_channels, size, assert_error_within):
     require_backend(name, device)

@@ -129,6 +129,16 @@ def test_captured_and_frozen_statistics_match_reference(device):
     assert_close_all(*results)
 
 
+def test_statistics_captured_under_bf16_autocast_are_float32():
+    """The float32/float64 robustness passes replay them: bf16 statistics were percents off."""
+    fast, ref = (net.float() for net in pair())
+    x = torch.rand(4, 2, 8, 8)
+    for net in (fast, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16), capture_batch_stats() as store:
+            net(x)
+        assert store and {t.dtype for stats in store.values() for t in stats} == {torch.float32}
+
+
 def test_cells_it_does_not_know_run_per_edge():
     """An edge whose candidate differs from the DARTS op (here a 3x3 where the 5x5 sep conv goes)
     leaves its cell on the per-edge path, with the same results as the reference."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from conftest import DEVICES, require_backend
+from conftest import DEVICES, OTHER_GPU, require_backend
 from dsrna import backend
 from dsrna.ops import bound_ops
 
@@ -81,7 +81,7 @@ def differentiable(outs):
 
 
 @pytest.mark.parametrize("op, name", CASES)
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES + OTHER_GPU)
 @pytest.mark.parametrize("mode", ["adaptive", "fast-lin"])
 def test_float32_values_and_gradients_within_reference_error(op, name, device, mode, assert_error_within):
     if op != "relu_relaxation" and mode == "fast-lin":
@@ -127,6 +127,9 @@ def test_native_crown_relu_backward_opcheck_and_rejects_bad_shapes():
     args = inputs("crown_relu_backward", torch.float64, "cpu")
     torch.library.opcheck(torch.ops.dsrna.crown_relu_backward.default, args)
     A, lower_slope, upper_slope, upper_intercept = args
+    # A permuted A: the kernel's output is contiguous, and so must be the fake's
+    permuted = A.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+    torch.library.opcheck(torch.ops.dsrna.crown_relu_backward.default, (permuted, *args[1:]))
     with pytest.raises(RuntimeError, match=r"the relaxation must be \[B, ...\]"):
         torch.ops.dsrna.crown_relu_backward(A, lower_slope[:1], upper_slope, upper_intercept)
 

@@ -129,13 +129,16 @@ def test_search_run_with_cuda_graph_matches_the_eager_run(tmp_path):
 
 
 @cuda_only
-def test_cuda_graph_training_matches_eager_training(tmp_path):
+@pytest.mark.parametrize("device", ["cuda", pytest.param("cuda:1", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs a second CUDA device"))])
+def test_cuda_graph_training_matches_eager_training(tmp_path, device):
     """`dsrna train --cuda-graph`: the same losses and weights as eager training (two epochs: a new
-    learning rate and drop-path rate, so a second capture), up to the order of floating-point sums."""
+    learning rate and drop-path rate, so a second capture), up to the order of floating-point sums.
+    On cuda:1 while cuda:0 is current, the capture must follow the model (it captured nothing)."""
     results = []
     for graphed in (False, True):
         # Drop path off: a replay draws its random masks at other offsets of the generator.
-        config = TrainConfig(out=str(tmp_path / f"run-{graphed}"), cuda_graph=graphed, device="cuda",
+        config = TrainConfig(out=str(tmp_path / f"run-{graphed}"), cuda_graph=graphed, device=device,
                              dataset="mnist-mini", layers=3, init_channels=4, batch_size=16, epochs=2,
                              max_steps_per_epoch=5, eval_limit=32, progress=False, report=False, drop_path_prob=0.0)
         results.append(train(config))

@@ -25,7 +25,7 @@ from dsrna.data import (
     search_split,
 )
 from dsrna.data import sources
-from dsrna.errors import DataError
+from dsrna.errors import DataError, first_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,6 +212,43 @@ def test_imagenet_layout_errors(tmp_path):
     (tmp_path / "val" / "n02").mkdir()  # a class folder without images
     with pytest.raises(DataError, match="n02"):
         get_dataset("imagenet", root=tmp_path, train=False)
+
+
+def test_unreadable_image_is_named_also_from_a_loader_worker(tmp_path):
+    write_image_folder(tmp_path)
+    broken = tmp_path / "train" / "n02" / "n02_1.JPEG"
+    broken.write_bytes(broken.read_bytes()[:200])  # a truncated download
+    train = get_dataset("imagenet", root=tmp_path)
+    index = train.imgs.index((str(broken), 1))
+    with pytest.raises(DataError, match=r"n02_1.JPEG: not a readable image \(OSError"):
+        train[index]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train, [index]), num_workers=1)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    # what the CLI prints: the worker's message, not "Caught DataError in DataLoader worker process 0."
+    assert first_line(caught.value).startswith(f"{broken}: not a readable image (OSError")
+
+
+def test_evaluation_limit_covers_every_class_of_a_sorted_split(tmp_path):
+    from dsrna.evaluation.common import evaluation_loader
+
+    write_image_folder(tmp_path, per_class={"train": 1, "val": 4})  # val sorted by class: 4 x n01, 4 x n02, ...
+    labels = torch.cat([y for _, y in evaluation_loader("imagenet", tmp_path, limit=6, batch_size=6)])
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    # a split in no class order (MNIST's test set) keeps its first images
+    first = torch.cat([y for _, y in evaluation_loader("mnist-mini", limit=5, batch_size=5)])
+    assert first.tolist() == get_dataset("mnist-mini", train=False).targets[:5].tolist()
+
+
+def test_imagenet_class_count(tmp_path):
+    write_image_folder(tmp_path)
+    with pytest.warns(UserWarning, match="has 3 class folders, not ImageNet's 1000: .* the last 997 never get a label"):
+        get_dataset("imagenet", root=tmp_path)
+    for split in ("train", "val"):
+        for i in range(1001):
+            (tmp_path / split / f"m{i:04d}").mkdir()
+    with pytest.raises(DataError, match="has 1004 class folders; ImageNet has 1000"):
+        get_dataset("imagenet", root=tmp_path)
 
 
 # --- names, info, transforms ----------------------------------------------------------------------

@@ -185,6 +185,14 @@ def test_native_weight_gradient():
 
 
 @needs_native
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_weight_gradient_of_no_channels(device):
+    """Zero channels: zero weight gradients (the CUDA launcher divided by the channel count)."""
+    x, g = torch.randn(2, 0, 8, 8, device=device), torch.randn(2, 0, 8, 8, device=device)
+    assert torch.ops.dsrna.depthwise_conv2d_weight(x, g, 3, 1, 1, 1).shape == (0, 1, 3, 3)
+
+
+@needs_native
 def test_native_kernels_raise_on_bad_arguments():
     """Raised by the C++ checks, under the C++ autograd formula (a Python formula crashed torch 2.11)."""
     x, w = conv_inputs((3, 2, 10, 9), 5, torch.float64, "cpu")

@@ -13,6 +13,7 @@ The last test launches the user-facing command itself, ``torchrun --standalone -
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,9 +45,16 @@ def _global_batches(step):
     return train, val
 
 
-def _search_steps(order, rank=0, world=1):
-    """STEPS search iterations on this rank's share of fixed global batches, BN in eval mode."""
+CASES = {"order1": dict(order=1), "order2": dict(order=2),
+         # R_Jac's random rows: each rank draws its own images' rows of the global batch's draw
+         "order1-jacobian": dict(order=1, robustness="jacobian")}
+
+
+def _search_steps(case, rank=0, world=1):
+    """STEPS search iterations on this rank's share of fixed global batches, BN in eval mode. The
+    ranks hold images r, r + world, ... of each global batch, as DistributedSampler deals them."""
     from dsrna import SearchNetwork
+    from dsrna.robustness import RobustnessConfig
     from dsrna.search import SearchConfig, Searcher
     from dsrna.space.ops import BatchNorm2d
 
@@ -58,12 +66,13 @@ def _search_steps(order, rank=0, world=1):
     if rank == 1:
         with torch.no_grad():  # a different start on rank 1: the searcher must broadcast rank 0's
             net.alphas_normal.add_(1.0)
-    searcher = Searcher(net, SearchConfig(layers=3, init_channels=4, order=order))
-    share = GLOBAL_BATCH // world
+    kind = CASES[case].get("robustness", "none")
+    robustness = RobustnessConfig(kind=kind, dataset="mnist-mini", **(dict(gamma=20.0) if kind != "none" else {}))
+    searcher = Searcher(net, SearchConfig(layers=3, init_channels=4, order=CASES[case]["order"], robustness=robustness))
     alphas = []
     for step in range(STEPS):
         (xt, yt), (xv, yv) = _global_batches(step)
-        local = slice(rank * share, (rank + 1) * share)
+        local = slice(rank, None, world)
         searcher.step((xt[local], yt[local]), (xv[local], yv[local]))
         alphas.append([a.detach().clone() for a in net.arch_parameters()])
     return alphas, {k: v.clone() for k, v in net.state_dict().items()}
@@ -79,8 +88,8 @@ def _worker(rank, port, results_dir, run_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        for order in (1, 2):
-            torch.save(_search_steps(order, rank, WORLD), os.path.join(results_dir, f"order{order}_rank{rank}.pt"))
+        for case in CASES:
+            torch.save(_search_steps(case, rank, WORLD), os.path.join(results_dir, f"{case}_rank{rank}.pt"))
         # a whole run, stopped after its first epoch: files from rank 0 only, resumed below by one process
         from dsrna.search import run_search
 
@@ -95,10 +104,10 @@ def _worker(rank, port, results_dir, run_dir):
         dist.destroy_process_group()
 
 
-def _run_config(out, epochs, resume=False):
+def _run_config(out, epochs, resume=False, batch_size=2):
     from dsrna.search import SearchConfig
 
-    return SearchConfig(layers=3, init_channels=4, epochs=epochs, batch_size=2, max_steps_per_epoch=2,
+    return SearchConfig(layers=3, init_channels=4, epochs=epochs, batch_size=batch_size, max_steps_per_epoch=2,
                         out=str(out), resume=resume, progress=False, log_every=1)
 
 
@@ -119,16 +128,16 @@ def two_process_results(tmp_path_factory):
     return results, run_dir
 
 
-@pytest.mark.parametrize("order", [1, 2])
-def test_two_processes_match_one_process_and_agree_on_alpha(two_process_results, order):
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_match_one_process_and_agree_on_alpha(two_process_results, case):
     results, _ = two_process_results
-    per_rank = [torch.load(results / f"order{order}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    per_rank = [torch.load(results / f"{case}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     # the architecture is identical on every rank after every step
     for step in range(STEPS):
         for a0, a1 in zip(per_rank[0][0][step], per_rank[1][0][step]):
             assert torch.equal(a0, a1), f"ranks disagree on alpha after step {step}"
     torch.set_num_threads(1)
-    alphas, state = _search_steps(order)
+    alphas, state = _search_steps(case)
     for a_single, a_ddp in zip(alphas[-1], per_rank[0][0][-1]):
         torch.testing.assert_close(a_ddp, a_single, atol=1e-5, rtol=1e-4)
     for name, value in state.items():
@@ -137,10 +146,13 @@ def test_two_processes_match_one_process_and_agree_on_alpha(two_process_results,
             torch.testing.assert_close(per_rank[1][1][name], per_rank[0][1][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_distributed_run_writes_on_rank_zero_and_resumes_on_one_process(two_process_results):
+def test_distributed_run_writes_on_rank_zero_and_resumes_on_one_process(two_process_results, tmp_path):
+    from dsrna.errors import CheckpointError
     from dsrna.search import run_search
 
     _, run_dir = two_process_results
+    same_global_batch = tmp_path / "search"
+    shutil.copytree(run_dir, same_global_batch)
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         ["alphas.png", "checkpoint.pt", "genotype.json", "log.jsonl", "normal.png", "reduce.png"])
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -150,6 +162,11 @@ def test_distributed_run_writes_on_rank_zero_and_resumes_on_one_process(two_proc
     result = run_search(_run_config(run_dir, epochs=2, resume=True), _run_data())
     assert [r["epoch"] for r in result.history] == [1, 2] and [r["world_size"] for r in result.history] == [2, 1]
     assert result.history[1]["step"] == 4
+    # one process with the global batch of the two (2 x 2): the same run, dealt otherwise
+    with pytest.raises(CheckpointError, match="batch_size=2 \\(now 3\\)"):
+        run_search(_run_config(same_global_batch, epochs=2, resume=True, batch_size=3), _run_data())
+    result = run_search(_run_config(same_global_batch, epochs=2, resume=True, batch_size=4), _run_data())
+    assert [r["epoch"] for r in result.history] == [1, 2] and result.history[1]["step"] == 4
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +188,7 @@ def test_torchrun_launch_of_the_search_command(tmp_path):
     from dsrna.space import Genotype
 
     out = tmp_path / "run"
-    ran = _torchrun(2, out, cwd=tmp_path)
+    ran = _torchrun(2, out, "--device", "cpu", cwd=tmp_path)  # what gloo runs on: accepted
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "Traceback" not in ran.stderr and "dsrna search: error" not in ran.stderr, ran.stderr[-3000:]
     # output and files from rank 0 only: one summary, one log line, no second writer's temporary files
@@ -209,3 +226,15 @@ def test_torchrun_launch_of_the_search_command(tmp_path):
     assert errors and all("already holds a search" in line for line in errors), again.stderr[-3000:]
     # the only traceback is torchrun's own report of the failed workers
     assert again.stderr.count("Traceback") <= 1 and "[rank" not in again.stderr, again.stderr[-3000:]
+
+
+def test_device_under_torchrun_is_each_process_own(monkeypatch):
+    from dsrna.search import SearchConfig, distributed, loop
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "default_device", lambda: torch.device("cuda", 1))  # LOCAL_RANK 1's GPU
+    assert loop._search_device(SearchConfig(device="cuda")) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"--device cpu under torchrun: .* here cuda:1 .*CUDA_VISIBLE_DEVICES="):
+        loop._search_device(SearchConfig(device="cpu"))
+    with pytest.raises(ValueError, match=r"--device cuda:0 under torchrun: .*drop --device$"):
+        loop._search_device(SearchConfig(device="cuda:0"))

@@ -351,10 +351,25 @@ def test_cli_preset_and_flags():
                                               "--robustness", "cb", "--gamma", "0.1", "--robust-batch", "8"])
     cfg = config_from_args(args)
     assert (cfg.dataset, cfg.stem, cfg.partial_channels, cfg.amp, cfg.arch_start_epoch) == ("imagenet", "imagenet", 2, "bf16", 35)
-    assert cfg.epochs == 40 and cfg.subset_fractions == (0.1, 0.025)
+    assert cfg.epochs == 40 and cfg.subset_fractions == (0.1, 0.025) and cfg.augment and cfg.num_workers == 4
     assert (cfg.robustness.kind, cfg.robustness.gamma, cfg.robustness.robust_batch) == ("cb", 0.1, 8)
     plain = config_from_args(build_parser("search").parse_args(["search"]))
     assert plain.dataset == "mnist-mini" and plain.robustness.kind == "none" and plain.epochs == 50
+    assert (plain.stem, plain.augment) == ("cifar", False)
+    # ImageNet without the preset: its own stem (224x224 through the CIFAR stem runs every cell at full size)
+    imagenet = config_from_args(build_parser("search").parse_args(["search", "--dataset", "imagenet", "--augment"]))
+    assert (imagenet.stem, imagenet.augment) == ("imagenet", True)
+
+
+def test_search_halves_take_the_training_augmentation():
+    from dsrna.search.loop import load_search_data
+
+    for augment in (False, True):
+        data = load_search_data(SearchConfig(dataset="mnist-mini", augment=augment))
+        torch.manual_seed(0)
+        draws = [data.train[0][0] for _ in range(4)] + [data.val[0][0] for _ in range(4)]
+        assert all(torch.equal(d, draws[0]) for d in draws[:4]) != augment
+        assert all(torch.equal(d, draws[4]) for d in draws[4:]) != augment
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -466,3 +481,30 @@ def test_atomic_write_gives_the_umask_mode_and_leaves_no_temp_file(tmp_path):
         atomic_write(tmp_path / "public.txt", fail)
     assert (tmp_path / "public.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["private.txt", "public.txt"]
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_resumable_sampler_continues_at_any_position_with_any_world_size(world):
+    """A resumed run deals the rest of the interrupted pass exactly: no example twice, none skipped
+    but the last partial round (at most world - 1), whatever the number of processes before."""
+    from torch.utils.data import DistributedSampler
+
+    from dsrna.search.loop import ResumableSampler
+
+    data = list(range(40))
+    samplers = [ResumableSampler(data, world, rank, seed=3) for rank in range(world)]
+    for s in samplers:
+        s.set_epoch(2)
+    fresh = [DistributedSampler(data, world, rank, shuffle=True, seed=3, drop_last=True) for rank in range(world)]
+    for s in fresh:
+        s.set_epoch(2)
+    assert [list(s) for s in samplers] == [list(s) for s in fresh]  # from the start: DistributedSampler's
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3 + 2)).tolist()
+    for start in (0, 5, 18, 37):  # consumed counts of a run with another number of processes
+        for s in samplers:
+            s.start = start
+        dealt = [list(s) for s in samplers]
+        assert len({len(d) for d in dealt}) == 1 and len(dealt[0]) == len(samplers[0])
+        taken = sorted(position for d in dealt for position in map(order.index, d))
+        assert taken == list(range(start, start + world * len(dealt[0])))
+        assert start + world * len(dealt[0]) > (40 // world) * world - world

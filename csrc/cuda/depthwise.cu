@@ -46,6 +46,7 @@ TileConfig tile_config(int64_t planes, int64_t out_h, int64_t out_w, int stride,
   auto bytes = [&]() { return size_t(tz) * window(tw) * window(th) * elem_bytes * copies; };
   while (bytes() > kMaxSharedBytes && tz > 1) tz /= 2;
   while (bytes() > kMaxSharedBytes && th > 1) th /= 2;
+  while (bytes() > kMaxSharedBytes && tw > 1) tw /= 2;  // large dilations; past this the launch fails
   TileConfig c;
   c.block = dim3(tw, th, tz);
   c.tiles_x = int(ceil_div(out_w, tw));
@@ -291,7 +292,7 @@ cudaError_t interval_depthwise(DType dtype, const void* lower, const void* upper
 int64_t depthwise_weight_chunks(const DepthwiseGeometry& g) {
   // Enough blocks to fill the GPU (C * chunks of a few hundred) with ~1k positions per block.
   const int64_t positions = g.N * g.Ho * g.Wo;
-  return std::max<int64_t>(1, std::min(ceil_div(positions, 1024), ceil_div(2048, g.C)));
+  return std::max<int64_t>(1, std::min(ceil_div(positions, 1024), ceil_div(2048, std::max<int64_t>(g.C, 1))));
 }
 
 cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, void* partial, const DepthwiseGeometry& g,

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
     parser.add_argument("--dataset", help="default: the data set the model was trained on")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--limit", type=int, help="attack the first N test images only")
+    parser.add_argument("--limit", type=int, help="attack N test images only: the first N (ImageNet: N evenly spaced, every class alike)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="folder for attack_<norm>_<attacks>.json/.png (default: the model's folder)")

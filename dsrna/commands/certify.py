@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, help="eps values tested per bound pass (default 1)")
     parser.add_argument("--dataset", help="default: the data set the model was trained on")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--limit", type=int, help="certify the first N test images only")
+    parser.add_argument("--limit", type=int, help="certify N test images only: the first N (ImageNet: N evenly spaced, every class alike)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="folder for certify_<norm>_<method>.json and its pictures (default: the model's folder)")

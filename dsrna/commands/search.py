@@ -17,7 +17,8 @@ _FLAGS = {
     "--layers": ("layers", dict(type=int, help="cells in the super-network; default 8")),
     "--init-channels": ("init_channels", dict(type=int, help="C; default 16")),
     "--partial-channels": ("partial_channels", dict(type=int, help="PC-DARTS K (1 = plain DARTS); default 1")),
-    "--stem": ("stem", dict(choices=["cifar", "imagenet"], help="imagenet: three stride-2 convs for 224x224 inputs")),
+    "--stem": ("stem", dict(choices=["cifar", "imagenet"], help="imagenet: three stride-2 convs for 224x224 inputs "
+                                                               "(default: imagenet on ImageNet, else cifar)")),
     "--order": ("order", dict(type=int, choices=[1, 2], help="1: first order, 2: unrolled second order; default 1")),
     "--arch-start-epoch": ("arch_start_epoch", dict(type=int, help="architecture frozen before this epoch; default 0")),
     "--lr": ("lr", dict(type=float, help="weights' SGD learning rate; default 0.025")),
@@ -52,7 +53,7 @@ _FLAGS = {
     "--out": ("out", dict(metavar="DIR", help="run folder; default runs/search")),
     "--max-steps-per-epoch": ("max_steps_per_epoch", dict(type=int, help="cap the steps of every epoch (quick runs)")),
     "--log-every": ("log_every", dict(type=int, help="steps between progress-bar updates (host syncs); default 50")),
-    "--num-workers": ("num_workers", dict(type=int, help="data-loading processes; default 0")),
+    "--num-workers": ("num_workers", dict(type=int, help="data-loading processes per half (weights, architecture); default 0")),
 }
 
 
@@ -65,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, default=None, **kwargs)
     parser.add_argument("--deterministic", action="store_true", default=None,
                         help="deterministic algorithms (bit-reproducible on CPU; slower on GPU)")
+    parser.add_argument("--augment", action="store_true", default=None,
+                        help="the data set's training augmentation on both halves, as DARTS and PC-DARTS search "
+                             "(default: off; on in the imagenet-pcdarts preset)")
     parser.add_argument("--cuda-graph", action="store_true", default=None,
                         help="replay each search step from a CUDA graph (one GPU process; much faster on GPU)")
     parser.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
@@ -86,7 +90,7 @@ def config_from_args(args: argparse.Namespace):
             robustness[field.split(".", 1)[1]] = given
         else:
             values[field] = given
-    for name in ("dataset", "data_root", "deterministic", "cuda_graph", "resume", "progress"):
+    for name in ("dataset", "data_root", "augment", "deterministic", "cuda_graph", "resume", "progress"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     return SearchConfig(**values, robustness=RobustnessConfig(**robustness))

@@ -41,7 +41,7 @@ _INFO = {
         DatasetInfo("mnist", 10, 1, 28, **_MNIST_STATS),
         DatasetInfo("fashion-mnist", 10, 1, 28, mean=(0.2860,), std=(0.3530,)),
         DatasetInfo("cifar10", 10, 3, 32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-        DatasetInfo("imagenet", 1000, 3, 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        DatasetInfo("imagenet", sources.IMAGENET_CLASSES, 3, 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     )
 }
 

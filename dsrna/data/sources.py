@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -171,6 +172,7 @@ def read_cifar10(root: Path, train: bool, transform: Transform) -> ImageArrayDat
 
 # --- ImageNet (ImageFolder: ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG) ------------------------
 
+IMAGENET_CLASSES = 1000
 _IMAGENET_LAYOUT = "ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG"
 _IMAGENET_HOW_TO_GET = ("get ILSVRC2012 from https://image-net.org and sort the validation images into "
                         "the same class folders as train")
@@ -178,6 +180,15 @@ _IMAGENET_HOW_TO_GET = ("get ILSVRC2012 from https://image-net.org and sort the 
 
 def _class_folders(folder: Path) -> list[str]:
     return sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+
+
+def _load_image(path: str):
+    """torchvision's image loader, naming the file it cannot read (a truncated download, an empty
+    file, a stray non-image) instead of failing hours into a run with "Truncated File Read"."""
+    try:
+        return tv_datasets.folder.default_loader(path)
+    except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for broken files
+        raise DataError(f"{path}: not a readable image ({_reason(exc)})") from exc
 
 
 def read_imagenet(root: Path, train: bool, transform: Transform) -> Dataset:
@@ -189,11 +200,19 @@ def read_imagenet(root: Path, train: bool, transform: Transform) -> Dataset:
     classes = {name: _class_folders(folder) for name, folder in splits.items()}
     if not classes["train"]:
         raise DataError(f"{splits['train']} has no class folders; expected {_IMAGENET_LAYOUT}; {_IMAGENET_HOW_TO_GET}")
+    found = len(classes["train"])
+    if found > IMAGENET_CLASSES:  # labels past the classifier's 1000 outputs crash the loss
+        raise DataError(f"{splits['train']} has {found} class folders; ImageNet has {IMAGENET_CLASSES} (is a stray "
+                        f"folder, e.g. {classes['train'][-1]}, among them?)")
+    if found < IMAGENET_CLASSES:
+        warnings.warn(f"{splits['train']} has {found} class folders, not ImageNet's {IMAGENET_CLASSES}: the models "
+                      f"keep {IMAGENET_CLASSES} outputs, of which the last {IMAGENET_CLASSES - found} never get a label")
     if classes["train"] != classes["val"]:
         only = sorted(set(classes["train"]) ^ set(classes["val"]))
         raise DataError(f"{splits['train']} and {splits['val']} have different class folders "
                         f"({len(only)} differ, e.g. {only[0]}), so their labels would not match; {_IMAGENET_HOW_TO_GET}")
     try:
-        return tv_datasets.ImageFolder(str(splits["train" if train else "val"]), transform=transform)
+        return tv_datasets.ImageFolder(str(splits["train" if train else "val"]), transform=transform,
+                                       loader=_load_image)
     except FileNotFoundError as exc:  # a class folder without any image file
         raise DataError(f"{exc}; expected {_IMAGENET_LAYOUT}") from exc

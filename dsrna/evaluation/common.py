@@ -47,14 +47,21 @@ def write_json(obj, path: Path) -> None:
 
 def evaluation_loader(dataset: str, root: str | None = None, limit: int | None = None, batch_size: int = 128,
                 num_workers: int = 0) -> DataLoader:
-    """The first ``limit`` images of a data set's test split (all when None), in a fixed order."""
+    """``limit`` images of a data set's test split (all when None), in a fixed order: the first ones,
+    or, where the split is sorted by class (ImageNet's val folders), evenly spaced ones, so that every
+    class counts alike (the first 1,000 ImageNet images are 20 of its 1,000 classes)."""
     from dsrna.data import get_dataset, make_loader
 
     test_set = get_dataset(dataset, root=root, train=False)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"--limit must be >= 1, got {limit}")
-        test_set = Subset(test_set, range(min(limit, len(test_set))))
+        size = len(test_set)
+        targets = torch.as_tensor(getattr(test_set, "targets", []))
+        if limit < size and len(targets) == size and bool((targets[1:] >= targets[:-1]).all()):
+            test_set = Subset(test_set, [i * size // limit for i in range(limit)])
+        else:
+            test_set = Subset(test_set, range(min(limit, size)))
     return make_loader(test_set, batch_size, shuffle=False, num_workers=num_workers)
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsrna import backend
 from dsrna.data import dataset_info, get_dataset, make_loader
 from dsrna.errors import CheckpointError, DivergenceError, changed_settings, check_finite, first_line
 from dsrna.evaluation.common import atomic_save, evaluation_loader, pick_device, write_json
@@ -205,6 +206,11 @@ def train(config: TrainConfig) -> TrainResult:
     """Train the configured network; see the module docstring for what the run folder receives."""
     config = config.resolved()
     device = pick_device(config.device)
+    with backend.device_scope(device):  # its RNG state is the one the checkpoint keeps (cuda:1 ...)
+        return _train(config, device)
+
+
+def _train(config: TrainConfig, device: torch.device) -> TrainResult:
     graphs = None
     if config.cuda_graph:
         check_cuda_graphs(device)

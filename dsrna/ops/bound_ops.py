@@ -94,7 +94,7 @@ def crown_relu_backward_native(A: torch.Tensor, lower_slope: torch.Tensor, upper
 if _native.C is not None:
     @torch.library.register_fake("dsrna::crown_relu_backward")
     def _(A, lower_slope, upper_slope, upper_intercept):
-        return torch.empty_like(A), A.new_empty(A.shape[:2])
+        return torch.empty_like(A, memory_format=torch.contiguous_format), A.new_empty(A.shape[:2])
 
 
 backend.register("interval_weighted_sum", "reference", interval_weighted_sum_reference)

@@ -6,6 +6,7 @@ RNG states as tensors), so loading it never unpickles code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from dsrna.errors import CheckpointError
+from dsrna.search import distributed
 from dsrna.search.config import SearchConfig
 
 FORMAT = "dsrna-search-checkpoint/1"
@@ -159,11 +161,13 @@ def load_state_checked(module: torch.nn.Module, state_dict, path: Path, what: st
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator a run draws from; of CUDA's, the current device's (the run's: each process of
+    a torchrun job has its own, all seeded and advanced alike)."""
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
                   "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
         "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
@@ -173,7 +177,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
+    if len(state["cuda"]) == 1 and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"][0])
+    elif state["cuda"] and torch.cuda.is_available():  # written before: every device's, in order
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -213,6 +219,9 @@ def load_checkpoint(path: Path, config: SearchConfig, map_location: torch.device
         saved = SearchConfig.from_dict(json.loads(payload["config"]))
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} holds an unreadable config ({exc})") from None
+    if saved.batch_size * payload.get("world_size", 1) == config.batch_size * distributed.world_size():
+        # the same global batch over another number of processes (2 x 64 -> 4 x 32): the same run
+        saved = dataclasses.replace(saved, batch_size=config.batch_size)
     differing = config.differences(saved)
     if differing:
         raise CheckpointError(f"cannot resume {path}: it belongs to a run with different settings: "

@@ -31,12 +31,13 @@ class SearchConfig:
     data_root: str | None = None
     train_portion: float = 0.5          # weights half / architecture half of the training set
     subset_fractions: tuple[float, float] | None = None  # PC-DARTS ImageNet: per-class (10%, 2.5%) subsets
-    num_workers: int = 0
+    num_workers: int = 0                # per loader: the weights' and the architecture's halves each have one
+    augment: bool = False               # the data set's training augmentation on both halves
     # super-network
     layers: int = 8
     init_channels: int = 16
     partial_channels: int = 1
-    stem: str = "cifar"
+    stem: str | None = None             # None: the data set's ("imagenet" for ImageNet, else "cifar")
     backend: str = "auto"
     device: str = "auto"                # auto: the GPU when present (per process under torchrun); cpu, cuda:N
     # schedule
@@ -76,6 +77,8 @@ class SearchConfig:
                  "cuda_graph", "device")
 
     def __post_init__(self):
+        if self.stem is None:  # 224x224 images through the CIFAR stem would run every cell at full size
+            self.stem = "imagenet" if self.dataset == "imagenet" else "cifar"
         if self.order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {self.order}")
         if self.amp not in ("none", "bf16"):
@@ -155,12 +158,13 @@ class SearchConfig:
 
 # PC-DARTS' ImageNet protocol (Xu et al. 2020): 10% / 2.5% per-class subsets, 224x224 inputs through a
 # stride-8 stem, K=2 partial channels, architecture frozen for 35 of 50 epochs, lr 0.5 for a global
-# batch of 1024 with 5 warm-up epochs, arch lr 6e-3. bf16 halves the memory of the super-network.
+# batch of 1024 with 5 warm-up epochs, arch lr 6e-3, random-resized crops and flips. bf16 halves the
+# memory of the super-network. 4 loader workers per half: 8 per process.
 PRESETS: dict[str, dict[str, Any]] = {
     "imagenet-pcdarts": dict(
         dataset="imagenet", subset_fractions=(0.1, 0.025), stem="imagenet", partial_channels=2,
         layers=8, init_channels=16, epochs=50, batch_size=128, arch_start_epoch=35,
         lr=0.5, lr_min=0.0, lr_reference_batch=1024, lr_warmup_epochs=5,
-        arch_lr=6e-3, amp="bf16", num_workers=8,
+        arch_lr=6e-3, amp="bf16", num_workers=4, augment=True,
     ),
 }

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from dsrna import backend
 from dsrna.search import distributed
 
 
@@ -77,6 +78,11 @@ class StepGraphs:
         failed capture leaves behind (the model's parameters)."""
         if self.failed is not None:
             return fn(*inputs)
+        # Side streams and captures belong to the current device: make it the inputs' (cuda:1 ...).
+        with backend.device_scope(inputs[0].device):
+            return self._run(kind, fn, inputs, phase, parameters)
+
+    def _run(self, kind, fn, inputs, phase, parameters):
         if phase != self._phase:
             self._phase = phase
             self._graphs.clear()  # frees the old graphs' memory pools

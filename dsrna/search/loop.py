@@ -13,7 +13,6 @@ continues where the interrupted one stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
+from dsrna import backend
 from dsrna.errors import CheckpointError, DataError, DivergenceError, DsrnaError
 from dsrna.search import distributed
 from dsrna.search.checkpoint import (atomic_write_text, check_writable, load_checkpoint, load_state_checked,
@@ -64,7 +64,7 @@ def load_search_data(config: SearchConfig) -> SearchData:
     from dsrna.data import class_balanced_split, dataset_info, get_dataset, search_split
 
     info = dataset_info(config.dataset)
-    full = get_dataset(config.dataset, config.data_root, train=True)
+    full = get_dataset(config.dataset, config.data_root, train=True, augment=config.augment)
     if config.subset_fractions is None:
         train, val = search_split(full, config.train_portion, config.seed)
     else:
@@ -73,17 +73,22 @@ def load_search_data(config: SearchConfig) -> SearchData:
 
 
 class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that can start part-way through an epoch's order (for resumption)."""
+    """``DistributedSampler`` (shuffled, last partial round dropped) that can start at any position
+    ``start`` of the epoch's global order, for resumption with any number of processes: the ranks
+    deal the rest of the order as DistributedSampler deals all of it (rank r takes r, r + W, ...),
+    dropping the last partial round so that every rank takes as many."""
 
     def __init__(self, dataset, num_replicas, rank, seed):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.start = 0
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        # DistributedSampler's order: a permutation seeded with seed + epoch, cut to total_size
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(order[self.start:self.total_size][self.rank::self.num_replicas][:len(self)].tolist())
 
     def __len__(self):
-        return self.num_samples - self.start
+        return (self.total_size - self.start) // self.num_replicas
 
 
 class ValidationStream:
@@ -95,14 +100,14 @@ class ValidationStream:
         self.epoch, self.consumed = epoch, consumed
         self._iterator = None
 
-    def _open(self, start_per_rank: int):
+    def _open(self, start: int):
         self.sampler.set_epoch(self.epoch)
-        self.sampler.start = start_per_rank
+        self.sampler.start = start
         self._iterator = iter(self.loader)
 
     def __next__(self):
         if self._iterator is None:
-            self._open(self.consumed // self.world_size)
+            self._open(self.consumed)
         try:
             batch = next(self._iterator)
         except StopIteration:
@@ -164,7 +169,7 @@ def run_search(config: SearchConfig, data: SearchData | None = None,
     try:
         _set_deterministic(config.deterministic)
         device = _search_device(config)
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with backend.device_scope(device):
             return _run(config, device, data, on_epoch_end)
     except Exception as exc:
         # A collective broken by a peer that died (out of memory, killed) says nothing useful in
@@ -180,11 +185,16 @@ def run_search(config: SearchConfig, data: SearchData | None = None,
 
 def _search_device(config: SearchConfig) -> torch.device:
     """``auto``: this process's device (its ``LOCAL_RANK``'s GPU under torchrun, else the first GPU,
-    else the CPU); an explicit one for a single process only."""
+    else the CPU); under torchrun ``cpu`` or ``cuda`` where it is that device's kind."""
     if config.device == "auto":
         return distributed.default_device()
     if distributed.is_distributed():
-        raise ValueError("--device is chosen per process under torchrun (the LOCAL_RANK's GPU): drop it")
+        own = distributed.default_device()
+        if config.device == own.type:
+            return own
+        hint = ", or hide the GPUs (CUDA_VISIBLE_DEVICES=) for gloo on the CPU" if config.device == "cpu" else ""
+        raise ValueError(f"--device {config.device} under torchrun: each process runs on its own device, here {own} "
+                         f"(NCCL drives the LOCAL_RANK's GPU, gloo the CPU): drop --device{hint}")
     from dsrna.evaluation.common import pick_device  # here: dsrna.evaluation imports this package
 
     return pick_device(config.device)

@@ -155,7 +155,7 @@ def _stacked_batch_norm(x: torch.Tensor, bns: tuple[BatchNorm2d, ...]) -> torch.
         var = torch.cat([store[bn][1] for bn in bns])
         return _ops.batch_norm_affine(bn0, mean, var, x)
     if mode is not None:  # capture: record each module's statistics as BatchNorm2d would
-        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        mean, var = _ops.batch_statistics(x)
         for bn, m, v in zip(bns, mean.chunk(len(bns)), var.chunk(len(bns))):
             mode[1][bn] = (m, v)
     means, variances = _buffers(bns, "running_mean"), _buffers(bns, "running_var")

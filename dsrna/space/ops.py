@@ -41,7 +41,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             return self._plain_forward(x)
         kind, store = mode
         if kind == "capture":
-            store[self] = (x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False))
+            store[self] = batch_statistics(x)
             return super().forward(x)
         if self not in store:
             raise RuntimeError("frozen_batch_stats: this BatchNorm2d ran no clean pass under capture_batch_stats")
@@ -68,6 +68,15 @@ class BatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
         return torch.batch_norm(x, self.weight, self.bias, running_mean, running_var, self.training, momentum,
                                 self.eps, torch.backends.cudnn.enabled)
+
+
+def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x`` as :func:`capture_batch_stats` records them: in
+    float32 at least, since the robustness passes that replay them run in float32 or float64 (under
+    bf16 autocast the variances of a bf16 pass differ by percents)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -288,6 +288,8 @@ int main() {
       }
     }
   }
+  // A dilation so large that even one output row's tile outgrows shared memory: narrower tiles.
+  interval_depthwise_case<double>({1, 2, 30, 70}, {5, 24, 12}, 1);
   // Convs whose paddings differ by other amounts than the DARTS ones, and one conv alone.
   depthwise_stack_case<double>({2, 3, 11, 6}, {{3, 0, 1}, {5, 1, 1}}, 2, 1);
   depthwise_stack_case<double>({2, 3, 11, 6}, {{5, 2, 1}}, 1, 2);

@@ -9,8 +9,9 @@
 // __syncthreads waits for every thread of the block that has not returned, __shfl_down_sync
 // exchanges through memory between two barriers of its warp (32 consecutive threads); a barrier no
 // thread can pass (divergent __syncthreads) is an error. Shared memory starts filled with NaN bytes,
-// as garbage does on a GPU. Not modelled: the memory model beyond these barriers, launch limits
-// (registers, the 48 KiB of static shared memory), and timing.
+// as garbage does on a GPU. Launches over a GPU's limits (block size, 48 KiB of dynamic shared memory,
+// grid size) are errors. Not modelled: the memory model beyond these barriers, registers, static
+// shared memory, and timing.
 #pragma once
 
 // The fibers switch with _setjmp/_longjmp (no signal-mask system call per switch, unlike swapcontext),
@@ -120,7 +121,9 @@ template <typename Kernel, typename... Args> void launch(Config c, Kernel kernel
   blockDim = c.block;
   const unsigned threads = c.block.x * c.block.y * c.block.z;
   if (threads == 0 || threads > 1024) throw std::runtime_error("emulated launch: bad block size");
-  if (c.shared_bytes > sizeof(shared_memory)) throw std::runtime_error("emulated launch: shared memory too large");
+  // A GPU's limits: 48 KiB of dynamic shared memory without opting in, grid.y and grid.z < 65536.
+  if (c.shared_bytes > 48 * 1024) throw std::runtime_error("emulated launch: over 48 KiB of shared memory");
+  if (c.grid.y > 65535 || c.grid.z > 65535) throw std::runtime_error("emulated launch: grid.y or grid.z over 65535");
   kernel_call = [&] { kernel(args...); };
   fibers.resize(threads);
   lanes.resize(threads);
