@@ -348,6 +348,27 @@ def test_lowering_takes_square_pools_given_as_pairs_and_keeps_non_square_depthwi
         logit_bounds(nn.Sequential(nn.AvgPool2d(3, stride=(1, 2)), nn.Flatten()), x, 0.1)
 
 
+def test_avg_pools_of_other_sizes_take_the_reference_transpose(monkeypatch):
+    """The fast depthwise ops cover the DARTS kernel sizes (on CUDA only those): a 2x2 average pool's
+    CROWN step must not reach them."""
+    fast = nodes.depthwise_conv2d_transpose
+
+    def darts_sizes_only(grad, weight, *args):
+        assert weight.shape[-1] in (3, 5), f"a {weight.shape[-1]}x{weight.shape[-1]} kernel reached the fast op"
+        return fast(grad, weight, *args)
+
+    monkeypatch.setattr(nodes, "depthwise_conv2d_transpose", darts_sizes_only)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                        nn.Linear(18, 3)).double().eval()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    points = sample_ball(x, 0.05, "linf", 2000)
+    with torch.no_grad():
+        outputs = net(points.flatten(0, 1)).reshape(-1, 2, 3)
+    for method in ("crown-ibp", "crown"):
+        lower, upper = logit_bounds(net, x, 0.05, "linf", method)
+        assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), method
+
+
 def test_one_bound_model_fixes_its_batch_statistics_once_for_every_method():
     """crown-symbolic bounds the edge-by-edge graph, the other methods the stacked one: both take the
     statistics of the first batch the object saw."""

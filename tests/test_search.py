@@ -359,6 +359,9 @@ def test_cli_preset_and_flags():
     # ImageNet without the preset: its own stem (224x224 through the CIFAR stem runs every cell at full size)
     imagenet = config_from_args(build_parser("search").parse_args(["search", "--dataset", "imagenet", "--augment"]))
     assert (imagenet.stem, imagenet.augment) == ("imagenet", True)
+    # a preset's switch can be turned off too (a run begun before the preset had it resumes)
+    off = config_from_args(build_parser("search").parse_args(["search", "--preset", "imagenet-pcdarts", "--no-augment"]))
+    assert off.augment is False
 
 
 def test_search_halves_take_the_training_augmentation():
@@ -500,7 +503,7 @@ def test_resumable_sampler_continues_at_any_position_with_any_world_size(world):
         s.set_epoch(2)
     assert [list(s) for s in samplers] == [list(s) for s in fresh]  # from the start: DistributedSampler's
     order = torch.randperm(40, generator=torch.Generator().manual_seed(3 + 2)).tolist()
-    for start in (0, 5, 18, 37):  # consumed counts of a run with another number of processes
+    for start in (0, 5, 18, 37, 39, 40):  # consumed counts of a run with another number of processes
         for s in samplers:
             s.start = start
         dealt = [list(s) for s in samplers]

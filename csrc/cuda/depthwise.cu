@@ -1,8 +1,8 @@
 // CUDA kernels of the depthwise convolution family (kernel 3 and 5, any stride, padding, dilation).
 //
-// The input gradient is not here: ATen's depthwise backward, which the reference path runs too, was
-// 2-4x faster than our gather kernel on an H100 (benchmarks/results/2026-11-26_nvidia-h100_profile.md),
-// so csrc/ops.cpp calls it.
+// The input gradient has no kernel of its own (csrc/ops.cpp): at stride 1 it is the forward kernel on
+// the flipped filter, at stride 2 ATen's depthwise backward, which was 2-4x faster than our gather
+// kernel on an H100 (benchmarks/results/2026-11-26_nvidia-h100_profile.md).
 //
 // Forward and interval forward share one scheme: a block owns an output tile of
 // (blockDim.x x blockDim.y) pixels in each of blockDim.z planes (several small planes per block keep

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from dsrna.ops.bound_ops import crown_relu_backward, interval_depthwise_conv2d, interval_weighted_sum, relu_relaxation
 from dsrna.ops.depthwise import (KERNEL_SIZES, depthwise_conv2d, depthwise_conv2d_stack,
-                                 depthwise_conv2d_stack_transpose, depthwise_conv2d_transpose)
+                                 depthwise_conv2d_stack_transpose, depthwise_conv2d_transpose,
+                                 depthwise_conv2d_transpose_reference)
 from dsrna.ops.pointwise import pointwise_conv2d
 from dsrna.ops.weighted_sum import weighted_sum
 from dsrna.space.ops import FactorizedReduce
@@ -439,7 +440,9 @@ class AvgPool2d(BoundOp):
         else:
             count = F.conv2d(lower.new_ones(1, 1, *lower.shape[2:]), ones[:1], None, self.stride, self.padding)
             scaled = A / count
-        out = depthwise_conv2d_transpose(_flat_batch(scaled), ones, tuple(lower.shape[2:]), self.stride, self.padding, 1)
+        # the fast ops take the DARTS kernel sizes (CUDA: only those), as Conv2d's rule above
+        transpose = depthwise_conv2d_transpose if k in KERNEL_SIZES else depthwise_conv2d_transpose_reference
+        out = transpose(_flat_batch(scaled), ones, tuple(lower.shape[2:]), self.stride, self.padding, 1)
         return [_unflat_batch(out, B, S)], None
 
 

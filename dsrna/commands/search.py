@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, default=None, **kwargs)
     parser.add_argument("--deterministic", action="store_true", default=None,
                         help="deterministic algorithms (bit-reproducible on CPU; slower on GPU)")
-    parser.add_argument("--augment", action="store_true", default=None,
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                         help="the data set's training augmentation on both halves, as DARTS and PC-DARTS search "
                              "(default: off; on in the imagenet-pcdarts preset)")
     parser.add_argument("--cuda-graph", action="store_true", default=None,

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50, help="steps between progress-bar loss updates")
     parser.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (quick runs)")
-    parser.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
+    parser.add_argument("--eval-limit", type=int, help="evaluate on N test images only: the first N (ImageNet: N evenly spaced, every class alike)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 

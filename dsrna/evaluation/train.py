@@ -88,7 +88,7 @@ class TrainConfig:
     num_workers: int = 0
     log_every: int = 50
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole training set
-    eval_limit: int | None = None  # evaluate on the first N test images; None = all
+    eval_limit: int | None = None  # evaluate on N test images (common.evaluation_loader); None = all
     resume: bool = False
     progress: bool = True
     report: bool = True

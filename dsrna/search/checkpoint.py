@@ -220,7 +220,7 @@ def load_checkpoint(path: Path, config: SearchConfig, map_location: torch.device
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} holds an unreadable config ({exc})") from None
     if saved.batch_size * payload.get("world_size", 1) == config.batch_size * distributed.world_size():
-        # the same global batch over another number of processes (2 x 64 -> 4 x 32): the same run
+        # the same global batch over another number of processes (2 x 64 -> 4 x 32)
         saved = dataclasses.replace(saved, batch_size=config.batch_size)
     differing = config.differences(saved)
     if differing:

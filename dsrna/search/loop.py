@@ -87,8 +87,8 @@ class ResumableSampler(DistributedSampler):
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         return iter(order[self.start:self.total_size][self.rank::self.num_replicas][:len(self)].tolist())
 
-    def __len__(self):
-        return (self.total_size - self.start) // self.num_replicas
+    def __len__(self):  # 0 where a run with more examples per pass stopped past this one's end
+        return max(0, self.total_size - self.start) // self.num_replicas
 
 
 class ValidationStream:
