@@ -369,6 +369,54 @@ def test_avg_pools_of_other_sizes_take_the_reference_transpose(monkeypatch):
         assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), method
 
 
+class _Residual(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class _StandardisedConv(nn.Conv2d):
+    def forward(self, x):
+        w = (self.weight - self.weight.mean()) / self.weight.std()
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _PlainSubclass(nn.ReLU):
+    """A subclass that keeps ReLU's forward is ReLU."""
+
+
+def test_subclasses_with_their_own_forward_and_hooked_modules_are_refused():
+    """The graph lowers a class's function: a subclass computing another one, or a hook changing an
+    output, would get the bounds of a different network (they came back silently wrong)."""
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+
+    def head():
+        return [nn.Flatten(), nn.Linear(2 * 36, 3)]
+
+    for net, name in ((nn.Sequential(_Residual(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU()), nn.Conv2d(1, 2, 1), *head()),
+                       "_Residual: it overrides Sequential.forward"),
+                      (nn.Sequential(_StandardisedConv(1, 2, 3, padding=1), *head()), "_StandardisedConv: it overrides Conv2d")):
+        with pytest.raises(TypeError, match=name):
+            logit_bounds(net.double(), x, 0.01)
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), _PlainSubclass(), *head()).double()
+    logit_bounds(plain, x, 0.01)
+    handle = plain[0].register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(TypeError, match="forward hooks .*: Conv2d 0 has one"):
+        logit_bounds(plain, x, 0.01)
+    handle.remove()
+    logit_bounds(plain, x, 0.01)
+
+
+def test_models_built_under_a_float64_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:  # the input normalisation's buffers were float32 beside float64 parameters
+        net = SearchNetwork(C=4, num_classes=3, layers=2, in_channels=1, steps=2, multiplier=2, mean=[0.1], std=[0.3]).eval()
+        bound = margin_lower_bound(net, torch.rand(2, 1, 6, 6), torch.tensor([0, 2]), 1e-3, method="crown-ibp")
+    finally:
+        torch.set_default_dtype(previous)
+    assert bound.dtype == torch.float64 and bound.isfinite().all()
+
+
 def test_one_bound_model_fixes_its_batch_statistics_once_for_every_method():
     """crown-symbolic bounds the edge-by-edge graph, the other methods the stacked one: both take the
     statistics of the first batch the object saw."""

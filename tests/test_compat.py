@@ -58,3 +58,7 @@ def test_darts_model_interface():
     assert twin._criterion is model._criterion
     mnist = Network(4, 10, 3, nn.CrossEntropyLoss(), in_channels=1, partial_channels=2)
     assert mnist(torch.rand(2, 1, 8, 8)).shape == (2, 10) and mnist.new().partial_channels == 2
+    # DARTS' stem: conv, then a batch norm with a learnt scale and shift (the SGD's parameters)
+    stem_bn = model.stem[1]
+    assert stem_bn.affine and any(p is stem_bn.weight for p in model.parameters())
+    assert model.new().stem[1].affine and not Network(4, 10, 3, nn.CrossEntropyLoss(), stem_affine=False).stem[1].affine

@@ -71,6 +71,13 @@ def _edit(**changes) -> str:
     return json.dumps(data)
 
 
+def test_a_binary_file_is_named(tmp_path):
+    path = tmp_path / "genotype.json"
+    path.write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(ValueError, match=f"genotype file {path}: not a text"):
+        Genotype.from_json(path)
+
+
 def test_rejections_say_what_and_where():
     bad_op = DARTS_V2.to_dict()["normal"]
     bad_op[3] = ["conv_7x7", 1]
@@ -97,3 +104,7 @@ def test_rejections_say_what_and_where():
         Genotype.from_json(_edit(normal_concat=[True, 2]))
     with pytest.raises(ValueError, match="invalid JSON"):
         Genotype.from_json("{not json")
+    with pytest.raises(ValueError, match="expected a JSON object, got list"):  # JSON, not a file name
+        Genotype.from_json("[1, 2]")
+    with pytest.raises(ValueError, match="invalid JSON .RecursionError"):  # no traceback out of the decoder
+        Genotype.from_json("[" * 100_000 + "]" * 100_000)

@@ -195,6 +195,8 @@ def test_bad_input_raises_one_clear_error():
         jacobian_metric(net, x, estimator="random-row", n=K + 1)
     with pytest.raises(ValueError, match="integer >= 1"):
         jacobian_metric(net, x, n=0)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0, got -1.0"):
+        jacobian_metric(net, x, eps=-1.0)
     coupled = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(72, 3)).double().train()
     with pytest.raises(ValueError, match="batch statistics"):
         jacobian_metric(coupled, x)

@@ -511,3 +511,8 @@ def test_resumable_sampler_continues_at_any_position_with_any_world_size(world):
         taken = sorted(position for d in dealt for position in map(order.index, d))
         assert taken == list(range(start, start + world * len(dealt[0])))
         assert start + world * len(dealt[0]) > (40 // world) * world - world
+
+
+def test_searcher_names_what_it_needs():
+    with pytest.raises(TypeError, match="Searcher needs a dsrna.SearchNetwork .* got Linear"):
+        Searcher(torch.nn.Linear(2, 2), SearchConfig())

@@ -260,3 +260,14 @@ def test_model_files_that_are_not_ours_are_named_without_torch_advice(tmp_path):
         message = str(error.value)
         assert message.startswith(f"{tmp_path / name} is not a dsrna model file") and reason in message
         assert "weights_only" not in message and "\x1b" not in message and "\n" not in message
+
+
+def test_checkpoints_given_as_models_say_which_file_to_use(tmp_path):
+    from dsrna.search.checkpoint import FORMAT
+
+    torch.save({"format": FORMAT, "model": {}}, tmp_path / "search.pt")
+    torch.save({"model": {}, "optimizer": {}, "epoch": 1}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="is a search checkpoint, not a trained model: train its genotype.json"):
+        load_model(tmp_path / "search.pt")
+    with pytest.raises(CheckpointError, match="is a training checkpoint: evaluate the model.pt beside it"):
+        load_model(tmp_path / "checkpoint.pt")

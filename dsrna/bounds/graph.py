@@ -25,6 +25,8 @@ from dsrna.space.batched_cell import (CONV_KINDS, FIRST_DEPTHWISE, STAGE1_DILATI
                                       cat_weights)
 from dsrna.space.network import Network
 from dsrna.space.ops import (
+    BatchNorm2d,
+    DepthwiseConv2d,
     DilConv,
     FactorizedReduce,
     Identity,
@@ -94,10 +96,11 @@ def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adap
     ``stacked=False`` lowers a search cell edge by edge on every backend: the same bounds from many
     small nodes instead of a few large ones, for passes whose memory is a multiple of the largest
     node (crown-symbolic holds ``n + E`` coefficients per neuron of a node)."""
+    _refuse_hooks(model)
     graph = BoundGraph(relu_mode=relu_mode, bn_stats=bn_stats, dtype=dtype)
-    if isinstance(model, SearchNetwork):
+    if _is(model, SearchNetwork):
         graph.output = _lower_search_network(model, graph, 0, stacked)
-    elif isinstance(model, Network):
+    elif _is(model, Network):
         graph.output = _lower_network(model, graph, 0)
     else:
         graph.output = _lower_module(model, graph, 0)
@@ -107,6 +110,34 @@ def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adap
 
 
 # --- modules ---------------------------------------------------------------------------------------
+
+# Subclasses whose forward computes their base class's function another way (through the backends).
+_SAME_FUNCTION = {nn.Conv2d: DepthwiseConv2d.forward, nn.BatchNorm2d: BatchNorm2d.forward}
+
+
+def _is(m: nn.Module, *classes: type) -> bool:
+    """``isinstance(m, classes)``, refusing a subclass with a forward of its own: the graph lowers
+    the class's function, so a residual ``nn.Sequential`` or a standardised ``nn.Conv2d`` would get
+    the bounds of another network."""
+    for cls in classes:
+        if isinstance(m, cls):
+            if type(m).forward not in (cls.forward, _SAME_FUNCTION.get(cls)):
+                raise TypeError(f"bound propagation does not support {type(m).__name__}: it overrides "
+                                f"{cls.__name__}.forward, so its function is not the one the bounds would cover")
+            return True
+    return False
+
+
+def _refuse_hooks(model: nn.Module) -> None:
+    """Forward hooks may change what a module returns, which the graph would not see."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        raise TypeError("bound propagation does not support global forward hooks (they may change outputs): "
+                        "remove them first")
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise TypeError(f"bound propagation does not support forward hooks (they may change outputs): "
+                            f"{type(m).__name__} {name or '(the model)'} has one")
+
 
 
 def _batch_norm(bn: nn.BatchNorm2d, graph: BoundGraph) -> nodes.ChannelAffine:
@@ -130,61 +161,61 @@ def _pair(v) -> tuple[int, int]:
 
 def _lower_module(m: nn.Module, graph: BoundGraph, x: int | None) -> int | None:
     """Append ``m`` applied to node ``x``; return its output node (None: constant zero)."""
-    if x is None or isinstance(m, Zero):
+    if x is None or _is(m, Zero):
         return None
-    if isinstance(m, nn.Sequential):
+    if _is(m, nn.Sequential):
         for child in m:
             x = _lower_module(child, graph, x)
         return x
-    if isinstance(m, (Identity, nn.Identity)) or (isinstance(m, nn.Dropout) and not m.training):
+    if _is(m, Identity, nn.Identity) or (_is(m, nn.Dropout) and not m.training):
         return x
-    if isinstance(m, Normalize):
+    if _is(m, Normalize):
         mean, std = _cast(graph, m.mean.flatten(), m.std.flatten())
         return graph.add(nodes.ChannelAffine(1.0 / std, -mean / std), x)
-    if isinstance(m, nn.BatchNorm2d):
+    if _is(m, nn.BatchNorm2d):
         return graph.add(_batch_norm(m, graph), x)
-    if isinstance(m, nn.Conv2d):
+    if _is(m, nn.Conv2d):
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise TypeError(f"bound propagation supports Conv2d with numeric zero padding only, got {m.padding!r}/{m.padding_mode!r}")
         op = nodes.Conv2d(m.weight, m.bias, _pair(m.stride), _pair(m.padding), _pair(m.dilation), m.groups)
         return graph.add(op, x)
-    if isinstance(m, nn.Linear):
+    if _is(m, nn.Linear):
         return graph.add(nodes.Linear(m.weight, m.bias), x)
-    if isinstance(m, nn.ReLU):
+    if _is(m, nn.ReLU):
         return graph.add(nodes.ReLU(graph.relu_mode), x)
-    if isinstance(m, nn.MaxPool2d):
+    if _is(m, nn.MaxPool2d):
         if m.dilation not in (1, (1, 1)) or m.return_indices:
             raise TypeError("bound propagation supports MaxPool2d without dilation or returned indices")
         return graph.add(nodes.MaxPool2d(m.kernel_size, m.stride, m.padding, m.ceil_mode), x)
-    if isinstance(m, nn.AvgPool2d):
+    if _is(m, nn.AvgPool2d):
         kernel, stride, padding = _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding)
         if m.ceil_mode or m.divisor_override is not None or any(a != b for a, b in (kernel, stride, padding)):
             raise TypeError("bound propagation supports AvgPool2d with a square kernel, stride and padding, no ceil_mode, "
                             "no divisor_override")
         return graph.add(nodes.AvgPool2d(kernel[0], stride[0], padding[0], m.count_include_pad), x)
-    if isinstance(m, nn.AdaptiveAvgPool2d):
+    if _is(m, nn.AdaptiveAvgPool2d):
         if _pair(m.output_size) != (1, 1):
             raise TypeError(f"bound propagation supports AdaptiveAvgPool2d(1) only, got output size {m.output_size}")
         return graph.add(nodes.GlobalAvgPool(), x)
-    if isinstance(m, nn.Flatten):
+    if _is(m, nn.Flatten):
         if m.start_dim != 1 or m.end_dim != -1:
             raise TypeError("bound propagation supports Flatten(1, -1) only")
         return graph.add(nodes.Flatten(), x)
-    if isinstance(m, (ReLUConvBN, DilConv, SepConv)):
+    if _is(m, ReLUConvBN, DilConv, SepConv):
         return _lower_module(m.op, graph, x)
-    if isinstance(m, PoolBN):
+    if _is(m, PoolBN):
         x = _lower_module(m.pool, graph, x)
         return x if m.bn is None else _lower_module(m.bn, graph, x)
-    if isinstance(m, FactorizedReduce):
+    if _is(m, FactorizedReduce):
         return _lower_after_relu(m, graph, graph.add(nodes.ReLU(graph.relu_mode), x))
     raise TypeError(f"bound propagation does not support {type(m).__name__}")
 
 
 def _lower_after_relu(op: nn.Module, graph: BoundGraph, relu_x: int) -> int:
     """A candidate that starts with ReLU, applied to an input that already went through it."""
-    if isinstance(op, (DilConv, SepConv)):
+    if _is(op, DilConv, SepConv):
         return _lower_module(op.op[1:], graph, relu_x)
-    if isinstance(op, FactorizedReduce):
+    if _is(op, FactorizedReduce):
         a = _lower_module(op.conv_1, graph, relu_x)
         b = _lower_module(op.conv_2, graph, graph.add(nodes.Shift(), relu_x))
         return _lower_module(op.bn, graph, graph.add(nodes.Concat(), a, b))

@@ -16,11 +16,13 @@ stem_multiplier=3)`` with ``arch_parameters()``, ``genotype()``, ``_loss(input, 
 ``step(input_train, target_train, input_valid, target_valid, eta, network_optimizer, unrolled)``
 updates the architecture.
 
-Differences, all fixes of known DARTS problems (METHOD.md §6): the architecture parameters are in
+The same functions (float64 outputs and gradients agree to rounding with DARTS' code; the stem's
+batch norm is affine, as DARTS', where :class:`dsrna.SearchNetwork` keeps it affine-free). The
+differences fix problems of public DARTS code (METHOD.md §6): the architecture parameters are in
 ``state_dict``; the unrolled step reuses one shadow network instead of building a model per step;
-the finite-difference product divides by ``2 * eps``; the architecture step computes no weight
-gradients (DARTS' ``loss.backward()`` also filled the weights' ``.grad``, which its training loop
-then discarded).
+the architecture step computes no weight gradients (DARTS' ``loss.backward()`` also filled the
+weights' ``.grad``, which its training loop then discarded). The modules are this library's, so
+DARTS' own ``weights.pt`` files do not load (other parameter names).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ __all__ = ["Architect", "Genotype", "Network", "PRIMITIVES"]
 
 class Network(SearchNetwork):
     """DARTS' ``model_search.Network``; extra keywords (``in_channels``, ``partial_channels``,
-    ``backend``, ``mean``, ``std``, ``stem``) go to :class:`dsrna.SearchNetwork`."""
+    ``backend``, ``mean``, ``std``, ``stem``, ``stem_affine``) go to :class:`dsrna.SearchNetwork`;
+    the stem's batch norm is affine unless ``stem_affine=False``."""
 
     def __init__(self, C, num_classes, layers, criterion, steps=4, multiplier=4, stem_multiplier=3, **kwargs):
+        kwargs.setdefault("stem_affine", True)
         super().__init__(C, num_classes, layers, steps=steps, multiplier=multiplier,
                          stem_multiplier=stem_multiplier, **kwargs)
         self._criterion = criterion

@@ -157,6 +157,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ne
     """
     path = Path(path)
     blob = load_torch_file(path, "model file")
+    if isinstance(blob, dict) and blob.get("format") == SEARCH_FORMAT:
+        raise CheckpointError(f"{path} is a search checkpoint, not a trained model: train its genotype.json with "
+                              f"dsrna train, then evaluate that run's model.pt")
+    if isinstance(blob, dict) and "optimizer" in blob and "genotype" not in blob:
+        raise CheckpointError(f"{path} is a training checkpoint: evaluate the model.pt beside it")
     try:
         genotype = Genotype.from_dict(blob["genotype"])
         model = build_model(genotype, blob["model_config"])

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsrna.errors import check_finite
 from dsrna.space.ops import BatchNorm2d, capture_batch_stats, frozen_batch_stats
 
 ESTIMATORS = ("random-row", "exact", "top1", "projection")
@@ -45,6 +46,7 @@ def jacobian_metric(net: nn.Module, x: torch.Tensor, norm: str = "l2", estimator
     None with train-mode batch norms runs that clean pass here first. ``generator`` drives the
     random rows and projections. Under ``torch.no_grad()`` only the value is computed.
     """
+    check_finite("eps", eps, positive=True)  # a negative one flips R: the search would reward sensitivity
     sums, num_classes = _row_norm_sums(net, x, norm, estimator, n, bn_stats, generator)
     return sums.mean() * (-eps / num_classes)
 

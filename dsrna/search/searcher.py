@@ -115,6 +115,9 @@ class Searcher:
     synchronise with the host; the caller decides when to read them."""
 
     def __init__(self, net: torch.nn.Module, config: SearchConfig):
+        if not (callable(getattr(net, "arch_parameters", None)) and callable(getattr(net, "weight_parameters", None))):
+            raise TypeError(f"Searcher needs a dsrna.SearchNetwork (or a model with arch_parameters() and "
+                            f"weight_parameters()), got {type(net).__name__}; for DARTS code see dsrna.compat.darts")
         self.net, self.config = net, config
         self.arch = net.arch_parameters()
         self.weights = net.weight_parameters()

@@ -6,6 +6,8 @@ import json
 from collections import namedtuple
 from pathlib import Path
 
+from dsrna.errors import first_line
+
 # Candidate ops of the DARTS space, in the order of the columns of the architecture parameters.
 PRIMITIVES = (
     "none",
@@ -91,15 +93,20 @@ class Genotype(namedtuple("Genotype", "normal normal_concat reduce reduce_concat
         text = str(text_or_path)
         if text in BUILTIN:
             return BUILTIN[text]
-        if not text.lstrip().startswith("{"):
+        where = "genotype"
+        if not text.lstrip().startswith(("{", "[")):
             path = Path(text)
             if not path.is_file():
                 raise ValueError(f"genotype: {text!r} is neither JSON, a file, nor a built-in name ({', '.join(BUILTIN)})")
-            text = path.read_text()
+            where = f"genotype file {path}"
+            try:
+                text = path.read_text()
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: not a text (JSON) file") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"genotype: invalid JSON ({exc})") from None
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+            raise ValueError(f"{where}: invalid JSON ({type(exc).__name__}: {first_line(exc)})") from None
         return cls.from_dict(data)
 
 

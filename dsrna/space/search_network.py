@@ -187,10 +187,14 @@ class SearchNetwork(nn.Module):
     ``arch_parameters()`` are ``alphas_normal``/``alphas_reduce`` ``[14, 8]`` (and, for
     ``partial_channels > 1``, ``betas_normal``/``betas_reduce`` ``[14]``); they are registered
     parameters, so they are saved in ``state_dict``. ``weight_parameters()`` are all the others.
+    ``stem_affine``: the stem's batch norms learn a scale and shift, as in DARTS' and PC-DARTS' code
+    (METHOD.md §1 keeps every batch norm of the super-network affine-free; the DARTS drop-in
+    :mod:`dsrna.compat.darts` turns it on).
     """
 
     def __init__(self, C=16, num_classes=10, layers=8, in_channels=3, steps=4, multiplier=4,
-                 partial_channels=1, backend="auto", stem_multiplier=3, mean=None, std=None, stem="cifar"):
+                 partial_channels=1, backend="auto", stem_multiplier=3, mean=None, std=None, stem="cifar",
+                 stem_affine=False):
         super().__init__()
         if backend not in _backend.CHOICES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(_backend.CHOICES)}")
@@ -208,7 +212,8 @@ class SearchNetwork(nn.Module):
                                    std if std is not None else [1.0] * in_channels)
         if stem == "cifar":
             C_curr = stem_multiplier * C
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), BatchNorm2d(C_curr, affine=False))
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False),
+                                      BatchNorm2d(C_curr, affine=stem_affine))
             self.stem1 = None
             C_prev_prev, C_prev = C_curr, C_curr
             reduction_prev = False
@@ -216,12 +221,14 @@ class SearchNetwork(nn.Module):
             # PC-DARTS' ImageNet search stem: three stride-2 convs for 224x224 inputs; s0 leaves at
             # stride 4 and s1 at stride 8, so the first cell aligns s0 with a FactorizedReduce.
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False), BatchNorm2d(C // 2, affine=False),
+                nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False),
+                BatchNorm2d(C // 2, affine=stem_affine),
                 nn.ReLU(inplace=False),
-                nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False), BatchNorm2d(C, affine=False),
+                nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False), BatchNorm2d(C, affine=stem_affine),
             )
             self.stem1 = nn.Sequential(
-                nn.ReLU(inplace=False), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False), BatchNorm2d(C, affine=False),
+                nn.ReLU(inplace=False), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
+                BatchNorm2d(C, affine=stem_affine),
             )
             C_prev_prev, C_prev = C, C
             reduction_prev = True
