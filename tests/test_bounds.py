@@ -556,3 +556,18 @@ def test_float64_graph_of_a_float32_model_is_its_float64_twin(train):
     graph = BoundModel(net, stats if train else None, dtype=torch.float64).graph
     with torch.no_grad():
         torch.testing.assert_close(graph.forward(x.double()), expected, rtol=0, atol=1e-12)
+
+
+def test_logit_bounds_and_radius_take_the_margin_bounds_options():
+    """The three entry points accept the same precision and crown-symbolic budget options."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)).eval()
+    x, y = torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
+    with pytest.warns(UserWarning, match="ran out of its 4 error symbols"):
+        lower, upper = logit_bounds(net, x, 0.3, dtype=torch.float64, method="crown-symbolic", max_error_symbols=4)
+    assert lower.dtype == upper.dtype == torch.float64 and (lower <= upper).all()
+    exact = net.double()(x.double())
+    assert (lower <= exact).all() and (exact <= upper).all()
+    from dsrna.bounds import certified_radius
+    with pytest.warns(UserWarning, match="ran out of its 4 error symbols"):
+        radius = certified_radius(net, x.double(), y, method="crown-symbolic", max_eps=0.5, tol=1e-3, max_error_symbols=4)
+    assert radius.shape == (2,) and (radius >= 0).all()

@@ -113,12 +113,15 @@ class BoundModel:
 
 def logit_bounds(model: nn.Module, x: torch.Tensor, eps, norm: str = "linf", method: str = "crown-ibp",
                  clip: tuple[float, float] | None = (0.0, 1.0), bn_stats: dict | None = None,
-                 relu_mode: str = "adaptive", max_spec_chunk: int = DEFAULT_SPEC_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                 relu_mode: str = "adaptive", max_spec_chunk: int = DEFAULT_SPEC_CHUNK, dtype: torch.dtype | None = None,
+                 max_error_symbols: int = DEFAULT_ERROR_SYMBOLS) -> tuple[torch.Tensor, torch.Tensor]:
     """Certified ``(lower, upper)`` ``[B, K]`` of the logits over the ``norm`` ball of radius ``eps``
     around ``x`` (inputs in [0, 1]; ``clip`` intersects the ball with that box, None to drop it).
     ``method``: "ibp", "crown-ibp", "crown-symbolic" or "crown" (:mod:`dsrna.bounds.engine`). ``bn_stats``: train-mode batch-norm statistics
-    captured on the clean batch (None: computed here from ``x``)."""
-    return BoundModel(model, bn_stats, relu_mode, max_spec_chunk).logit_bounds(x, eps, norm, method, clip)
+    captured on the clean batch (None: computed here from ``x``). ``dtype`` and ``max_error_symbols``:
+    as :func:`margin_lower_bound`'s."""
+    return BoundModel(model, bn_stats, relu_mode, max_spec_chunk, dtype,
+                      max_error_symbols).logit_bounds(x, eps, norm, method, clip)
 
 
 def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, norm: str = "linf",
@@ -139,17 +142,18 @@ def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, 
 def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf", method: str = "crown",
                      max_eps: float = DEFAULT_MAX_EPS, tol: float = DEFAULT_TOL, clip: tuple[float, float] | None = (0.0, 1.0),
                      bn_stats: dict | None = None, candidates: int = 1, relu_mode: str = "adaptive",
-                     max_spec_chunk: int = DEFAULT_SPEC_CHUNK) -> torch.Tensor:
+                     max_spec_chunk: int = DEFAULT_SPEC_CHUNK, max_error_symbols: int = DEFAULT_ERROR_SYMBOLS) -> torch.Tensor:
     """The largest eps in ``[0, max_eps]`` (to within ``tol``) at which every margin bound of each
     image is positive, ``[B]``; 0 for misclassified images.
 
     Bisection batched over the images; ``candidates > 1`` tests that many evenly spaced eps per
     pass (the batch is repeated), shrinking the bracket ``candidates + 1``-fold per pass. The
     returned radius is always a certified eps, and the bracket's upper end an uncertified one.
+    ``max_error_symbols``: the ``crown-symbolic`` budget. Radii are in ``x``'s precision.
     """
     if not (math.isfinite(max_eps) and max_eps > 0 and math.isfinite(tol) and tol > 0) or candidates < 1:
         raise ValueError(f"need finite max_eps > 0 and tol > 0, candidates >= 1; got {max_eps}, {tol}, {candidates}")
-    bound_model = BoundModel(model, bn_stats, relu_mode, max_spec_chunk)
+    bound_model = BoundModel(model, bn_stats, relu_mode, max_spec_chunk, max_error_symbols=max_error_symbols)
     with _model_backend(model):
         clean = bound_model.graph.forward(x)  # also fixes train-mode batch-norm statistics to this batch
     correct = clean.argmax(1) == y
