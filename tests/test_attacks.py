@@ -84,6 +84,49 @@ def test_linf_projection_is_exact_on_ball_and_box():
     torch.testing.assert_close(project(far, x, 0.1, "linf"), exact)
 
 
+def test_l2_projection_leaves_points_inside_the_ball():
+    x = torch.full((3, 64), 0.5, dtype=torch.float64)
+    inside = x + torch.randn_like(x) * 0.01  # norm ~0.08 < 0.5, well inside the box too
+    torch.testing.assert_close(project(inside, x, 0.5, "l2"), inside)
+
+
+def test_random_starts_fill_the_ball():
+    """Uniform in the ball: in 64 dimensions almost all of its volume is near the sphere (l2: the
+    radius eps * U^(1/d), median 0.989 eps), and l_inf coordinates are uniform on [-eps, eps]."""
+    from dsrna.attacks import _random_start
+
+    torch.manual_seed(0)
+    x = torch.full((400, 64), 0.5, dtype=torch.float64)
+    for norm in ("l2", "l1"):
+        delta = _random_start(x, 0.1, norm) - x
+        assert (_norm(delta, norm).median() / 0.1).item() > 0.95 and (_norm(delta, norm) <= 0.1 + 1e-12).all()
+    delta = _random_start(x, 0.1, "linf") - x
+    assert delta.abs().max().item() > 0.099 and abs(delta.abs().mean().item() - 0.05) < 0.002
+
+
+def test_an_l1_step_moves_coordinates_that_can_move():
+    """At x = 0 the largest gradients point down, out of the box: the step takes the coordinates that
+    can move (up) instead of standing still."""
+    from dsrna.attacks import _ascent_direction
+
+    x = torch.zeros(1, 10)
+    grad = torch.tensor([[-10.0, -9.0, -8.0, 1.0, 0.5, 0, 0, 0, 0, 0]])
+    step = _ascent_direction(grad, x, "l1", sparsity=0.2)
+    assert (step[0, :3] == 0).all() and step[0, 3] > 0 and (step >= 0).all()
+
+
+def test_restarts_keep_a_misclassified_run_over_a_higher_loss(monkeypatch):
+    import dsrna.attacks as attacks
+
+    x, y = torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long)
+    runs = iter([(x + 0.1, torch.tensor([False]), torch.tensor([1.0])),   # first run
+                 (x + 0.2, torch.tensor([True]), torch.tensor([0.5])),    # misclassified: the worst case
+                 (x + 0.3, torch.tensor([False]), torch.tensor([9.0]))])  # a higher loss, still correct
+    monkeypatch.setattr(attacks, "_steepest_ascent", lambda *args: next(runs))
+    out = pgd(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), x, y, 0.5, "linf", steps=1, restarts=3)
+    torch.testing.assert_close(out, x + 0.2)
+
+
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.5), ("l1", 10.0)])
 def test_pgd_at_least_as_strong_as_fgsm_on_a_trained_network(trained_mlp, norm, eps):
     model, x, y = trained_mlp

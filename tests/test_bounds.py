@@ -571,3 +571,39 @@ def test_logit_bounds_and_radius_take_the_margin_bounds_options():
     with pytest.warns(UserWarning, match="ran out of its 4 error symbols"):
         radius = certified_radius(net, x.double(), y, method="crown-symbolic", max_eps=0.5, tol=1e-3, max_error_symbols=4)
     assert radius.shape == (2,) and (radius >= 0).all()
+
+
+def test_crown_symbolic_equals_crown_on_one_hidden_layer():
+    """With one hidden layer both methods bound its pre-activations exactly (W x + b -+ eps ||W_i||_q):
+    the same relaxations, the same final pass, the same bounds, in every norm."""
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.rand(3, 6, dtype=torch.float64)
+    for norm in ("linf", "l2", "l1"):
+        symbolic = logit_bounds(net, x, 0.3, norm, "crown-symbolic", clip=None)
+        crown = logit_bounds(net, x, 0.3, norm, "crown", clip=None)
+        for a, b in zip(symbolic, crown):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_crown_symbolic_relu_is_the_tight_triangle():
+    """relu(|x| - 0.5) over x in [-1, 1], with |x| = relu(x) + relu(-x): at most 0.5, which the
+    symbolic pass reaches (its ReLU splits the undecided band in half around the chord)."""
+    m = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1), nn.ReLU()).double()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        m[0].bias.zero_()
+        m[2].weight.fill_(1.0)
+        m[2].bias.fill_(-0.5)
+    lower, upper = logit_bounds(m, torch.zeros(1, 1, dtype=torch.float64), 1.0, "linf", "crown-symbolic", clip=None)
+    assert lower.item() == 0.0 and upper.item() == pytest.approx(0.5, abs=1e-12)
+
+
+def test_a_ball_clipped_to_the_box_is_bounded_at_least_as_tightly_as_the_box():
+    from dsrna.bounds.perturbation import Ball
+
+    x = torch.full((1, 8), 0.05, dtype=torch.float64)
+    A, bias = torch.ones(1, 1, 8, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    box_only = Ball(x, 1.0, "linf", (0.0, 1.0)).concretize(A, bias)  # the whole box: min sum = 0
+    for norm in ("l2", "l1"):
+        bound = Ball(x, 5.0, norm, (0.0, 1.0)).concretize(A, bias)
+        assert (bound >= box_only).all() and bound.item() == 0.0

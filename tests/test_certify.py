@@ -96,6 +96,10 @@ def test_certify_radii_stay_certified_and_reach_the_largest_eps_asked(trained_ml
     capped = certify(robust, DataLoader(TensorDataset(images, torch.full((4,), 9)), batch_size=4), "l2", "crown",
                      eps_list=[0.5, 1.3])
     assert capped["certified_acc"] == [1.0, 1.0] and capped["at_max_eps"] == 4
+    # a cap float32 holds exactly: radii equal to it count as certified there (radius >= eps)
+    exact = certify(robust, DataLoader(TensorDataset(images, torch.full((4,), 9)), batch_size=4), "l2", "crown",
+                    eps_list=[0.5, 1.5])
+    assert exact["radii"] == [1.5] * 4 and exact["certified_acc"] == [1.0, 1.0] and exact["at_max_eps"] == 4
     for bad in (dict(max_eps=float("nan")), dict(max_eps=float("inf")), dict(tol=float("nan"))):
         with pytest.raises(ValueError, match="finite"):
             certified_radius(model, x, y, "l2", **bad)

@@ -57,16 +57,20 @@ def test_finite_difference_hvp_matches_double_backward():
 
 def test_second_order_gradient_matches_exact_unrolled_gradient():
     net = tiny_net(torch.float64)
-    cfg = config(order=2, unrolled_radius=RADIUS)
+    # a weight decay and a momentum buffer large enough for the tolerance to see both in the unrolled step
+    cfg = config(order=2, unrolled_radius=RADIUS, weight_decay=0.1)
     searcher = Searcher(net, cfg)
+    searcher.weight_step(batch(dtype=torch.float64, seed=3))  # fills SGD's momentum buffers
     train, val = batch(dtype=torch.float64, seed=1), batch(dtype=torch.float64, seed=2)
     grads, _ = searcher.arch_gradient(val, train)
 
-    # d/d alpha of L_val(w - eta * (grad_w L_train(w, alpha) + wd * w), alpha), by autograd
+    # d/d alpha of L_val(w - eta * (momentum * buffer + grad_w L_train(w, alpha) + wd * w), alpha), by autograd
     arch, weights = net.arch_parameters(), net.weight_parameters()
+    buffers = [searcher.w_optimizer.state[w]["momentum_buffer"] for w in weights]
     g_train = torch.autograd.grad(F.cross_entropy(net(train[0]), train[1]), weights, create_graph=True)
-    unrolled = {name: w - searcher.lr * (g + cfg.weight_decay * w)
-                for (name, _), w, g in zip([(n, p) for n, p in net.named_parameters() if "alphas" not in n], weights, g_train)}
+    unrolled = {name: w - searcher.lr * (cfg.momentum * m + g + cfg.weight_decay * w)
+                for (name, _), w, g, m in zip([(n, p) for n, p in net.named_parameters() if "alphas" not in n], weights,
+                                              g_train, buffers)}
     val_loss = F.cross_entropy(torch.func.functional_call(net, unrolled, (val[0],)), val[1])
     exact = torch.autograd.grad(val_loss, arch)
     for a, e in zip(grads, exact):
@@ -128,6 +132,11 @@ def test_learning_rate_schedule():
     warm = config(epochs=10, lr=0.5, lr_min=0.0, lr_warmup_epochs=5, lr_reference_batch=1024, batch_size=128)
     assert learning_rate(warm, 0, world_size=8) == pytest.approx(0.5 / 5)
     assert learning_rate(warm, 0, world_size=2) == pytest.approx(0.5 / 4 / 5)
+    # after the warm-up the plain cosine (epoch 5 of 10: half way)
+    assert learning_rate(warm, 5, world_size=8) == pytest.approx(0.25)
+    # lr_min scales with the global batch too: the cosine's end at a quarter of the reference batch
+    floor = config(epochs=10, lr=0.4, lr_min=0.04, lr_reference_batch=1024, batch_size=128)
+    assert learning_rate(floor, 10, world_size=2) == pytest.approx(0.04 / 4)
 
 
 class _FakeMetric:
@@ -516,3 +525,14 @@ def test_resumable_sampler_continues_at_any_position_with_any_world_size(world):
 def test_searcher_names_what_it_needs():
     with pytest.raises(TypeError, match="Searcher needs a dsrna.SearchNetwork .* got Linear"):
         Searcher(torch.nn.Linear(2, 2), SearchConfig())
+
+
+def test_logged_robustness_is_the_mean_over_the_epochs_steps(monkeypatch, tmp_path):
+    def constant(net, x, y, cfg, bn_stats):  # differentiable in alpha, value 0.25 whatever the batch
+        return net.alphas_normal.sum() * 0.0 + 0.25
+
+    monkeypatch.setattr(dsrna.robustness, "robustness_term", constant)
+    cfg = config(epochs=1, max_steps_per_epoch=3, out=str(tmp_path / "run"),
+                 robustness=RobustnessConfig(kind="jacobian", gamma=0.1))
+    result = run_search(cfg, tiny_data())
+    assert result.history[-1]["robustness"] == pytest.approx(0.25)
