@@ -62,3 +62,5 @@ def test_darts_model_interface():
     stem_bn = model.stem[1]
     assert stem_bn.affine and any(p is stem_bn.weight for p in model.parameters())
     assert model.new().stem[1].affine and not Network(4, 10, 3, nn.CrossEntropyLoss(), stem_affine=False).stem[1].affine
+    from dsrna import SearchNetwork
+    assert SearchNetwork(4, 10, 3, stem_affine=True).new().stem[1].affine

@@ -71,6 +71,12 @@ def _edit(**changes) -> str:
     return json.dumps(data)
 
 
+def test_a_file_whose_name_starts_like_json_is_read(tmp_path):
+    path = tmp_path / "[v2]genotype.json"
+    DARTS_V2.to_json(path)
+    assert Genotype.from_json(str(path)) == DARTS_V2
+
+
 def test_a_binary_file_is_named(tmp_path):
     path = tmp_path / "genotype.json"
     path.write_bytes(b"\xff\xfe\x00 not text")

@@ -528,11 +528,13 @@ def test_searcher_names_what_it_needs():
 
 
 def test_logged_robustness_is_the_mean_over_the_epochs_steps(monkeypatch, tmp_path):
-    def constant(net, x, y, cfg, bn_stats):  # differentiable in alpha, value 0.25 whatever the batch
-        return net.alphas_normal.sum() * 0.0 + 0.25
+    values = iter([0.1, 0.2, 0.6])
 
-    monkeypatch.setattr(dsrna.robustness, "robustness_term", constant)
+    def per_step(net, x, y, cfg, bn_stats):  # differentiable in alpha, one value per step whatever the batch
+        return net.alphas_normal.sum() * 0.0 + next(values)
+
+    monkeypatch.setattr(dsrna.robustness, "robustness_term", per_step)
     cfg = config(epochs=1, max_steps_per_epoch=3, out=str(tmp_path / "run"),
                  robustness=RobustnessConfig(kind="jacobian", gamma=0.1))
     result = run_search(cfg, tiny_data())
-    assert result.history[-1]["robustness"] == pytest.approx(0.25)
+    assert result.history[-1]["robustness"] == pytest.approx(0.3)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize, prune
 
 from dsrna import backend
 from dsrna.bounds import nodes
@@ -25,8 +26,6 @@ from dsrna.space.batched_cell import (CONV_KINDS, FIRST_DEPTHWISE, STAGE1_DILATI
                                       cat_weights)
 from dsrna.space.network import Network
 from dsrna.space.ops import (
-    BatchNorm2d,
-    DepthwiseConv2d,
     DilConv,
     FactorizedReduce,
     Identity,
@@ -96,7 +95,7 @@ def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adap
     ``stacked=False`` lowers a search cell edge by edge on every backend: the same bounds from many
     small nodes instead of a few large ones, for passes whose memory is a multiple of the largest
     node (crown-symbolic holds ``n + E`` coefficients per neuron of a node)."""
-    _refuse_hooks(model)
+    _refuse_changed_calls(model)
     graph = BoundGraph(relu_mode=relu_mode, bn_stats=bn_stats, dtype=dtype)
     if _is(model, SearchNetwork):
         graph.output = _lower_search_network(model, graph, 0, stacked)
@@ -111,33 +110,50 @@ def lower(model: nn.Module, bn_stats: dict | None = None, relu_mode: str = "adap
 
 # --- modules ---------------------------------------------------------------------------------------
 
-# Subclasses whose forward computes their base class's function another way (through the backends).
-_SAME_FUNCTION = {nn.Conv2d: DepthwiseConv2d.forward, nn.BatchNorm2d: BatchNorm2d.forward}
+# What a subclass may define and still compute its base class's function: construction and printing.
+_BOILERPLATE = {"__module__", "__qualname__", "__doc__", "__annotations__", "__dict__", "__weakref__", "__init__",
+                "extra_repr", "__firstlineno__", "__static_attributes__", "__classcell__", "__orig_bases__",
+                "__parameters__"}
 
 
 def _is(m: nn.Module, *classes: type) -> bool:
-    """``isinstance(m, classes)``, refusing a subclass with a forward of its own: the graph lowers
-    the class's function, so a residual ``nn.Sequential`` or a standardised ``nn.Conv2d`` would get
-    the bounds of another network."""
+    """``isinstance(m, classes)``, refusing a subclass that may compute another function: the graph
+    lowers the class's function, so a residual ``nn.Sequential`` or a weight-standardised ``nn.Conv2d``
+    would get the bounds of another network. Every class between ``type(m)`` and the matched one must
+    define nothing but construction and printing, or declare ``lowers_as_base = True`` (the library's
+    own subclasses that compute the same function through the backends); torch.nn.utils.parametrize's
+    generated class is fine too (the graph reads the parametrised weight)."""
     for cls in classes:
         if isinstance(m, cls):
-            if type(m).forward not in (cls.forward, _SAME_FUNCTION.get(cls)):
-                raise TypeError(f"bound propagation does not support {type(m).__name__}: it overrides "
-                                f"{cls.__name__}.forward, so its function is not the one the bounds would cover")
+            for klass in type(m).__mro__:
+                if klass is cls:
+                    break
+                own = set(vars(klass)) - _BOILERPLATE
+                trusted = vars(klass).get("lowers_as_base", False) or (
+                    klass is type(m) and parametrize.is_parametrized(m) and klass.__name__.startswith("Parametrized"))
+                if own and not trusted:
+                    raise TypeError(f"bound propagation does not support {type(m).__name__}: {klass.__name__} defines "
+                                    f"{', '.join(sorted(own))} over {cls.__name__}, so it may compute another function "
+                                    f"than the one the bounds would cover")
             return True
     return False
 
 
-def _refuse_hooks(model: nn.Module) -> None:
-    """Forward hooks may change what a module returns, which the graph would not see."""
+def _refuse_changed_calls(model: nn.Module) -> None:
+    """Hooks and per-instance overrides may change what a module returns, which the graph would not
+    see. torch.nn.utils.prune's pre-hooks only refresh the pruned weight: they are run, so the graph
+    reads the current one."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         raise TypeError("bound propagation does not support global forward hooks (they may change outputs): "
                         "remove them first")
     for name, m in model.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks:
-            raise TypeError(f"bound propagation does not support forward hooks (they may change outputs): "
-                            f"{type(m).__name__} {name or '(the model)'} has one")
-
+        where = f"{type(m).__name__} {name or '(the model)'}"
+        if {"forward", "__call__", "_call_impl"} & set(vars(m)):
+            raise TypeError(f"bound propagation does not support a forward set on the instance: {where} has one")
+        if m._forward_hooks or any(not isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
+            raise TypeError(f"bound propagation does not support forward hooks (they may change outputs): {where} has one")
+        for hook in m._forward_pre_hooks.values():
+            hook(m, ())
 
 
 def _batch_norm(bn: nn.BatchNorm2d, graph: BoundGraph) -> nodes.ChannelAffine:
@@ -237,13 +253,13 @@ def _mixed_terms(edge: MixedOp, weights: torch.Tensor, graph: BoundGraph, x: int
     once, and CROWN relaxes it once for the sum of its consumers' coefficients, which is never looser."""
     outs, ws = [], []
     for k, op in enumerate(edge.ops):
-        if isinstance(op, Zero):
+        if _is(op, Zero):
             continue
         if hasattr(op, "after_relu"):
             if x not in shared:
                 shared[x] = graph.add(nodes.ReLU(graph.relu_mode), x)
             outs.append(_lower_after_relu(op, graph, shared[x]))
-        elif isinstance(op, PoolBN):
+        elif _is(op, PoolBN):
             key = (x, op.kind, op.stride)
             if key not in shared:
                 shared[key] = _lower_module(op.pool, graph, x)

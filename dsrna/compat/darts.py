@@ -41,6 +41,8 @@ class Network(SearchNetwork):
     ``backend``, ``mean``, ``std``, ``stem``, ``stem_affine``) go to :class:`dsrna.SearchNetwork`;
     the stem's batch norm is affine unless ``stem_affine=False``."""
 
+    lowers_as_base = True  # SearchNetwork's function (dsrna.bounds lowers it as that)
+
     def __init__(self, C, num_classes, layers, criterion, steps=4, multiplier=4, stem_multiplier=3, **kwargs):
         kwargs.setdefault("stem_affine", True)
         super().__init__(C, num_classes, layers, steps=steps, multiplier=multiplier,

@@ -94,9 +94,13 @@ class Genotype(namedtuple("Genotype", "normal normal_concat reduce reduce_concat
         if text in BUILTIN:
             return BUILTIN[text]
         where = "genotype"
-        if not text.lstrip().startswith(("{", "[")):
+        try:
+            is_file = Path(text).is_file()
+        except OSError:  # a JSON text too long for a file name
+            is_file = False
+        if is_file or not text.lstrip().startswith(("{", "[")):
             path = Path(text)
-            if not path.is_file():
+            if not is_file:
                 raise ValueError(f"genotype: {text!r} is neither JSON, a file, nor a built-in name ({', '.join(BUILTIN)})")
             where = f"genotype file {path}"
             try:

@@ -35,6 +35,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     under :func:`frozen_batch_stats`.
     """
 
+    lowers_as_base = True  # nn.BatchNorm2d's function (dsrna.bounds lowers it as that)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = getattr(_bn_mode, "value", None)
         if mode is None or not self.training:
@@ -135,6 +137,8 @@ class Normalize(nn.Module):
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise conv (``groups == channels``) routed through the backend dispatch, so the native
     and Triton depthwise kernels plug in; the reference implementation is ``F.conv2d``."""
+
+    lowers_as_base = True  # nn.Conv2d's function (dsrna.bounds lowers it as that)
 
     def __init__(self, C, kernel_size, stride, padding, dilation=1):
         super().__init__(C, C, kernel_size, stride, padding, dilation=dilation, groups=C, bias=False)

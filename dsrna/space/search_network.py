@@ -207,7 +207,7 @@ class SearchNetwork(nn.Module):
         self.C, self.num_classes, self.layers = C, num_classes, layers
         self.in_channels, self.steps, self.multiplier = in_channels, steps, multiplier
         self.partial_channels, self.backend, self.stem_multiplier = partial_channels, backend, stem_multiplier
-        self.stem_kind = stem
+        self.stem_kind, self.stem_affine = stem, stem_affine
         self.normalize = Normalize(mean if mean is not None else [0.0] * in_channels,
                                    std if std is not None else [1.0] * in_channels)
         if stem == "cifar":
@@ -266,7 +266,8 @@ class SearchNetwork(nn.Module):
         """A fresh network of the same configuration with a copy of the architecture parameters."""
         net = SearchNetwork(self.C, self.num_classes, self.layers, self.in_channels, self.steps, self.multiplier,
                             self.partial_channels, self.backend, self.stem_multiplier,
-                            self.normalize.mean.flatten().tolist(), self.normalize.std.flatten().tolist(), self.stem_kind)
+                            self.normalize.mean.flatten().tolist(), self.normalize.std.flatten().tolist(), self.stem_kind,
+                            self.stem_affine)
         net = net.to(device=self.alphas_normal.device, dtype=self.alphas_normal.dtype)
         for mine, theirs in zip(net.arch_parameters(), self.arch_parameters()):
             mine.data.copy_(theirs.data)
