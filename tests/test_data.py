@@ -380,3 +380,34 @@ def test_subset_script_is_balanced_and_byte_reproducible(tmp_path):
     assert first.read_bytes() == second.read_bytes()
     with np.load(first, allow_pickle=False) as archive:
         assert all(np.array_equal(archive[key], value) for key, value in subset.items())
+
+
+def test_augmentation_recipes():
+    """DARTS' CIFAR-10 recipe (crop with 4 pixels of padding, flips) and the MNIST family's (crop with
+    2 pixels, no flips: digits have a handedness)."""
+    import torchvision.transforms as T
+
+    from dsrna.data.transforms import small_image_augmentation
+
+    cifar, mnist = small_image_augmentation("cifar", 32), small_image_augmentation("mnist", 28)
+    assert [type(t) for t in cifar] == [T.RandomCrop, T.RandomHorizontalFlip] and cifar[0].padding == 4
+    assert [type(t) for t in mnist] == [T.RandomCrop] and mnist[0].padding == 2
+
+
+def test_class_balanced_split_rounds_per_class():
+    """round(f * n_c) per class, not floor: 2.75 items of a class of 100 at 2.75% are 3."""
+    class Labels(torch.utils.data.Dataset):
+        targets = torch.arange(200) % 2
+
+        def __len__(self):
+            return 200
+
+    small, = class_balanced_split(Labels(), [0.0275], seed=0)
+    assert torch.equal(torch.bincount(dataset_targets(small)), torch.tensor([3, 3]))
+
+
+def test_cutout_fills_with_the_data_sets_mean(tmp_path):
+    write_cifar_layout(tmp_path, np.random.default_rng(8))
+    data = get_dataset("cifar10", root=tmp_path, augment=True, cutout=8)
+    cut = next(t for t in data.transform.transforms if isinstance(t, Cutout))
+    torch.testing.assert_close(cut.fill.flatten(), torch.tensor(dataset_info("cifar10").mean, dtype=cut.fill.dtype))

@@ -164,3 +164,13 @@ def test_cb_kind_with_the_real_certified_metric():
     budgets = [robustness_term(net, x, y, RobustnessConfig(kind="cb", eps=0.01, method="crown-symbolic", error_symbols=e),
                                stats).item() for e in (2048, 0)]
     assert budgets[0] != budgets[1] and all(map(math.isfinite, budgets)), budgets
+
+
+def test_documented_default_budgets():
+    """The defaults docs/bounds.md and docs/robustness.md justify with measurements."""
+    from dsrna.robustness import certified_defaults, default_eps
+
+    assert certified_defaults("cifar10", "linf") == ("crown-symbolic", 1e-6)
+    assert certified_defaults("cifar10", "l2") == ("crown-symbolic", 4.4e-5)
+    assert certified_defaults("mnist", "linf") == ("crown-ibp", 0.003)
+    assert (default_eps("cifar10", "linf"), default_eps("cifar10", "l2"), default_eps("mnist", "linf")) == (0.001, 0.02, 0.003)

@@ -538,3 +538,26 @@ def test_logged_robustness_is_the_mean_over_the_epochs_steps(monkeypatch, tmp_pa
                  robustness=RobustnessConfig(kind="jacobian", gamma=0.1))
     result = run_search(cfg, tiny_data())
     assert result.history[-1]["robustness"] == pytest.approx(0.3)
+
+
+def test_a_nan_robustness_term_stops_the_search(monkeypatch, tmp_path):
+    def nan_term(net, x, y, cfg, bn_stats):
+        return net.alphas_normal.sum() * 0.0 + float("nan")
+
+    monkeypatch.setattr(dsrna.robustness, "robustness_term", nan_term)
+    cfg = config(epochs=1, max_steps_per_epoch=2, out=str(tmp_path / "run"),
+                 robustness=RobustnessConfig(kind="jacobian", gamma=0.1))
+    with pytest.raises(DivergenceError, match="diverged in epoch 1"):
+        run_search(cfg, tiny_data())
+
+
+def test_resume_with_another_batch_in_one_process_is_refused(tmp_path):
+    cfg = dict(epochs=2, max_steps_per_epoch=1, out=str(tmp_path / "run"))
+
+    def interrupt(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config(**cfg), tiny_data(), on_epoch_end=interrupt)
+    with pytest.raises(CheckpointError, match="batch_size=4 \\(now 8\\)"):
+        run_search(config(**cfg, batch_size=8, resume=True), tiny_data())

@@ -153,3 +153,31 @@ def test_final_network_shapes_and_auxiliary(stem, size):
     net.eval()
     assert net(torch.rand(2, 3, size, size)).shape == (2, 4)
     assert all(m.affine for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_drop_path_drops_op_outputs_in_training_only_and_never_a_skip():
+    from dsrna.space.genotype import Genotype
+    from dsrna.space.network import Cell
+
+    def cell(op):
+        edges = [(op, 0), (op, 1)] * 4
+        return Cell(Genotype(edges, [2, 3, 4, 5], edges, [2, 3, 4, 5]), 4, 4, 4, False, False).train()
+
+    s0, s1 = torch.rand(2, 4, 6, 6), torch.rand(2, 4, 6, 6)
+
+    def run(c, drop, seed):
+        torch.manual_seed(seed)
+        return c(s0, s1, drop)
+
+    skips, convs = cell("skip_connect"), cell("sep_conv_3x3")
+    assert torch.equal(run(skips, 0.9, 0), run(skips, 0.0, 0))  # identities are never dropped
+    assert not torch.equal(run(convs, 0.5, 0), run(convs, 0.5, 1))  # random masks per sample
+    assert torch.equal(run(convs, 0.0, 0), run(convs, 0.0, 1))
+    convs.eval()
+    assert torch.equal(run(convs, 0.5, 0), run(convs, 0.5, 1))  # evaluation never drops
+
+
+def test_search_network_genotype_concatenates_the_last_multiplier_states():
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1, steps=4, multiplier=3)
+    genotype = net.genotype()
+    assert list(genotype.normal_concat) == [3, 4, 5] and list(genotype.reduce_concat) == [3, 4, 5]

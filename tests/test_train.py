@@ -271,3 +271,79 @@ def test_checkpoints_given_as_models_say_which_file_to_use(tmp_path):
         load_model(tmp_path / "search.pt")
     with pytest.raises(CheckpointError, match="is a training checkpoint: evaluate the model.pt beside it"):
         load_model(tmp_path / "checkpoint.pt")
+
+
+def test_a_training_step_computes_what_the_recipe_says(tmp_path, monkeypatch):
+    """One step, spied: cross-entropy with the configured label smoothing on the logits plus
+    auxiliary_weight times it on the auxiliary logits, the gradient clipped to grad_clip, and the
+    logged loss that step's loss (a mean over images, not over steps)."""
+    import torch.nn as nn
+
+    import dsrna.evaluation.train as train_module
+
+    losses, clips = [], []
+
+    class SpyLoss(nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            value = super().forward(logits, target)
+            losses.append((self.label_smoothing, value.item()))
+            return value
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(train_module.nn, "CrossEntropyLoss", SpyLoss)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: clips.append(max_norm) or real_clip(params, max_norm))
+    config = TrainConfig(out=str(tmp_path / "run"), **{**TINY, "epochs": 1, "max_steps_per_epoch": 1},
+                         label_smoothing=0.1, auxiliary=True, auxiliary_weight=0.3, grad_clip=2.5)
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: (0.0, 0.0))  # only the step's own losses
+    result = train(config)
+    (smoothing, main), (_, aux) = losses
+    assert smoothing == 0.1 and clips == [2.5]
+    log = json.loads((result.out / "log.jsonl").read_text())
+    assert log["train_loss"] == pytest.approx(main + 0.3 * aux, rel=1e-5) and log["train_loss"] > 1.0
+
+
+def test_steps_per_epoch_take_the_last_partial_batch(tmp_path, monkeypatch):
+    import dsrna.evaluation.train as train_module
+
+    steps = []
+    real = train_module.make_loader
+    monkeypatch.setattr(train_module, "make_loader", lambda *args, **kwargs: steps.append(kwargs) or real(*args, **kwargs))
+    subset = torch.utils.data.Subset(train_module.get_dataset("mnist-mini"), range(5))
+    monkeypatch.setattr(train_module, "_datasets", lambda config: (
+        train_module.dataset_info(config.dataset), subset,
+        train_module.evaluation_loader(config.dataset, None, 4, 4)))
+    config = TrainConfig(out=str(tmp_path / "run"), **{**TINY, "batch_size": 3, "max_steps_per_epoch": None,
+                                                       "epochs": 2}, auxiliary=False)
+    result = train(config)
+    log = [json.loads(line) for line in (result.out / "log.jsonl").read_text().splitlines()]
+    # 5 images in batches of 3: two steps, all five images, every epoch; a new order per epoch
+    assert [r["images_per_s"] * r["time_s"] for r in log] == pytest.approx([5, 5])
+    assert len({kwargs["seed"] for kwargs in steps}) == 2 and not steps[0]["drop_last"]
+
+
+def test_the_run_reports_its_last_epochs_test_metrics(tmp_path, monkeypatch):
+    import dsrna.evaluation.train as train_module
+
+    epochs = iter([(2.0, 0.25), (1.0, 0.5)])
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: next(epochs))
+    result = train(TrainConfig(out=str(tmp_path / "run"), **TINY))
+    assert (result.metrics["test_loss"], result.metrics["test_acc"]) == (1.0, 0.5)
+
+
+def test_evaluate_counts_images_not_batches():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(7, 1, 2, 2), torch.randint(0, 2, (7,))
+    with torch.no_grad():
+        logits = model(x)
+    loss, acc = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=3), torch.device("cpu"))
+    assert acc == pytest.approx((logits.argmax(1) == y).double().mean().item())
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_resume_refuses_another_drop_path_rate(tmp_path, monkeypatch):
+    _interrupted_run(tmp_path, monkeypatch, out=str(tmp_path / "run"), drop_path_prob=0.2)
+    with pytest.raises(CheckpointError, match="drop_path_prob=0.2 \\(now 0.1\\)"):
+        train(TrainConfig(**{**TINY, "out": str(tmp_path / "run"), "drop_path_prob": 0.1, "resume": True}))
