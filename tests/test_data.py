@@ -173,6 +173,15 @@ def test_cifar10_missing_batch(tmp_path):
         get_dataset("cifar10", root=tmp_path)
 
 
+def test_cifar10_refuses_a_label_equal_to_the_class_count(tmp_path):
+    write_cifar_layout(tmp_path, np.random.default_rng(9))
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    with open(batch, "wb") as file:
+        pickle.dump({"batch_label": "test_batch", "labels": [3, 10], "data": np.zeros((2, 3072), np.uint8)}, file)
+    with pytest.raises(DataError, match=r"labels outside 0..9"):
+        get_dataset("cifar10", root=tmp_path, train=False)
+
+
 def test_cifar10_refuses_foreign_pickles_and_bad_shapes(tmp_path):
     write_cifar_layout(tmp_path, np.random.default_rng(6))
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"

@@ -101,6 +101,8 @@ def test_rejections_say_what_and_where():
         Genotype.from_json(_edit(normal=[["none", 0]] + DARTS_V2.to_dict()["normal"][1:]))
     with pytest.raises(ValueError, match="reduce_concat"):
         Genotype.from_json(_edit(reduce_concat=[2, 9]))
+    with pytest.raises(ValueError, match="normal_concat"):  # one past the last state (0..5)
+        Genotype.from_json(_edit(normal_concat=[2, 3, 4, 6]))
     with pytest.raises(ValueError, match="missing field"):
         Genotype.from_json('{"normal": []}')
     for field, value in (("normal_concat", 2), ("reduce", None), ("normal", 5)):

@@ -112,6 +112,11 @@ def test_cb_and_combined_dispatch_with_resolved_eps(fake_certified):
     combined = robustness_term(net, x, y, config, None)
     assert fake_certified.calls[-1]["eps"] == 0.3
     torch.testing.assert_close(combined, 7.0 + jacobian_metric(net, x, "linf", "exact", eps=0.3))
+    # default budgets: R_CB its own (CIFAR-10: 1e-5 here), R_Jac the evaluation one (0.05)
+    cifar = RobustnessConfig(kind="combined", dataset="cifar10", norm="l2", estimator="exact")
+    combined = robustness_term(net, x, y, cifar, None)
+    assert fake_certified.calls[-1]["eps"] == 1e-5
+    torch.testing.assert_close(combined, 7.0 + jacobian_metric(net, x, "l2", "exact", eps=0.05))
 
 
 def test_default_eps_and_warmup(fake_certified):

@@ -561,3 +561,17 @@ def test_resume_with_another_batch_in_one_process_is_refused(tmp_path):
         run_search(config(**cfg), tiny_data(), on_epoch_end=interrupt)
     with pytest.raises(CheckpointError, match="batch_size=4 \\(now 8\\)"):
         run_search(config(**cfg, batch_size=8, resume=True), tiny_data())
+
+
+def test_the_validation_stream_cycles_through_new_orders():
+    from dsrna.data import make_loader
+    from dsrna.search.loop import ResumableSampler, ValidationStream
+
+    data = TensorDataset(torch.arange(12).float(), torch.arange(12))
+    sampler = ResumableSampler(data, 1, 0, seed=0)
+    stream = ValidationStream(make_loader(data, 4, sampler=sampler, drop_last=True), sampler, 1)
+    first = torch.cat([next(stream)[1] for _ in range(3)])
+    assert stream.state() == {"val_epoch": 0, "val_consumed": 12}
+    second = torch.cat([next(stream)[1] for _ in range(3)])
+    assert stream.state() == {"val_epoch": 1, "val_consumed": 12}
+    assert sorted(second.tolist()) == list(range(12)) and not torch.equal(first, second)

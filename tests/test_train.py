@@ -347,3 +347,14 @@ def test_resume_refuses_another_drop_path_rate(tmp_path, monkeypatch):
     _interrupted_run(tmp_path, monkeypatch, out=str(tmp_path / "run"), drop_path_prob=0.2)
     with pytest.raises(CheckpointError, match="drop_path_prob=0.2 \\(now 0.1\\)"):
         train(TrainConfig(**{**TINY, "out": str(tmp_path / "run"), "drop_path_prob": 0.1, "resume": True}))
+
+
+def test_a_model_file_with_foreign_weights_is_refused(tmp_path):
+    """Only an older auxiliary head's extra batch norm is skipped; any other unknown weight means
+    another architecture."""
+    result = train(TrainConfig(out=str(tmp_path / "run"), **{**TINY, "epochs": 1, "max_steps_per_epoch": 1}))
+    blob = torch.load(result.model_path, weights_only=True)
+    blob["state_dict"]["cells.99.weight"] = torch.zeros(1)
+    torch.save(blob, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match="unexpected cells.99.weight"):
+        load_model(tmp_path / "edited.pt")
