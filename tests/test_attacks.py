@@ -1,6 +1,7 @@
 """Attacks: every adversarial input lies in the ball and the box, projections are exact, PGD beats
 FGSM on a trained network, restarts keep the worst case, the model's mode is restored."""
 
+import math
 import sys
 
 import pytest
@@ -455,3 +456,19 @@ def test_cli_attack_runs_cw_and_autoattack(tmp_path, capsys):
     assert result["n"] == 4 and result["attacks"] == ["pgd", "cw", "autoattack"]
     assert all(0 <= accs[0] <= result["clean_acc"] for accs in result["robust_acc"].values())
     assert "autoattack" in capsys.readouterr().out
+
+
+def test_one_run_keeps_a_misclassified_iterate_over_a_later_higher_loss():
+    """Cross-entropy can be lower at a misclassified point (p = 0.40 for the label, 0.45 for
+    another) than at a correct one (0.35 against 0.33 and 0.32): the attack keeps the former."""
+    from dsrna.attacks import _steepest_ascent
+
+    probabilities = iter([[0.8, 0.1, 0.1], [0.40, 0.45, 0.15], [0.35, 0.33, 0.32]])
+
+    class Scripted(nn.Module):
+        def forward(self, x):
+            return torch.tensor([next(probabilities)]).log() + 0.0 * x.sum()
+
+    x, y = torch.full((1, 4), 0.5), torch.tensor([0])
+    _, fooled, loss = _steepest_ascent(Scripted(), x, y, 0.1, "linf", 2, 0.05, False, 1.0)
+    assert fooled.item() and loss.item() == pytest.approx(-math.log(0.40), rel=1e-5)

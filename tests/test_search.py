@@ -575,3 +575,17 @@ def test_the_validation_stream_cycles_through_new_orders():
     second = torch.cat([next(stream)[1] for _ in range(3)])
     assert stream.state() == {"val_epoch": 1, "val_consumed": 12}
     assert sorted(second.tolist()) == list(range(12)) and not torch.equal(first, second)
+
+
+def test_architecture_entropy_is_per_edge_in_nats():
+    import math
+
+    from dsrna.search.loop import architecture_entropy
+
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1)
+    with torch.no_grad():
+        net.alphas_normal.zero_()  # uniform over the 8 candidates on every edge
+        net.alphas_reduce.zero_()
+        net.alphas_reduce[:, 3] = 100.0  # decided: one candidate per edge
+    entropy = architecture_entropy(net)
+    assert entropy["entropy_normal"] == pytest.approx(math.log(8)) and entropy["entropy_reduce"] == pytest.approx(0, abs=1e-6)

@@ -50,21 +50,23 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     assert result.metrics["parameters"] > 0
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
-    whole = train(TrainConfig(out=str(tmp_path / "whole"), **TINY))
+@pytest.mark.parametrize("lr_schedule", ["cosine", "exponential"])
+def test_resume_continues_exactly(tmp_path, monkeypatch, lr_schedule):
+    settings = {**TINY, "lr_schedule": lr_schedule}
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), **settings))
     with monkeypatch.context() as patch:
         _interrupt_second_evaluation(patch)
         with pytest.raises(KeyboardInterrupt):
-            train(TrainConfig(out=str(tmp_path / "split"), **TINY))
+            train(TrainConfig(out=str(tmp_path / "split"), **settings))
     assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(CheckpointError, match="already holds a training run: pass --resume"):
-        train(TrainConfig(out=str(tmp_path / "split"), **TINY))
-    resumed = train(TrainConfig(out=str(tmp_path / "split"), resume=True, **TINY))
+        train(TrainConfig(out=str(tmp_path / "split"), **settings))
+    resumed = train(TrainConfig(out=str(tmp_path / "split"), resume=True, **settings))
     a = torch.load(whole.model_path, weights_only=True)["state_dict"]
     b = torch.load(resumed.model_path, weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(CheckpointError, match="layers"):
-        train(TrainConfig(out=str(tmp_path / "split"), resume=True, **{**TINY, "layers": 4}))
+        train(TrainConfig(out=str(tmp_path / "split"), resume=True, **{**settings, "layers": 4}))
 
 
 def test_divergence_raises_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
