@@ -50,15 +50,15 @@ def evaluation_loader(dataset: str, root: str | None = None, limit: int | None =
     """``limit`` images of a data set's test split (all when None), in a fixed order: the first ones,
     or, where the split is sorted by class (ImageNet's val folders), evenly spaced ones, so that every
     class counts alike (the first 1,000 ImageNet images are 20 of its 1,000 classes)."""
-    from dsrna.data import get_dataset, make_loader
+    from dsrna.data import dataset_targets, get_dataset, make_loader
 
     test_set = get_dataset(dataset, root=root, train=False)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"--limit must be >= 1, got {limit}")
         size = len(test_set)
-        targets = torch.as_tensor(getattr(test_set, "targets", []))
-        if limit < size and len(targets) == size and bool((targets[1:] >= targets[:-1]).all()):
+        targets = dataset_targets(test_set) if hasattr(test_set, "targets") else None
+        if limit < size and targets is not None and bool((targets[1:] >= targets[:-1]).all()):
             test_set = Subset(test_set, [i * size // limit for i in range(limit)])
         else:
             test_set = Subset(test_set, range(min(limit, size)))

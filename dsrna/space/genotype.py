@@ -93,20 +93,19 @@ class Genotype(namedtuple("Genotype", "normal normal_concat reduce reduce_concat
         text = str(text_or_path)
         if text in BUILTIN:
             return BUILTIN[text]
-        where = "genotype"
+        where, path = "genotype", Path(text)
         try:
-            is_file = Path(text).is_file()
+            is_file = path.is_file()
         except OSError:  # a JSON text too long for a file name
             is_file = False
-        if is_file or not text.lstrip().startswith(("{", "[")):
-            path = Path(text)
-            if not is_file:
-                raise ValueError(f"genotype: {text!r} is neither JSON, a file, nor a built-in name ({', '.join(BUILTIN)})")
+        if is_file:
             where = f"genotype file {path}"
             try:
                 text = path.read_text()
             except UnicodeDecodeError:
                 raise ValueError(f"{where}: not a text (JSON) file") from None
+        elif not text.lstrip().startswith(("{", "[")):
+            raise ValueError(f"genotype: {text!r} is neither JSON, a file, nor a built-in name ({', '.join(BUILTIN)})")
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
