@@ -12,13 +12,13 @@
 # progress), env.txt (nvidia-smi, versions, `dsrna info`), build.txt, tests.txt, plain.md (a plain
 # eager DARTS port beside the reference), profile.md (top kernels of a train step), depthwise.md
 # (the native depthwise ops against PyTorch's at batch 64 and 256), batchnorm.md (affine-free batch
-# norm against cuDNN's), torchrun.txt and
+# norm against cuDNN's), loader.md (images/s of the ImageNet loader by worker count), torchrun.txt and
 # torchrun-search/ (a search under torchrun, NCCL), bench.jsonl (one row per measurement), bench.md
 # (tables), bench.png (speedups).
 # Without a GPU it still builds and tests, and runs the CPU --quick benchmark instead.
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET, MAX_JOBS (default 16), GPU_CHECK_SKIP_BUILD=1,
 # GPU_CHECK_BENCH (extra `dsrna bench` arguments), GPU_CHECK_SIDE (the side measurements of step 4b
-# to run, comma-separated from plain,profile,depthwise,batchnorm,torchrun; default all of them),
+# to run, comma-separated from plain,profile,depthwise,batchnorm,loader,torchrun; default all of them),
 # GPU_CHECK_TESTS (the test files to run, space-separated names without .py; default the GPU ones).
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -139,12 +139,15 @@ else
 fi
 
 # --- 4b. where the time goes: the plain eager port beside the reference, and the kernel profile ------
-SIDE=",${GPU_CHECK_SIDE:-plain,profile,depthwise,batchnorm,torchrun},"
+SIDE=",${GPU_CHECK_SIDE:-plain,profile,depthwise,batchnorm,loader,torchrun},"
 side() { ((HAVE_GPU)) && [[ $SIDE == *",$1,"* ]]; }
 side plain && stage "plain eager port vs reference" 60 120 "$OUT/plain.md" "$PY" benchmarks/plain_darts.py --device cuda --batch 64
 side profile && stage "kernel profile" 60 110 "$OUT/profile.md" "$PY" -m benchmarks.profile_step --metric train --backend auto --graph
 side depthwise && stage "depthwise ops vs PyTorch" 60 105 "$OUT/depthwise.md" "$PY" -m benchmarks.depthwise_micro --device cuda --batch 64,256
 side batchnorm && stage "batch norm: native vs cuDNN kernels" 30 100 "$OUT/batchnorm.md" "$PY" -m benchmarks.batchnorm_micro --device cuda
+# What the ImageNet search's loader workers deliver on this host (against the search-imagenet row).
+side loader && stage "ImageNet loader by workers" 60 100 "$OUT/loader.md" "$PY" benchmarks/loader_throughput.py \
+    --synthetic 1200 --workers 4,8,16 --batch 64 --batches 4
 # The distributed search under torchrun on this GPU (NCCL), one process: the launch path works.
 side torchrun && stage "torchrun search (nccl)" 90 100 "$OUT/torchrun.txt" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
     -m dsrna search --dataset mnist-mini --layers 3 --init-channels 8 --epochs 1 --max-steps-per-epoch 20 \

@@ -234,6 +234,45 @@ def test_evaluation_restores_each_modules_mode_and_checks_pgd_options_first():
     assert calls == []
 
 
+def _bn_model_whose_modes_disagree():
+    """A model in train mode whose batch statistics and running statistics give different predictions,
+    test images labelled by the eval-mode prediction except the first four, and a pool of inputs with
+    every class among their eval-mode predictions."""
+    torch.manual_seed(5)  # a draw whose eval-mode predictions take all three classes
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+        model[1].running_var.fill_(0.05)
+    x, pool = torch.rand(12, 1, 2, 2), torch.rand(500, 1, 2, 2)
+    with torch.no_grad():
+        y, pool_labels = model.eval()(x).argmax(1), model(pool).argmax(1)
+        assert (model.train()(x).argmax(1) != y).any()  # the two modes can be told apart
+    assert set(pool_labels.tolist()) == {0, 1, 2}
+    y[:4] = (y[:4] + 1) % 3  # four images misclassified clean
+    return model, x, y, pool, pool_labels
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 12])
+def test_robust_accuracy_counts_images_right_clean_and_attacked_in_eval_mode(monkeypatch, batch_size):
+    """An image is robust when it is right clean and right attacked: an "attack" that moves every image
+    to an input of its own label must not make the four images wrong clean robust. Clean accuracy is
+    the eval-mode accuracy (running statistics), though the model comes in train mode."""
+    import dsrna.evaluation.attack
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x, y, pool, pool_labels = _bn_model_whose_modes_disagree()
+
+    def to_own_label(attack, model, x, y, eps, norm, **kwargs):
+        return pool[[int(torch.nonzero(pool_labels == label)[0]) for label in y.tolist()]]
+
+    monkeypatch.setattr(dsrna.evaluation.attack, "run_attack", to_own_label)
+    result = dsrna.evaluation.attack.evaluate_attacks(model, DataLoader(TensorDataset(x, y), batch_size=batch_size),
+                                                      [0.1, 0.2], attacks=("fgsm",))
+    assert result["n"] == 12 and result["clean_acc"] == pytest.approx(8 / 12)
+    assert result["robust_acc"]["fgsm"] == pytest.approx([8 / 12, 8 / 12])
+    assert model.training
+
+
 def test_optional_attacks_without_the_extra_say_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # as if not installed
     model, x, y = _small_cnn(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])

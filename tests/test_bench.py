@@ -196,3 +196,18 @@ def test_depthwise_micro_benchmark_runs_on_a_cpu():
     assert done.returncode == 0, done.stderr
     totals = [line for line in done.stdout.splitlines() if line.startswith("| all |")]
     assert len(totals) == 2 and all("x) |" in line for line in totals)  # per-conv ops, then the stacked first stage
+
+
+def test_loader_throughput_reads_synthetic_imagenet_through_the_real_pipeline(tmp_path):
+    """The loader table of gpu_check.sh: synthetic JPEGs in the ImageNet layout go through dsrna's own
+    ImageNet pipeline and loader; every worker count gives a row with a positive rate."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    rows_file = tmp_path / "loader.jsonl"
+    done = subprocess.run([sys.executable, "benchmarks/loader_throughput.py", "--synthetic", "12", "--workers", "0,1",
+                           "--batch", "4", "--batches", "2", "--jsonl", str(rows_file)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["workers"], r["images"]) for r in rows] == [(0, 8), (1, 8)]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert "| 1 | 4 |" in done.stdout

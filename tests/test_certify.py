@@ -60,6 +60,23 @@ def test_certify_summary_follows_from_the_radii(trained_mlp):
     assert "mean" in certify_table(result)
 
 
+def test_certify_counts_clean_accuracy_in_eval_mode_and_refuses_an_empty_loader():
+    """A model handed over in train mode is certified as the network it is at test time (running
+    statistics), as the bound engine assumes; an empty test set is an error, not a mean over nothing."""
+    from test_attacks import _bn_model_whose_modes_disagree
+
+    from dsrna.evaluation.attack import evaluate_attacks
+
+    model, x, y, _, _ = _bn_model_whose_modes_disagree()
+    result = certify(model, DataLoader(TensorDataset(x, y), batch_size=5), "linf", "ibp", tol=1e-2)
+    assert result["clean_acc"] == pytest.approx(8 / 12) and result["correct"][:4] == [False] * 4
+    assert model.training
+    empty = DataLoader(TensorDataset(x[:0], y[:0]), batch_size=5)
+    for run in (lambda: certify(model, empty, "linf", "ibp"), lambda: evaluate_attacks(model, empty, [0.1])):
+        with pytest.raises(ValueError, match="no test images: the loader is empty"):
+            run()
+
+
 def test_certify_rejects_unknown_choices(trained_mlp):
     model, x, y = trained_mlp
     loader = DataLoader(TensorDataset(x[:2], y[:2]), batch_size=2)

@@ -3,7 +3,10 @@ the comparison of DARTS against a DSRNA variant through `dsrna compare`."""
 
 import json
 
+import torch
+
 from dsrna.cli import main
+from dsrna.evaluation.compare import compare_markdown
 
 TINY_SEARCH = ["--dataset", "mnist-mini", "--epochs", "1", "--batch-size", "8", "--layers", "3",
                "--init-channels", "4", "--max-steps-per-epoch", "2", "--no-progress"]
@@ -44,7 +47,7 @@ def test_compare_writes_the_table(tmp_path, capsys):
             "--search-layers", "3", "--search-channels", "4", "--search-batch-size", "8", "--search-max-steps", "1",
             "--train-epochs", "1", "--train-layers", "3", "--train-channels", "4", "--train-batch-size", "16",
             "--train-max-steps", "1", "--eps", "0.1", "--pgd-steps", "2", "--eval-limit", "8",
-            "--certify-method", "ibp", "--certify-limit", "4", "--no-progress"]
+            "--certify-method", "ibp", "--certify-limit", "4", "--certify-max-eps", "0.5", "--no-progress"]
     assert main(argv) == 0
     result = json.loads((out / "compare.json").read_text())
     assert list(result["methods"]) == ["darts", "dsrna-jacobian"]
@@ -57,6 +60,7 @@ def test_compare_writes_the_table(tmp_path, capsys):
     assert (out / "darts" / "train" / "attack_linf_fgsm-pgd.json").is_file()  # C&W/AutoAttack get their own file
     stages = json.loads((out / "darts" / "stages.json").read_text())
     assert set(stages) == {"search", "train", "attack", "certify"}  # what a second run would skip
+    assert stages["certify"]["max_eps"] == 0.5 and stages["certify"]["n"] == 4
     assert main([*argv, "--pgd-steps", "3"]) == 2  # the same folder with other settings is refused
     assert "other settings: pgd_steps=2 (now 3); choose another --out" in capsys.readouterr().err
     # a setting one method's search refuses fails before any method runs or the folder is claimed
@@ -88,11 +92,27 @@ def test_attack_and_certify_check_their_inputs_before_any_work(tmp_path, capsys,
         ([*certify, "--dataset", "cifar10"], "the model expects 1 input channels"),
         ([*certify, "--device", "cuda:x"], "is not a device"),
         (["compare", "--device", "bogus", "--out", str(tmp_path / "compare")], "--device 'bogus' is not a device"),
+        # compare refuses what its training, attack or certify stage would refuse before its first search
+        (["compare", "--train-layers", "2", "--out", str(tmp_path / "compare")],
+         "final training: the auxiliary head sits after the second reduction cell: use --train-layers >= 3"),
+        (["compare", "--pgd-steps", "0", "--out", str(tmp_path / "compare")], "steps and restarts must be >= 1"),
+        (["compare", "--l2-eps", "-1", "--out", str(tmp_path / "compare")], "--l2-eps must be a finite number >= 0"),
+        (["compare", "--certify-limit", "0", "--out", str(tmp_path / "compare")], "--certify-limit must be >= 1"),
+        (["compare", "--certify-max-eps", "nan", "--out", str(tmp_path / "compare")],
+         "--certify-max-eps must be a finite number > 0"),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert expected in err and err.count("\n") == 0, err
     assert not (tmp_path / "compare").exists()
+
+    # A model file that does not say which data set it was trained on needs --dataset.
+    meta = torch.load(model, weights_only=True)
+    del meta["dataset"]
+    torch.save(meta, tmp_path / "no-dataset.pt")
+    for command in (["attack", "--eps", "0.1"], ["certify"]):
+        assert main([*command, str(tmp_path / "no-dataset.pt"), "--limit", "4", "--no-progress"]) == 2
+        assert "does not record the data set it was trained on: pass --dataset" in capsys.readouterr().err
 
     # An output folder that cannot be written is found before the attack, not after it.
     def read_only(*args, **kwargs):
@@ -126,3 +146,17 @@ def test_results_table_is_printed_even_when_writing_fails(tmp_path, capsys, monk
                  "--tol", "0.1", "--no-progress"]) == 2
     captured = capsys.readouterr()
     assert "certified radius (linf, ibp)" in captured.out and "No space left" in captured.err
+
+
+def test_compare_table_says_when_radii_reached_the_cap():
+    """A mean over radii cut at --certify-max-eps understates the true mean: the table says how many."""
+    row = dict(clean_acc=0.9, fgsm=0.5, pgd=0.4, cw=None, autoattack=None, mean_radius=0.6671, search_time_s=30,
+               parameters=123_000)
+    result = dict(dataset="mnist", norm="linf", eps=0.1, l2_eps=0.5, certify_norm="l1", certify_method="crown",
+                  torchattacks=False, methods={"darts": dict(row, n=32, at_max_eps=18, max_eps=1.0),
+                                               "dsrna-cb": dict(row, n=32, at_max_eps=0, max_eps=1.0),
+                                               "older-run": row})
+    table = compare_markdown(result)
+    assert "| darts | 90.00 | 50.00 | 40.00 | n/a | n/a | 0.6671 (18 of 32 at the cap 1) |" in table
+    assert "| dsrna-cb | 90.00 | 50.00 | 40.00 | n/a | n/a | 0.6671 |" in table
+    assert "| older-run | 90.00 | 50.00 | 40.00 | n/a | n/a | 0.6671 |" in table

@@ -133,6 +133,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
                            (["--lr", "nan"], "--lr"), (["--momentum", "-1"], "--momentum"),
                            (["--weight-decay", "inf"], "--weight-decay"), (["--eval-limit", "0"], "--eval-limit"),
                            (["--cutout", "28"], "--cutout must be in [0, 28)"),
+                           (["--log-every", "0"], "--log-every must be >= 1"),
                            (["--batch-size", "1"], "--batch-size >= 2 or --no-auxiliary")):
         assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip()

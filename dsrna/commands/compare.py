@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--pgd-steps", type=int, default=100)
     e.add_argument("--certify-norm", default="l2", choices=("linf", "l2", "l1"))
     e.add_argument("--certify-method", default="crown", choices=BOUND_METHODS)
+    e.add_argument("--certify-max-eps", type=float,
+                   help="largest radius the bisection tries (default 1; the table counts the radii that reach it)")
     e.add_argument("--eval-limit", type=int, default=1000, help="test images for accuracy and attacks")
     e.add_argument("--certify-limit", type=int, default=200, help="test images for certified radii")
     parser.add_argument("--no-progress", dest="progress", action="store_false")

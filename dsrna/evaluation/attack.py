@@ -60,10 +60,11 @@ def evaluate_attacks(model: nn.Module, loader, eps_list, attacks=("fgsm", "pgd")
     finally:
         if bar is not None:
             bar.close()
-    n = max(count, 1)
+    if count == 0:
+        raise ValueError("no test images: the loader is empty")
     result = dict(norm=norm, eps=[float(e) for e in eps_list], attacks=list(attacks), steps=steps,
-                  restarts=restarts, n=count, clean_acc=clean.item() / n,
-                  robust_acc={a: (r.double() / n).tolist() for a, r in robust.items()})
+                  restarts=restarts, n=count, clean_acc=clean.item() / count,
+                  robust_acc={a: (r.double() / count).tolist() for a, r in robust.items()})
     if "cw" in attacks or "autoattack" in attacks:
         result["torchattacks"] = getattr(require_torchattacks("C&W/AutoAttack"), "__version__", "unknown")
     return result

@@ -96,7 +96,9 @@ def prepare_evaluation(args) -> tuple[torch.device, torch.nn.Module, dict, DataL
 
     device = pick_device(args.device)
     model, meta = load_model(args.model, device)
-    dataset = args.dataset or meta["dataset"]
+    dataset = args.dataset or meta.get("dataset")
+    if dataset is None:
+        raise DataError(f"{args.model} does not record the data set it was trained on: pass --dataset")
     check_model_fits_dataset(meta, dataset)
     out = Path(args.out) if args.out else Path(args.model).parent
     check_writable(out)

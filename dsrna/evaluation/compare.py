@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsrna.errors import changed_settings
+from dsrna.errors import changed_settings, check_finite
 from dsrna.evaluation.common import evaluation_loader, pick_device, result_name, write_json
 from dsrna.search.checkpoint import atomic_write_text
 
@@ -62,6 +63,7 @@ class CompareConfig:
     pgd_steps: int = 100
     certify_norm: str = "l2"
     certify_method: str = "crown"
+    certify_max_eps: float | None = None  # None: dsrna.evaluation.certify's default cap
     eval_limit: int | None = 1000
     certify_limit: int | None = 200
     progress: bool = True
@@ -79,8 +81,7 @@ def compare(config: CompareConfig) -> dict:
 
     pick_device(config.device)  # a bad --device fails now, not after the first search
     out = Path(config.out)
-    for method in config.methods:  # every method's search settings are checked before any work
-        _search_config(method, config, out / method)
+    _check_settings(config, out)
     out.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back: tuples become lists
     for volatile in ("progress", "device", "methods"):
@@ -109,6 +110,56 @@ def compare(config: CompareConfig) -> dict:
     return result
 
 
+# TrainConfig names its settings by `dsrna train`'s flags; compare's own flags for them.
+_TRAIN_FLAGS = {"--epochs": "--train-epochs", "--layers": "--train-layers", "--init-channels": "--train-channels",
+                "--batch-size": "--train-batch-size", "--max-steps-per-epoch": "--train-max-steps"}
+
+
+def _check_settings(config: CompareConfig, out: Path) -> None:
+    """Refuse, before the first search and before the folder is claimed for these settings, what a
+    later stage would refuse: a typo must not cost the searches before it."""
+    from dsrna.attacks import NORMS, check_pgd_options
+    from dsrna.bounds.engine import METHODS as BOUND_METHODS
+
+    for method in config.methods:
+        _search_config(method, config, out / method)
+    try:
+        dataclasses.replace(_train_config(config, out), genotype="DARTS_V2").resolved()  # any valid genotype
+    except ValueError as exc:
+        message = re.sub(r"--[a-z-]+", lambda flag: _TRAIN_FLAGS.get(flag.group(), flag.group()), str(exc))
+        raise ValueError(f"final training: {message}") from None
+    for name, norm in (("--norm", config.norm), ("--certify-norm", config.certify_norm)):
+        if norm not in NORMS:
+            raise ValueError(f"{name}: unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if config.certify_method not in BOUND_METHODS:
+        raise ValueError(f"--certify-method: unknown method {config.certify_method!r}; "
+                         f"choose one of {', '.join(BOUND_METHODS)}")
+    if not config.eps:
+        raise ValueError("--eps: give one or more budgets")
+    for eps in config.eps:
+        check_finite("--eps", eps)
+    check_finite("--l2-eps", config.l2_eps)
+    check_pgd_options(config.pgd_steps, 1)
+    for name, limit in (("--eval-limit", config.eval_limit), ("--certify-limit", config.certify_limit)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"{name} must be >= 1, got {limit}")
+    if config.certify_max_eps is not None:
+        check_finite("--certify-max-eps", config.certify_max_eps, positive=True)
+
+
+def _train_config(config: CompareConfig, method_folder: Path):
+    from dsrna.evaluation.train import TrainConfig
+
+    return TrainConfig(genotype=str(method_folder / "search" / "genotype.json"), dataset=config.dataset,
+                       data_root=config.data_root, out=str(method_folder / "train"), epochs=config.train_epochs,
+                       batch_size=config.train_batch_size, layers=config.train_layers,
+                       init_channels=config.train_channels, max_steps_per_epoch=config.train_max_steps,
+                       amp=config.amp, seed=config.seed, device=config.device, eval_limit=config.eval_limit,
+                       progress=config.progress, report=False,
+                       # a stage cut off by an interruption continues from its checkpoint
+                       resume=(method_folder / "train" / "checkpoint.pt").exists())
+
+
 def _stages(folder: Path) -> dict:
     path = folder / "stages.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -122,21 +173,14 @@ def _done(folder: Path, stages: dict, name: str, value) -> None:
 def _run_method(method: str, config: CompareConfig, folder: Path, extra: bool) -> dict:
     from dsrna.evaluation.attack import evaluate_attacks
     from dsrna.evaluation.certify import certify
-    from dsrna.evaluation.train import TrainConfig, load_model, train
+    from dsrna.evaluation.train import load_model, train
 
     folder.mkdir(parents=True, exist_ok=True)
     stages = _stages(folder)
     if "search" not in stages:
         _done(folder, stages, "search", _search(method, config, folder / "search"))
     if "train" not in stages:
-        train(TrainConfig(genotype=str(folder / "search" / "genotype.json"), dataset=config.dataset,
-                          data_root=config.data_root, out=str(folder / "train"), epochs=config.train_epochs,
-                          batch_size=config.train_batch_size, layers=config.train_layers,
-                          init_channels=config.train_channels, max_steps_per_epoch=config.train_max_steps,
-                          amp=config.amp, seed=config.seed, device=config.device, eval_limit=config.eval_limit,
-                          progress=config.progress, report=False,
-                          # a stage cut off by an interruption continues from its checkpoint
-                          resume=(folder / "train" / "checkpoint.pt").exists()))
+        train(_train_config(config, folder))
         _done(folder, stages, "train", True)
     device = pick_device(config.device)
     model, meta = load_model(folder / "train" / "model.pt", device)
@@ -157,10 +201,11 @@ def _run_method(method: str, config: CompareConfig, folder: Path, extra: bool) -
                                              autoattack=l2["robust_acc"]["autoattack"][0] if l2 else None))
     if "certify" not in stages:
         loader = evaluation_loader(config.dataset, config.data_root, config.certify_limit, batch_size=32)
-        result = certify(model, loader, config.certify_norm, config.certify_method, device=device,
-                         progress=config.progress)
+        result = certify(model, loader, config.certify_norm, config.certify_method, max_eps=config.certify_max_eps,
+                         device=device, progress=config.progress)
         write_json(result, folder / "train" / f"{result_name('certify', config.certify_norm, config.certify_method)}.json")
-        _done(folder, stages, "certify", dict(mean_radius=result["mean_radius"], median_radius=result["median_radius"]))
+        _done(folder, stages, "certify", {key: result[key] for key in ("mean_radius", "median_radius", "n", "at_max_eps",
+                                                                       "max_eps")})
     from dsrna.evaluation.report import write_report
     from dsrna.space import count_parameters
 
@@ -209,9 +254,18 @@ def compare_table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     head[5] = f"AutoAttack l2 {result['l2_eps']:g}"
     head[6] = f"mean cert. radius ({result['certify_norm']}, {result['certify_method']})"
     rows = [[method, pct(r["clean_acc"]), pct(r["fgsm"]), pct(r["pgd"]), pct(r["cw"]), pct(r["autoattack"]),
-             f"{r['mean_radius']:.4g}", _duration(r["search_time_s"]), f"{r['parameters'] / 1e6:.3f}M"]
+             _radius(r), _duration(r["search_time_s"]), f"{r['parameters'] / 1e6:.3f}M"]
             for method, r in result["methods"].items()]
     return head, rows
+
+
+def _radius(row: dict) -> str:
+    """The mean radius, and how many radii stopped at the bisection's cap (the mean is then a lower
+    bound of the true mean: raise --certify-max-eps)."""
+    text = f"{row['mean_radius']:.4g}"
+    if row.get("at_max_eps"):
+        text += f" ({row['at_max_eps']} of {row['n']} at the cap {row['max_eps']:g})"
+    return text
 
 
 def _duration(seconds: float) -> str:

@@ -129,6 +129,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {filled.label_smoothing}")
         check_finite("grad_clip", filled.grad_clip, positive=True)  # a negative norm would flip every gradient
         check_finite("auxiliary_weight", filled.auxiliary_weight)
+        if filled.log_every < 1:
+            raise ValueError(f"--log-every must be >= 1, got {filled.log_every}")
         if filled.max_steps_per_epoch is not None and filled.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be >= 1, got {filled.max_steps_per_epoch}")
         Genotype.from_json(filled.genotype)  # fail early, with the genotype's own one-line message
