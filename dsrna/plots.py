@@ -3,8 +3,6 @@ softmax(alpha). Every function writes one PNG atomically and returns its path.""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dsrna.search.checkpoint import atomic_write  # noqa: E402
 from dsrna.space.genotype import PRIMITIVES, Genotype  # noqa: E402
 
 _OP_COLOURS = {
@@ -24,18 +23,12 @@ _OP_COLOURS = {
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG through a temporary file and a rename, then close it."""
+    """Write ``fig`` as a PNG through a temporary file and a rename (as every run file), then close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(temp, dpi=120, bbox_inches="tight")
-        os.replace(temp, path)
+        atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        if os.path.exists(temp):
-            os.unlink(temp)
     return path
 
 

@@ -19,7 +19,7 @@ harness, report = _load_harness()
 from benchmarks import workloads  # noqa: E402  (importable once _load_harness put the checkout on the path)
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = workloads.Shape("tiny-b2", batch=2, image=8, C=4, layers=2)
+TINY = workloads.Shape("tiny-b2", batch=2, image=8, C=4, layers=3)
 
 
 def options(out, metrics, backends=("reference",), **overrides):
@@ -179,7 +179,7 @@ def test_every_workload_runs_a_step_on_a_tiny_shape(metric):
     one runs here), so that a GPU run never finds a broken row first."""
     from dsrna.backend import backend_status, use_backend
 
-    shape = workloads.Shape("tiny-imagenet", batch=2, image=32, C=4, layers=2) if metric == "search-imagenet" else TINY
+    shape = workloads.Shape("tiny-imagenet", batch=2, image=32, C=4, layers=3) if metric == "search-imagenet" else TINY
     backends = ["reference"] + [b for b in ("native", "triton") if backend_status(b, "cpu")[0]][:1]
     for name in backends[:1] if metric in workloads.SMALL_ONLY else backends:  # seconds per pass
         torch.manual_seed(0)

@@ -383,6 +383,15 @@ class _PlainSubclass(nn.ReLU):
     """A subclass that only documents itself computes ReLU."""
 
 
+class _Doubling(nn.Module):
+    def _call_impl(self, *args, **kwargs):
+        return 2 * super()._call_impl(*args, **kwargs)
+
+
+class _ReLUWithMixin(nn.ReLU, _Doubling):  # the mixin comes after nn.ReLU in the MRO: computes 2 relu(x)
+    pass
+
+
 def test_modules_that_may_compute_another_function_are_refused():
     """The graph lowers a class's function: a subclass adding behaviour, a forward set on an instance,
     or a hook changing an output would get the bounds of a different network (they came back silently
@@ -394,10 +403,22 @@ def test_modules_that_may_compute_another_function_are_refused():
 
     patched = nn.Conv2d(1, 2, 3, padding=1)
     patched.forward = lambda inp: nn.functional.conv2d(inp, 2 * patched.weight, patched.bias, padding=1)
+    helper_patched = nn.Conv2d(1, 2, 3, padding=1)  # the instance form of _StandardisedConv
+    helper_patched._conv_forward = lambda inp, weight, bias: nn.functional.conv2d(inp, 2 * weight, bias, padding=1)
+    recompiled = nn.ReLU()  # what Module.__call__ runs instead of _call_impl once set (by Module.compile)
+    recompiled._compiled_call_impl = lambda inp: 2 * torch.relu(inp)
     for net, message in ((nn.Sequential(_Residual(nn.Conv2d(1, 1, 3, padding=1), nn.ReLU()), nn.Conv2d(1, 2, 1), *head()),
                           "_Residual: _Residual defines forward over Sequential"),
                          (nn.Sequential(_StandardisedConv(1, 2, 3, padding=1), *head()), "defines _conv_forward over Conv2d"),
-                         (nn.Sequential(patched, *head()), "a forward set on the instance: Conv2d 0")):
+                         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), _ReLUWithMixin(), *head()),
+                          "_ReLUWithMixin: _Doubling defines _call_impl over ReLU"),
+                         (nn.Sequential(patched, *head()), "methods set on the instance: Conv2d 0 sets forward"),
+                         (nn.Sequential(helper_patched, *head()), "methods set on the instance: Conv2d 0 sets _conv_forward"),
+                         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), recompiled, *head()),
+                          "a replaced _compiled_call_impl: ReLU 1"),
+                         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), *head()[:1],
+                                        torch.nn.utils.parametrizations.spectral_norm(head()[1])).train(),
+                          r"spectral norm in training mode: ParametrizedLinear 2 \(weight\); call .eval\(\)")):
         with pytest.raises(TypeError, match=message):
             logit_bounds(net.double(), x, 0.01)
     plain = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), _PlainSubclass(), *head()).double()
@@ -414,6 +435,32 @@ def test_modules_that_may_compute_another_function_are_refused():
     lower, upper = logit_bounds(plain, x, 0.0)
     assert (lower <= out + 1e-12).all() and (out <= upper + 1e-12).all()
     torch.testing.assert_close(lower, out)
+    # spectral norm in eval mode (a fixed weight) and a module compiled by Module.compile are bounded
+    compiled = nn.ReLU()
+    compiled.compile()
+    fixed = nn.Sequential(torch.nn.utils.parametrizations.spectral_norm(nn.Conv2d(1, 2, 3, padding=1)), compiled,
+                          *head()).double().eval()
+    with torch.no_grad():
+        out = fixed(x)
+    torch.testing.assert_close(logit_bounds(fixed, x, 0.0)[0], out)
+
+
+def test_linear_layer_on_feature_maps_gets_the_bias_once_per_position():
+    """``nn.Linear`` acting on the last axis of a 4-D map: CROWN's bias term must contract over every
+    position (it came back with the wrong shape, or at C = H = 1 silently mixed specifications)."""
+    torch.manual_seed(0)
+    for shape in ((1, 1, 1, 4), (2, 2, 3, 4)):
+        net = nn.Sequential(nn.Conv2d(shape[1], shape[1], 1), nn.Linear(4, 3), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(shape[1] * shape[2] * 3, 3)).double().eval()
+        x, y = torch.rand(*shape, dtype=torch.float64), torch.zeros(shape[0], dtype=torch.long)
+        with torch.no_grad():
+            out = net(x)
+            points = sample_ball(x, 0.05, "linf", 500).flatten(0, 1)
+            outputs = net(points).view(500, *out.shape)
+        for method in ("ibp", "crown-ibp", "crown-symbolic", "crown"):
+            torch.testing.assert_close(margin_lower_bound(net, x, y, 0.0, method=method), out[:, :1] - out)
+            lower, upper = logit_bounds(net, x, 0.05, method=method)
+            assert lower.shape == out.shape and (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all()
 
 
 def test_one_bound_model_fixes_its_batch_statistics_once_for_every_method():

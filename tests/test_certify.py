@@ -120,3 +120,5 @@ def test_certify_radii_stay_certified_and_reach_the_largest_eps_asked(trained_ml
     for bad in (dict(max_eps=float("nan")), dict(max_eps=float("inf")), dict(tol=float("nan"))):
         with pytest.raises(ValueError, match="finite"):
             certified_radius(model, x, y, "l2", **bad)
+    with pytest.raises(ValueError, match=r"tol \(1\) must be below max_eps \(1\)"):  # no pass: every radius 0
+        certified_radius(model, x, y, "l2", max_eps=1.0, tol=1.0)

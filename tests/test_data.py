@@ -182,6 +182,14 @@ def test_cifar10_refuses_a_label_equal_to_the_class_count(tmp_path):
         get_dataset("cifar10", root=tmp_path, train=False)
 
 
+def test_cifar10_without_images_is_an_error_not_an_empty_data_set(tmp_path):
+    write_cifar_layout(tmp_path, np.random.default_rng(10))
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as file:
+        pickle.dump({"batch_label": "test_batch", "labels": [], "data": np.zeros((0, 3072), np.uint8)}, file)
+    with pytest.raises(DataError, match=r"cifar-10-batches-py: the files hold no images"):
+        get_dataset("cifar10", root=tmp_path, train=False)
+
+
 def test_cifar10_refuses_foreign_pickles_and_bad_shapes(tmp_path):
     write_cifar_layout(tmp_path, np.random.default_rng(6))
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"

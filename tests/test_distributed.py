@@ -170,7 +170,7 @@ def test_distributed_run_writes_on_rank_zero_and_resumes_on_one_process(two_proc
 
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCH_ARGS = ["search", "--dataset", "mnist-mini", "--layers", "2", "--init-channels", "4", "--epochs", "1",
+SEARCH_ARGS = ["search", "--dataset", "mnist-mini", "--layers", "3", "--init-channels", "4", "--epochs", "1",
                "--batch-size", "4", "--max-steps-per-epoch", "3", "--no-progress"]
 
 
@@ -202,21 +202,21 @@ def test_torchrun_launch_of_the_search_command(tmp_path):
     assert saved["world_size"] == 2 and saved["epoch"] == 1 and saved["data"] == {"val_epoch": 0, "val_consumed": 24}
 
     # the architecture in the checkpoint is the one the log, genotype.json and the summary describe
-    net = SearchNetwork(C=4, num_classes=10, layers=2, in_channels=1)
+    net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=1)
     net.load_state_dict(saved["model"])
     with torch.no_grad():
         for kind in ("normal", "reduce"):
             torch.testing.assert_close(net.edge_weights(kind == "reduce")[0], torch.tensor(log[0]["alphas"][kind]))
     genotype = net.genotype()
     assert Genotype.from_json(out / "genotype.json") == genotype
-    assert f"genotype: {genotype!r}" in ran.stdout
+    assert f"genotype: {json.dumps(genotype.to_dict())}" in ran.stdout
 
     # one process resumes the two-process run: it continues from exactly that architecture
     # (nothing is left to run, so the run folder's checkpoint and log stay as they were)
     checkpoint_bytes, log_text = (out / "checkpoint.pt").read_bytes(), (out / "log.jsonl").read_text()
     resumed = _torchrun(1, out, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"genotype: {genotype!r}" in resumed.stdout
+    assert f"genotype: {json.dumps(genotype.to_dict())}" in resumed.stdout
     assert (out / "checkpoint.pt").read_bytes() == checkpoint_bytes and (out / "log.jsonl").read_text() == log_text
 
     # a second launch into the same folder without --resume: one line per rank, status 2, no hang

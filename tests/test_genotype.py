@@ -108,6 +108,8 @@ def test_rejections_say_what_and_where():
     for field, value in (("normal_concat", 2), ("reduce", None), ("normal", 5)):
         with pytest.raises(ValueError, match=rf"genotype\.{field}: expected a list"):
             Genotype.from_json(_edit(**{field: value}))
+    with pytest.raises(ValueError, match=r"reduce_concat: \[0, 1\] must name the cell's nodes, states 2..5"):
+        Genotype.from_json(_edit(reduce_concat=[0, 1]))  # the inputs, at the previous resolution
     with pytest.raises(ValueError, match="normal_concat"):  # true is not state 1
         Genotype.from_json(_edit(normal_concat=[True, 2]))
     with pytest.raises(ValueError, match="invalid JSON"):

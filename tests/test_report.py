@@ -61,6 +61,27 @@ def test_report_names_an_unreadable_file_it_leaves_out(tmp_path):
     assert "test_acc" not in page
 
 
+def test_files_of_another_shape_are_left_out_with_a_warning_and_the_rest_is_reported(tmp_path):
+    """A JSON file edited by hand (or by another tool) costs its own section, not the whole report,
+    which a finished search or training writes last."""
+    _run_folder(tmp_path)
+    (tmp_path / "attack_l2_fgsm-pgd.json").write_text("{}")
+    (tmp_path / "certify_l2_ibp.json").write_text(json.dumps({"norm": "l2"}))
+    (tmp_path / "compare.json").write_text("{}")
+    (tmp_path / "config.json").write_bytes(b'{"lr": "\xff"}')  # not UTF-8
+    with open(tmp_path / "log.jsonl", "a") as log:
+        log.write('\n{"epoch": 5, "alphas": {"normal": "abc", "reduce": "abc"}}\n')
+    with pytest.warns(UserWarning) as caught:
+        page = write_report(tmp_path).read_text()
+    said = "\n".join(str(w.message) for w in caught)
+    for name in ("attack_l2_fgsm-pgd.json", "certify_l2_ibp.json", "compare.json"):
+        assert f"{name} does not hold what dsrna writes there" in said, said
+    assert "config.json is unreadable" in said and "log.jsonl does not hold what dsrna writes there" in said
+    for heading in ("Metrics", "Cells", "Training curves", "Robust accuracy", "Certified robustness", "Pictures"):
+        assert f"<h2>{heading}</h2>" in page, heading
+    assert "robust accuracy over eps (linf)" in page and "certified radius per image (l2, crown)" in page
+
+
 def test_report_of_an_empty_or_missing_folder(tmp_path):
     assert "no run outputs" in write_report(tmp_path).read_text()
     with pytest.raises(FileNotFoundError):
@@ -72,3 +93,18 @@ def test_report_command(tmp_path, capsys):
 
     assert main(["report", str(tmp_path)]) == 0
     assert str(tmp_path / "report.html") in capsys.readouterr().out
+
+
+def test_pictures_are_written_atomically_with_the_mode_of_any_other_file(tmp_path):
+    """Written through a temporary file (mkstemp creates it 0600), a PNG still gets the umask's mode."""
+    import os
+
+    import matplotlib.pyplot as plt
+
+    old = os.umask(0o022)
+    try:
+        path = save_figure(plt.figure(), tmp_path / "picture.png")
+    finally:
+        os.umask(old)
+    assert path.read_bytes()[:4] == b"\x89PNG" and os.stat(path).st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["picture.png"]  # no temporary file left behind

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 import dsrna.robustness
-from dsrna import SearchNetwork
+from dsrna import Genotype, SearchNetwork
 from dsrna.cli import main
 from dsrna.errors import CheckpointError, DivergenceError, DsrnaError
 from dsrna.robustness import RobustnessConfig
@@ -103,10 +103,10 @@ def test_step_updates_architecture_and_weights(order):
 @pytest.mark.parametrize("order", [1, 2])
 def test_two_layer_network_has_only_reduction_cells_and_still_steps(order):
     """With layers < 3 both cells reduce: the normal alphas get no gradient, and must not break the step."""
-    net = SearchNetwork(C=4, num_classes=3, layers=2, in_channels=1)
+    net = SearchNetwork(C=4, num_classes=3, layers=2, in_channels=1)  # built directly: SearchConfig refuses it
     assert all(cell.reduction for cell in net.cells)
     normal, reduce = net.alphas_normal.detach().clone(), net.alphas_reduce.detach().clone()
-    Searcher(net, config(order=order, layers=2)).step(batch(seed=1), batch(seed=2))
+    Searcher(net, config(order=order)).step(batch(seed=1), batch(seed=2))
     assert not torch.equal(net.alphas_reduce, reduce)
     # only Adam's (coupled) weight decay moves the unused normal alphas: at most one step of arch_lr
     assert torch.isfinite(net.alphas_normal).all()
@@ -249,7 +249,7 @@ def tiny_data(n_train=16, n_val=12, poison=None) -> SearchData:
     return SearchData(train, TensorDataset(x[n_train:], y[n_train:]), num_classes=3, in_channels=1)
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, monkeypatch):
     # 3 validation batches per pass and 2 steps per epoch: epoch 2 crosses a validation pass.
     cfg = dict(epochs=2, max_steps_per_epoch=2, deterministic=True, seed=3)
     full = run_search(config(out=str(tmp_path / "full"), **cfg), tiny_data())
@@ -294,8 +294,12 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(DsrnaError, match="already holds a search run: pass --resume"):
         run_search(config(out=str(out), **cfg), tiny_data())
     (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
-    with pytest.raises(CheckpointError, match="is not a dsrna search checkpoint \\(not a torch file"):
+    with pytest.raises(CheckpointError, match="is not a dsrna search checkpoint \\(not a torch file, or truncated"):
         run_search(config(out=str(out), resume=True, **cfg), tiny_data())
+    with monkeypatch.context() as patch:  # what torch.load raises on some heads of a zip file
+        patch.setattr(torch, "load", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(22, "Invalid argument")))
+        with pytest.raises(CheckpointError, match="is not a dsrna search checkpoint \\(not a torch file, or truncated"):
+            run_search(config(out=str(out), resume=True, **cfg), tiny_data())
     with pytest.raises(CheckpointError, match="no checkpoint"):
         run_search(config(out=str(tmp_path / "empty"), resume=True, **cfg), tiny_data())
 
@@ -346,7 +350,9 @@ def test_cli_search_on_mnist_mini(tmp_path, capsys):
             "--max-steps-per-epoch", "2", "--out", str(out), "--no-progress", "--order", "2"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "genotype: Genotype(normal=" in printed and str(out) in printed
+    assert str(out) in printed
+    line = next(text for text in printed.splitlines() if text.startswith("genotype: "))
+    assert Genotype.from_json(line.removeprefix("genotype: ")) == Genotype.from_json(out / "genotype.json")  # train takes it
     assert (out / "checkpoint.pt").is_file() and (out / "alphas.png").is_file()
     assert main(args) == 2  # refuses to overwrite
     assert "already holds a search" in capsys.readouterr().err
@@ -371,6 +377,10 @@ def test_cli_preset_and_flags():
     # a preset's switch can be turned off too (a run begun before the preset had it resumes)
     off = config_from_args(build_parser("search").parse_args(["search", "--preset", "imagenet-pcdarts", "--no-augment"]))
     assert off.augment is False
+    # the protocol on another data set keeps that data set's stem (28-pixel images through a stride-8 stem)
+    small = config_from_args(build_parser("search").parse_args(["search", "--preset", "imagenet-pcdarts", "--dataset",
+                                                                "mnist-mini"]))
+    assert (small.dataset, small.stem, small.partial_channels) == ("mnist-mini", "cifar", 2)
 
 
 def test_search_halves_take_the_training_augmentation():
@@ -391,12 +401,18 @@ def test_search_halves_take_the_training_augmentation():
     (["--robustness", "jacobian", "--robust-batch", "100"], "robust_batch (100) is larger than the validation batch"),
     (["--robust-batch", "2"], "robustness robust_batch has no effect with kind 'none'"),
     (["--gamma", "5", "--eps", "0.3", "--warmup-epochs", "1"], "robustness gamma, eps, warmup_epochs have no effect"),
-    (["--robustness", "jacobian", "--method", "crown"], "robustness method has no effect with kind 'jacobian'"),
+    (["--robustness", "jacobian", "--method", "ibp"], "robustness method has no effect with kind 'jacobian'"),
+    (["--layers", "2"], "layers must be >= 3, got 2: with fewer, every cell is a reduction cell"),
     (["--robustness", "cb", "--estimator", "exact"], "robustness estimator has no effect with kind 'cb'"),
     (["--lr-min", "-1"], "0 <= lr_min <= lr"),
     (["--lr-reference-batch", "0"], "lr_reference_batch must be >= 1"),
     (["--lr-warmup-epochs", "-1"], "lr_warmup_epochs must be >= 0"),
     (["--device", "cuda:7"], "CUDA"),
+    (["--arch-lr", "nan"], "arch_lr must be a finite number > 0"),
+    (["--seed", "-1"], "seed must be in 0..2**32 - 1, got -1"),
+    # found before the folder is created: no empty run folder is left behind
+    (["--dataset", "cifar10", "--data-root", "no-such-folder"], "CIFAR-10 not found"),
+    (["--resume"], "cannot resume: no checkpoint at"),
     (["--robustness", "jacobian", "--order", "2", "--inner-gamma", "0.1"],
      "inner_gamma (R in the weight step) works with first-order search only"),
 ])

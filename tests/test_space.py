@@ -1,5 +1,7 @@
 """The DARTS search space: op list and order, edge counts, shapes, parameters and alpha bookkeeping."""
 
+import re
+
 import pytest
 import torch
 
@@ -65,6 +67,19 @@ def test_every_candidate_keeps_the_edge_shape(stride, size):
     expected = (2, 4, -(-size // stride), -(-size // stride))
     for name in PRIMITIVES:
         assert make_op(name, 4, stride, affine=False, pool_bn=True)(x).shape == expected, name
+
+
+def test_depthwise_conv_takes_one_value_per_setting():
+    """Its kernels take one stride, padding and dilation for both axes: a per-axis value would run as
+    the first axis' (and the bound graph would lower the per-axis conv: another function)."""
+    from dsrna.space.ops import DepthwiseConv2d
+
+    assert DepthwiseConv2d(2, 3, stride=(2, 2), padding=1).stride == (2, 2)
+    for geometry, message in ((dict(kernel_size=(3, 5), stride=1, padding=1), "kernel_size=(3, 5)"),
+                              (dict(kernel_size=3, stride=1, padding=(1, 2), dilation=(1, 2)),
+                               "padding=(1, 2), dilation=(1, 2)")):
+        with pytest.raises(ValueError, match=re.escape(f"same value for both axes, got {message}")):
+            DepthwiseConv2d(2, **geometry)
 
 
 def test_imagenet_stem_reduces_by_eight():

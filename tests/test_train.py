@@ -134,6 +134,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
                            (["--weight-decay", "inf"], "--weight-decay"), (["--eval-limit", "0"], "--eval-limit"),
                            (["--cutout", "28"], "--cutout must be in [0, 28)"),
                            (["--log-every", "0"], "--log-every must be >= 1"),
+                           (["--seed", "-1"], "--seed must be in 0..2**32 - 1, got -1"),
                            (["--batch-size", "1"], "--batch-size >= 2 or --no-auxiliary")):
         assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip()
@@ -254,6 +255,8 @@ def test_divergence_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, 
 def test_model_files_that_are_not_ours_are_named_without_torch_advice(tmp_path):
     import numpy as np
 
+    from dsrna import DARTS_V2
+
     torch.save({"state_dict": np.float64(1.0)}, tmp_path / "numpy.pt")  # loadable only by unpickling code
     for name, reason in (("numpy.pt", "holds objects other than tensors"), ("junk.pt", "not a torch file")):
         if name == "junk.pt":
@@ -263,6 +266,9 @@ def test_model_files_that_are_not_ours_are_named_without_torch_advice(tmp_path):
         message = str(error.value)
         assert message.startswith(f"{tmp_path / name} is not a dsrna model file") and reason in message
         assert "weights_only" not in message and "\x1b" not in message and "\n" not in message
+    torch.save({"genotype": DARTS_V2.to_dict(), "model_config": {"C": 4}}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match=r"partial.pt is not a dsrna model file \(it has no '\w+' entry\)"):
+        load_model(tmp_path / "partial.pt")
 
 
 def test_checkpoints_given_as_models_say_which_file_to_use(tmp_path):

@@ -153,6 +153,8 @@ def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: s
     """
     if not (math.isfinite(max_eps) and max_eps > 0 and math.isfinite(tol) and tol > 0) or candidates < 1:
         raise ValueError(f"need finite max_eps > 0 and tol > 0, candidates >= 1; got {max_eps}, {tol}, {candidates}")
+    if tol >= max_eps:  # no bisection pass: every radius below max_eps would come out as 0
+        raise ValueError(f"tol ({tol:g}) must be below max_eps ({max_eps:g})")
     bound_model = BoundModel(model, bn_stats, relu_mode, max_spec_chunk, max_error_symbols=max_error_symbols)
     with _model_backend(model):
         clean = bound_model.graph.forward(x)  # also fixes train-mode batch-norm statistics to this batch

@@ -13,11 +13,13 @@ far fewer ops; on the reference backend edge by edge, as its cell runs.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize, prune
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 from dsrna import backend
 from dsrna.bounds import nodes
@@ -125,9 +127,8 @@ def _is(m: nn.Module, *classes: type) -> bool:
     generated class is fine too (the graph reads the parametrised weight)."""
     for cls in classes:
         if isinstance(m, cls):
-            for klass in type(m).__mro__:
-                if klass is cls:
-                    break
+            # every class the lowered one does not have, also mixins listed after it (MyReLU(nn.ReLU, Mixin))
+            for klass in (k for k in type(m).__mro__ if k not in cls.__mro__):
                 own = set(vars(klass)) - _BOILERPLATE
                 trusted = vars(klass).get("lowers_as_base", False) or (
                     klass is type(m) and parametrize.is_parametrized(m) and klass.__name__.startswith("Parametrized"))
@@ -148,12 +149,28 @@ def _refuse_changed_calls(model: nn.Module) -> None:
                         "remove them first")
     for name, m in model.named_modules():
         where = f"{type(m).__name__} {name or '(the model)'}"
-        if {"forward", "__call__", "_call_impl"} & set(vars(m)):
-            raise TypeError(f"bound propagation does not support a forward set on the instance: {where} has one")
+        overrides = sorted(key for key in vars(m) if callable(getattr(type(m), key, None)))
+        if overrides:  # forward, _conv_forward, ...: any method replaced on the instance
+            raise TypeError(f"bound propagation does not support methods set on the instance: {where} sets "
+                            f"{', '.join(overrides)}")
+        compiled = getattr(m, "_compiled_call_impl", None)  # what Module.__call__ runs instead, when set
+        if compiled is not None and not _compiles_own_call(m, compiled):
+            raise TypeError(f"bound propagation does not support a replaced _compiled_call_impl: {where} has one")
+        stateful = [key for key, chain in getattr(m, "parametrizations", {}).items()
+                    if any(isinstance(p, _SpectralNorm) and p.training for p in chain)]
+        if stateful:  # its power iteration changes the weight on every read: the graph reads it once
+            raise TypeError(f"bound propagation does not support spectral norm in training mode: {where} "
+                            f"({', '.join(stateful)}); call .eval() on the model first")
         if m._forward_hooks or any(not isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
             raise TypeError(f"bound propagation does not support forward hooks (they may change outputs): {where} has one")
         for hook in m._forward_pre_hooks.values():
             hook(m, ())
+
+
+def _compiles_own_call(m: nn.Module, compiled) -> bool:
+    """Whether ``compiled`` is what ``m.compile()`` sets: torch.compile of the module's own ``_call_impl``."""
+    original = inspect.unwrap(compiled)
+    return getattr(original, "__func__", None) is type(m)._call_impl and getattr(original, "__self__", None) is m
 
 
 def _batch_norm(bn: nn.BatchNorm2d, graph: BoundGraph) -> nodes.ChannelAffine:

@@ -285,7 +285,7 @@ class Linear(BoundOp):
         return centre - radius, centre + radius
 
     def backward(self, A, bounds):
-        bias = None if self.bias is None else A @ self.bias
+        bias = None if self.bias is None else _contract(A, self.bias)  # also on [..., features] maps
         return [A @ self.weight], bias
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 HELP = "robust accuracy of a trained model.pt under FGSM/PGD (and C&W/AutoAttack with the extra)"
 
@@ -34,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from dsrna.plots import save_figure
 
     eps = parse_floats(args.eps, "--eps")
+    if args.norm == "linf" and max(eps) >= 1:  # images are in [0, 1]: such a ball holds every image
+        warnings.warn(f"--eps {max(eps):g} in l_inf covers the whole [0, 1] pixel range, so no image can be robust; "
+                      f"budgets are in pixel units (8/255 is --eps {8 / 255:.4f})")
     attacks = list(dict.fromkeys(a.strip() for a in args.attacks.split(",") if a.strip()))
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks:

@@ -61,9 +61,11 @@ def _reason(exc: Exception) -> str:
 
 
 def _check_labels(labels: torch.Tensor, count: int, num_classes: int, where: str) -> None:
+    if count == 0:
+        raise DataError(f"{where}: the files hold no images")
     if labels.numel() != count:
         raise DataError(f"{where}: {count} images but {labels.numel()} labels")
-    if count and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise DataError(f"{where}: labels outside 0..{num_classes - 1}")
 
 

@@ -65,6 +65,9 @@ def check_bisection_options(max_eps: float | None, tol: float | None, candidates
             check_finite(name, value, positive=True)
     if candidates is not None and candidates < 1:
         raise ValueError(f"--candidates must be >= 1, got {candidates}")
+    if tol is not None and tol >= (max_eps if max_eps is not None else max([DEFAULT_MAX_EPS, *eps_list])):
+        raise ValueError(f"--tol {tol:g} is not below the largest radius tried (--max-eps): the bisection would "
+                         "stop at once and give every radius below it as 0")
     if max_eps is not None and eps_list and max(eps_list) > max_eps:
         raise ValueError(f"--eps {max(eps_list):g} is above --max-eps {max_eps:g}: radii stop at max_eps, "
                          f"so no image could be certified there; raise --max-eps")

@@ -19,9 +19,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsrna.errors import changed_settings, check_finite
+from dsrna.errors import DataError, changed_settings, check_finite
 from dsrna.evaluation.common import evaluation_loader, pick_device, result_name, write_json
-from dsrna.search.checkpoint import atomic_write_text
+from dsrna.search.checkpoint import atomic_write_text, check_writable
 
 # Method name -> kind of robustness term in the architecture objective (METHOD.md §4).
 METHODS = {"darts": "none", "dsrna-cb": "cb", "dsrna-jacobian": "jacobian", "dsrna-combined": "combined"}
@@ -82,13 +82,14 @@ def compare(config: CompareConfig) -> dict:
     pick_device(config.device)  # a bad --device fails now, not after the first search
     out = Path(config.out)
     _check_settings(config, out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     settings = json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back: tuples become lists
-    for volatile in ("progress", "device", "methods"):
+    # What does not change the results (as a search's RESUMABLE fields): a moved folder, data or backend
+    for volatile in ("progress", "device", "methods", "out", "data_root", "backend"):
         settings.pop(volatile)
     saved = out / "compare_config.json"
     if saved.is_file():
-        differing = changed_settings(json.loads(saved.read_text()), settings)
+        differing = changed_settings(_read_json_object(saved), settings)
         if differing:
             raise ValueError(f"{out} holds a comparison run with other settings: {', '.join(differing)}; "
                              "choose another --out")
@@ -121,8 +122,12 @@ def _check_settings(config: CompareConfig, out: Path) -> None:
     from dsrna.attacks import NORMS, check_pgd_options
     from dsrna.bounds.engine import METHODS as BOUND_METHODS
 
+    from dsrna.data import get_dataset
+
     for method in config.methods:
         _search_config(method, config, out / method)
+    for train in (True, False):  # a wrong --data-root or layout, before the folder is claimed
+        get_dataset(config.dataset, config.data_root, train=train)
     try:
         dataclasses.replace(_train_config(config, out), genotype="DARTS_V2").resolved()  # any valid genotype
     except ValueError as exc:
@@ -160,9 +165,21 @@ def _train_config(config: CompareConfig, method_folder: Path):
                        resume=(method_folder / "train" / "checkpoint.pt").exists())
 
 
+def _read_json_object(path: Path) -> dict:
+    """A JSON object this command wrote, or a one-line error naming the file (torn or edited by hand)."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}): delete it to redo what it records") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path} holds a {type(value).__name__}, not the JSON object dsrna compare writes: "
+                        "delete it to redo what it records")
+    return value
+
+
 def _stages(folder: Path) -> dict:
     path = folder / "stages.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return _read_json_object(path) if path.is_file() else {}
 
 
 def _done(folder: Path, stages: dict, name: str, value) -> None:

@@ -26,6 +26,7 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
@@ -105,14 +106,14 @@ def _read_json(path: Path):
         return None
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
         warnings.warn(f"{path} is unreadable ({type(exc).__name__}): left out of the report")
         return None
 
 
 def _read_log(path: Path) -> list[dict]:
     records, torn = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):  # bad bytes: a torn line
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -219,6 +220,18 @@ def _compare_section(result: dict) -> str:
     return _table(rows, head)
 
 
+def _built(source: Path, build: Callable[[], list[str]]) -> list[str]:
+    """``build()``, or nothing (said in a warning) when ``source`` does not hold what dsrna writes there,
+    e.g. a file edited by hand: one odd file must not cost the whole report."""
+    try:
+        return build()
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        plt.close("all")  # a figure the failed part had opened
+        warnings.warn(f"{source} does not hold what dsrna writes there ({type(exc).__name__}: {exc}): "
+                      "left out of the report")
+        return []
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever the folder holds; returns its path."""
     run_dir = Path(run_dir)
@@ -228,7 +241,7 @@ def write_report(run_dir: str | Path) -> Path:
     sections: list[tuple[str, list[str]]] = []
     compare = _read_json(run_dir / "compare.json")
     if isinstance(compare, dict):
-        sections.append(("Comparison", [_compare_section(compare)]))
+        sections.append(("Comparison", _built(run_dir / "compare.json", lambda: [_compare_section(compare)])))
     for name, title in (("metrics.json", "Metrics"), ("config.json", "Configuration")):
         data = _read_json(run_dir / name)
         if isinstance(data, dict):
@@ -237,27 +250,30 @@ def write_report(run_dir: str | Path) -> Path:
     # A search folder has its own cell pictures (normal.png, reduce.png): they come with the gallery.
     if (run_dir / "genotype.json").is_file() and not (run_dir / "normal.png").is_file():
         sections.append(("Cells", _cell_pictures(run_dir / "genotype.json")))
-    if (run_dir / "log.jsonl").is_file():
-        records = _read_log(run_dir / "log.jsonl")
+    log = run_dir / "log.jsonl"
+    if log.is_file():
+        records = _read_log(log)
         if records:
-            sections.append(("Training curves", _curves(records)))
-            heatmaps = _alpha_heatmaps(records)
-            if heatmaps:
-                sections.append(("Architecture weights over epochs", heatmaps))
+            sections.append(("Training curves", _built(log, lambda: _curves(records))))
+            sections.append(("Architecture weights over epochs", _built(log, lambda: _alpha_heatmaps(records))))
     from dsrna.evaluation.attack import attack_table
     from dsrna.evaluation.certify import certify_table
 
-    attacks = [a for a in map(_read_json, sorted(run_dir.glob("attack*.json"))) if isinstance(a, dict)]
-    if attacks:
-        sections.append(("Robust accuracy", [part for a in attacks for part in (
-            _img(_png(plot_attack_curve(a)), f"robust accuracy over eps ({a.get('norm')})"),
-            f"<pre>{html.escape(attack_table(a))}</pre>")]))
-    certified = [c for c in map(_read_json, sorted(run_dir.glob("certify*.json"))) if isinstance(c, dict)]
-    if certified:
-        sections.append(("Certified robustness", [part for c in certified for part in (
-            _img(_png(plot_certified_curve(c)), f"certified accuracy over eps ({c.get('norm')}, {c.get('method')})"),
-            _img(_png(plot_radius_histogram(c)), f"certified radius per image ({c.get('norm')}, {c.get('method')})"),
-            f"<pre>{html.escape(certify_table(c))}</pre>")]))
+    def attack_parts(a):
+        return [_img(_png(plot_attack_curve(a)), f"robust accuracy over eps ({a['norm']})"),
+                f"<pre>{html.escape(attack_table(a))}</pre>"]
+
+    def certify_parts(c):
+        what = f"({c['norm']}, {c['method']})"
+        return [_img(_png(plot_certified_curve(c)), f"certified accuracy over eps {what}"),
+                _img(_png(plot_radius_histogram(c)), f"certified radius per image {what}"),
+                f"<pre>{html.escape(certify_table(c))}</pre>"]
+
+    for title, pattern, parts in (("Robust accuracy", "attack*.json", attack_parts),
+                                  ("Certified robustness", "certify*.json", certify_parts)):
+        sections.append((title, [part for path in sorted(run_dir.glob(pattern))
+                                 if isinstance(data := _read_json(path), dict)
+                                 for part in _built(path, lambda: parts(data))]))
     gallery = [p for p in sorted(run_dir.glob("*.png")) if not p.name.startswith(EVALUATION_PREFIXES)]
     if gallery:
         sections.append(("Pictures", [_img(base64.b64encode(p.read_bytes()).decode(), p.name) for p in gallery]))

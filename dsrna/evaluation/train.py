@@ -129,6 +129,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {filled.label_smoothing}")
         check_finite("grad_clip", filled.grad_clip, positive=True)  # a negative norm would flip every gradient
         check_finite("auxiliary_weight", filled.auxiliary_weight)
+        if not 0 <= filled.seed < 2**32:  # what numpy's and torch's generators take
+            raise ValueError(f"--seed must be in 0..2**32 - 1, got {filled.seed}")
         if filled.log_every < 1:
             raise ValueError(f"--log-every must be >= 1, got {filled.log_every}")
         if filled.max_steps_per_epoch is not None and filled.max_steps_per_epoch < 1:
@@ -167,7 +169,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ne
     try:
         genotype = Genotype.from_dict(blob["genotype"])
         model = build_model(genotype, blob["model_config"])
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except KeyError as exc:  # str(KeyError('mean')) is just 'mean'
+        raise CheckpointError(f"{path} is not a dsrna model file (it has no {exc.args[0]!r} entry)") from None
+    except (TypeError, ValueError, IndexError) as exc:
         raise CheckpointError(f"{path} is not a dsrna model file ({first_line(exc)})") from None
     state = blob.get("state_dict")
     if isinstance(state, dict):  # the training-only auxiliary head of an older ImageNet model had one more BN

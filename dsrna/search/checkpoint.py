@@ -129,7 +129,7 @@ def load_torch_file(path: Path, what: str, map_location: torch.device | str = "c
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        if isinstance(exc, OSError):
+        if isinstance(exc, PermissionError):  # other OSErrors ("Invalid argument") come from a torn zip
             reason = exc.strerror or type(exc).__name__
         elif "Unsupported global" in str(exc):
             reason = "it holds objects other than tensors and plain data"

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dsrna.backend import CHOICES as BACKENDS
 from dsrna.errors import changed_settings, check_finite
 
 
@@ -79,12 +80,17 @@ class SearchConfig:
     def __post_init__(self):
         if self.stem is None:  # 224x224 images through the CIFAR stem would run every cell at full size
             self.stem = "imagenet" if self.dataset == "imagenet" else "cifar"
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {self.order}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.layers < 1 or self.init_channels < 1:
             raise ValueError("epochs, batch size, layers and init channels must be positive")
+        if self.layers < 3:  # cells layers // 3 and 2 * layers // 3 reduce
+            raise ValueError(f"layers must be >= 3, got {self.layers}: with fewer, every cell is a reduction cell and "
+                             "the normal cell would come out as its random initialisation")
         if self.log_every < 1:
             raise ValueError(f"log_every must be positive, got {self.log_every}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
@@ -92,6 +98,9 @@ class SearchConfig:
         if self.partial_channels < 1:
             raise ValueError(f"partial_channels must be >= 1 (1 = plain DARTS), got {self.partial_channels}")
         check_finite("grad_clip", self.grad_clip, positive=True)  # a negative norm would flip every gradient
+        check_finite("arch_lr", self.arch_lr, positive=True)
+        if not 0 <= self.seed < 2**32:  # what numpy's and torch's generators take
+            raise ValueError(f"seed must be in 0..2**32 - 1, got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.lr_min) and 0 <= self.lr_min <= self.lr):
             raise ValueError(f"need finite lr > 0 and 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
         if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
@@ -162,7 +171,7 @@ class SearchConfig:
 # memory of the super-network. 4 loader workers per half: 8 per process.
 PRESETS: dict[str, dict[str, Any]] = {
     "imagenet-pcdarts": dict(
-        dataset="imagenet", subset_fractions=(0.1, 0.025), stem="imagenet", partial_channels=2,
+        dataset="imagenet", subset_fractions=(0.1, 0.025), partial_channels=2,  # the stem follows the data set
         layers=8, init_channels=16, epochs=50, batch_size=128, arch_start_epoch=35,
         lr=0.5, lr_min=0.0, lr_reference_batch=1024, lr_warmup_epochs=5,
         arch_lr=6e-3, amp="bf16", num_workers=4, augment=True,

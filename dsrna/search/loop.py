@@ -211,8 +211,6 @@ def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on
     with distributed.fail_together():
         if not config.resume:
             refuse_existing_run(out, "search")
-        if rank == 0:  # the only writer: an unwritable --out fails now, not after the first epoch
-            check_writable(out)
 
         # Every rank draws the same stream: the same initial weights and alphas (DDP and the explicit
         # broadcast make sure anyway) and the same random choices of the robustness estimators.
@@ -239,6 +237,10 @@ def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on
         # Read onto the CPU: the RNG states must stay CPU byte tensors (torch.set_rng_state), and the
         # model and optimiser states are copied onto the parameters' device as they are loaded.
         payload = load_checkpoint(checkpoint_path, config, map_location="cpu") if config.resume else None
+        # The only writer: an unwritable --out fails now, not after the first epoch; after the data and
+        # the checkpoint, so a wrong --data-root or --resume leaves no empty folder behind.
+        if rank == 0:
+            check_writable(out)
 
     net.train()
     searcher = Searcher(net, config)

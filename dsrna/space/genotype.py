@@ -51,8 +51,9 @@ class Genotype(namedtuple("Genotype", "normal normal_concat reduce reduce_concat
                     raise ValueError(f"genotype.{kind}[{k}]: node {node} cannot take input {index!r} (valid: 0..{node - 1})")
             concat = list(getattr(self, kind + "_concat"))
             n_states = 2 + len(edges) // 2
-            if not concat or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_states for i in concat):
-                raise ValueError(f"genotype.{kind}_concat: {concat!r} must name states in 0..{n_states - 1}")
+            # the cell's own nodes: its inputs 0 and 1 keep the previous resolution in a reduction cell
+            if not concat or any(not isinstance(i, int) or isinstance(i, bool) or not 2 <= i < n_states for i in concat):
+                raise ValueError(f"genotype.{kind}_concat: {concat!r} must name the cell's nodes, states 2..{n_states - 1}")
         if len(self.normal) != len(self.reduce):
             raise ValueError(f"genotype: normal has {len(self.normal) // 2} nodes but reduce has {len(self.reduce) // 2}")
         return self

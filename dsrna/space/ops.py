@@ -142,6 +142,10 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def __init__(self, C, kernel_size, stride, padding, dilation=1):
         super().__init__(C, C, kernel_size, stride, padding, dilation=dilation, groups=C, bias=False)
+        geometry = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        uneven = [f"{name}={value}" for name, value in geometry.items() if len(set(value)) > 1]
+        if uneven:  # the kernels take one value per setting for both axes
+            raise ValueError(f"DepthwiseConv2d takes the same value for both axes, got {', '.join(uneven)}")
 
     def forward(self, x):
         return depthwise_conv2d(x, self.weight, self.stride[0], self.padding[0], self.dilation[0])
