@@ -171,6 +171,9 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     assert "no bench.jsonl" in err[2]
     with pytest.raises(SystemExit):
         main(["bench", "--batch", "0"])
+    with pytest.raises(SystemExit):  # the search rows need a normal cell
+        main(["bench", "--layers", "2"])
+    assert "--layers: expected a number >= 3, got '2'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("metric", workloads.METRICS)

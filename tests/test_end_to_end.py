@@ -66,12 +66,16 @@ def test_compare_writes_the_table(tmp_path, capsys):
     # a setting one method's search refuses fails before any method runs or the folder is claimed
     fresh = tmp_path / "fresh"
     assert main([*argv[:4], str(fresh), *argv[5:], "--robust-batch", "100"]) == 2
-    assert "robust_batch (100) is larger" in capsys.readouterr().err and not fresh.exists()
+    assert "search (dsrna-jacobian): --robust-batch (100) is larger than the validation batch (--search-batch-size 8)" \
+        in capsys.readouterr().err and not fresh.exists()
+    # settings that do not change the results may differ on a rerun: the folder's spelling, the backend
+    assert main([*argv[:4], str(out) + "/", *argv[5:], "--backend", "reference"]) == 0
 
 
 def test_attack_and_certify_check_their_inputs_before_any_work(tmp_path, capsys, monkeypatch):
     import dsrna.evaluation.attack
     import dsrna.evaluation.certify
+    import dsrna.evaluation.compare
     import dsrna.search.checkpoint
 
     train = tmp_path / "train"
@@ -82,6 +86,8 @@ def test_attack_and_certify_check_their_inputs_before_any_work(tmp_path, capsys,
     worked = []
     monkeypatch.setattr(dsrna.evaluation.attack, "run_attack", lambda *a, **k: worked.append(1))
     monkeypatch.setattr(dsrna.evaluation.certify, "evaluation_pass", lambda *a, **k: worked.append(1))
+    # compare's cases use its default (paper) settings: a setting let through must fail here, not search for hours
+    monkeypatch.setattr(dsrna.evaluation.compare, "_run_method", lambda *a, **k: worked.append(1) or 1 / 0)
     attack, certify = ["attack", model, "--limit", "4", "--no-progress"], ["certify", model, "--limit", "4", "--no-progress"]
     for argv, expected in (
         ([*attack, "--eps", "inf"], "--eps: expected one or more finite numbers"),
@@ -89,7 +95,7 @@ def test_attack_and_certify_check_their_inputs_before_any_work(tmp_path, capsys,
          "the model expects 1 input channels but the data set cifar10 has 3"),
         ([*attack, "--eps", "0.1", "--device", "bogus"], "--device 'bogus' is not a device"),
         ([*certify, "--max-eps", "inf"], "--max-eps must be a finite number > 0"),
-        ([*certify, "--tol", "1"], "--tol 1 is not below the largest radius tried (--max-eps)"),
+        ([*certify, "--tol", "1"], "--tol 1 is not below the largest radius tried (--max-eps 1)"),
         ([*certify, "--dataset", "cifar10"], "the model expects 1 input channels"),
         ([*certify, "--device", "cuda:x"], "is not a device"),
         (["compare", "--device", "bogus", "--out", str(tmp_path / "compare")], "--device 'bogus' is not a device"),
@@ -100,11 +106,19 @@ def test_attack_and_certify_check_their_inputs_before_any_work(tmp_path, capsys,
         (["compare", "--l2-eps", "-1", "--out", str(tmp_path / "compare")], "--l2-eps must be a finite number >= 0"),
         (["compare", "--certify-limit", "0", "--out", str(tmp_path / "compare")], "--certify-limit must be >= 1"),
         (["compare", "--certify-max-eps", "nan", "--out", str(tmp_path / "compare")],
-         "--certify-max-eps must be a finite number > 0"),
+         "certification: --certify-max-eps must be a finite number > 0"),
+        (["compare", "--certify-max-eps", "5e-5", "--out", str(tmp_path / "compare")],
+         "certification: --tol 0.0001 is not below the largest radius tried (--certify-max-eps 5e-05)"),
+        (["compare", "--search-layers", "2", "--out", str(tmp_path / "compare")],
+         "search (darts): --search-layers must be >= 3, got 2"),
+        (["compare", "--train-max-steps", "0", "--out", str(tmp_path / "compare")],
+         "final training: --train-max-steps must be >= 1"),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert expected in err and err.count("\n") == 0, err
+    assert main(["compare", "--train-batch-size", "1", "--out", str(tmp_path / "compare")]) == 2
+    assert capsys.readouterr().err.strip().endswith("use --train-batch-size >= 2")  # compare has no --no-auxiliary
     assert not (tmp_path / "compare").exists()
 
     # A model file that does not say which data set it was trained on needs --dataset.

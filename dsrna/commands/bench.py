@@ -31,14 +31,15 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive(kind):
+def _positive(kind, least=None):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = 0
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        if value <= 0 or (least is not None and value < least):
+            raise argparse.ArgumentTypeError(f"expected a number >= {least}, got {text!r}" if least is not None
+                                             else f"expected a positive number, got {text!r}")
         return value
     return parse
 
@@ -60,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated batch sizes (default 64,256; with --quick 4)")
     parser.add_argument("--image-size", type=_positive(int), help="default 32 (--quick: 16)")
     parser.add_argument("--init-channels", type=_positive(int), help="C, default 16 (--quick: 4)")
-    parser.add_argument("--layers", type=_positive(int), help="cells, default 8 (--quick: 3)")
+    parser.add_argument("--layers", type=_positive(int, least=3),
+                        help="cells, at least 3 (a search needs a normal cell), default 8 (--quick: 3)")
     parser.add_argument("--repeats", type=_positive(int), help="timed steps per row (default 10; --quick 2)")
     parser.add_argument("--warmup", type=_positive(int), help="untimed steps first (default 3; --quick 1)")
     parser.add_argument("--row-seconds", type=_positive(float),

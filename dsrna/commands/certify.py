@@ -28,13 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsrna.evaluation.certify import certify, certify_table, check_bisection_options
+    from dsrna.evaluation.certify import bisection_options, certify, certify_table
     from dsrna.evaluation.common import parse_floats, prepare_evaluation, result_name, write_json
     from dsrna.evaluation.report import plot_certified_curve, plot_radius_histogram
     from dsrna.plots import save_figure
 
     eps = parse_floats(args.eps, "--eps") if args.eps.strip() else []
-    check_bisection_options(args.max_eps, args.tol, args.candidates, eps)
+    bisection_options(args.max_eps, args.tol, args.candidates, eps)  # refused before any work
     device, model, meta, loader, out = prepare_evaluation(args)
     result = certify(model, loader, args.norm, args.method, eps, max_eps=args.max_eps, tol=args.tol,
                      candidates=args.candidates, device=device, progress=args.progress)

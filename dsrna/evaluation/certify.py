@@ -35,9 +35,7 @@ def certify(model: nn.Module, loader, norm: str = "linf", method: str = "crown",
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     eps_list = [float(e) for e in eps_list]
-    check_bisection_options(max_eps, tol, candidates, eps_list)
-    options = dict(max_eps=max([DEFAULT_MAX_EPS, *eps_list]) if max_eps is None else max_eps,
-                   tol=DEFAULT_TOL if tol is None else tol, candidates=1 if candidates is None else candidates)
+    options = bisection_options(max_eps, tol, candidates, eps_list)
     device = torch.device(device)
     model = model.to(device)
     radii, correct = [], []
@@ -57,20 +55,25 @@ def certify(model: nn.Module, loader, norm: str = "linf", method: str = "crown",
                 at_max_eps=int((radii_t >= options["max_eps"]).sum()), **options)
 
 
-def check_bisection_options(max_eps: float | None, tol: float | None, candidates: int | None, eps_list=()) -> None:
-    """Refuse bisection settings that cannot end (an infinite upper end) or cannot narrow the radius,
-    and an eps above ``max_eps``, where a radius (capped there) could never reach."""
+def bisection_options(max_eps: float | None, tol: float | None, candidates: int | None, eps_list=()) -> dict:
+    """``max_eps``, ``tol`` and ``candidates`` of the bisection, defaults filled in (``max_eps``: the
+    larger of the engine's default and the largest ``eps``). Refuses settings that cannot end (an
+    infinite upper end) or cannot narrow the radius, and an eps above ``max_eps``, where a radius
+    (capped there) could never reach."""
     for name, value in (("--max-eps", max_eps), ("--tol", tol)):
         if value is not None:
             check_finite(name, value, positive=True)
     if candidates is not None and candidates < 1:
         raise ValueError(f"--candidates must be >= 1, got {candidates}")
-    if tol is not None and tol >= (max_eps if max_eps is not None else max([DEFAULT_MAX_EPS, *eps_list])):
-        raise ValueError(f"--tol {tol:g} is not below the largest radius tried (--max-eps): the bisection would "
-                         "stop at once and give every radius below it as 0")
+    options = dict(max_eps=max([DEFAULT_MAX_EPS, *eps_list]) if max_eps is None else max_eps,
+                   tol=DEFAULT_TOL if tol is None else tol, candidates=1 if candidates is None else candidates)
+    if options["tol"] >= options["max_eps"]:
+        raise ValueError(f"--tol {options['tol']:g} is not below the largest radius tried (--max-eps "
+                         f"{options['max_eps']:g}): the bisection would stop at once and give every radius as 0")
     if max_eps is not None and eps_list and max(eps_list) > max_eps:
         raise ValueError(f"--eps {max(eps_list):g} is above --max-eps {max_eps:g}: radii stop at max_eps, "
                          f"so no image could be certified there; raise --max-eps")
+    return options
 
 
 def certified_accuracy(radii: torch.Tensor, correct: torch.Tensor, eps: float) -> float:

@@ -18,6 +18,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from dsrna.errors import DataError, changed_settings, check_finite
 from dsrna.evaluation.common import evaluation_loader, pick_device, result_name, write_json
@@ -111,9 +112,26 @@ def compare(config: CompareConfig) -> dict:
     return result
 
 
-# TrainConfig names its settings by `dsrna train`'s flags; compare's own flags for them.
-_TRAIN_FLAGS = {"--epochs": "--train-epochs", "--layers": "--train-layers", "--init-channels": "--train-channels",
-                "--batch-size": "--train-batch-size", "--max-steps-per-epoch": "--train-max-steps"}
+# The stages' own names of their settings (the flags of dsrna search/train/certify and the config
+# fields) -> compare's flags for them, for messages in the terms of the command the user ran.
+_SEARCH_NAMES = {"epochs": "--search-epochs", "layers": "--search-layers", "init_channels": "--search-channels",
+                 "batch_size": "--search-batch-size", "max_steps_per_epoch": "--search-max-steps",
+                 "robust_batch": "--robust-batch"}
+_TRAIN_NAMES = {"epochs": "--train-epochs", "layers": "--train-layers", "init_channels": "--train-channels",
+                "batch_size": "--train-batch-size", "max_steps_per_epoch": "--train-max-steps"}
+_TRAIN_NAMES.update({"--" + name.replace("_", "-"): flag for name, flag in _TRAIN_NAMES.items()})
+_CERTIFY_NAMES = {"--max-eps": "--certify-max-eps"}
+
+
+def _in_compare_terms(stage: str, names: dict[str, str], check: Callable[[], object]) -> None:
+    """Run ``check``; a ``ValueError`` comes back as ``stage: message`` with the stage's names of its
+    settings replaced by compare's flags (compare has no --no-auxiliary: that alternative goes)."""
+    try:
+        check()
+    except ValueError as exc:
+        message = str(exc).replace(" or --no-auxiliary", "")
+        message = re.sub(r"--[a-z-]+|\b[a-z_]+\b", lambda word: names.get(word.group(), word.group()), message)
+        raise ValueError(f"{stage}: {message}") from None
 
 
 def _check_settings(config: CompareConfig, out: Path) -> None:
@@ -121,18 +139,15 @@ def _check_settings(config: CompareConfig, out: Path) -> None:
     later stage would refuse: a typo must not cost the searches before it."""
     from dsrna.attacks import NORMS, check_pgd_options
     from dsrna.bounds.engine import METHODS as BOUND_METHODS
-
     from dsrna.data import get_dataset
+    from dsrna.evaluation.certify import bisection_options
 
     for method in config.methods:
-        _search_config(method, config, out / method)
+        _in_compare_terms(f"search ({method})", _SEARCH_NAMES, lambda: _search_config(method, config, out / method))
     for train in (True, False):  # a wrong --data-root or layout, before the folder is claimed
         get_dataset(config.dataset, config.data_root, train=train)
-    try:
-        dataclasses.replace(_train_config(config, out), genotype="DARTS_V2").resolved()  # any valid genotype
-    except ValueError as exc:
-        message = re.sub(r"--[a-z-]+", lambda flag: _TRAIN_FLAGS.get(flag.group(), flag.group()), str(exc))
-        raise ValueError(f"final training: {message}") from None
+    _in_compare_terms("final training", _TRAIN_NAMES,  # with any valid genotype: the searched one comes later
+                      lambda: dataclasses.replace(_train_config(config, out), genotype="DARTS_V2").resolved())
     for name, norm in (("--norm", config.norm), ("--certify-norm", config.certify_norm)):
         if norm not in NORMS:
             raise ValueError(f"{name}: unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
@@ -148,8 +163,7 @@ def _check_settings(config: CompareConfig, out: Path) -> None:
     for name, limit in (("--eval-limit", config.eval_limit), ("--certify-limit", config.certify_limit)):
         if limit is not None and limit < 1:
             raise ValueError(f"{name} must be >= 1, got {limit}")
-    if config.certify_max_eps is not None:
-        check_finite("--certify-max-eps", config.certify_max_eps, positive=True)
+    _in_compare_terms("certification", _CERTIFY_NAMES, lambda: bisection_options(config.certify_max_eps, None, None))
 
 
 def _train_config(config: CompareConfig, method_folder: Path):

@@ -99,8 +99,6 @@ class SearchConfig:
             raise ValueError(f"partial_channels must be >= 1 (1 = plain DARTS), got {self.partial_channels}")
         check_finite("grad_clip", self.grad_clip, positive=True)  # a negative norm would flip every gradient
         check_finite("arch_lr", self.arch_lr, positive=True)
-        if not 0 <= self.seed < 2**32:  # what numpy's and torch's generators take
-            raise ValueError(f"seed must be in 0..2**32 - 1, got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.lr_min) and 0 <= self.lr_min <= self.lr):
             raise ValueError(f"need finite lr > 0 and 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
         if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
