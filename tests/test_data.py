@@ -6,6 +6,7 @@ import importlib.util
 import pickle
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -428,3 +429,24 @@ def test_cutout_fills_with_the_data_sets_mean(tmp_path):
     data = get_dataset("cifar10", root=tmp_path, augment=True, cutout=8)
     cut = next(t for t in data.transform.transforms if isinstance(t, Cutout))
     torch.testing.assert_close(cut.fill.flatten(), torch.tensor(dataset_info("cifar10").mean, dtype=cut.fill.dtype))
+
+
+def test_imagenet_with_exactly_its_classes_is_read_and_renamed_val_folders_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "IMAGENET_CLASSES", 2)  # a real ImageNet has exactly 1,000 folders
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "x.JPEG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(sources.read_imagenet(tmp_path, True, None)) == 2
+    (tmp_path / "val" / "b").rename(tmp_path / "val" / "c")  # same count, other names: labels would not match
+    with pytest.raises(DataError, match="different class folders"):
+        sources.read_imagenet(tmp_path, True, None)
+
+
+def test_an_explicit_data_root_beats_the_environment(monkeypatch):
+    from dsrna.data.registry import DATA_ROOT_ENV, data_root
+
+    monkeypatch.setenv(DATA_ROOT_ENV, "/elsewhere")
+    assert data_root("given") == Path("given") and data_root(None) == Path("/elsewhere")

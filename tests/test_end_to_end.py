@@ -175,3 +175,8 @@ def test_compare_table_says_when_radii_reached_the_cap():
     assert "| darts | 90.00 | 50.00 | 40.00 | n/a | n/a | 0.6671 (18 of 32 at the cap 1) |" in table
     assert "| dsrna-cb | 90.00 | 50.00 | 40.00 | n/a | n/a | 0.6671 |" in table
     assert "| older-run | 90.00 | 50.00 | 40.00 | n/a | n/a | 0.6671 |" in table
+
+
+def test_compare_needs_a_method(tmp_path, capsys):
+    assert main(["compare", "--methods", ",", "--out", str(tmp_path / "none")]) == 2
+    assert "unknown method(s) (none given)" in capsys.readouterr().err and not (tmp_path / "none").exists()

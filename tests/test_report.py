@@ -108,3 +108,30 @@ def test_pictures_are_written_atomically_with_the_mode_of_any_other_file(tmp_pat
         os.umask(old)
     assert path.read_bytes()[:4] == b"\x89PNG" and os.stat(path).st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["picture.png"]  # no temporary file left behind
+
+
+
+def test_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    (tmp_path / "report.html").write_text("old")
+    write_text = Path.write_text
+
+    def torn(self, text, *args, **kwargs):  # a disk that fills up half way
+        write_text(self, text[:10], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError):
+        write_report(tmp_path)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert (tmp_path / "report.html").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_a_log_with_epochs_on_some_lines_still_gets_its_curves(tmp_path):
+    import warnings
+
+    (tmp_path / "log.jsonl").write_text('{"epoch": 1, "train_loss": 1.0}\n{"train_loss": 0.5}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "<h2>Training curves</h2>" in write_report(tmp_path).read_text()

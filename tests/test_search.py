@@ -604,3 +604,28 @@ def test_architecture_entropy_is_per_edge_in_nats():
         net.alphas_reduce[:, 3] = 100.0  # decided: one candidate per edge
     entropy = architecture_entropy(net)
     assert entropy["entropy_normal"] == pytest.approx(math.log(8)) and entropy["entropy_reduce"] == pytest.approx(0, abs=1e-6)
+
+
+
+def test_atomic_writes_flush_the_file_then_the_folder(tmp_path, monkeypatch):
+    """A crash right after the rename must find the data on disk: fsync(file), rename, fsync(folder)."""
+    import os
+    import stat
+
+    from dsrna.search import checkpoint
+
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(checkpoint.os, "fsync",
+                        lambda fd: events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode))) or fsync(fd))
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: events.append(("replace",)) or replace(a, b))
+    checkpoint.atomic_write_text(tmp_path / "f.txt", "x")
+    assert events == [("fsync", False), ("replace",), ("fsync", True)]
+
+
+def test_a_validation_half_smaller_than_a_batch_is_a_data_error(tmp_path):
+    from dsrna.errors import DataError
+
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 2, (16,))
+    data = SearchData(TensorDataset(x, y), TensorDataset(x[:3], y[:3]), 2, 1)
+    with pytest.raises(DataError, match="larger than a half"):
+        run_search(config(epochs=1, init_channels=2, out=str(tmp_path / "s"), device="cpu"), data)

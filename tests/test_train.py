@@ -367,3 +367,43 @@ def test_a_model_file_with_foreign_weights_is_refused(tmp_path):
     torch.save(blob, tmp_path / "edited.pt")
     with pytest.raises(CheckpointError, match="unexpected cells.99.weight"):
         load_model(tmp_path / "edited.pt")
+
+
+# --- resume: what a resumed run must restore (each found untested by a mutation audit) ---------------
+
+_TINY_RUN = dict(dataset="mnist-mini", layers=3, init_channels=4, batch_size=16, epochs=2, max_steps_per_epoch=2,
+                 eval_limit=32, progress=False, report=False)
+
+
+def _interrupt_at_evaluation(monkeypatch, at=2):
+    """A KeyboardInterrupt at the ``at``-th end-of-epoch evaluation (after the checkpoint of epoch at-1)."""
+    import dsrna.evaluation.train as module
+
+    calls, evaluate = [], module.evaluate
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(module, "evaluate", flaky)
+
+
+def test_resume_restores_the_learning_rate_schedule_and_the_earlier_epochs(tmp_path, monkeypatch):
+    settings = {**_TINY_RUN, "epochs": 3}
+    train(TrainConfig(out=str(tmp_path / "whole"), **settings))
+    with monkeypatch.context() as patch:
+        _interrupt_at_evaluation(patch)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(out=str(tmp_path / "split"), **settings))
+    result = train(TrainConfig(out=str(tmp_path / "split"), resume=True, **settings))
+
+    def log(run):
+        return [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+
+    assert [r["epoch"] for r in log("split")] == [1, 2, 3]
+    assert [r["lr"] for r in log("split")] == pytest.approx([r["lr"] for r in log("whole")])  # cosine, 3 epochs
+    assert result.metrics["train_time_s"] == pytest.approx(sum(r["time_s"] for r in log("split")))
+    with pytest.raises(CheckpointError, match="max_steps_per_epoch"):  # another step cap is another run
+        train(TrainConfig(out=str(tmp_path / "split"), resume=True, **{**settings, "max_steps_per_epoch": 1}))
