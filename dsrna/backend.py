@@ -41,7 +41,8 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run the op on this device."""
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """``name`` if it is a backend choice (``auto`` or a backend), else a ``ValueError`` listing them."""
     if name not in CHOICES:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
     return name
@@ -50,7 +51,7 @@ def _check_name(name: str) -> str:
 def set_backend(name: str) -> None:
     """Set the process-wide default backend (``auto``, ``reference``, ``triton`` or ``native``)."""
     global _global_backend
-    _global_backend = _check_name(name)
+    _global_backend = check_name(name)
 
 
 def get_backend() -> str:
@@ -62,7 +63,7 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager selecting a backend for the ops run inside it (thread-local)."""
-    _check_name(name)
+    check_name(name)
     stack = _state.__dict__.setdefault("stack", [])
     stack.append(name)
     try:
@@ -143,7 +144,7 @@ def _warn_once(key: str, message: str) -> None:
 
 def resolve(op: str, device: torch.device | str, backend: str | None = None) -> str:
     """The backend that will run ``op`` on ``device`` given a requested backend (None: the current one)."""
-    requested = _check_name(backend if backend not in (None, "auto") else get_backend())
+    requested = check_name(backend if backend not in (None, "auto") else get_backend())
     device_type = torch.device(device).type
     impls = _registry.get(op, {})
     if "reference" not in impls:

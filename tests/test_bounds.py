@@ -454,12 +454,15 @@ def test_linear_layer_on_feature_maps_gets_the_bias_once_per_position():
         x, y = torch.rand(*shape, dtype=torch.float64), torch.zeros(shape[0], dtype=torch.long)
         with torch.no_grad():
             out = net(x)
-            points = sample_ball(x, 0.05, "linf", 500).flatten(0, 1)
-            outputs = net(points).view(500, *out.shape)
         for method in ("ibp", "crown-ibp", "crown-symbolic", "crown"):
             torch.testing.assert_close(margin_lower_bound(net, x, y, 0.0, method=method), out[:, :1] - out)
-            lower, upper = logit_bounds(net, x, 0.05, method=method)
-            assert lower.shape == out.shape and (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all()
+        for norm, eps in (("linf", 0.05), ("l2", 0.2), ("l1", 0.5)):
+            with torch.no_grad():
+                outputs = net(sample_ball(x, eps, norm, 500).flatten(0, 1)).view(500, *out.shape)
+            for method in ("ibp", "crown-ibp", "crown-symbolic", "crown"):
+                lower, upper = logit_bounds(net, x, eps, norm, method)
+                assert lower.shape == out.shape, (norm, method)
+                assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), (norm, method)
 
 
 def test_one_bound_model_fixes_its_batch_statistics_once_for_every_method():

@@ -32,14 +32,16 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 
 def _positive(kind, least=None):
+    """A parser of numbers > 0, and >= ``least`` when given."""
+    expected = "a positive number" if least is None else f"a number >= {least}"
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = 0
-        if value <= 0 or (least is not None and value < least):
-            raise argparse.ArgumentTypeError(f"expected a number >= {least}, got {text!r}" if least is not None
-                                             else f"expected a positive number, got {text!r}")
+        if value <= 0 or value < (least or 0):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
     return parse
 

@@ -44,8 +44,6 @@ def certify(model: nn.Module, loader, norm: str = "linf", method: str = "crown",
             with torch.no_grad():
                 correct.append((logits_of(model, x).argmax(1) == y).cpu())
             radii.append(certified_radius(model, x, y, norm=norm, method=method, **options).detach().double().cpu())
-    if not radii:
-        raise ValueError("no test images: the loader is empty")
     radii_t, correct_t = torch.cat(radii), torch.cat(correct)
     radii_t = torch.where(correct_t, radii_t, torch.zeros_like(radii_t))
     return dict(norm=norm, method=method, n=int(radii_t.numel()), radii=radii_t.tolist(),

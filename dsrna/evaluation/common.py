@@ -116,17 +116,22 @@ def result_name(kind: str, norm: str, what: str | Sequence[str]) -> str:
 def evaluation_pass(model: torch.nn.Module, loader, device: torch.device, desc: str,
                     progress: bool) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """The loader's batches moved to ``device``, with ``model`` in eval mode (each module's own mode
-    is restored afterwards, also on error) and, with ``progress``, a bar counting images."""
+    is restored afterwards, also on error) and, with ``progress``, a bar counting images. A loader
+    without images is an error at the end of the batches, not a result over nothing."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(loader.dataset), unit="img", desc=desc, dynamic_ncols=True)
 
     def batches():
+        empty = True
         for x, y in loader:
+            empty = False
             yield x.to(device), y.to(device)
             if bar is not None:
                 bar.update(y.numel())
+        if empty:
+            raise ValueError("no test images: the loader is empty")
 
     try:
         with EvalMode(model):

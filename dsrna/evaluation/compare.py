@@ -183,7 +183,7 @@ def _read_json_object(path: Path) -> dict:
     """A JSON object this command wrote, or a one-line error naming the file (torn or edited by hand)."""
     try:
         value = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise DataError(f"{path} is not valid JSON ({exc}): delete it to redo what it records") from None
     if not isinstance(value, dict):
         raise DataError(f"{path} holds a {type(value).__name__}, not the JSON object dsrna compare writes: "

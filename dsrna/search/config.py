@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsrna.backend import CHOICES as BACKENDS
+from dsrna.backend import check_name as check_backend_name
 from dsrna.errors import changed_settings, check_finite
 
 
@@ -80,8 +80,7 @@ class SearchConfig:
     def __post_init__(self):
         if self.stem is None:  # 224x224 images through the CIFAR stem would run every cell at full size
             self.stem = "imagenet" if self.dataset == "imagenet" else "cifar"
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend_name(self.backend)
         if self.order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {self.order}")
         if self.amp not in ("none", "bf16"):

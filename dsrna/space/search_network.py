@@ -196,8 +196,7 @@ class SearchNetwork(nn.Module):
                  partial_channels=1, backend="auto", stem_multiplier=3, mean=None, std=None, stem="cifar",
                  stem_affine=False):
         super().__init__()
-        if backend not in _backend.CHOICES:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(_backend.CHOICES)}")
+        _backend.check_name(backend)
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         if layers < 1 or steps < 1 or not 1 <= multiplier <= steps:
