@@ -19,6 +19,7 @@
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET, MAX_JOBS (default 16), GPU_CHECK_SKIP_BUILD=1,
 # GPU_CHECK_BENCH (extra `dsrna bench` arguments), GPU_CHECK_SIDE (the side measurements of step 4b
 # to run, comma-separated from plain,profile,depthwise,batchnorm,loader,torchrun; default all of them),
+# GPU_CHECK_CXX (the C++ compiler of the build, see step 1), GPU_CHECK_PROFILE (profile_step's arguments; default "--metric train --backend auto --graph"),
 # GPU_CHECK_TESTS (the test files to run, space-separated names without .py; default the GPU ones).
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -91,7 +92,19 @@ fi
 if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then
     say "build: skipped (GPU_CHECK_SKIP_BUILD=1)"
 else
-    stage build 210 200 "$OUT/build.txt" "$PY" setup.py build_ext --inplace
+    # The extension must share torch's C++ runtime: on the lent machine CXX=/opt/gcc/bin/g++ built an
+    # extension with no dynamic libstdc++ (ldd), and every C++ exception it threw crashed the process
+    # (the error-path tests). Build with the host's g++ when its major version is the GCC that torch was
+    # built with (GPU_CHECK_CXX overrides; the environment's CXX otherwise).
+    BUILD_CXX=${GPU_CHECK_CXX:-}
+    if [[ -z $BUILD_CXX && -x /usr/bin/g++ ]]; then
+        torch_gcc=$(timeout 60 "$PY" -c "import re, torch; m = re.search(r'GCC (\d+)', torch.__config__.show()); print(m.group(1) if m else '')" 2>/dev/null)
+        [[ -n $torch_gcc && $(/usr/bin/g++ -dumpversion | cut -d. -f1) == "$torch_gcc" ]] && BUILD_CXX=/usr/bin/g++
+    fi
+    BUILD_ENV=()
+    [[ -n $BUILD_CXX ]] && BUILD_ENV=(CXX="$BUILD_CXX" CC="${BUILD_CXX%g++}gcc")
+    say "build: C++ compiler ${BUILD_CXX:-${CXX:-c++}, from the environment}"
+    stage build 210 200 "$OUT/build.txt" env "${BUILD_ENV[@]}" "$PY" setup.py build_ext --inplace
     { echo "## the extension's C++ runtime"; ldd dsrna/_C*.so 2>&1 | grep -E "stdc|gcc_s|c10.so"; } >>"$OUT/build.txt"
 fi
 
@@ -129,7 +142,10 @@ if ((${#TESTS[@]})); then
     # No -x: a single run on the GPU should show every failure, not the first one.
     stage tests 180 150 "$OUT/tests.txt" "$PY" -m pytest "${PYTEST_ARGS[@]}" -k "not ($ERROR_PATHS)" "${TESTS[@]}"
     grep -E "passed|failed|error" "$OUT/tests.txt" | tail -n 1 | sed 's/^/    /' | tee -a "$LOG"
-    stage "error-path tests" 40 140 "$OUT/tests.txt" "$PY" -X faulthandler -m pytest "${PYTEST_ARGS[@]}" -k "$ERROR_PATHS" "${TESTS[@]}"
+    # One process and -x: a crash ends the stage at once with faulthandler's Python traceback (under
+    # pytest-xdist each crashed worker was restarted until the time box ran out).
+    stage "error-path tests" 40 140 "$OUT/tests.txt" "$PY" -X faulthandler -m pytest -q -x -p no:cacheprovider -rfEs \
+        -k "$ERROR_PATHS" "${TESTS[@]}"
     if (($? != 0)) && command -v gdb >/dev/null; then
         stage "error-path backtrace" 40 130 "$OUT/tests.txt" gdb -batch -ex run -ex bt --args "$PY" -m pytest -q -x \
             -p no:cacheprovider -k "$ERROR_PATHS" "${TESTS[@]}"
@@ -142,7 +158,8 @@ fi
 SIDE=",${GPU_CHECK_SIDE:-plain,profile,depthwise,batchnorm,loader,torchrun},"
 side() { ((HAVE_GPU)) && [[ $SIDE == *",$1,"* ]]; }
 side plain && stage "plain eager port vs reference" 60 120 "$OUT/plain.md" "$PY" benchmarks/plain_darts.py --device cuda --batch 64
-side profile && stage "kernel profile" 60 110 "$OUT/profile.md" "$PY" -m benchmarks.profile_step --metric train --backend auto --graph
+read -r -a PROFILE <<<"${GPU_CHECK_PROFILE:---metric train --backend auto --graph}"
+side profile && stage "kernel profile" 60 110 "$OUT/profile.md" "$PY" -m benchmarks.profile_step "${PROFILE[@]}"
 side depthwise && stage "depthwise ops vs PyTorch" 60 105 "$OUT/depthwise.md" "$PY" -m benchmarks.depthwise_micro --device cuda --batch 64,256
 side batchnorm && stage "batch norm: native vs cuDNN kernels" 30 100 "$OUT/batchnorm.md" "$PY" -m benchmarks.batchnorm_micro --device cuda
 # What the ImageNet search's loader workers deliver on this host (against the search-imagenet row).

@@ -20,14 +20,40 @@ from dsrna.search import GraphedSearcher, SearchConfig, SearchData, Searcher, ru
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
+# (order, robustness, backend, amp) of the replay tests
+REPLAY_CASES = [(1, "none", "native", "none"), (2, "none", "native", "none"), (1, "jacobian", "native", "none"),
+                (1, "none", "reference", "none"), (1, "none", "auto", "bf16")]
+
+
+def search_config(order=1, robustness="none", amp="none") -> SearchConfig:
+    # The exact Jacobian estimator: no random rows, which eager and replayed steps would draw at
+    # different offsets of the generator.
+    estimator = {"estimator": "exact"} if robustness == "jacobian" else {}
+    return SearchConfig(layers=3, init_channels=4, epochs=4, batch_size=8, order=order, amp=amp,
+                        robustness=RobustnessConfig(kind=robustness, dataset="mnist-mini", **estimator))
+
+
+def train_config(tmp_path, graphed: bool, device: str) -> TrainConfig:
+    # Drop path off: a replay draws its random masks at other offsets of the generator.
+    return TrainConfig(out=str(tmp_path / f"run-{graphed}"), cuda_graph=graphed, device=device, dataset="mnist-mini",
+                       layers=3, init_channels=4, batch_size=16, epochs=2, max_steps_per_epoch=5, eval_limit=32,
+                       progress=False, report=False, drop_path_prob=0.0)
+
+
+def test_the_gpu_tests_settings_are_valid_here(tmp_path):
+    """The GPU-only tests below run only on the GPU machine: their settings are checked on every
+    machine, so that a tightened check cannot break them unseen (it did once)."""
+    for order, robustness, backend, amp in REPLAY_CASES:
+        search_config(order, robustness, amp)
+    for graphed in (False, True):
+        train_config(tmp_path, graphed, "cuda").resolved()
+
+
 def searcher_pair(order=1, robustness="none", backend="native", amp="none"):
     """Two searchers on identical copies of one small super-network on the GPU: (eager, graphed)."""
     torch.manual_seed(0)
     net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1, backend=backend).cuda()
-    config = SearchConfig(layers=3, init_channels=4, epochs=4, batch_size=8, order=order, amp=amp,
-                          # the exact Jacobian estimator: no random rows, which eager and replayed steps
-                          # would draw at different offsets of the generator
-                          robustness=RobustnessConfig(kind=robustness, dataset="mnist-mini", estimator="exact"))
+    config = search_config(order, robustness, amp)
     eager = Searcher(net, config)
     graphed = Searcher(copy.deepcopy(net), config)
     return eager, graphed, GraphedSearcher(graphed, warmup=1)
@@ -47,10 +73,7 @@ def assert_same_state(a, b, tol):
 
 
 @cuda_only
-@pytest.mark.parametrize("order, robustness, backend, amp", [
-    (1, "none", "native", "none"), (2, "none", "native", "none"), (1, "jacobian", "native", "none"),
-    (1, "none", "reference", "none"), (1, "none", "auto", "bf16"),
-])
+@pytest.mark.parametrize("order, robustness, backend, amp", REPLAY_CASES)
 def test_replayed_steps_match_eager_steps(order, robustness, backend, amp):
     """Three steps per epoch over two epochs (a new learning rate: a new capture), then weight steps
     alone; the same parameters, batch-norm statistics, optimiser states and metrics as eagerly."""
@@ -137,11 +160,7 @@ def test_cuda_graph_training_matches_eager_training(tmp_path, device):
     On cuda:1 while cuda:0 is current, the capture must follow the model (it captured nothing)."""
     results = []
     for graphed in (False, True):
-        # Drop path off: a replay draws its random masks at other offsets of the generator.
-        config = TrainConfig(out=str(tmp_path / f"run-{graphed}"), cuda_graph=graphed, device=device,
-                             dataset="mnist-mini", layers=3, init_channels=4, batch_size=16, epochs=2,
-                             max_steps_per_epoch=5, eval_limit=32, progress=False, report=False, drop_path_prob=0.0)
-        results.append(train(config))
+        results.append(train(train_config(tmp_path, graphed, device)))
     logs = [[json.loads(line) for line in (r.out / "log.jsonl").read_text().splitlines()] for r in results]
     for a, b in zip(*logs):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
