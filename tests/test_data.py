@@ -183,6 +183,22 @@ def test_cifar10_refuses_a_label_equal_to_the_class_count(tmp_path):
         get_dataset("cifar10", root=tmp_path, train=False)
 
 
+def test_cifar10_refuses_a_negative_label(tmp_path):
+    write_cifar_layout(tmp_path, np.random.default_rng(11))
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as file:
+        pickle.dump({"batch_label": "test_batch", "labels": [-1, 3], "data": np.zeros((2, 3072), np.uint8)}, file)
+    with pytest.raises(DataError, match=r"labels outside 0..9"):
+        get_dataset("cifar10", root=tmp_path, train=False)
+
+
+def test_mnist_refuses_images_of_another_size(tmp_path):
+    """Valid IDX files of 32x32 images (another data set's) are not read as MNIST."""
+    write_mnist_layout(tmp_path, "MNIST", np.random.default_rng(12))
+    write_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte", np.zeros((4, 32, 32)))
+    with pytest.raises(DataError, match=r"expected uint8 28x28 images, found torch.uint8 \(4, 32, 32\)"):
+        get_dataset("mnist", root=tmp_path, train=False)
+
+
 def test_cifar10_without_images_is_an_error_not_an_empty_data_set(tmp_path):
     write_cifar_layout(tmp_path, np.random.default_rng(10))
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as file:
@@ -329,6 +345,15 @@ def test_class_balanced_subset_counts():
     assert subset.indices == sorted(subset.indices)
     with pytest.raises(ValueError, match="fraction"):
         class_balanced_subset(dataset, 1.5)
+    # A fraction too small for a class still keeps one image of it: no class disappears.
+    assert torch.equal(torch.bincount(dataset_targets(class_balanced_subset(dataset, 0.001)), minlength=10),
+                       torch.ones(10, dtype=torch.long))
+
+
+def test_augmentation_and_cutout_are_refused_on_test_data():
+    for options in (dict(augment=True), dict(cutout=8)):
+        with pytest.raises(ValueError, match="apply to training data only"):
+            get_dataset("mnist-mini", train=False, **options)
 
 
 def test_search_data_with_subset_fractions_draws_each_half_per_class():

@@ -3,6 +3,7 @@ the comparison of DARTS against a DSRNA variant through `dsrna compare`."""
 
 import json
 
+import pytest
 import torch
 
 from dsrna.cli import main
@@ -43,10 +44,10 @@ def test_search_train_attack_certify_report(tmp_path, capsys):
 def test_compare_writes_the_table(tmp_path, capsys):
     out = tmp_path / "compare"
     # --robust-batch goes to the DSRNA searches only (plain DARTS has no robustness term to cut)
-    argv = ["compare", "--methods", "darts,dsrna-jacobian", "--out", str(out), "--search-epochs", "1", "--robust-batch", "4",
+    argv = ["compare", "--methods", "darts,dsrna-jacobian", "--out", str(out), "--search-epochs", "2", "--robust-batch", "4",
             "--search-layers", "3", "--search-channels", "4", "--search-batch-size", "8", "--search-max-steps", "1",
             "--train-epochs", "1", "--train-layers", "3", "--train-channels", "4", "--train-batch-size", "16",
-            "--train-max-steps", "1", "--eps", "0.1", "--pgd-steps", "2", "--eval-limit", "8",
+            "--train-max-steps", "1", "--eps", "0.05,0.1", "--pgd-steps", "2", "--eval-limit", "8",
             "--certify-method", "ibp", "--certify-limit", "4", "--certify-max-eps", "0.5", "--no-progress"]
     assert main(argv) == 0
     result = json.loads((out / "compare.json").read_text())
@@ -54,8 +55,15 @@ def test_compare_writes_the_table(tmp_path, capsys):
     for row in result["methods"].values():
         assert 0 <= row["pgd"] <= row["clean_acc"] and 0 <= row["fgsm"] <= row["clean_acc"]
         assert row["parameters"] > 0 and row["search_time_s"] > 0 and row["mean_radius"] >= 0
+    for method, row in result["methods"].items():  # the search's time is that of all its epochs
+        epochs = [json.loads(line) for line in (out / method / "search" / "log.jsonl").read_text().splitlines()]
+        epochs = [e["time_s"] for e in epochs if "time_s" in e]
+        assert len(epochs) == 2 and row["search_time_s"] == pytest.approx(sum(epochs))
     table = (out / "compare.md").read_text()
     assert "| darts |" in table and "| dsrna-jacobian |" in table
+    assert "FGSM linf 0.1 | PGD linf 0.1 |" in table  # the table's robust accuracies are at the last --eps
+    attack = json.loads((out / "darts" / "train" / "attack_linf_fgsm-pgd.json").read_text())
+    assert result["methods"]["darts"]["pgd"] == attack["robust_acc"]["pgd"][-1]
     assert (out / "report.html").is_file() and "<h2>Comparison</h2>" in (out / "report.html").read_text()
     assert (out / "darts" / "train" / "attack_linf_fgsm-pgd.json").is_file()  # C&W/AutoAttack get their own file
     stages = json.loads((out / "darts" / "stages.json").read_text())
@@ -63,6 +71,8 @@ def test_compare_writes_the_table(tmp_path, capsys):
     assert stages["certify"]["max_eps"] == 0.5 and stages["certify"]["n"] == 4
     assert main([*argv, "--pgd-steps", "3"]) == 2  # the same folder with other settings is refused
     assert "other settings: pgd_steps=2 (now 3); choose another --out" in capsys.readouterr().err
+    assert main([*argv, "--seed", "1"]) == 2  # another seed is another search
+    assert "other settings: seed=0 (now 1)" in capsys.readouterr().err
     # a setting one method's search refuses fails before any method runs or the folder is claimed
     fresh = tmp_path / "fresh"
     assert main([*argv[:4], str(fresh), *argv[5:], "--robust-batch", "100"]) == 2

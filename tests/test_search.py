@@ -576,6 +576,12 @@ def test_resume_with_another_batch_in_one_process_is_refused(tmp_path):
         run_search(config(**cfg), tiny_data(), on_epoch_end=interrupt)
     with pytest.raises(CheckpointError, match="batch_size=4 \\(now 8\\)"):
         run_search(config(**cfg, batch_size=8, resume=True), tiny_data())
+    # A file of another kind (or version) at the checkpoint's place is named as such, not half-read.
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "format": "dsrna-search-checkpoint/0"}, path)
+    with pytest.raises(CheckpointError, match="is not a dsrna search checkpoint \\(expected format dsrna-search-checkpoint/1\\)"):
+        run_search(config(**cfg, resume=True), tiny_data())
 
 
 def test_the_validation_stream_cycles_through_new_orders():

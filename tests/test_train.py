@@ -129,6 +129,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
                            (["--auxiliary-weight", "-0.5"], "auxiliary_weight"),
                            (["--label-smoothing", "1"], "label_smoothing"),
                            (["--label-smoothing", "-0.1"], "label_smoothing"),
+                           (["--drop-path-prob", "1"], "drop_path_prob must be in [0, 1)"),
                            (["--device", "bogus"], "--device 'bogus' is not a device"),
                            (["--lr", "nan"], "--lr"), (["--momentum", "-1"], "--momentum"),
                            (["--weight-decay", "inf"], "--weight-decay"), (["--eval-limit", "0"], "--eval-limit"),
