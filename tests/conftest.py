@@ -1,10 +1,15 @@
 import os
+import sys
 
-# Triton kernels run on CPU tensors only under the interpreter, which must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Triton kernels run on CPU tensors only under the interpreter, which must be set before triton is
+# imported (importing torch does not). Not on a GPU machine: there the interpreter would make every
+# Triton-on-CUDA test skip and `auto` fall back to the native kernels, unseen.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "set TRITON_INTERPRET=1 yourself: triton was imported before tests/conftest.py"
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # The test tensors are tiny: intra-op threads cost more than they give, and oversubscribe the cores
 # when tests start worker processes (distributed tests, CLI subprocesses).

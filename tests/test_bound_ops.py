@@ -139,3 +139,25 @@ def test_triton_relu_relaxation_rejects_unknown_mode(device):
     fn = impl("relu_relaxation", "triton", device)
     with pytest.raises(ValueError, match="relaxation"):
         fn(torch.zeros(2, device=device), torch.ones(2, device=device), "deeppoly")
+
+
+@pytest.mark.parametrize("name", ["reference", "native", "triton"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_ops_refuse_mismatched_shapes_on_every_backend(name, device):
+    """The Triton kernels index flat memory: a broadcastable but smaller operand (a relaxation of one
+    image for a batch of coefficients) would be read past its end, so the public ops check shapes
+    first, with one message for every backend (the reference would have broadcast it silently)."""
+    require_backend(name, device)
+    A, lower_slope, upper_slope, upper_intercept = inputs("crown_relu_backward", torch.float32, device)
+    lower, upper = bounds((3, 4), torch.float32, device)
+    w = torch.softmax(torch.randn(2, device=device), 0)
+    for call, message in (
+        (lambda: bound_ops.crown_relu_backward(A, lower_slope[:1], upper_slope, upper_intercept, name),
+         r"crown_relu_backward .*: tensors must have the same shape"),
+        (lambda: bound_ops.relu_relaxation(lower, upper[:1], backend_name=name), "relu_relaxation: tensors must have"),
+        (lambda: bound_ops.interval_weighted_sum([lower, lower[:1]], [upper, upper], w, name),
+         "interval_weighted_sum: tensors must have the same shape"),
+        (lambda: bound_ops.interval_weighted_sum([lower], [upper], w, name), "1 lower and 1 upper bounds but 2 weights"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()

@@ -212,14 +212,19 @@ class FakeGraph:
 class FakeSearcher:
     """Records the steps it runs; ``epoch`` is set by the test."""
 
-    def __init__(self):
+    def __init__(self, robustness=RobustnessConfig()):
         # what GraphedSearcher reads of the network: the device of alpha, and the parameters
         self.net = SimpleNamespace(alphas_normal=SimpleNamespace(device=torch.device("cuda")), parameters=lambda: [])
-        self.epoch, self.calls = 0, []
+        self.config = SimpleNamespace(robustness=robustness)
+        self.epoch, self.calls, self.arch_active = 0, [], True
 
     def step(self, train, val):
         self.calls.append(("step", self.epoch))
         return {"loss": train[0].sum() + val[0].sum()}
+
+    def arch_step(self, val, train):
+        self.calls.append(("arch_step", self.epoch))
+        return {"val_loss": val[0].sum()}
 
     def weight_step(self, train):
         self.calls.append(("weight_step", self.epoch))
@@ -258,3 +263,27 @@ def test_the_capture_schedule(monkeypatch):
     FakeGraph.log = []
     replay.step(batch(3), batch(3))
     assert FakeGraph.log == [] and searcher.calls[-1] == ("step", 1)
+
+
+def test_crown_symbolic_architecture_steps_run_eagerly_and_weight_steps_replay(monkeypatch):
+    """R_CB by crown-symbolic has data-dependent shapes: its architecture step is never captured (a
+    failed capture would make every later step eager); the weight step still is. Other R_CB methods
+    and R_Jac are captured whole."""
+    import dsrna.search.cuda_graph as cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "CudaGraph", FakeGraph)
+    monkeypatch.setattr(cuda_graph, "run_on_side_stream", lambda fn, *args: FakeGraph.log.append("eager") or fn(*args))
+    monkeypatch.setattr(FakeGraph, "log", [])
+    searcher = FakeSearcher(RobustnessConfig(kind="cb", dataset="cifar10"))  # its default method: crown-symbolic
+    replay = GraphedSearcher(searcher, warmup=1)
+    batch = lambda value: (torch.full((4,), float(value)), torch.zeros(4, dtype=torch.long))
+    metrics = [replay.step(batch(i), batch(10 * i)) for i in range(3)]
+    assert searcher.calls == [("arch_step", 0), ("weight_step", 0)] * 3
+    assert FakeGraph.log == ["eager", "capture", "replay", "replay"] and replay.graphs.failed is None
+    assert [m["val_loss"].item() for m in metrics] == [0.0, 40.0, 80.0] and metrics[2]["loss"].item() == 8.0
+    searcher.arch_active, searcher.calls = False, []  # architecture frozen (PC-DARTS' first epochs)
+    replay.step(batch(1), batch(1))
+    assert searcher.calls == [("weight_step", 0)]
+    for robustness in (RobustnessConfig(kind="cb", dataset="cifar10", method="crown-ibp"),
+                       RobustnessConfig(kind="jacobian")):
+        assert not GraphedSearcher(FakeSearcher(robustness)).eager_arch_step

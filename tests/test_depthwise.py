@@ -372,3 +372,25 @@ def test_search_network_matches_reference(device):
             results.append((logits, *(g for g in grads if g is not None)))
     assert len(results[0]) == len(results[1])
     assert_all_close(*results, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 7])
+def test_kernel_sizes_outside_the_darts_family_work_on_every_device(device, k):
+    """The CUDA kernels take kernel sizes 3 and 5 only: a user's depthwise conv of another size runs on
+    the reference path there (on the CPU the native kernels take any size). Same values and gradients
+    as the reference for the conv, its transpose, its interval form and the stack."""
+    require_backend("native", device)
+    dtype, p = torch.float64, k // 2
+    x, w = conv_inputs((2, 3, 9, 7), k, dtype, device)
+    for op, args in (("depthwise_conv2d", (x, w, 1, p, 1)),
+                     ("depthwise_conv2d_transpose", (x, w, (9, 7), 1, p, 1)),
+                     ("interval_depthwise_conv2d", (x - 1, x + 1, w, 1, p, 1)),
+                     ("depthwise_conv2d_stack", (x, [w.reshape(1, 3, k, k)], 2, [p], [1])),
+                     ("depthwise_conv2d_stack_transpose", (x, [w.reshape(1, 3, k, k)], (18, 14), 2, [p], [1]))):
+        results = []
+        for name in ("native", "reference"):
+            out = backend.dispatch(op, device, name)(*args)
+            out = out if isinstance(out, tuple) else (out,)
+            results.append((*out, *torch.autograd.grad(sum(o.square().sum() for o in out), (x, w))))
+        assert_all_close(*results, **tolerance(dtype))

@@ -3,6 +3,7 @@
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -460,6 +461,22 @@ def test_architecture_optimizer_follows_the_device_on_resume():
     searcher.step(batch(seed=1), batch(seed=2))
 
 
+def test_a_cpu_runs_architecture_optimizer_resumes_on_a_gpu():
+    """And back: a CPU run's step counts (Adam not capturable) must move to the GPU, or the first
+    architecture step there fails. No GPU here: parameters on the 'meta' device stand in for it."""
+    searcher = Searcher(tiny_net(), config())
+    searcher.step(batch(seed=1), batch(seed=2))  # Adam has step counts now, on the CPU
+    state = searcher.state_dict()
+    on_gpu = SimpleNamespace(arch=[SimpleNamespace(is_cuda=True)], set_epoch=lambda epoch: None,
+                             w_optimizer=SimpleNamespace(load_state_dict=lambda state: None),
+                             a_optimizer=torch.optim.Adam([{"params": [torch.nn.Parameter(p.to("meta")) for p in g["params"]]}
+                                                           for g in searcher.a_optimizer.param_groups], capturable=True))
+    Searcher.load_state_dict(on_gpu, state)
+    assert on_gpu.a_optimizer.param_groups[0]["capturable"]
+    for param, entry in on_gpu.a_optimizer.state.items():
+        assert entry["step"].device == param.device and entry["step"].dtype == torch.float32
+
+
 def test_search_config_refuses_a_non_positive_grad_clip():
     for clip in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="grad_clip"):
@@ -564,6 +581,26 @@ def test_a_nan_robustness_term_stops_the_search(monkeypatch, tmp_path):
                  robustness=RobustnessConfig(kind="jacobian", gamma=0.1))
     with pytest.raises(DivergenceError, match="diverged in epoch 1"):
         run_search(cfg, tiny_data())
+
+
+def test_a_search_leaves_the_callers_determinism_settings_as_they_were(tmp_path):
+    """A search picks deterministic kernels or cuDNN's autotuning for itself; what runs after it in
+    the process (compare's final training, the next test) keeps its own settings."""
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark)
+    try:
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(not deterministic, warn_only=False)
+            cudnn.deterministic, cudnn.benchmark = not deterministic, deterministic
+            run_search(config(epochs=1, max_steps_per_epoch=1, deterministic=deterministic,
+                              out=str(tmp_path / f"run-{deterministic}")), tiny_data())
+            assert torch.are_deterministic_algorithms_enabled() is (not deterministic)
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+            assert (cudnn.deterministic, cudnn.benchmark) == (not deterministic, deterministic)
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2:]
 
 
 def test_resume_with_another_batch_in_one_process_is_refused(tmp_path):

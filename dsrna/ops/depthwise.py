@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dsrna import _native, backend
+from dsrna.ops.bound_ops import interval_depthwise_conv2d_reference
 
 
 KERNEL_SIZES = (3, 5)  # the DARTS family's, which the native kernels cover on every device (CUDA: only these)
@@ -122,12 +123,25 @@ def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
+# The CUDA kernels are compiled for the DARTS family's kernel sizes; a depthwise conv of another size
+# on a GPU (a user's own module) runs on the reference path. The CPU kernels take any size.
+CUDA_KERNEL_SIZES = (3, 5)
+
+
+def _not_on_cuda_kernels(t: torch.Tensor, weights) -> bool:
+    return t.is_cuda and any(w.shape[-1] not in CUDA_KERNEL_SIZES for w in weights)
+
+
 def depthwise_conv2d_native(x, weight, stride, padding, dilation):
+    if _not_on_cuda_kernels(x, [weight]):
+        return depthwise_conv2d_reference(x, weight, stride, padding, dilation)
     x, weight = _autocast(x, weight)
     return torch.ops.dsrna.depthwise_conv2d(x, weight, stride, padding, dilation)
 
 
 def depthwise_conv2d_transpose_native(grad_out, weight, input_hw, stride, padding, dilation):
+    if _not_on_cuda_kernels(grad_out, [weight]):
+        return depthwise_conv2d_transpose_reference(grad_out, weight, input_hw, stride, padding, dilation)
     grad_out, weight = _autocast(grad_out, weight)
     return torch.ops.dsrna.depthwise_conv2d_transpose(grad_out, weight, list(input_hw), stride, padding, dilation)
 
@@ -135,15 +149,21 @@ def depthwise_conv2d_transpose_native(grad_out, weight, input_hw, stride, paddin
 def interval_depthwise_conv2d_native(lower, upper, weight, stride, padding, dilation):
     """Both bounds in one pass over ``[lower, upper]``; same contract as
     :func:`dsrna.ops.bound_ops.interval_depthwise_conv2d_reference`."""
+    if _not_on_cuda_kernels(lower, [weight]):
+        return interval_depthwise_conv2d_reference(lower, upper, weight, stride, padding, dilation)
     return torch.ops.dsrna.interval_depthwise_conv2d(lower, upper, weight, stride, padding, dilation)
 
 
 def depthwise_conv2d_stack_native(x, weights, stride, paddings, dilations):
+    if _not_on_cuda_kernels(x, weights):
+        return depthwise_conv2d_stack_reference(x, weights, stride, paddings, dilations)
     x, *weights = _autocast(x, *weights)
     return torch.ops.dsrna.depthwise_conv2d_stack(x, weights, stride, paddings, dilations)
 
 
 def depthwise_conv2d_stack_transpose_native(grad_out, weights, input_hw, stride, paddings, dilations):
+    if _not_on_cuda_kernels(grad_out, weights):
+        return depthwise_conv2d_stack_transpose_reference(grad_out, weights, input_hw, stride, paddings, dilations)
     grad_out, *weights = _autocast(grad_out, *weights)
     return torch.ops.dsrna.depthwise_conv2d_stack_transpose(grad_out, weights, list(input_hw), stride, paddings, dilations)
 

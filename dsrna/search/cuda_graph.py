@@ -127,8 +127,17 @@ class GraphedSearcher:
     def __init__(self, searcher, warmup: int = 2):
         check_cuda_graphs(searcher.net.alphas_normal.device)
         self.searcher, self.graphs = searcher, StepGraphs(warmup)
+        # R_CB by crown-symbolic gives each undecided neuron an error symbol of its own: its tensors'
+        # shapes depend on the data, which a graph cannot replay. Its architecture step runs eagerly
+        # and only the weight step is replayed (instead of a failed capture making every step eager).
+        robustness = searcher.config.robustness
+        self.eager_arch_step = robustness.uses_certified and robustness.resolved_method() == "crown-symbolic"
 
     def step(self, train_batch, val_batch) -> dict[str, torch.Tensor]:
+        if self.eager_arch_step:
+            metrics = self.searcher.arch_step(val_batch, train_batch) if self.searcher.arch_active else {}
+            metrics.update(self.weight_step(train_batch))
+            return metrics
         return self.graphs.run("search_step", lambda xt, yt, xv, yv: self.searcher.step((xt, yt), (xv, yv)),
                                (*train_batch, *val_batch), self.searcher.epoch, self.searcher.net.parameters)
 

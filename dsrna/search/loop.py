@@ -13,6 +13,7 @@ continues where the interrupted one stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -127,7 +128,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _set_deterministic(enabled: bool) -> None:
+@contextlib.contextmanager
+def _determinism(enabled: bool):
+    """Deterministic kernels (or cuDNN's autotuning) for the search; the caller's settings after it,
+    so that what runs next in the process (compare's training, a test) is not changed by a search."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if enabled:
         # cuBLAS needs a fixed workspace to be reproducible; must be set before the first CUDA matmul.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -135,6 +141,11 @@ def _set_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
 
 
 def architecture_entropy(net: SearchNetwork) -> dict[str, float]:
@@ -165,11 +176,9 @@ def run_search(config: SearchConfig, data: SearchData | None = None,
     every rank after each epoch's files are written. Under torchrun the process group is set up here.
     """
     created_group = distributed.init_from_env()
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        _set_deterministic(config.deterministic)
         device = _search_device(config)
-        with backend.device_scope(device):
+        with _determinism(config.deterministic), backend.device_scope(device):
             return _run(config, device, data, on_epoch_end)
     except Exception as exc:
         # A collective broken by a peer that died (out of memory, killed) says nothing useful in
@@ -178,7 +187,6 @@ def run_search(config: SearchConfig, data: SearchData | None = None,
             raise distributed.peer_loss_error(exc) from exc
         raise
     finally:
-        _set_deterministic(deterministic_before)
         if created_group:
             torch.distributed.destroy_process_group()
 

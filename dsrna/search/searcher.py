@@ -284,7 +284,11 @@ class Searcher:
 
     def load_state_dict(self, state: dict) -> None:
         self.w_optimizer.load_state_dict(state["w_optimizer"])
-        self.a_optimizer.load_state_dict(state["a_optimizer"])
-        for group in self.a_optimizer.param_groups:  # a GPU run's checkpoint resumed on a CPU, or back
-            group["capturable"] = self.arch[0].is_cuda
+        # A GPU run's Adam is capturable (its step counts live on the GPU, for CUDA graphs), a CPU
+        # run's is not. Resumed on the other kind of device, the saved groups are told first: Adam
+        # places the loaded step counts by that flag (on the parameters' device when capturable).
+        a_state = state["a_optimizer"]
+        capturable = self.arch[0].is_cuda
+        self.a_optimizer.load_state_dict(
+            {**a_state, "param_groups": [{**group, "capturable": capturable} for group in a_state["param_groups"]]})
         self.set_epoch(int(state["epoch"]))
