@@ -89,12 +89,14 @@ def test_none_returns_zero_without_a_forward():
 
 def test_jacobian_kind_calls_the_metric_with_the_config():
     net = tiny_net().train()
-    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
-    with capture_batch_stats() as stats:
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    with capture_batch_stats() as stats:  # the whole batch's statistics; R on a part of it (--robust-batch)
         net(x)
+    x = x[:3]
     config = RobustnessConfig(kind="jacobian", eps=0.2, norm="l2", estimator="exact")
     r = robustness_term(net, x, torch.zeros(3, dtype=torch.long), config, stats)
     torch.testing.assert_close(r, jacobian_metric(net, x, "l2", "exact", eps=0.2, bn_stats=stats))
+    assert not torch.allclose(r, jacobian_metric(net, x, "l2", "exact", eps=0.2))  # the statistics matter
     assert torch.autograd.grad(r, net.alphas_normal)[0].abs().sum() > 0
 
 

@@ -16,6 +16,7 @@ from dsrna.cli import main
 from dsrna.errors import CheckpointError, DivergenceError, DsrnaError
 from dsrna.robustness import RobustnessConfig
 from dsrna.search import SearchConfig, SearchData, Searcher, finite_difference_hvp, learning_rate, run_search
+from dsrna.space import capture_batch_stats
 
 
 def tiny_net(dtype=torch.float32, **kwargs):
@@ -56,24 +57,30 @@ def test_finite_difference_hvp_matches_double_backward():
     assert all(torch.equal(w, w0) for w, w0 in zip(net.weight_parameters(), weights))
 
 
+def exact_unrolled_gradient(searcher, train, val):
+    """d/d alpha of L_val(w - eta * (momentum * buffer + grad_w L_train(w, alpha) + wd * w), alpha) by
+    autograd, at the searcher's current learning rate eta."""
+    net, cfg = searcher.net, searcher.config
+    arch, weights = net.arch_parameters(), net.weight_parameters()
+    buffers = [searcher.w_optimizer.state[w]["momentum_buffer"] for w in weights]
+    g_train = torch.autograd.grad(F.cross_entropy(net(train[0]), train[1]), weights, create_graph=True)
+    names = [n for n, _ in net.named_parameters() if "alphas" not in n]
+    unrolled = {name: w - searcher.lr * (cfg.momentum * m + g + cfg.weight_decay * w)
+                for name, w, g, m in zip(names, weights, g_train, buffers)}
+    val_loss = F.cross_entropy(torch.func.functional_call(net, unrolled, (val[0],)), val[1])
+    return torch.autograd.grad(val_loss, arch)
+
+
 def test_second_order_gradient_matches_exact_unrolled_gradient():
     net = tiny_net(torch.float64)
-    # a weight decay and a momentum buffer large enough for the tolerance to see both in the unrolled step
-    cfg = config(order=2, unrolled_radius=RADIUS, weight_decay=0.1)
+    # a weight decay and a momentum buffer large enough for the tolerance to see both in the unrolled
+    # step; four epochs with a floor of 0, so that a later epoch's rate differs from the first's
+    cfg = config(order=2, unrolled_radius=RADIUS, weight_decay=0.1, epochs=4, lr_min=0.0)
     searcher = Searcher(net, cfg)
     searcher.weight_step(batch(dtype=torch.float64, seed=3))  # fills SGD's momentum buffers
     train, val = batch(dtype=torch.float64, seed=1), batch(dtype=torch.float64, seed=2)
     grads, _ = searcher.arch_gradient(val, train)
-
-    # d/d alpha of L_val(w - eta * (momentum * buffer + grad_w L_train(w, alpha) + wd * w), alpha), by autograd
-    arch, weights = net.arch_parameters(), net.weight_parameters()
-    buffers = [searcher.w_optimizer.state[w]["momentum_buffer"] for w in weights]
-    g_train = torch.autograd.grad(F.cross_entropy(net(train[0]), train[1]), weights, create_graph=True)
-    unrolled = {name: w - searcher.lr * (cfg.momentum * m + g + cfg.weight_decay * w)
-                for (name, _), w, g, m in zip([(n, p) for n, p in net.named_parameters() if "alphas" not in n], weights,
-                                              g_train, buffers)}
-    val_loss = F.cross_entropy(torch.func.functional_call(net, unrolled, (val[0],)), val[1])
-    exact = torch.autograd.grad(val_loss, arch)
+    exact = exact_unrolled_gradient(searcher, train, val)
     for a, e in zip(grads, exact):
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3 * e.abs().max().item())
     # the first-order gradient differs: the test can tell the two apart
@@ -81,6 +88,32 @@ def test_second_order_gradient_matches_exact_unrolled_gradient():
     first.net.load_state_dict(net.state_dict())
     g1, _ = first.arch_gradient(val)
     assert not torch.allclose(g1[0], exact[0], rtol=1e-3)
+
+    # Not only the first call: after a step (the unrolled copy of the net exists), with the
+    # architecture moved away from the copy's and a later epoch's learning rate.
+    searcher.step(batch(dtype=torch.float64, seed=4), batch(dtype=torch.float64, seed=5))
+    with torch.no_grad():
+        net.alphas_normal.add_(0.5 * torch.randn_like(net.alphas_normal))
+    searcher.set_epoch(2)
+    assert searcher.lr != cfg.lr
+    grads, _ = searcher.arch_gradient(val, train)
+    for a, e in zip(grads, exact_unrolled_gradient(searcher, train, val)):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3 * e.abs().max().item())
+
+
+def test_the_inner_robustness_term_enters_the_weight_step():
+    """``inner_gamma``: the weights minimise L_train - inner_gamma * R (one plain SGD step checked)."""
+    rc = RobustnessConfig(kind="jacobian", gamma=0.1, inner_gamma=0.5, estimator="exact", eps=0.1)
+    net = tiny_net(torch.float64)
+    searcher = Searcher(net, config(robustness=rc, momentum=0.0, weight_decay=0.0, grad_clip=1e9))
+    x, y = batch(dtype=torch.float64, seed=1)
+    before = [w.detach().clone() for w in searcher.weights]
+    with capture_batch_stats() as stats:
+        loss = F.cross_entropy(net(x), y)
+    grads = torch.autograd.grad(loss - 0.5 * dsrna.robustness.robustness_term(net, x, y, rc, stats), searcher.weights)
+    searcher.weight_step((x, y))
+    for w, w0, g in zip(searcher.weights, before, grads):
+        torch.testing.assert_close(w.detach(), w0 - searcher.lr * g, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -133,6 +166,8 @@ def test_learning_rate_schedule():
     warm = config(epochs=10, lr=0.5, lr_min=0.0, lr_warmup_epochs=5, lr_reference_batch=1024, batch_size=128)
     assert learning_rate(warm, 0, world_size=8) == pytest.approx(0.5 / 5)
     assert learning_rate(warm, 0, world_size=2) == pytest.approx(0.5 / 4 / 5)
+    cosine = 0.5 * 0.5 * (1 + math.cos(math.pi * 2 / 10))
+    assert learning_rate(warm, 2, world_size=8) == pytest.approx(cosine * 3 / 5)  # (epoch + 1) / warm-up epochs
     # after the warm-up the plain cosine (epoch 5 of 10: half way)
     assert learning_rate(warm, 5, world_size=8) == pytest.approx(0.25)
     # lr_min scales with the global batch too: the cosine's end at a quarter of the reference batch
@@ -287,6 +322,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     # a different configuration, a fresh run over an old one, and a corrupt checkpoint are refused
     with pytest.raises(CheckpointError, match="different settings: layers=3 \\(now 4\\)"):
         run_search(config(out=str(out), resume=True, **{**cfg, "epochs": 2}, layers=4), tiny_data())
+    with pytest.raises(CheckpointError, match="epochs=2 \\(now 3\\)"):  # another cosine schedule
+        run_search(config(out=str(out), resume=True, **{**cfg, "epochs": 3}), tiny_data())
     with pytest.raises(CheckpointError) as error:  # only the differing robustness settings are named
         run_search(config(out=str(out), resume=True, **cfg, robustness=RobustnessConfig(kind="jacobian", gamma=0.5)),
                    tiny_data())
@@ -581,6 +618,39 @@ def test_a_nan_robustness_term_stops_the_search(monkeypatch, tmp_path):
                  robustness=RobustnessConfig(kind="jacobian", gamma=0.1))
     with pytest.raises(DivergenceError, match="diverged in epoch 1"):
         run_search(cfg, tiny_data())
+
+
+def test_each_epoch_sees_the_training_half_in_a_new_order(tmp_path, monkeypatch):
+    seen = []
+    real_step = Searcher.step
+
+    def recording(self, train_batch, val_batch):
+        seen.append((self.epoch, train_batch[0].flatten(1)[:, 0].tolist()))
+        return real_step(self, train_batch, val_batch)
+
+    monkeypatch.setattr(Searcher, "step", recording)
+    run_search(config(out=str(tmp_path / "run"), epochs=2), tiny_data())
+    orders = [[v for epoch, values in seen if epoch == e for v in values] for e in (0, 1)]
+    assert sorted(orders[0]) == sorted(orders[1]) and len(orders[0]) == 16  # every image once per epoch
+    assert orders[0] != orders[1]
+
+
+def test_resume_restores_the_random_state(tmp_path):
+    """R_Jac's random rows come from torch's generator: an interrupted run resumes with the state the
+    uninterrupted one had, so both end with the same weights."""
+    cfg = dict(epochs=2, max_steps_per_epoch=2, deterministic=True, seed=3,
+               robustness=RobustnessConfig(kind="jacobian", gamma=0.5, eps=0.1))
+    run_search(config(out=str(tmp_path / "full"), **cfg), tiny_data())
+
+    def interrupt(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config(out=str(tmp_path / "cut"), **cfg), tiny_data(), on_epoch_end=interrupt)
+    torch.manual_seed(12345)  # what ran in between does not matter
+    run_search(config(out=str(tmp_path / "cut"), resume=True, **cfg), tiny_data())
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"] for run in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_search_leaves_the_callers_determinism_settings_as_they_were(tmp_path):
