@@ -25,11 +25,13 @@ def _sequential():
     net = nn.Sequential(
         nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(),
         nn.Conv2d(3, 3, 3, padding=2, dilation=2, groups=3), nn.BatchNorm2d(3), nn.ReLU(),
-        nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.Conv2d(3, 4, 1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(36, 4),
+        nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.AvgPool2d(3, 1, 1, count_include_pad=True),
+        nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(36, 4),
     ).double().eval()
     net[3].running_mean.normal_()
     net[3].running_var.uniform_(0.5, 2.0)
+    with torch.no_grad():  # a negative scale swaps the interval's ends
+        net[3].weight.copy_(torch.tensor([-1.5, 0.7, -0.2]))
     return net
 
 
@@ -47,6 +49,42 @@ def test_matches_dense_oracle(norm, clip):
             want = torch.stack([DenseBounds(layers, x[i].flatten(), 0.15, norm, method, clip).lower_bound(spec[i], method)
                                 for i in range(3)])
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"{method}")
+        propagation = BoundModel(net).propagation(x, 0.15, norm, "ibp", box, keep_all_bounds=True)
+        assert all(bool((lower <= upper).all()) for lower, upper in propagation.bounds if lower is not None)
+
+
+def test_max_pool_symbolic_form_holds_at_samples():
+    """The max-pool rule of crown-symbolic on its own: for inputs sampled in a box given as an exact
+    affine form, every window's max lies in the output form's range (input symbols at the sample,
+    the new error symbols free in [-1, 1])."""
+    pool = nodes.MaxPool2d(2, 2, 0, False)
+    lower = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    upper = lower + 0.8 * torch.rand_like(lower)
+    mid, half = (upper + lower) / 2, (upper - lower) / 2
+    n = mid[0].numel()
+    coef = torch.diag_embed(half.reshape(1, -1)).reshape(1, n, 2, 4, 4)
+    out = pool.symbolic([nodes.Symbolic(coef, mid, None)], [(lower, upper)], ErrorSymbols(n, 100))
+    d = torch.rand(5000, n, dtype=torch.float64) * 2 - 1
+    y = pool.forward(mid + (d * half.reshape(1, -1)).view(5000, 2, 4, 4))
+    affine = out.centre + torch.einsum("sn,nchw->schw", d, out.coef[0, :n])
+    slack = out.coef[0, n:].abs().sum(0) + (0 if out.radius is None else out.radius[0])
+    assert float(torch.maximum(y - (affine + slack), (affine - slack) - y).max()) <= 1e-12
+
+
+@pytest.mark.parametrize("kernel", [(2, 3), (3, 2)])
+def test_non_square_max_pools_are_sound_and_exact_at_eps_zero(kernel):
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.MaxPool2d(kernel, kernel), nn.Flatten(),
+                        nn.Linear(3 * (6 // kernel[0]) * (6 // kernel[1]), 3)).double().eval()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        samples = net(sample_ball(x, 0.05, "linf", 2000).flatten(0, 1)).view(2000, 2, 3)
+        clean = net(x)
+        for method in METHODS:
+            lower, upper = logit_bounds(net, x, 0.05, "linf", method)
+            assert bool((lower <= samples + 1e-9).all() and (samples <= upper + 1e-9).all()), method
+            lower, upper = logit_bounds(net, x, 0.0, "linf", method)
+            torch.testing.assert_close(lower, clean, rtol=0, atol=1e-9, msg=method)
+            torch.testing.assert_close(upper, clean, rtol=0, atol=1e-9, msg=method)
 
 
 @pytest.mark.parametrize("kernel", [3, 7])
@@ -643,6 +681,12 @@ def test_crown_symbolic_relu_is_the_tight_triangle():
         m[2].weight.fill_(1.0)
         m[2].bias.fill_(-0.5)
     lower, upper = logit_bounds(m, torch.zeros(1, 1, dtype=torch.float64), 1.0, "linf", "crown-symbolic", clip=None)
+    assert lower.item() == 0.0 and upper.item() == pytest.approx(0.5, abs=1e-12)
+    # Without error symbols the undecided band is an interval of its own (the radius), carried
+    # through the linear layers exactly: still the tight triangle here.
+    with pytest.warns(UserWarning, match="ran out of its 0 error symbols"):
+        lower, upper = logit_bounds(m, torch.zeros(1, 1, dtype=torch.float64), 1.0, "linf", "crown-symbolic",
+                                    clip=None, max_error_symbols=0)
     assert lower.item() == 0.0 and upper.item() == pytest.approx(0.5, abs=1e-12)
 
 

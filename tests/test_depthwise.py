@@ -121,7 +121,8 @@ def interval_reference(lower, upper, weight, stride, padding, dilation):
     return centre - radius, centre + radius
 
 
-@pytest.mark.parametrize("name", fast_backends("interval_depthwise_conv2d"))
+# The library's reference is checked too: the bound engine runs it where no fast backend is usable.
+@pytest.mark.parametrize("name", ["reference"] + fast_backends("interval_depthwise_conv2d"))
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k, s, p, d", GEOMETRIES, ids=GEOMETRY_IDS)
 def test_interval_matches_reference_and_is_sound(name, device, k, s, p, d):
