@@ -123,13 +123,10 @@ def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
-# The CUDA kernels are compiled for the DARTS family's kernel sizes; a depthwise conv of another size
-# on a GPU (a user's own module) runs on the reference path. The CPU kernels take any size.
-CUDA_KERNEL_SIZES = (3, 5)
-
-
 def _not_on_cuda_kernels(t: torch.Tensor, weights) -> bool:
-    return t.is_cuda and any(w.shape[-1] not in CUDA_KERNEL_SIZES for w in weights)
+    """A depthwise conv of a size the CUDA kernels lack, on a GPU (a user's own module): it runs on
+    the reference path. The CPU kernels take any size."""
+    return t.is_cuda and any(w.shape[-1] not in KERNEL_SIZES for w in weights)
 
 
 def depthwise_conv2d_native(x, weight, stride, padding, dilation):
