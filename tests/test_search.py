@@ -635,6 +635,22 @@ def test_each_epoch_sees_the_training_half_in_a_new_order(tmp_path, monkeypatch)
     assert orders[0] != orders[1]
 
 
+def test_the_logged_losses_are_the_means_over_the_epochs_images(tmp_path, monkeypatch):
+    steps = []
+    real_step = Searcher.step
+
+    def recording(self, train_batch, val_batch):
+        metrics = real_step(self, train_batch, val_batch)
+        steps.append({k: float(v) for k, v in metrics.items() if k in ("train_loss", "val_loss")})
+        return metrics
+
+    monkeypatch.setattr(Searcher, "step", recording)
+    record = run_search(config(out=str(tmp_path / "run"), epochs=1), tiny_data()).history[0]
+    assert len(steps) == 4  # 16 training images in batches of 4, every batch the same size
+    for key in ("train_loss", "val_loss"):
+        assert record[key] == pytest.approx(sum(s[key] for s in steps) / len(steps), rel=1e-6)
+
+
 def test_resume_restores_the_random_state(tmp_path):
     """R_Jac's random rows come from torch's generator: an interrupted run resumes with the state the
     uninterrupted one had, so both end with the same weights."""
