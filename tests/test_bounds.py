@@ -71,6 +71,38 @@ def test_max_pool_symbolic_form_holds_at_samples():
     assert float(torch.maximum(y - (affine + slack), (affine - slack) - y).max()) <= 1e-12
 
 
+def test_max_pool_relaxation_picks_the_input_with_the_largest_lower_bound():
+    """The CROWN lower line of a max-pool window is its input with the largest lower bound, and the
+    gap is how far another input's upper bound reaches above it: window [0, 0.5], [-1, 1], and two
+    dead ones: max >= x_0 >= 0 (the line through the input with the largest upper bound gives -1)."""
+    pool = nodes.MaxPool2d(2, 2, 0, False)
+    lower = torch.tensor([[[[0.0, -1.0], [-2.0, -2.0]]]], dtype=torch.float64)
+    upper = torch.tensor([[[[0.5, 1.0], [-1.5, -1.5]]]], dtype=torch.float64)
+    index, gap = pool._windows(lower, upper)
+    assert index.item() == 0 and gap.item() == 1.0
+    (A,), bias = pool.backward(torch.ones(1, 1, 1, 1, 1, dtype=torch.float64), [(lower, upper)])
+    assert float((A.clamp(min=0) * lower).sum() + (A.clamp(max=0) * upper).sum() + bias.sum()) == 0.0
+
+
+def test_symbolic_radii_scale_exactly():
+    """The per-neuron radius (the overflow past the error symbols) is carried exactly, not only
+    soundly: through a ReLU by its chord's slope (plus the band it adds), into a mixed op's sum by
+    the candidate's weight."""
+    from dsrna.bounds.engine import _accumulate
+
+    lower = torch.tensor([[-1.0, 0.5, -2.0]], dtype=torch.float64)
+    upper = torch.tensor([[3.0, 2.0, -1.0]], dtype=torch.float64)
+    radius = torch.tensor([[0.25, 0.5, 0.1]], dtype=torch.float64)
+    sym = nodes.Symbolic(torch.zeros(1, 1, 3, dtype=torch.float64), (lower + upper) / 2, radius)
+    out = nodes.ReLU().symbolic([sym], [(lower, upper)], ErrorSymbols(1, 0))  # no error symbols left
+    slope = torch.tensor([[0.75, 1.0, 0.0]], dtype=torch.float64)  # chord 3 / 4, active, dead
+    band = torch.tensor([[0.375, 0.0, 0.0]], dtype=torch.float64)  # half the chord's intercept 0.75
+    torch.testing.assert_close(out.radius, radius * slope + band, rtol=0, atol=1e-15)
+    total = _accumulate(None, sym, torch.tensor(0.25, dtype=torch.float64))
+    total = _accumulate(total, sym, torch.tensor(0.5, dtype=torch.float64))
+    torch.testing.assert_close(total.radius, 0.75 * radius, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("kernel", [(2, 3), (3, 2)])
 def test_non_square_max_pools_are_sound_and_exact_at_eps_zero(kernel):
     net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.MaxPool2d(kernel, kernel), nn.Flatten(),
