@@ -19,7 +19,8 @@
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET, MAX_JOBS (default 16), GPU_CHECK_SKIP_BUILD=1,
 # GPU_CHECK_BENCH (extra `dsrna bench` arguments), GPU_CHECK_SIDE (the side measurements of step 4b
 # to run, comma-separated from plain,profile,depthwise,batchnorm,loader,torchrun; default all of them),
-# GPU_CHECK_CXX (the C++ compiler of the build, see step 1), GPU_CHECK_PROFILE (profile_step's arguments; default "--metric train --backend auto --graph"),
+# GPU_CHECK_CXX (the C++ compiler of the build, see step 1), GPU_CHECK_PROFILE (profile_step's
+# arguments; default "--metric train --backend auto --graph"),
 # GPU_CHECK_TESTS (the test files to run, space-separated names without .py; default the GPU ones).
 set -u
 cd "$(dirname "$0")/.." || exit 1

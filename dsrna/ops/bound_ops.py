@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dsrna import _native, backend
-from dsrna.ops.weighted_sum import weighted_sum_native
+from dsrna.ops.weighted_sum import check_same_shapes, weighted_sum_native
 
 RELU_MODES = ("adaptive", "fast-lin")
 
@@ -105,32 +105,21 @@ backend.register("crown_relu_backward", "native", crown_relu_backward_native, de
 backend.register("interval_depthwise_conv2d", "reference", interval_depthwise_conv2d_reference)
 
 
-# The public ops check their shapes once, for every backend, before any kernel runs: the Triton
-# kernels index flat memory and would read past a smaller (broadcastable) operand.
-
-
-def _same_shapes(op: str, tensors, shape) -> None:
-    for t in tensors:
-        if t.shape != shape or t.device != tensors[0].device:
-            raise ValueError(f"{op}: tensors must have the same shape and device, got {tuple(shape)} on "
-                             f"{tensors[0].device} and {tuple(t.shape)} on {t.device}")
-
-
 def interval_weighted_sum(lowers, uppers, w, backend_name=None):
     if not len(lowers) == len(uppers) == w.numel():
         raise ValueError(f"interval_weighted_sum: {len(lowers)} lower and {len(uppers)} upper bounds but {w.numel()} weights")
-    _same_shapes("interval_weighted_sum", [*lowers, *uppers], lowers[0].shape)
+    check_same_shapes("interval_weighted_sum", [*lowers, *uppers], lowers[0].shape)
     return backend.dispatch("interval_weighted_sum", lowers[0].device, backend_name)(list(lowers), list(uppers), w)
 
 
 def relu_relaxation(lower, upper, mode="adaptive", backend_name=None):
-    _same_shapes("relu_relaxation", [lower, upper], lower.shape)
+    check_same_shapes("relu_relaxation", [lower, upper], lower.shape)
     return backend.dispatch("relu_relaxation", lower.device, backend_name)(lower, upper, mode)
 
 
 def crown_relu_backward(A, lower_slope, upper_slope, upper_intercept, backend_name=None):
     """``A`` is ``[B, S, *shape]``; the relaxation ``[B, *shape]`` (see the reference)."""
-    _same_shapes("crown_relu_backward (the relaxation, [B, *shape] of A [B, S, *shape])",
+    check_same_shapes("crown_relu_backward (the relaxation, [B, *shape] of A [B, S, *shape])",
                  [lower_slope, upper_slope, upper_intercept], (A.shape[0], *A.shape[2:]))
     return backend.dispatch("crown_relu_backward", A.device, backend_name)(A, lower_slope, upper_slope, upper_intercept)
 

@@ -33,16 +33,22 @@ def weighted_sum_reference(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch
 backend.register("weighted_sum", "reference", weighted_sum_reference)
 
 
+def check_same_shapes(op: str, tensors: Sequence[torch.Tensor], shape) -> None:
+    """Every tensor of ``shape`` and on the first one's device: the public ops check this once, with one
+    message for every backend, before any kernel runs (the fast kernels index flat memory and would
+    read past a smaller, broadcastable operand)."""
+    device = tensors[0].device
+    for t in tensors:
+        if t.shape != shape or t.device != device:
+            raise ValueError(f"{op}: tensors must have the same shape and device, got {tuple(shape)} on "
+                             f"{device} and {tuple(t.shape)} on {t.device}")
+
+
 def weighted_sum(xs: Sequence[torch.Tensor], w: torch.Tensor, backend_name: str | None = None) -> torch.Tensor:
     """``sum_i w[i] * xs[i]`` on the selected backend; differentiable twice in ``xs`` and ``w``."""
     if len(xs) != w.numel():
         raise ValueError(f"weighted_sum: {len(xs)} tensors but {w.numel()} weights")
-    # One check and one message for every backend, before any kernel runs.
-    shape, device = xs[0].shape, xs[0].device
-    for x in xs:
-        if x.shape != shape or x.device != device:
-            raise ValueError(f"weighted_sum: all tensors must have the same shape and device, got {tuple(shape)} on "
-                             f"{device} and {tuple(x.shape)} on {x.device}")
+    check_same_shapes("weighted_sum", xs, xs[0].shape)
     return backend.dispatch("weighted_sum", xs[0].device, backend_name)(list(xs), w)
 
 
