@@ -11,6 +11,7 @@ The last test launches the user-facing command itself, ``torchrun --standalone -
 -m dsrna search ...``, on mnist-mini (about 10 s for the two processes on one CPU core).
 """
 
+import datetime
 import json
 import os
 import shutil
@@ -86,8 +87,10 @@ def _worker(rank, port, results_dir, run_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a rank left waiting in a collective fails the test in a minute instead of hanging it
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
+        _fail_on_one_rank(rank, results_dir, run_dir)
         for case in CASES:
             torch.save(_search_steps(case, rank, WORLD), os.path.join(results_dir, f"{case}_rank{rank}.pt"))
         # a whole run, stopped after its first epoch: files from rank 0 only, resumed below by one process
@@ -102,6 +105,34 @@ def _worker(rank, port, results_dir, run_dir):
             pass
     finally:
         dist.destroy_process_group()
+
+
+def _outcome(block) -> str:
+    try:
+        block()
+        return "no error"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _fail_on_one_rank(rank, results_dir, run_dir):
+    """What each rank sees when only one of them fails: inside a ``fail_together`` block (rank 1, a
+    plain exception), and in a whole run whose ``--out`` only rank 0 checks (a regular file stands
+    in the way of the folder)."""
+    from dsrna.search import distributed, run_search
+
+    def rank_one_fails():
+        with distributed.fail_together():
+            if rank == 1:
+                raise OSError("no space left on device\nsecond line")
+
+    blocked = Path(run_dir).parent / "not-a-folder"
+    if rank == 0:
+        blocked.write_text("")
+    dist.barrier()
+    outcomes = [_outcome(rank_one_fails),
+                _outcome(lambda: run_search(_run_config(blocked / "search", epochs=1), _run_data()))]
+    Path(results_dir, f"one_rank_fails_rank{rank}.json").write_text(json.dumps(outcomes))
 
 
 def _run_config(out, epochs, resume=False, batch_size=2):
@@ -167,6 +198,17 @@ def test_distributed_run_writes_on_rank_zero_and_resumes_on_one_process(two_proc
         run_search(_run_config(same_global_batch, epochs=2, resume=True, batch_size=3), _run_data())
     result = run_search(_run_config(same_global_batch, epochs=2, resume=True, batch_size=4), _run_data())
     assert [r["epoch"] for r in result.history] == [1, 2] and result.history[1]["step"] == 4
+
+
+def test_when_one_rank_fails_every_rank_stops_and_names_it(two_process_results):
+    results, _ = two_process_results
+    (block0, run0), (block1, run1) = (json.loads((results / f"one_rank_fails_rank{r}.json").read_text())
+                                      for r in range(WORLD))
+    # the failing rank raises its own exception; the other one names it in one line instead of waiting
+    assert block1 == "OSError: no space left on device\nsecond line"
+    assert block0 == "PeerFailure: rank 1 failed: OSError: no space left on device"
+    assert run0.startswith("CheckpointError: cannot write in ") and run0.endswith("choose another --out")
+    assert run1 == "PeerFailure: rank 0 failed: " + run0.removeprefix("CheckpointError: ")
 
 
 REPO = Path(__file__).resolve().parents[1]
