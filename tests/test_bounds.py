@@ -342,9 +342,16 @@ def test_crown_bounds_of_an_image_do_not_depend_on_the_rest_of_the_batch():
     for images, labels, eps in ((x, y, [0.2, 0.25, 0.375]), (x[:1].repeat(3, 1, 1, 1), y[:1].repeat(3), [0.05, 0.25, 0.375])):
         eps = torch.tensor(eps, dtype=torch.float64)
         together = margin_lower_bound(net, images, labels, eps, "l1", "crown")
+        # every node's interval too: the final margins rarely feel a neighbour's extra tightening
+        together_nodes = BoundModel(net).propagation(images, eps, "l1", "crown", keep_all_bounds=True).bounds
         for i in range(3):
             alone = margin_lower_bound(net, images[i:i + 1], labels[i:i + 1], float(eps[i]), "l1", "crown")
             torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=1e-12)
+            alone_nodes = BoundModel(net).propagation(images[i:i + 1], float(eps[i]), "l1", "crown",
+                                                      keep_all_bounds=True).bounds
+            for node, (lower, upper) in enumerate(alone_nodes):
+                torch.testing.assert_close((together_nodes[node][0][i:i + 1], together_nodes[node][1][i:i + 1]),
+                                           (lower, upper), rtol=0, atol=1e-12, msg=lambda m: f"node {node}: {m}")
 
 
 @pytest.mark.parametrize("method", METHODS)
