@@ -125,8 +125,9 @@ def test_native_opcheck(device):
     torch.library.opcheck(torch.ops.dsrna.weighted_sum.default, (xs, w))
     # The AOT-dispatch check traces through torch.compile's machinery (seconds per op): once is enough.
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")
-    g = torch.randn(2, 3, 5, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.dsrna.batched_dot.default, (xs, g), test_utils=quick)
+    for dtype in (torch.float32, torch.float64):  # the fake kernel's result dtype is the accumulator's
+        g = torch.randn(2, 3, 5, device=device, dtype=dtype, requires_grad=True)
+        torch.library.opcheck(torch.ops.dsrna.batched_dot.default, ([x.to(dtype) for x in xs], g), test_utils=quick)
 
 
 @needs_native
@@ -155,5 +156,7 @@ def test_wrapper_rejects_mismatched_inputs_on_every_backend(name):
         weighted_sum([torch.randn(3), torch.randn(4)], torch.rand(2), backend_name=name)
     with pytest.raises(ValueError, match="2 tensors but 3 weights"):
         weighted_sum([torch.randn(3), torch.randn(3)], torch.rand(3), backend_name=name)
+    with pytest.raises(ValueError, match="got \\(3,\\) on cpu and \\(3,\\) on meta"):
+        weighted_sum([torch.randn(3), torch.randn(3, device="meta")], torch.rand(2), backend_name=name)
 
 
