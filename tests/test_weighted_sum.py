@@ -125,7 +125,10 @@ def test_native_opcheck(device):
     torch.library.opcheck(torch.ops.dsrna.weighted_sum.default, (xs, w))
     # The AOT-dispatch check traces through torch.compile's machinery (seconds per op): once is enough.
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")
-    for dtype in (torch.float32, torch.float64):  # the fake kernel's result dtype is the accumulator's
+    # channels-last inputs: the result is contiguous, the fake kernel's too
+    last = [torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last) for _ in range(2)]
+    torch.library.opcheck(torch.ops.dsrna.weighted_sum.default, (last, w[:2].detach()), test_utils=quick)
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):  # the fake's result dtype is the accumulator's
         g = torch.randn(2, 3, 5, device=device, dtype=dtype, requires_grad=True)
         torch.library.opcheck(torch.ops.dsrna.batched_dot.default, ([x.to(dtype) for x in xs], g), test_utils=quick)
 
