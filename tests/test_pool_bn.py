@@ -49,6 +49,8 @@ def test_rejects_bad_arguments():
     bn = make_bn(2, "cpu")
     with pytest.raises(ValueError, match="pool kind"):
         pool_bn(torch.zeros(1, 2, 3, 3), "min", 1, bn)
+    with pytest.raises(ValueError, match="stride must be 1 or 2, got 3"):  # the kernels handle those two
+        pool_bn(torch.zeros(1, 2, 3, 3), "avg", 3, bn)
     with pytest.raises(ValueError, match="affine=False"):
         pool_bn(torch.zeros(1, 2, 3, 3), "max", 1, nn.BatchNorm2d(2))
 
