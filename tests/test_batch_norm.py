@@ -77,7 +77,9 @@ def test_half_precision_takes_the_reference_path():
 
 
 def test_rejects_one_value_per_channel_and_wrong_statistics():
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        batch_norm_train(torch.rand(1, 3, 1, 1), torch.zeros(3), torch.ones(3), MOMENTUM, EPS, "native")
+    for requires_grad in (False, True):  # the reference path and the fast one
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            batch_norm_train(torch.rand(1, 3, 1, 1, requires_grad=requires_grad), torch.zeros(3), torch.ones(3),
+                             MOMENTUM, EPS, "native")
     with pytest.raises(ValueError, match=r"running statistics \[C\]"):
         batch_norm_train(torch.rand(2, 3, 4, 4), torch.zeros(4), torch.ones(4), MOMENTUM, EPS, "native")
