@@ -180,6 +180,7 @@ if ((HAVE_GPU)); then
 else
     BENCH=(--device cpu --quick --threads 1 --row-timeout 60)
 fi
+rm -f "$OUT/bench.jsonl"  # each check measures afresh (the benchmark refuses to drop rows unasked)
 RESUME=()
 for attempt in 1 2 3; do
     box=$(($(left) - 25))

@@ -402,8 +402,11 @@ def read_rows(path: Path) -> list[dict]:
 
 def run(options: Options) -> int:
     """Measure every planned row; return 0, or :data:`EXIT_CONTEXT_LOST` when the CUDA context broke."""
-    options.out.mkdir(parents=True, exist_ok=True)
     rows_path = options.out / ROWS_FILE
+    if not options.resume and read_rows(rows_path):  # measured rows are never dropped unasked
+        raise FileExistsError(f"{options.out} already holds benchmark rows: pass --resume to measure only the "
+                              "missing ones, or choose another --out")
+    options.out.mkdir(parents=True, exist_ok=True)
     done, broken = set(), set()
     if options.resume:
         for row in read_rows(rows_path):

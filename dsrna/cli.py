@@ -5,6 +5,7 @@ when their subcommand runs, so ``dsrna info`` stays fast."""
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import re
@@ -33,6 +34,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless the help says it or there is none to say
+    (None: the data set's or preset's; a flag's False). Also options without a help text."""
+
+    def _format_action(self, action):
+        text = action.help or ""
+        if (action.option_strings and "default" not in text and text != argparse.SUPPRESS
+                and action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool)):
+            action = copy.copy(action)  # the parser's own stays as it is
+            action.help = f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return super()._format_action(action)
+
+
 def _load(name: str):
     try:
         return importlib.import_module(SUBCOMMANDS[name])
@@ -52,7 +66,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         module = _load(name) if only in (None, name) else None
         help_text = getattr(module, "HELP", "not available yet in this version")
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_ShowDefaults)
         if module is not None:
             module.add_arguments(p)
     return parser

@@ -80,9 +80,10 @@ def format_report(data: dict[str, Any]) -> str:
         for name, s in backends.items():
             lines.append(f"  {name:<9} {'usable' if s['usable'] else 'unusable'}: {s['reason']}")
     lines.append("ops (backends implementing them; what auto picks):")
+    width = max(map(len, data["ops"]), default=0)
     for op, names in data["ops"].items():
         picks = ", ".join(f"{device} -> {picked[op]}" for device, picked in data["auto"].items())
-        lines.append(f"  {op:<28} {', '.join(names):<28} auto: {picks}")
+        lines.append(f"  {op:<{width}}  {', '.join(names):<28} auto: {picks}")
     return "\n".join(lines)
 
 

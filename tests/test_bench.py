@@ -102,6 +102,10 @@ def test_time_budget_then_resume_measures_only_what_is_missing(tmp_path, monkeyp
     first = rows_of(tmp_path)
     assert harness.run(options(tmp_path, ("forward", "ibp"), resume=True)) == 0  # nothing left to do
     assert rows_of(tmp_path) == first
+    # without --resume the rows are not dropped
+    with pytest.raises(FileExistsError, match="already holds benchmark rows: pass --resume"):
+        harness.run(options(tmp_path, ("forward",)))
+    assert rows_of(tmp_path) == first
 
 
 def test_a_lost_cuda_context_stops_the_run_and_resume_goes_on_without_that_backend(tmp_path, monkeypatch):

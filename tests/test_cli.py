@@ -59,6 +59,26 @@ def test_no_command_prints_help(capsys):
     assert "COMMAND" in capsys.readouterr().out
 
 
+def test_help_shows_each_options_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    lines, option = {}, None  # option -> its entry, wrapped lines joined
+    for line in capsys.readouterr().out.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            option = line.split()[0]
+            lines[option] = line.strip()
+        elif line.startswith("     ") and option:
+            lines[option] += " " + line.strip()
+        else:
+            option = None
+    assert lines["--search-epochs"].endswith("default: 50")  # an option without help text
+    assert lines["--gamma"].endswith("weight of the robustness term (default: 0.01)")
+    assert lines["--dataset"].endswith("(default: mnist-mini)")
+    # said by the help itself, the preset's (None) or a flag's: no second default
+    assert lines["--certify-max-eps"].count("default") == 1
+    assert "default" not in lines["--train-epochs"] and "default" not in lines["--no-progress"]
+
+
 def test_data_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "MNIST" / "raw").mkdir(parents=True)
     (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"")

@@ -148,6 +148,9 @@ def test_attack_and_certify_check_their_inputs_before_any_work(tmp_path, capsys,
                  ["report", str(train)]):
         assert main(argv) == 2
         assert "cannot write in" in capsys.readouterr().err
+    # --out naming a file
+    assert main([*attack, "--eps", "0.1", "--out", str(model)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{model} is a file, not a folder: choose another --out")
     assert worked == []
 
 
@@ -190,3 +193,14 @@ def test_compare_table_says_when_radii_reached_the_cap():
 def test_compare_needs_a_method(tmp_path, capsys):
     assert main(["compare", "--methods", ",", "--out", str(tmp_path / "none")]) == 2
     assert "unknown method(s) (none given)" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("kind,marker", [("search", "alphas.png"), ("training", "model.pt")])
+def test_compare_refuses_a_folder_holding_another_run(tmp_path, capsys, kind, marker):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / marker).write_bytes(b"")
+    assert main(["compare", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"already holds a {kind} run: choose another --out") and err.count("\n") == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [marker]

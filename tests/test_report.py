@@ -91,6 +91,12 @@ def test_report_of_an_empty_or_missing_folder(tmp_path):
 def test_report_command(tmp_path, capsys):
     from dsrna.cli import main
 
+    assert main(["report", str(tmp_path)]) == 2  # an empty folder: a mistyped run folder, most likely
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{tmp_path} holds no run outputs (of dsrna search, train, attack, certify or compare): "
+                        "nothing to report") and err.count("\n") == 0, err
+    assert not (tmp_path / "report.html").exists()
+    (tmp_path / "metrics.json").write_text('{"test_acc": 0.5}')
     assert main(["report", str(tmp_path)]) == 0
     assert str(tmp_path / "report.html") in capsys.readouterr().out
 

@@ -72,9 +72,16 @@ def test_projection_needs_l2_and_settings_of_an_unused_term_are_refused():
     RobustnessConfig(kind="jacobian", estimator="projection", norm="l2")
     with pytest.raises(ValueError, match="estimator has no effect with kind 'cb'"):  # silently ignored before
         RobustnessConfig(kind="cb", estimator="projection", norm="linf")
-    with pytest.raises(ValueError, match="gamma, method have no effect with kind 'none'"):
+    with pytest.raises(ValueError, match="gamma, method have no effect with kind 'none': drop them or choose kind cb "
+                                         "or combined$"):
         RobustnessConfig(gamma=0.5, method="ibp")
     RobustnessConfig(kind="combined", estimator="exact", method="ibp", gamma=0.5)  # combined uses both
+    with pytest.raises(ValueError, match="method, estimator have no effect with kind 'none': drop them or choose "
+                                         "kind combined$"):
+        RobustnessConfig(estimator="exact", method="ibp")
+    with pytest.raises(ValueError, match="error_symbols has no effect with method 'ibp'"):
+        RobustnessConfig(kind="cb", method="ibp", error_symbols=100)
+    RobustnessConfig(kind="cb", error_symbols=100)  # the method follows the data set: the search checks
 
 
 def test_none_returns_zero_without_a_forward():

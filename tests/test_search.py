@@ -439,9 +439,16 @@ def test_search_halves_take_the_training_augmentation():
     (["--robustness", "jacobian", "--robust-batch", "100"], "robust_batch (100) is larger than the validation batch"),
     (["--robust-batch", "2"], "robustness robust_batch has no effect with kind 'none'"),
     (["--gamma", "5", "--eps", "0.3", "--warmup-epochs", "1"], "robustness gamma, eps, warmup_epochs have no effect"),
-    (["--robustness", "jacobian", "--method", "ibp"], "robustness method has no effect with kind 'jacobian'"),
+    (["--robustness", "jacobian", "--method", "ibp"],
+     "robustness method has no effect with kind 'jacobian': drop it or choose kind cb or combined"),
+    # mnist-mini's R_CB runs crown-ibp, which has no error symbols
+    (["--robustness", "cb", "--error-symbols", "100"], "robustness error_symbols has no effect with method "
+                                                         "'crown-ibp', the default on mnist-mini: drop it or choose"),
+    (["--robustness", "combined", "--method", "ibp", "--error-symbols", "100"],
+     "robustness error_symbols has no effect with method 'ibp': drop it or choose method crown-symbolic"),
     (["--layers", "2"], "layers must be >= 3, got 2: with fewer, every cell is a reduction cell"),
-    (["--robustness", "cb", "--estimator", "exact"], "robustness estimator has no effect with kind 'cb'"),
+    (["--robustness", "cb", "--estimator", "exact"],
+     "robustness estimator has no effect with kind 'cb': drop it or choose kind jacobian or combined"),
     (["--lr-min", "-1"], "0 <= lr_min <= lr"),
     (["--lr-reference-batch", "0"], "lr_reference_batch must be >= 1"),
     (["--lr-warmup-epochs", "-1"], "lr_warmup_epochs must be >= 0"),
@@ -486,6 +493,22 @@ def test_a_checkpointed_config_with_settings_of_an_unused_term_still_loads():
     saved = config(robustness=RobustnessConfig(kind="jacobian")).to_dict()
     saved["robustness"]["method"] = "crown"
     assert SearchConfig.from_dict(saved).robustness.method is None
+    # an error-symbol budget with a method other than crown-symbolic
+    saved = config(robustness=RobustnessConfig(kind="cb", method="ibp")).to_dict()
+    saved["robustness"]["error_symbols"] = 100
+    assert SearchConfig.from_dict(saved).robustness.error_symbols == RobustnessConfig.error_symbols
+    # ... and with it: kept
+    saved["robustness"]["method"] = "crown-symbolic"
+    assert SearchConfig.from_dict(saved).robustness.error_symbols == 100
+
+
+def test_an_error_symbol_budget_follows_the_data_sets_default_method():
+    """R_CB's default method is the searched data set's: crown-symbolic on CIFAR-10 reads the budget,
+    whatever data set a RobustnessConfig made on its own was told."""
+    robustness = RobustnessConfig(kind="cb", error_symbols=100)
+    assert SearchConfig(dataset="cifar10", robustness=robustness).robustness.error_symbols == 100
+    with pytest.raises(ValueError, match="'crown-ibp', the default on mnist-mini"):
+        SearchConfig(dataset="mnist-mini", robustness=robustness)
 
 
 def test_architecture_optimizer_follows_the_device_on_resume():

@@ -76,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds for the whole run; rows after it are recorded as skipped")
     parser.add_argument("--profile-max-ms", type=_positive(float), default=2500.0,
                         help="count kernels (GPU) only for steps faster than this (default 2500 ms)")
-    parser.add_argument("--out", type=Path, help="folder for bench.jsonl, bench.md, bench.png "
-                                                 "(default benchmarks/results/<date>_<device>/)")
+    parser.add_argument("--out", type=Path, help="folder for bench.jsonl, bench.md, bench.png (default: "
+                                                 "benchmarks/results/<date>_<device>/ in the source checkout)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --out and measure only the missing ones")
     parser.add_argument("--report-only", action="store_true",

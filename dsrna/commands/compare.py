@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dsrna.evaluation.compare import METHODS
     from dsrna.evaluation.train import AMP_CHOICES, PRESETS
 
-    parser.add_argument("--dataset", default="mnist-mini", choices=tuple(PRESETS))
+    parser.add_argument("--dataset", default="mnist-mini", choices=tuple(PRESETS),
+                        help="data set; unset training settings come from its preset")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")

@@ -14,5 +14,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dsrna.evaluation.report import write_report
 
-    print(f"report: {write_report(args.run_dir)}")
+    print(f"report: {write_report(args.run_dir, require_outputs=True)}")
     return 0

@@ -42,8 +42,9 @@ _FLAGS = {
     "--cb-scale": ("robustness.cb_scale", dict(choices=["asinh", "linear"],
                                                help="R_CB averages asinh(bound) (default: finite on vacuous bounds) or the bound")),
     "--bound-dtype": ("robustness.bound_dtype", dict(choices=["float64", "float32"], help="precision of R_CB's bound pass; default float64")),
-    "--error-symbols": ("robustness.error_symbols", dict(type=int, help="crown-symbolic's error-symbol budget per robust example; "
-                                                                        "default 2048 (MNIST needs about 8192)")),
+    "--error-symbols": ("robustness.error_symbols", dict(type=int, help="crown-symbolic's error-symbol budget per robust example "
+                                                                        "(only that method reads it); default 2048 "
+                                                                        "(MNIST needs about 8192)")),
     "--estimator": ("robustness.estimator", dict(choices=["random-row", "exact", "top1", "projection"],
                                                  help="Jacobian-norm estimator of R_Jac; default random-row")),
     "--robust-batch": ("robustness.robust_batch", dict(type=int, help="R on the first M validation examples "

@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("genotype", nargs="?", default="DARTS_V2",
                         help="genotype.json path, JSON text, or built-in name (DARTS_V1, DARTS_V2, DARTS = DARTS_V2); default DARTS_V2")
-    parser.add_argument("--dataset", default="mnist-mini", choices=tuple(PRESETS))
+    parser.add_argument("--dataset", default="mnist-mini", choices=tuple(PRESETS),
+                        help="data set; settings not given come from its preset")
     parser.add_argument("--data-root", default=None, help="folder with the data set (torchvision layout)")
     parser.add_argument("--out", default="runs/train", help="run folder (default runs/train)")
     group = parser.add_argument_group("recipe (unset: the data set's preset, see docs/evaluation.md)")

@@ -22,7 +22,7 @@ from typing import Callable
 
 from dsrna.errors import DataError, changed_settings, check_finite
 from dsrna.evaluation.common import evaluation_loader, pick_device, result_name, write_json
-from dsrna.search.checkpoint import atomic_write_text, check_writable
+from dsrna.search.checkpoint import atomic_write_text, check_writable, refuse_existing_run, run_kind
 
 # Method name -> kind of robustness term in the architecture objective (METHOD.md §4).
 METHODS = {"darts": "none", "dsrna-cb": "cb", "dsrna-jacobian": "jacobian", "dsrna-combined": "combined"}
@@ -83,6 +83,8 @@ def compare(config: CompareConfig) -> dict:
     pick_device(config.device)  # a bad --device fails now, not after the first search
     out = Path(config.out)
     _check_settings(config, out)
+    if run_kind(out) != "comparison":  # a comparison continues where it stopped; another run stays as it is
+        refuse_existing_run(out, "comparison")
     check_writable(out)
     settings = json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back: tuples become lists
     # What does not change the results (as a search's RESUMABLE fields): a moved folder, data or backend

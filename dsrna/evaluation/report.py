@@ -33,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dsrna.errors import DsrnaError  # noqa: E402
 from dsrna.search.checkpoint import atomic_write_text, check_writable  # noqa: E402
 
 # The evaluations' files; their PNGs are drawn here again from the JSON, so the gallery leaves them out.
@@ -232,8 +233,9 @@ def _built(source: Path, build: Callable[[], list[str]]) -> list[str]:
         return []
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report.html`` from whatever the folder holds; returns its path."""
+def write_report(run_dir: str | Path, require_outputs: bool = False) -> Path:
+    """Write ``run_dir/report.html`` from whatever the folder holds; returns its path. A folder with no
+    run outputs gets a page saying so, or with ``require_outputs`` a one-line error and no page."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder at {run_dir}")
@@ -280,6 +282,9 @@ def write_report(run_dir: str | Path) -> Path:
 
     body = "".join(f"<h2>{html.escape(title)}</h2>" + "".join(parts) for title, parts in sections if parts)
     if not body:
+        if require_outputs:
+            raise DsrnaError(f"{run_dir} holds no run outputs (of dsrna search, train, attack, certify or compare): "
+                             "nothing to report")
         body = "<p>This folder holds no run outputs yet.</p>"
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"

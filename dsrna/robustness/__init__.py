@@ -101,9 +101,12 @@ class RobustnessConfig:
         unused = [f.name for f in dataclasses.fields(self)
                   if f.name not in self.fields_in_use(self.kind) and getattr(self, f.name) != f.default]
         if unused:
-            raise ValueError(f"robustness {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with "
-                             f"kind {self.kind!r}: drop {'it' if len(unused) == 1 else 'them'} or choose a kind that "
-                             f"uses {'it' if len(unused) == 1 else 'them'} (cb, jacobian or combined)")
+            users = [kind for kind in KINDS if set(unused) <= self.fields_in_use(kind)]
+            one = len(unused) == 1
+            raise ValueError(f"robustness {', '.join(unused)} {'has' if one else 'have'} no effect with kind "
+                             f"{self.kind!r}: drop {'it' if one else 'them'} or choose kind {' or '.join(users)}")
+        if self.method is not None:  # else the method follows the data set: SearchConfig checks once it is known
+            self.check_error_symbols()
         if self.uses_jacobian and self.estimator == "projection" and self.norm != "l2":
             raise ValueError(f"the projection estimator bounds l2 Jacobian row norms only; use norm l2 or another estimator (norm is {self.norm!r})")
 
@@ -118,6 +121,26 @@ class RobustnessConfig:
         if kind in ("jacobian", "combined"):
             fields |= {"estimator", "n"}
         return fields
+
+    def check_error_symbols(self) -> None:
+        """Refuse an error-symbol budget that R_CB's bound method never reads (only crown-symbolic does)."""
+        if self.uses_certified and self.error_symbols != DEFAULT_ERROR_SYMBOLS:
+            method = self.resolved_method()
+            if method != "crown-symbolic":
+                default = "" if self.method is not None else f", the default on {self.dataset}"
+                raise ValueError(f"robustness error_symbols has no effect with method {method!r}{default}: drop it "
+                                 "or choose method crown-symbolic")
+
+    @classmethod
+    def saved_settings(cls, saved: dict, dataset: str) -> dict:
+        """A saved run's robustness settings without those its R never read: a run saved before they were
+        refused may hold some; they never changed its numbers, so they are dropped rather than refused."""
+        kept = {k: v for k, v in saved.items() if k in cls.fields_in_use(saved.get("kind", "none"))}
+        if "error_symbols" in kept:
+            method = cls(**{**kept, "error_symbols": DEFAULT_ERROR_SYMBOLS, "dataset": dataset}).resolved_method()
+            if method != "crown-symbolic":
+                del kept["error_symbols"]
+        return kept
 
     @property
     def uses_certified(self) -> bool:

@@ -83,6 +83,8 @@ def check_writable(folder: Path, hint: str = "choose another --out") -> None:
     """Create ``folder`` and make sure files can be written in it, before any long work whose
     results would otherwise be lost at the end."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file, not a folder: {hint}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".dsrna-write-test.")

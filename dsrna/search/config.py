@@ -112,6 +112,7 @@ class SearchConfig:
         self._check_robustness_schedule()
         if self.robustness.dataset != self.dataset:  # R's default budget follows the searched data set
             self.robustness = dataclasses.replace(self.robustness, dataset=self.dataset)
+        self.robustness.check_error_symbols()  # R_CB's default method is known now
         self.arch_betas = tuple(self.arch_betas)
         if self.subset_fractions is not None:
             self.subset_fractions = tuple(self.subset_fractions)
@@ -149,10 +150,8 @@ class SearchConfig:
             raise ValueError(f"search config: unknown field(s) {', '.join(unknown)}")
         robustness = data.get("robustness")
         if isinstance(robustness, dict):
-            # A run saved before settings of an unused term were refused may hold some: they never
-            # changed its numbers, so they are dropped rather than refused.
-            in_use = _robustness_config_class().fields_in_use(robustness.get("kind", "none"))
-            data = {**data, "robustness": {k: v for k, v in robustness.items() if k in in_use}}
+            read = _robustness_config_class().saved_settings(robustness, data.get("dataset", cls.dataset))
+            data = {**data, "robustness": read}
         return cls(**data)
 
     def differences(self, other: "SearchConfig") -> list[str]:
