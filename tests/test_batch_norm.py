@@ -83,3 +83,5 @@ def test_rejects_one_value_per_channel_and_wrong_statistics():
                              MOMENTUM, EPS, "native")
     with pytest.raises(ValueError, match=r"running statistics \[C\]"):
         batch_norm_train(torch.rand(2, 3, 4, 4), torch.zeros(4), torch.ones(4), MOMENTUM, EPS, "native")
+    with pytest.raises(ValueError, match=r"running variance \(4,\)"):
+        batch_norm_train(torch.rand(2, 3, 4, 4), torch.zeros(3), torch.ones(4), MOMENTUM, EPS, "native")
