@@ -158,6 +158,23 @@ def test_public_ops_refuse_mismatched_shapes_on_every_backend(name, device):
         (lambda: bound_ops.interval_weighted_sum([lower, lower[:1]], [upper, upper], w, name),
          "interval_weighted_sum: tensors must have the same shape"),
         (lambda: bound_ops.interval_weighted_sum([lower], [upper], w, name), "1 lower and 1 upper bounds but 2 weights"),
+        (lambda: bound_ops.interval_weighted_sum([lower, lower], [upper], w, name), "2 lower and 1 upper bounds"),
+        (lambda: bound_ops.interval_weighted_sum([lower, lower], [upper, upper[:1]], w, name),
+         "interval_weighted_sum: tensors must have the same shape"),
+        (lambda: bound_ops.relu_relaxation(lower, upper, "deeppoly", name), "unknown ReLU relaxation 'deeppoly'"),
     ):
         with pytest.raises(ValueError, match=message):
             call()
+
+
+@pytest.mark.parametrize("name", ["reference", "native", "triton"])
+@pytest.mark.parametrize("mode", ["adaptive", "fast-lin"])
+def test_relaxation_gradients_stay_finite_on_point_intervals(name, mode):
+    """lower == upper (eps 0, or a neuron fixed by the batch): stable neurons, where the chord's
+    width is 0. The chord is not used there, and its division must not put NaN into the gradient."""
+    require_backend(name, "cpu")
+    lower = torch.tensor([-1.0, 0.0, 2.0, -0.5], dtype=torch.float64, requires_grad=True)
+    upper = lower.detach().clone().requires_grad_()
+    relaxation = bound_ops.relu_relaxation(lower, upper, mode, name)
+    grads = torch.autograd.grad(sum(r.sum() for r in relaxation), (lower, upper))
+    assert all(torch.isfinite(g).all() for g in grads), grads
