@@ -154,6 +154,8 @@ def test_public_ops_refuse_mismatched_shapes_on_every_backend(name, device):
     for call, message in (
         (lambda: bound_ops.crown_relu_backward(A, lower_slope[:1], upper_slope, upper_intercept, name),
          r"crown_relu_backward .*: tensors must have the same shape"),
+        (lambda: bound_ops.crown_relu_backward(A, lower_slope, upper_slope, upper_intercept[:1], name),
+         r"crown_relu_backward .*: tensors must have the same shape"),
         (lambda: bound_ops.relu_relaxation(lower, upper[:1], backend_name=name), "relu_relaxation: tensors must have"),
         (lambda: bound_ops.interval_weighted_sum([lower, lower[:1]], [upper, upper], w, name),
          "interval_weighted_sum: tensors must have the same shape"),

@@ -8,14 +8,13 @@ Parametrized over every non-reference backend registered for each op, skipped by
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsrna import SearchNetwork, _native, backend, use_backend
 from dsrna.ops import (depthwise_conv2d, depthwise_conv2d_reference, depthwise_conv2d_stack,
                        depthwise_conv2d_stack_reference, depthwise_conv2d_stack_transpose_reference,
                        depthwise_conv2d_transpose_reference)
 from dsrna.ops.bound_ops import interval_depthwise_conv2d
-from conftest import DEVICES, require_backend
+from conftest import DEVICES, OpsRun, require_backend
 
 # (kernel, padding, dilation) of sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5
 DARTS = [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2)]
@@ -180,35 +179,23 @@ def test_native_opcheck(device):
     torch.library.opcheck(ops.interval_depthwise_conv2d.default, (x, x + 1, w, 2, 2, 2), test_utils=quick)
 
 
-class _OpsRun(TorchDispatchMode):
-    """The names of the operators that run below autograd (``dsrna.depthwise_conv2d``, ``aten.add``...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @needs_native
 @pytest.mark.parametrize("k", [3, 7])  # on a CPU every kernel size runs on the C++ kernels
 def test_native_backend_runs_its_kernels(k):
     """Comparisons with the reference cannot tell a fast backend that quietly runs the reference
     itself: the native ops must run dsrna's kernels, forward and both gradients."""
     x, w = conv_inputs((2, 3, 9, 8), k, torch.float32, "cpu")
-    with _OpsRun() as ran:
+    with OpsRun() as ran:
         y = depthwise_conv2d(x, w, 1, k // 2, 1, backend_name="native")
         torch.autograd.grad(y.sum(), (x, w))
     assert {"dsrna.depthwise_conv2d", "dsrna.depthwise_conv2d_transpose", "dsrna.depthwise_conv2d_weight"} <= ran.names
     assert "aten.convolution" not in ran.names
-    with _OpsRun() as ran:
+    with OpsRun() as ran:
         stacked = w.reshape(1, 3, k, k)  # [M, C, k, k]
         y = depthwise_conv2d_stack(x, [stacked, stacked], 1, [k // 2, k - 1], [1, 2], backend_name="native")
         torch.autograd.grad(y.sum(), x)
     assert {"dsrna.depthwise_conv2d_stack", "dsrna.depthwise_conv2d_stack_transpose"} <= ran.names
-    with _OpsRun() as ran:
+    with OpsRun() as ran:
         interval_depthwise_conv2d(x.detach(), x.detach() + 1, w.detach(), 2, k // 2, 1, backend_name="native")
     assert ran.names >= {"dsrna.interval_depthwise_conv2d"} and "aten.convolution" not in ran.names
 

@@ -4,7 +4,7 @@ reference convolution: forward, gradients and double backward, strided, grouped,
 import pytest
 import torch
 
-from conftest import DEVICES, require_backend
+from conftest import DEVICES, OpsRun, require_backend
 from dsrna import backend
 from dsrna.ops import pointwise_conv2d, pointwise_conv2d_reference
 
@@ -52,3 +52,14 @@ def test_rejects_weights_that_are_not_1x1_or_do_not_match():
         pointwise_conv2d(x, torch.randn(2, 4, 3, 3))
     with pytest.raises(ValueError, match="groups=2"):
         pointwise_conv2d(x, torch.randn(2, 4, 1, 1), groups=2)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_backends_run_one_matrix_product_not_the_convolution(name):
+    """The fast backends' formulation is a batched matrix product (every derivative order is one too):
+    a registration falling back to the reference convolution would pass every comparison above."""
+    require_backend(name, "cpu")
+    x, w = torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(6, 2, 1, 1, requires_grad=True)
+    with OpsRun() as ran:
+        torch.autograd.grad(pointwise_conv2d(x, w, 2, 2, backend_name=name).sum(), (x, w))
+    assert "aten.convolution" not in ran.names and "aten.convolution_backward" not in ran.names, ran.names
