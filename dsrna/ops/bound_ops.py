@@ -120,7 +120,7 @@ def relu_relaxation(lower, upper, mode="adaptive", backend_name=None):
 def crown_relu_backward(A, lower_slope, upper_slope, upper_intercept, backend_name=None):
     """``A`` is ``[B, S, *shape]``; the relaxation ``[B, *shape]`` (see the reference)."""
     check_same_shapes("crown_relu_backward (the relaxation, [B, *shape] of A [B, S, *shape])",
-                 [lower_slope, upper_slope, upper_intercept], (A.shape[0], *A.shape[2:]))
+                      [lower_slope, upper_slope, upper_intercept], (A.shape[0], *A.shape[2:]))
     return backend.dispatch("crown_relu_backward", A.device, backend_name)(A, lower_slope, upper_slope, upper_intercept)
 
 
