@@ -204,3 +204,64 @@ def test_recomputed_stages_give_the_gradients_of_kept_ones(monkeypatch, amp):
                                    torch.cat([t.flatten() for t in results[1]]), rtol=1e-5, atol=1e-12)
     else:
         assert_close_all(*results)
+
+
+def test_an_op_replaced_after_a_forward_is_the_one_that_runs():
+    """The per-edge candidates and the batched plan are cached per cell, and rebuilt when an op is
+    replaced: after a first forward, each net with the op replaced computes what a net that never
+    ran computes with it."""
+    fast, ref = pair()
+    fresh = copy.deepcopy(ref)
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    fast(x), ref(x)  # build the caches
+    for net in (fast, ref, fresh):
+        torch.manual_seed(1)
+        net.cells[0].edges[2].ops[5] = SepConv(4, 4, 3, 1, 1, affine=False).double()
+    assert_close_all([fast(x), ref(x)], [fresh(x), fresh(x)])
+
+
+def test_an_affine_pool_batch_norm_runs_per_edge_with_its_scale_and_shift():
+    """The batched cell and the fused pool -> BN op assume affine-free batch norms: a pool whose
+    batch norm learns a scale and shift leaves its cell on the per-edge path, which applies them."""
+    from dsrna.space.ops import BatchNorm2d
+
+    fast, ref = pair()
+    for net in (fast, ref):
+        bn = BatchNorm2d(4, affine=True).double()
+        with torch.no_grad():
+            bn.weight.fill_(2.0)
+            bn.bias.fill_(0.5)
+        net.cells[0].edges[1].ops[2].bn = bn
+    assert batched_cell.cell_plan(fast.cells[0]) is None
+    pool = fast.cells[0].edges[1].ops[2]
+    x = torch.rand(2, 4, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(pool(x), pool.bn(pool.pool(x)))
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1, 0])
+    assert_close_all(step(fast, x, y), step(ref, x, y))
+
+
+def test_four_partial_channel_groups_match_reference():
+    """PC-DARTS' own K=4 (the other tests take K=2): the batched cell splits off C/K channels and
+    shuffles in K groups as the reference mixed op does."""
+    fast, ref = pair(4)
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1, 0])
+    assert_close_all(step(fast, x, y), step(ref, x, y))
+
+
+def test_a_replayed_pass_changes_no_batch_norm_state():
+    """Replaying captured statistics normalises with them only: no running statistics (here unequal
+    per edge, so a shared update would show) and no counters change, batched or per edge."""
+    for net in pair():
+        with torch.no_grad():
+            for n, (name, buf) in enumerate(net.named_buffers()):
+                if name.endswith(("running_mean", "running_var")):
+                    buf.copy_(torch.linspace(0.5, 1.5, buf.numel(), dtype=buf.dtype) * (1 + n % 7))
+        x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+        with capture_batch_stats() as store:
+            net(x)
+        before = [t.clone() for t in batch_norm_state(net)]
+        with frozen_batch_stats(store):
+            net(x + 0.01)
+        assert_close_all(batch_norm_state(net), before)

@@ -140,3 +140,75 @@ def test_certified_radius_is_tight_and_unbroken(norm, candidates, method):
         for i in torch.nonzero(keep).flatten().tolist():
             attacked = pgd_min_margin(net, x[ok][i:i + 1], y[ok][i:i + 1], target[i:i + 1], float(radius[ok][i]), norm, steps=40)
             assert attacked.item() > 0
+
+
+def test_default_budgets_cover_every_data_set_and_follow_its_input_space():
+    """Every data set the search knows has a budget per norm; data sets with the same 28x28 grey
+    inputs share them (mnist-mini is a sample of MNIST); per pixel (l_inf) and in l_2 the budget
+    shrinks as the input grows (MNIST > CIFAR-10 > ImageNet, as the usual evaluation curves); and
+    the norm defaults to l_inf, the search's."""
+    from dsrna.data import DATASETS
+
+    for norm in ("linf", "l2", "l1"):
+        assert all(0 < default_eps(d, norm) < 1 for d in DATASETS)
+        assert default_eps("mnist-mini", norm) == default_eps("mnist", norm) == default_eps("fashion-mnist", norm)
+    for norm in ("linf", "l2"):
+        assert default_eps("mnist", norm) > default_eps("cifar10", norm) > default_eps("imagenet", norm)
+    assert default_eps("cifar10") == default_eps("cifar10", "linf")
+    assert certified_defaults("cifar10") == certified_defaults("cifar10", "linf")
+    assert certified_defaults("mnist") == certified_defaults("mnist", "linf")
+
+
+def test_defaults_are_the_papers_metric():
+    """Called with eps alone, R_CB is the paper's: the l_inf ball, crown-ibp bounds, the min over
+    the targets, averaged on the linear scale."""
+    net = _tiny_search().eval()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        gamma = margin_lower_bound(net, x, y, 0.01, "linf", "crown-ibp")
+        expected = gamma.masked_fill(torch.eye(3, dtype=torch.bool)[y], float("inf")).min(1).values.mean()
+        torch.testing.assert_close(certified_bound_metric(net, x, y, 0.01), expected)
+
+
+def test_bound_pass_uses_the_given_batch_statistics():
+    """Train-mode BN: the bounds use the statistics passed in (the whole validation batch's, with R
+    on a slice of it), not those of the slice alone."""
+    net = _tiny_search().train()
+    x = torch.rand(6, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    with capture_batch_stats() as stats:
+        net(x)
+    r = certified_bound_metric(net, x[:3], y, 1e-3, "linf", "crown-ibp", bn_stats=stats)
+    with torch.no_grad():
+        gamma = margin_lower_bound(net, x[:3], y, 1e-3, "linf", "crown-ibp", bn_stats=stats)
+    torch.testing.assert_close(r, gamma.masked_fill(torch.eye(3, dtype=torch.bool)[y], float("inf")).min(1).values.mean())
+    assert not torch.allclose(r, certified_bound_metric(net, x[:3], y, 1e-3, "linf", "crown-ibp"))
+
+
+def test_float64_bound_pass_keeps_a_float32_nets_vacuous_bound_finite():
+    """dtype=float64 runs the bound pass in float64: interval bounds that overflow float32 (large
+    weights, three layers) stay finite there, and the asinh scale returns a finite float32 R."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        for layer in (net[1], net[3], net[5]):
+            layer.weight.mul_(1e15)
+    x, y = torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
+    r = certified_bound_metric(net, x, y, 0.1, "linf", "ibp", scale="asinh", dtype=torch.float64)
+    assert r.dtype == torch.float32 and torch.isfinite(r) and r < -80
+    assert not torch.isfinite(certified_bound_metric(net, x, y, 0.1, "linf", "ibp", scale="asinh"))
+
+
+def test_metric_bounds_the_ball_of_the_given_norm():
+    """R_CB's ball is the one named: l_2 and l_1 give their own bounds, not the l_inf ball's."""
+    net = _tiny_search().eval()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    label = torch.eye(3, dtype=torch.bool)[y]
+    with torch.no_grad():
+        for norm in ("l2", "l1"):
+            gamma = margin_lower_bound(net, x, y, 0.01, norm, "crown-ibp")
+            r = certified_bound_metric(net, x, y, 0.01, norm, "crown-ibp")
+            torch.testing.assert_close(r, gamma.masked_fill(label, float("inf")).min(1).values.mean())
+            assert not torch.allclose(r, certified_bound_metric(net, x, y, 0.01, "linf", "crown-ibp"))

@@ -118,3 +118,37 @@ def test_rejections_say_what_and_where():
         Genotype.from_json("[1, 2]")
     with pytest.raises(ValueError, match="invalid JSON .RecursionError"):  # no traceback out of the decoder
         Genotype.from_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_builtin_genotypes_are_the_published_darts_cells():
+    """DARTS_V1/V2 as printed in DARTS' genotypes.py (the parameter count alone cannot tell a pool
+    from another pool, or a skip's input); "DARTS" names V2, as there."""
+    v1 = ("Genotype(normal=[('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('skip_connect', 0), ('sep_conv_3x3', 1), "
+          "('skip_connect', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('skip_connect', 2)], normal_concat=[2, 3, 4, 5], "
+          "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), ('max_pool_3x3', 0), ('max_pool_3x3', 0), "
+          "('skip_connect', 2), ('skip_connect', 2), ('avg_pool_3x3', 0)], reduce_concat=[2, 3, 4, 5])")
+    v2 = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1), "
+          "('sep_conv_3x3', 1), ('skip_connect', 0), ('skip_connect', 0), ('dil_conv_3x3', 2)], normal_concat=[2, 3, 4, 5], "
+          "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), ('max_pool_3x3', 1), ('max_pool_3x3', 0), "
+          "('skip_connect', 2), ('skip_connect', 2), ('max_pool_3x3', 1)], reduce_concat=[2, 3, 4, 5])")
+    assert eval(v1, {"Genotype": Genotype}) == DARTS_V1
+    assert eval(v2, {"Genotype": Genotype}) == DARTS_V2
+    assert Genotype.from_json("DARTS") == DARTS_V2
+
+
+def test_json_text_may_start_with_whitespace():
+    assert Genotype.from_json("\n  " + DARTS_V2.to_json()) == DARTS_V2
+
+
+def test_rejects_self_and_boolean_inputs_and_an_empty_concat():
+    """A node takes earlier states only (both of its edges), JSON true is no state index, and a cell
+    must output at least one node."""
+    normal = DARTS_V2.to_dict()["normal"]
+    normal[1] = ["sep_conv_3x3", 2]  # node 2's second edge
+    with pytest.raises(ValueError, match=r"normal\[1\].*node 2 cannot take input 2"):
+        Genotype.from_json(_edit(normal=normal))
+    normal[1] = ["sep_conv_3x3", True]
+    with pytest.raises(ValueError, match=r"normal\[1\].*node 2 cannot take input True"):
+        Genotype.from_json(_edit(normal=normal))
+    with pytest.raises(ValueError, match="normal_concat"):
+        Genotype.from_json(_edit(normal_concat=[]))

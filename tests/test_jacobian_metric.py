@@ -200,3 +200,45 @@ def test_bad_input_raises_one_clear_error():
     coupled = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(72, 3)).double().train()
     with pytest.raises(ValueError, match="batch statistics"):
         jacobian_metric(coupled, x)
+
+
+def test_value_only_pass_keeps_no_graph_and_leaves_the_input_alone():
+    """Under no_grad the per-image sums carry no autograd graph (no double-backward graph is kept
+    alive), and the metric differentiates a detached copy: the caller's input never starts to
+    require gradients."""
+    net = tiny_search_net(True)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        sums = jacobian_row_norm_sum(net, x, "l2", "exact")
+    assert not sums.requires_grad and sums.grad_fn is None
+    jacobian_metric(net, x, "l2", "exact")
+    assert not x.requires_grad
+
+
+def test_eval_mode_batch_norm_without_running_statistics_is_refused():
+    """A BN without running statistics normalises with the batch's even in eval mode: it couples the
+    images' Jacobians and no captured statistics freeze it, so the metric must refuse it."""
+    from dsrna.space.ops import BatchNorm2d
+
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    for bn in (nn.BatchNorm2d(2, track_running_stats=False), BatchNorm2d(2, track_running_stats=False)):
+        net = nn.Sequential(nn.Conv2d(1, 2, 3), bn, nn.Flatten(), nn.Linear(72, 3)).double().eval()
+        with pytest.raises(ValueError, match="batch statistics"):
+            jacobian_metric(net, x, estimator="exact")
+
+
+@pytest.mark.parametrize("estimator", ["random-row", "projection"])
+def test_ranks_draw_the_slices_of_one_global_draw(monkeypatch, estimator):
+    """Under torch.distributed each rank keeps images r, r + W, ... of one draw for the global batch
+    (as DistributedSampler deals them): W ranks estimate what one process with the global batch
+    would. Faked here with W = 2 in one process (the net is in eval mode: images independent)."""
+    net = tiny_search_net(False)
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        whole = jacobian_row_norm_sum(net, x, "l2", estimator, n=2, generator=torch.Generator().manual_seed(3))
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+        for rank in (0, 1):
+            monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+            mine = jacobian_row_norm_sum(net, x[rank::2], "l2", estimator, n=2, generator=torch.Generator().manual_seed(3))
+            torch.testing.assert_close(mine, whole[rank::2], rtol=1e-10, atol=0)

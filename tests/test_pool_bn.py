@@ -139,3 +139,16 @@ def test_reference_is_registered_and_used_by_module():
                                  op.bn.num_batches_tracked.clone(), True, 0.1, 1e-5)
     with backend.use_backend("reference"):
         torch.testing.assert_close(op(x), expected)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_module_runs_the_fused_op_in_plain_modes(monkeypatch, training):
+    """Outside capture and replay, PoolBN runs pool -> BN as the one fused op (the fast backends'
+    kernel), not as the two modules: the same numbers, so only the call tells."""
+    from dsrna.space import ops as space_ops
+
+    calls = []
+    monkeypatch.setattr(space_ops, "pool_bn", lambda x, kind, *rest: calls.append(kind) or pool_bn(x, kind, *rest))
+    op = PoolBN("max", 3, 2).train(training)
+    op(torch.randn(2, 3, 5, 5))
+    assert calls == ["max"]

@@ -188,3 +188,71 @@ def test_documented_default_budgets():
     assert certified_defaults("cifar10", "l2") == ("crown-symbolic", 4.4e-5)
     assert certified_defaults("mnist", "linf") == ("crown-ibp", 0.003)
     assert (default_eps("cifar10", "linf"), default_eps("cifar10", "l2"), default_eps("mnist", "linf")) == (0.001, 0.02, 0.003)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gamma", -1.0, "robustness gamma must be a finite number >= 0, got -1.0"),
+    ("gamma", math.inf, "robustness gamma must be a finite number >= 0, got inf"),
+    ("inner_gamma", -0.1, "robustness inner_gamma must be a finite number >= 0, got -0.1"),
+    ("eps", 0.0, "robustness eps must be a finite number > 0"),
+    ("eps", math.inf, "robustness eps must be a finite number > 0"),
+    ("n", 0, "robustness n (Jacobian rows or projections per example) must be an integer >= 1"),
+    ("robust_batch", 0, "robust_batch must be an integer >= 1 or None"),
+    ("warmup_epochs", -1, "warmup_epochs must be an integer >= 0"),
+    ("error_symbols", -1, "robustness error_symbols must be an integer >= 0"),
+])
+def test_invalid_values_of_settings_in_use_are_refused(field, value, message):
+    """Kind combined reads every setting, so each bad value meets its own check. (With the default
+    kind none, test_invalid_config_raises's values are also refused as unused, whatever their checks.)"""
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RobustnessConfig(kind="combined", **{field: value})
+
+
+def test_defaults_are_the_documented_ones():
+    """RobustnessConfig's defaults are those of the fields table in docs/robustness.md (gamma 0.01 is
+    the paper's); crown-symbolic's R_CB runs on 2 examples per step, as documented there."""
+    from pathlib import Path
+    import re
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "robustness.md").read_text()
+    table = docs.split("`RobustnessConfig` fields and defaults:", 1)[1].split("\n\n", 2)[1]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", table, flags=re.M))
+    assert len(rows) >= 10, rows
+
+    def parse(text):
+        text = text.strip("`")
+        if text == "None":
+            return None
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    config = RobustnessConfig()
+    for field, text in rows.items():
+        value = getattr(config, field)
+        assert value == parse(text) and type(value) is type(parse(text)), (field, value, text)
+    assert RobustnessConfig(kind="cb", dataset="cifar10").resolved_robust_batch() == 2
+
+
+def test_cb_precision_and_scale_settings_reach_the_metric(fake_certified):
+    """bound_dtype and cb_scale are R_CB's settings: accepted with kind cb and passed on."""
+    net = tiny_net().eval()
+    x, y = torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 2])
+    config = RobustnessConfig(kind="cb", method="ibp", bound_dtype="float32", cb_scale="linear")
+    robustness_term(net, x, y, config, None)
+    assert (fake_certified.calls[-1]["dtype"], fake_certified.calls[-1]["scale"]) == (torch.float32, "linear")
+
+
+def test_jacobian_rows_per_image_and_the_zero_term_follow_the_config():
+    """n reaches R_Jac: n = K random rows are every row once, the exact value. Kind none's zero is
+    a scalar in the batch's dtype."""
+    net = tiny_net().eval()
+    x, y = torch.rand(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 2])
+    config = RobustnessConfig(kind="jacobian", eps=0.2, norm="l2", estimator="random-row", n=3)
+    torch.testing.assert_close(robustness_term(net, x, y, config, None), jacobian_metric(net, x, "l2", "exact", eps=0.2))
+    assert robustness_term(net, x, y, RobustnessConfig(), None).dtype == torch.float64

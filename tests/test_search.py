@@ -101,6 +101,21 @@ def test_second_order_gradient_matches_exact_unrolled_gradient():
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3 * e.abs().max().item())
 
 
+def test_second_order_copy_normalises_with_the_nets_running_statistics():
+    """The unrolled copy is built once; an eval-mode step must still normalise with the net's running
+    statistics of the moment, which weight steps moved after the copy was made."""
+    net = tiny_net(torch.float64)
+    searcher = Searcher(net, config(order=2, unrolled_radius=RADIUS, weight_decay=0.1))
+    searcher.step(batch(dtype=torch.float64, seed=3), batch(dtype=torch.float64, seed=4))  # builds the copy
+    for seed in (5, 6):
+        searcher.weight_step(batch(dtype=torch.float64, seed=seed))
+    net.eval()
+    train, val = batch(dtype=torch.float64, seed=1), batch(dtype=torch.float64, seed=2)
+    grads, _ = searcher.arch_gradient(val, train)
+    for a, e in zip(grads, exact_unrolled_gradient(searcher, train, val)):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3 * e.abs().max().item())
+
+
 def test_the_inner_robustness_term_enters_the_weight_step():
     """``inner_gamma``: the weights minimise L_train - inner_gamma * R (one plain SGD step checked)."""
     rc = RobustnessConfig(kind="jacobian", gamma=0.1, inner_gamma=0.5, estimator="exact", eps=0.1)

@@ -4,10 +4,13 @@ import re
 
 import pytest
 import torch
+import torch.nn.utils.prune as prune
+from conftest import OpsRun
 
 from dsrna import DARTS_V1, DARTS_V2, PRIMITIVES, Network, SearchNetwork
+from dsrna.backend import use_backend
 from dsrna.space import count_parameters
-from dsrna.space.ops import DilConv, FactorizedReduce, Identity, PoolBN, SepConv, Zero, make_op
+from dsrna.space.ops import DilConv, FactorizedReduce, Identity, PoolBN, ReLUConvBN, SepConv, Zero, make_op
 from dsrna.space.search_network import MixedOp
 
 
@@ -196,3 +199,307 @@ def test_search_network_genotype_concatenates_the_last_multiplier_states():
     net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1, steps=4, multiplier=3)
     genotype = net.genotype()
     assert list(genotype.normal_concat) == [3, 4, 5] and list(genotype.reduce_concat) == [3, 4, 5]
+
+
+def test_partial_channel_edge_shuffles_the_mixed_and_the_bypass_channels():
+    """PC-DARTS: the first C/K channels go through the candidates, the other ones bypass them (max-pooled
+    2x2 in a reduction cell), and channel_shuffle(groups=K) interleaves the two: with all the weight on
+    the stride-1 skip the edge is a fixed permutation of its input; with no weight at all only the
+    pooled bypass is left, in every other channel."""
+    skip = torch.zeros(8)
+    skip[PRIMITIVES.index("skip_connect")] = 1.0
+    x = torch.randn(2, 6, 5, 5)
+    torch.testing.assert_close(MixedOp(6, 1, partial_channels=2)(x, skip), x[:, [0, 3, 1, 4, 2, 5]])
+    x = torch.randn(2, 8, 5, 5)
+    out = MixedOp(8, 2, partial_channels=2)(x, torch.zeros(8))
+    assert out.shape == (2, 8, 3, 3)
+    torch.testing.assert_close(out[:, 1::2], torch.nn.functional.max_pool2d(x[:, 4:], 2, 2, ceil_mode=True))
+    assert not out[:, 0::2].any()
+
+
+def test_drop_path_zeroes_whole_examples_and_rescales_the_kept_ones():
+    """DARTS' drop path keeps each example with probability 1 - p and divides it by 1 - p (the
+    expectation is unchanged); an example is kept or dropped as a whole."""
+    from dsrna.space.ops import drop_path
+
+    out = drop_path(torch.ones(4000, 2, 3, 3), 0.25).flatten(1)
+    assert torch.equal(out, out[:, :1].expand_as(out))
+    kept = out[:, 0] != 0
+    torch.testing.assert_close(out[kept, 0], torch.full((int(kept.sum()),), 1 / 0.75))
+    assert kept.float().mean().item() == pytest.approx(0.75, abs=0.03)
+
+
+@pytest.mark.parametrize("kind", ["search", "final"])
+def test_inputs_are_normalised_inside_the_model(kind):
+    """Models take inputs in [0, 1] and normalise them with their own mean and std (so budgets are
+    in pixel units): the same weights without normalisation, fed (x - mean) / std, give the same logits."""
+    mean, std = [0.2, 0.6], [0.5, 0.25]
+
+    def build(**kw):
+        torch.manual_seed(0)
+        if kind == "search":
+            return SearchNetwork(C=4, num_classes=3, layers=3, in_channels=2, **kw).eval()
+        return Network(DARTS_V2, C=4, num_classes=3, layers=3, in_channels=2, **kw).eval()
+
+    x = torch.rand(2, 2, 8, 8)
+    expected = build()((x - torch.tensor(mean).view(1, 2, 1, 1)) / torch.tensor(std).view(1, 2, 1, 1))
+    torch.testing.assert_close(build(mean=mean, std=std)(x), expected)
+
+
+def test_new_keeps_the_input_normalisation():
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=2, mean=[0.2, 0.6], std=[0.5, 0.25])
+    twin = net.new()
+    assert torch.equal(twin.normalize.mean, net.normalize.mean) and torch.equal(twin.normalize.std, net.normalize.std)
+
+
+def test_frozen_statistics_replay_the_clean_pass():
+    """Replaying the statistics captured on the same batch gives the clean outputs and the clean
+    gradients of the batch norm's affine parameters and of the weights before it: the statistics are
+    biased variances with eps, and stay in the autograd graph of the weights (METHOD.md §2)."""
+    from dsrna.space import capture_batch_stats, frozen_batch_stats
+    from dsrna.space.ops import BatchNorm2d
+
+    conv, bn = torch.nn.Conv2d(2, 3, 3).double(), BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    with capture_batch_stats() as store:
+        clean = bn(conv(x))
+    with frozen_batch_stats(store):
+        replayed = bn(conv(x))
+    torch.testing.assert_close(replayed, clean, rtol=1e-12, atol=1e-12)
+    r = torch.randn_like(clean)
+    params = [conv.weight, bn.weight, bn.bias]
+    expected = torch.autograd.grad((clean * r).sum(), params, retain_graph=True)
+    for got, want in zip(torch.autograd.grad((replayed * r).sum(), params), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_eval_mode_batch_norm_ignores_captured_and_frozen_statistics():
+    """In eval mode a batch norm uses its running statistics: it records nothing under capture and
+    needs nothing under replay."""
+    from dsrna.space import capture_batch_stats, frozen_batch_stats
+    from dsrna.space.ops import BatchNorm2d
+
+    bn = BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    x = torch.randn(2, 3, 4, 4)
+    expected = bn(x)
+    with capture_batch_stats() as store:
+        assert torch.equal(bn(x), expected)
+    assert not store
+    with frozen_batch_stats({}):
+        assert torch.equal(bn(x), expected)
+
+
+def test_train_mode_batch_norm_updates_running_statistics_as_torch_does():
+    """The fast train-mode path keeps nn.BatchNorm2d's bookkeeping: its momentum, its counter."""
+    from dsrna.space.ops import BatchNorm2d
+
+    ours, theirs = BatchNorm2d(3, momentum=0.3), torch.nn.BatchNorm2d(3, momentum=0.3)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
+
+
+def test_statistics_contexts_restore_the_outer_mode():
+    """A capture nested in a replay hands the replay back on exit (not plain batch statistics)."""
+    from dsrna.space import capture_batch_stats, frozen_batch_stats
+    from dsrna.space.ops import BatchNorm2d
+
+    bn = BatchNorm2d(2).double()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    with capture_batch_stats() as outer:
+        bn(x)
+    with frozen_batch_stats(outer):
+        expected = bn(2 * x + 1)
+        with capture_batch_stats():
+            bn(x)
+        torch.testing.assert_close(bn(2 * x + 1), expected)
+
+
+def test_pointwise_relu_conv_bn_is_its_sequence():
+    """The cells' 1x1 preprocessing runs through the backend's pointwise conv: the same function as
+    its ReLU -> conv -> BN sequence, strided or not."""
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for stride in (1, 2):
+        m = ReLUConvBN(4, 6, 1, stride, 0, affine=False).double().eval()
+        assert m.pointwise
+        torch.testing.assert_close(m(x), m.op(x))
+
+
+def test_factorized_reduce_halves_read_even_and_odd_pixels():
+    """DARTS' FactorizedReduce: conv_1 reads the pixels (0, 0), (0, 2)...; conv_2 those shifted by one
+    row and one column, zero past the edge for odd sizes."""
+    fr = FactorizedReduce(1, 2, affine=False).double().eval()
+    with torch.no_grad():
+        fr.conv_1.weight.fill_(1.0)
+        fr.conv_2.weight.fill_(1.0)
+    x = torch.arange(25.0, dtype=torch.float64).view(1, 1, 5, 5)
+    out = fr(x) * (1 + fr.bn.eps) ** 0.5  # eval BN with fresh running statistics: x / sqrt(1 + eps)
+    torch.testing.assert_close(out[0, 0], x[0, 0, ::2, ::2])
+    torch.testing.assert_close(out[0, 1], torch.nn.functional.pad(x, (0, 1, 0, 1))[0, 0, 1::2, 1::2])
+    with pytest.raises(ValueError, match="even output channel count"):
+        FactorizedReduce(4, 5)
+
+
+def test_auxiliary_pool_of_a_five_pixel_map_is_two_by_two():
+    """Under 6 pixels the two 5x5 windows would not fit apart: the map is average-pooled to 2x2."""
+    from dsrna.space.network import AuxiliaryHead
+
+    pool = AuxiliaryHead(1, 10).features[1]
+    x = torch.rand(1, 2, 5, 5)
+    torch.testing.assert_close(pool(x), torch.nn.functional.adaptive_avg_pool2d(x, 2))
+
+
+def test_search_network_refuses_configurations_it_cannot_build():
+    """Named errors, not a shape error deep inside a cell: more outputs per cell than nodes, a partial
+    channel count below 1 or one that does not divide the channels."""
+    with pytest.raises(ValueError, match="1 <= multiplier <= steps"):
+        SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1, steps=2, multiplier=3)
+    with pytest.raises(ValueError, match="partial_channels must be >= 1"):
+        SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1, partial_channels=0)
+    with pytest.raises(ValueError, match="partial_channels=3 must divide the channel count 4"):
+        MixedOp(4, 1, partial_channels=3)
+
+
+def test_a_candidate_replaced_by_zero_drops_out_of_its_edge_and_node():
+    """Mixed ops skip `none`-like candidates: with one replaced by Zero (kept candidates no longer
+    contiguous, and no longer the same on every edge of a node) the edge and the node are still the
+    softmax-weighted sums of their candidates, each edge with its own row of weights."""
+    from dsrna.space.search_network import cell_nodes_reference
+
+    op = MixedOp(4, 1).double()
+    op.ops[4] = Zero(1)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    w = torch.softmax(torch.randn(8, dtype=torch.float64), 0)
+    torch.testing.assert_close(op(x, w), sum(w[k] * op.ops[k](x) for k in range(8)))
+
+    cell = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1, backend="reference").double().cells[0]
+    cell.edges[3].ops[4] = Zero(1)  # node 3, from state 1
+    states = [torch.randn(2, 4, 6, 6, dtype=torch.float64) for _ in range(2)]
+    weights = torch.softmax(torch.randn(14, 8, dtype=torch.float64), -1)
+    expected, start = list(states), 0
+    for i in range(4):
+        expected.append(sum(cell.edges[start + j](expected[j], weights[start + j]) for j in range(2 + i)))
+        start += 2 + i
+    for got, want in zip(cell_nodes_reference(cell, list(states), weights, None), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_edge_weights_are_row_softmaxes_in_the_requested_dtype():
+    """softmax(alpha) over each edge's candidates and softmax(beta) over each node's edges, in the
+    dtype asked for (the bound engine asks float64 of a float32 model)."""
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1, partial_channels=2)
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            p.normal_(0, 1)
+    weights, beta = net.edge_weights(True, dtype=torch.float64)
+    assert weights.dtype == beta.dtype == torch.float64
+    torch.testing.assert_close(weights, torch.softmax(net.alphas_reduce.double(), -1))
+    torch.testing.assert_close(beta[2:5], torch.softmax(net.betas_reduce[2:5].double(), 0))
+    weights, _ = net.edge_weights(False)
+    torch.testing.assert_close(weights, torch.softmax(net.alphas_normal, -1))
+
+
+def test_architecture_starts_near_uniform():
+    """DARTS initialises alpha (and PC-DARTS beta) as 1e-3 * N(0, 1): every candidate and edge
+    starts with about the same weight, the ties broken at random."""
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1, partial_channels=2)
+    for p in net.arch_parameters():
+        assert 0 < p.abs().max() < 1e-2 and p.std() > 1e-4
+
+
+def test_auxiliary_pool_covers_a_non_square_map_per_side():
+    """Two overlapping 5x5 windows per side, each side its own stride: an 8x7 map takes stride 3 down
+    and 2 across, so the last window ends on the map's last row and column."""
+    from dsrna.space.network import AuxiliaryHead
+
+    pool = AuxiliaryHead(1, 10).features[1]
+    x = torch.rand(1, 2, 8, 7)
+    torch.testing.assert_close(pool(x), torch.nn.functional.avg_pool2d(x, 5, stride=(3, 2)))
+
+
+def test_cell_outputs_the_states_its_genotype_concatenates():
+    """A cell concatenates the states named by its *_concat, in that order, not just the last ones."""
+    from dsrna.space.genotype import Genotype
+    from dsrna.space.network import Cell
+
+    # skips only: node 2 = 2 p0, node 3 = 2 p1, node 4 = 4 p0, node 5 = 4 p1 (p: the preprocessed inputs)
+    edges = [("skip_connect", 0)] * 2 + [("skip_connect", 1)] * 2 + [("skip_connect", 2)] * 2 + [("skip_connect", 3)] * 2
+    cell = Cell(Genotype(edges, [2, 5], edges, [2, 5]), 4, 4, 4, False, False).eval()
+    s0, s1 = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    expected = torch.cat([2 * cell.preprocess0(s0), 4 * cell.preprocess1(s1)], dim=1)
+    torch.testing.assert_close(cell(s0, s1), expected)
+
+
+def test_final_network_applies_its_drop_path_rate():
+    """Network.drop_path_prob (ramped by the training loop) reaches every cell in training mode."""
+    net = Network(DARTS_V2, C=4, num_classes=3, layers=3, in_channels=1, drop_path_prob=0.5).train()
+    x = torch.rand(2, 1, 8, 8)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return net(x)
+
+    assert not torch.equal(run(0), run(1))
+    net.drop_path_prob = 0.0
+    assert torch.equal(run(0), run(1))
+
+
+def test_imagenet_stems_put_a_relu_before_their_last_stride_two_conv():
+    """DARTS' mobile stem: s1 = BN(conv(ReLU(s0))), so the negative values of s0 do not reach s1
+    (a count of parameters cannot tell)."""
+    for net in (Network(DARTS_V2, C=8, num_classes=3, layers=3, stem="imagenet"),
+                SearchNetwork(C=4, num_classes=3, layers=3, stem="imagenet")):
+        net.eval()
+        s0 = -torch.rand(1, net.stem1[1].in_channels, 8, 8)
+        assert torch.equal(net.stem1(s0), net.stem1(torch.zeros_like(s0)))
+
+
+def test_final_network_validates_a_genotype_object():
+    """A Genotype built in Python is checked as a JSON one is: a node reading a later state is named
+    when the network is built, not an IndexError in its first forward."""
+    from dsrna.space.genotype import Genotype
+
+    normal = list(DARTS_V2.normal)
+    normal[0] = ("skip_connect", 5)
+    with pytest.raises(ValueError, match=r"normal\[0\]: node 2 cannot take input 5"):
+        Network(Genotype(normal, [2, 3, 4, 5], DARTS_V2.reduce, [2, 3, 4, 5]), C=4, num_classes=3, layers=3)
+
+
+def test_one_by_one_convs_run_their_hooks_and_current_pruned_weights():
+    """The preprocessing ReLUConvBN and FactorizedReduce compute their 1x1 convs with the backend's
+    matrix product, not the conv module; a conv with hooks (pruned: its weight is rebuilt in a
+    pre-hook), or under a global module hook, runs as the module, so the hook sees it and the weight
+    is the current one."""
+    x = torch.randn(2, 4, 6, 6)
+    plain = ReLUConvBN(4, 4, 1, 1, 0).eval()
+    with OpsRun() as ran, use_backend("native"):
+        plain(x)
+    assert "aten.convolution" not in ran.names and ran.names & {"aten.bmm", "aten.mm"}
+
+    hooked = ReLUConvBN(4, 4, 1, 1, 0).eval()
+    hooked.op[1].register_forward_hook(lambda module, inputs, out: out * 2)
+    torch.testing.assert_close(hooked(x), hooked.op(x))
+    pruned = ReLUConvBN(4, 4, 1, 1, 0).eval()
+    prune.l1_unstructured(pruned.op[1], "weight", 0.5)
+    with torch.no_grad():
+        pruned.op[1].weight_orig.mul_(3)  # as an optimizer step would: the pruned weight follows
+    torch.testing.assert_close(pruned(x), pruned.op(x))
+
+    reduce = FactorizedReduce(4, 4).eval()
+    clean = reduce(x)
+    handle = reduce.conv_1.register_forward_hook(lambda module, inputs, out: out * 0)
+    out = reduce(x)
+    assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2])) and torch.equal(out[:, 2:], clean[:, 2:])
+    handle.remove()
+    seen = []
+    with torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, out: seen.append(module)):
+        reduce(x)
+    assert reduce.conv_1 in seen and reduce.conv_2 in seen

@@ -110,6 +110,10 @@ class Architect:
                 w_shadow.copy_(w)
             for a_shadow, a in zip(shadow.arch_parameters(), model.arch_parameters()):
                 a_shadow.copy_(a)
+            # The running statistics too, as DARTS' unrolled model loads the whole state_dict: an
+            # eval-mode step normalises with the model's, not with those of the copy's creation.
+            for b_shadow, b in zip(shadow.buffers(), model.buffers()):
+                b_shadow.copy_(b)
         shadow_arch = shadow.arch_parameters()
         grads = torch.autograd.grad(shadow._loss(input_valid, target_valid), shadow_arch + shadow.weight_parameters())
         d_alpha, v = grads[:len(shadow_arch)], grads[len(shadow_arch):]

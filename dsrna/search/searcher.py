@@ -219,10 +219,15 @@ class Searcher:
         return metrics
 
     def _shadow_network(self) -> torch.nn.Module:
+        """The unrolled copy of the net (built once), with the net's modes and running statistics of
+        the moment; the caller sets its weights and architecture."""
         if self._shadow is None:
             self._shadow = copy.deepcopy(self.net)
         for mine, theirs in zip(self._shadow.modules(), self.net.modules()):
             mine.training = theirs.training
+        with torch.no_grad():
+            for mine, theirs in zip(self._shadow.buffers(), self.net.buffers()):
+                mine.copy_(theirs)
         return self._shadow
 
     def _unrolled_arch_gradient(self, train_batch, val_batch):

@@ -151,6 +151,18 @@ class DepthwiseConv2d(nn.Conv2d):
         return depthwise_conv2d(x, self.weight, self.stride[0], self.padding[0], self.dilation[0])
 
 
+def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a bias-free, unpadded 1x1 conv, through the backend's 1x1 conv (a matrix product
+    on the fast backends, :mod:`dsrna.ops.pointwise`). A conv with hooks (``torch.nn.utils.prune``'s
+    too, which rebuilds the weight in a pre-hook), or while global module hooks are set, runs as the
+    module instead, so that its hooks see the call and the weight it uses is current."""
+    hooked = (conv._forward_hooks or conv._forward_pre_hooks or nn.modules.module._global_forward_hooks
+              or nn.modules.module._global_forward_pre_hooks)
+    if hooked or conv.bias is not None or conv.padding != (0, 0) or conv.kernel_size != (1, 1):
+        return conv(x)
+    return pointwise_conv2d(x, conv.weight, conv.stride[0], conv.groups)
+
+
 class ReLUConvBN(nn.Module):
     def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
         super().__init__()
@@ -163,8 +175,7 @@ class ReLUConvBN(nn.Module):
 
     def forward(self, x):
         if self.pointwise:  # the cells' preprocessing: through the backend's 1x1 conv (dsrna.ops.pointwise)
-            conv = self.op[1]
-            return self.op[2](pointwise_conv2d(F.relu(x), conv.weight, conv.stride[0]))
+            return self.op[2](conv1x1(self.op[1], F.relu(x)))
         return self.op(x)
 
 
@@ -261,8 +272,7 @@ class FactorizedReduce(nn.Module):
 
     def after_relu(self, relu_x):
         """The op applied to an input that already went through its leading ReLU."""
-        return self.bn(torch.cat([pointwise_conv2d(relu_x, self.conv_1.weight, 2),
-                                  pointwise_conv2d(self.shift(relu_x), self.conv_2.weight, 2)], dim=1))
+        return self.bn(torch.cat([conv1x1(self.conv_1, relu_x), conv1x1(self.conv_2, self.shift(relu_x))], dim=1))
 
 
 class PoolBN(nn.Module):
