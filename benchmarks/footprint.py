@@ -10,6 +10,11 @@ multi-tensor ``_foreach`` op counts once, as it launches once on a GPU).
 
     PYTHONPATH=. python benchmarks/footprint.py [--batch 8 --init-channels 16 --layers 8 --device cpu]
     PYTHONPATH=. python benchmarks/footprint.py --bound-methods ibp,crown-ibp [--keep-all-bounds]
+    PYTHONPATH=. python benchmarks/footprint.py --recompute-cost 10 [--backend native]
+
+``--recompute-cost N``: what the batched cell's recomputation of its depthwise stages in backward
+saves and costs, both measured in one process: the bytes saved for backward and the median of N
+train steps (forward, loss, backward), with the recomputation and without it, the two alternating.
 
 A bound pass's peak is the growth of the process's peak resident memory over the pass (a fresh
 process per method: that peak only ever grows), float32, l_inf at CIFAR-10's default eps.
@@ -18,9 +23,12 @@ process per method: that peak only ever grows), float32, l_inf at CIFAR-10's def
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +91,48 @@ def bound_pass_peak_gib(net: SearchNetwork, x: torch.Tensor, method: str, keep_a
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
 
 
+@contextlib.contextmanager
+def without_recomputation():
+    """Inside, the batched cell keeps its depthwise stages' intermediate maps for backward, as
+    before the recomputation (``dsrna/space/batched_cell.py``)."""
+    from dsrna.space import batched_cell
+
+    recomputed = batched_cell._recomputed
+    batched_cell._recomputed = lambda fn, *inputs: fn(*inputs)
+    try:
+        yield
+    finally:
+        batched_cell._recomputed = recomputed
+
+
+def train_step_ms(net: SearchNetwork, x: torch.Tensor, y: torch.Tensor) -> float:
+    net.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    F.cross_entropy(net(x), y).backward()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def recompute_cost(net: SearchNetwork, x: torch.Tensor, y: torch.Tensor, repeats: int) -> None:
+    variants = {"recomputed (the library)": contextlib.nullcontext, "kept (no recomputation)": without_recomputation}
+    saved, times = {}, {name: [] for name in variants}
+    for name, context in variants.items():
+        with context():
+            saved[name] = saved_bytes(net, x, y)[0]
+            train_step_ms(net, x, y)  # warm-up
+    for _ in range(repeats):  # alternating, so that a slow spell of the machine hits both
+        for name, context in variants.items():
+            with context():
+                times[name].append(train_step_ms(net, x, y))
+    base = statistics.median(times["kept (no recomputation)"])
+    print("| depthwise stages | saved for backward (MiB) | train step ms (median) | time vs kept |")
+    print("|---|---|---|---|")
+    for name in variants:
+        median = statistics.median(times[name])
+        print(f"| {name} | {saved[name] / 2**20:.1f} | {median:.0f} | {median / base:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -93,7 +143,13 @@ def main() -> None:
     parser.add_argument("--bound-methods", help="comma-separated bound methods: report their passes' peak memory (CPU)")
     parser.add_argument("--keep-all-bounds", action="store_true", help="keep every node's interval (the old behaviour)")
     parser.add_argument("--one-bound-pass", help=argparse.SUPPRESS)  # the child process of --bound-methods
+    parser.add_argument("--recompute-cost", type=int, metavar="N",
+                        help="time N train steps with and without the depthwise stages' recomputation")
+    parser.add_argument("--backend", default="native", help="--recompute-cost: a fast backend (the batched cell)")
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net = SearchNetwork(C=args.init_channels, layers=args.layers).to(args.device)
     x = torch.rand(args.batch, 3, 32, 32, device=args.device)
@@ -113,7 +169,12 @@ def main() -> None:
             peak = float(subprocess.run(child, check=True, capture_output=True, text=True).stdout.split()[-1])
             print(f"| {method} | {peak:.2f} |")
         return
-    print(f"C={args.init_channels}, {args.layers} cells, batch {args.batch}, 32x32, float32, train mode, {args.device}\n")
+    print(f"C={args.init_channels}, {args.layers} cells, batch {args.batch}, 32x32, float32, train mode, {args.device}"
+          f"{f', {torch.get_num_threads()} threads' if args.device == 'cpu' else ''}\n")
+    if args.recompute_cost:
+        net.backend = args.backend
+        recompute_cost(net, x, y, args.recompute_cost)
+        return
     print("| backend | saved for backward (MiB) | storages | vs reference | ops per forward |")
     print("|---|---|---|---|---|")
     reference = None
