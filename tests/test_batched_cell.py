@@ -13,7 +13,7 @@ from torch.nn.utils import prune
 from conftest import DEVICES
 from dsrna import SearchNetwork, backend
 from dsrna.space import batched_cell, capture_batch_stats, frozen_batch_stats
-from dsrna.space.ops import SepConv
+from dsrna.space.ops import SepConv, Zero
 
 def fast_backend(device):
     """Native first: the Triton interpreter takes minutes at these sizes on a CPU
@@ -265,3 +265,32 @@ def test_a_replayed_pass_changes_no_batch_norm_state():
         with frozen_batch_stats(store):
             net(x + 0.01)
         assert_close_all(batch_norm_state(net), before)
+
+
+def test_global_module_hooks_see_every_candidate():
+    """The batched plan computes from the candidates' tensors without calling them; while a global
+    module hook is registered the cells run edge by edge, calling every candidate (but `none`, which
+    adds nothing), so the hook sees each."""
+    fast, _ = pair()
+    x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    fast(x)  # the plan exists
+    seen = set()
+    with torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, out: seen.add(module)):
+        fast(x)
+    candidates = {op for edge in fast.cells[0].edges for op in edge.ops if not isinstance(op, Zero)}
+    assert candidates <= seen
+
+
+def test_a_hooked_conv_candidate_is_called_on_the_per_edge_path():
+    """Per edge the conv candidates share one ReLU and skip their own (``after_relu``); a candidate with
+    a hook of its own is called instead, so the hook runs (and changes the edge, as it would alone)."""
+    _, ref = pair()
+    edge = ref.cells[0].edges[0]
+    x = torch.rand(2, 4, 8, 8, dtype=torch.float64)
+    w = torch.softmax(torch.randn(8, dtype=torch.float64), 0)
+    plain = edge(x, w)
+    sep3 = edge.ops[4]
+    sep3.register_forward_hook(lambda module, inputs, out: out * 3)
+    assert isinstance(sep3, SepConv)
+    hooked = edge(x, w)
+    torch.testing.assert_close(hooked, plain + 2 * w[4] * sep3(x) / 3)  # sep3's term counted three times

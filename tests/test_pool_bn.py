@@ -152,3 +152,18 @@ def test_module_runs_the_fused_op_in_plain_modes(monkeypatch, training):
     op = PoolBN("max", 3, 2).train(training)
     op(torch.randn(2, 3, 5, 5))
     assert calls == ["max"]
+
+
+def test_module_with_hooks_runs_its_pool_and_batch_norm():
+    """A hook on the pool or the batch norm (or a global one) must see its module called: the fused op
+    would bypass both, so such a PoolBN runs them as modules, with the hook's effect."""
+    x = torch.randn(2, 3, 5, 5)
+    op = PoolBN("avg", 3, 1).eval()
+    plain = op(x)
+    handle = op.bn.register_forward_hook(lambda module, inputs, out: out + 1)
+    torch.testing.assert_close(op(x), plain + 1)
+    handle.remove()
+    seen = []
+    with nn.modules.module.register_module_forward_hook(lambda module, inputs, out: seen.append(module)):
+        op(x)
+    assert op.pool in seen and op.bn in seen

@@ -37,6 +37,7 @@ from dsrna.space.ops import (
     SepConv,
     Zero,
     bn_scale_shift,
+    global_hooks_set,
 )
 from dsrna.space.search_network import MixedOp, SearchNetwork
 
@@ -144,7 +145,7 @@ def _refuse_changed_calls(model: nn.Module) -> None:
     """Hooks and per-instance overrides may change what a module returns, which the graph would not
     see. torch.nn.utils.prune's pre-hooks only refresh the pruned weight: they are run, so the graph
     reads the current one."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if global_hooks_set():
         raise TypeError("bound propagation does not support global forward hooks (they may change outputs): "
                         "remove them first")
     for name, m in model.named_modules():

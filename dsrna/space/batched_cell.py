@@ -324,7 +324,9 @@ def cell_plan(cell) -> _CellPlan | None:
 
 def usable_plan(cell) -> _CellPlan | None:
     """The cell's plan when it can run state-batched now (a known layout, its batch norms all in train
-    mode or all in eval mode), else None."""
+    mode or all in eval mode, no global module hooks, which the plan would skip), else None."""
+    if _ops.global_hooks_set():
+        return None
     plan = cell_plan(cell)
     return plan if plan is not None and len({bn.training for bn in plan.batch_norms}) == 1 else None
 

@@ -151,14 +151,23 @@ class DepthwiseConv2d(nn.Conv2d):
         return depthwise_conv2d(x, self.weight, self.stride[0], self.padding[0], self.dilation[0])
 
 
+def global_hooks_set() -> bool:
+    """Whether global module forward hooks are registered (``register_module_forward_hook``...): they
+    run on every module call, which code computing from modules' tensors without calling them skips."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def runs_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks: its own (``torch.nn.utils.prune``'s too, which
+    rebuilds the weight in a pre-hook) or global ones. Such a module must be called, not bypassed."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or global_hooks_set()
+
+
 def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a bias-free, unpadded 1x1 conv, through the backend's 1x1 conv (a matrix product
-    on the fast backends, :mod:`dsrna.ops.pointwise`). A conv with hooks (``torch.nn.utils.prune``'s
-    too, which rebuilds the weight in a pre-hook), or while global module hooks are set, runs as the
-    module instead, so that its hooks see the call and the weight it uses is current."""
-    hooked = (conv._forward_hooks or conv._forward_pre_hooks or nn.modules.module._global_forward_hooks
-              or nn.modules.module._global_forward_pre_hooks)
-    if hooked or conv.bias is not None or conv.padding != (0, 0) or conv.kernel_size != (1, 1):
+    on the fast backends, :mod:`dsrna.ops.pointwise`); a conv that :func:`runs_hooks` runs as the
+    module, so that its hooks see the call and the weight it uses is current."""
+    if runs_hooks(conv) or conv.bias is not None or conv.padding != (0, 0) or conv.kernel_size != (1, 1):
         return conv(x)
     return pointwise_conv2d(x, conv.weight, conv.stride[0], conv.groups)
 
@@ -280,7 +289,8 @@ class PoolBN(nn.Module):
 
     With BN in plain train or eval mode the pair runs as one fused op through the backend dispatch
     (:func:`dsrna.ops.pool_bn`); while batch statistics are captured or replayed
-    (:func:`capture_batch_stats`, :func:`frozen_batch_stats`) the BN module runs itself.
+    (:func:`capture_batch_stats`, :func:`frozen_batch_stats`), or when either module :func:`runs_hooks`,
+    the modules run themselves.
     """
 
     def __init__(self, kind, C, stride, bn=True):
@@ -305,7 +315,8 @@ class PoolBN(nn.Module):
     def _fusable(self) -> bool:
         bn = self.bn
         plain_mode = not bn.training or getattr(_bn_mode, "value", None) is None
-        return plain_mode and bn.track_running_stats and bn.momentum is not None and not bn.affine
+        return (plain_mode and bn.track_running_stats and bn.momentum is not None and not bn.affine
+                and not (runs_hooks(self.pool) or runs_hooks(bn)))
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dsrna.space.ops import (
     Zero,
     channel_shuffle,
     make_op,
+    runs_hooks,
 )
 
 
@@ -63,8 +64,9 @@ class MixedOp(nn.Module):
         outs = []
         relu_x = None
         for op, after_relu in self._candidates()[1]:
-            if after_relu:
-                # The conv candidates (and the strided skip) all start with ReLU: compute it once per edge.
+            if after_relu and not runs_hooks(op):
+                # The conv candidates (and the strided skip) all start with ReLU: compute it once per edge
+                # (a candidate with hooks is called instead, so that they run).
                 if relu_x is None:
                     relu_x = F.relu(x)
                 outs.append(op.after_relu(relu_x))
