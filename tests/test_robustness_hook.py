@@ -2,8 +2,10 @@
 
 import importlib.util
 import math
+import re
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,8 +206,6 @@ def test_documented_default_budgets():
 def test_invalid_values_of_settings_in_use_are_refused(field, value, message):
     """Kind combined reads every setting, so each bad value meets its own check. (With the default
     kind none, test_invalid_config_raises's values are also refused as unused, whatever their checks.)"""
-    import re
-
     with pytest.raises(ValueError, match=re.escape(message)):
         RobustnessConfig(kind="combined", **{field: value})
 
@@ -213,9 +213,6 @@ def test_invalid_values_of_settings_in_use_are_refused(field, value, message):
 def test_defaults_are_the_documented_ones():
     """RobustnessConfig's defaults are those of the fields table in docs/robustness.md (gamma 0.01 is
     the paper's); crown-symbolic's R_CB runs on 2 examples per step, as documented there."""
-    from pathlib import Path
-    import re
-
     docs = (Path(__file__).resolve().parent.parent / "docs" / "robustness.md").read_text()
     table = docs.split("`RobustnessConfig` fields and defaults:", 1)[1].split("\n\n", 2)[1]
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", table, flags=re.M))

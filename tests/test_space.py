@@ -9,9 +9,12 @@ from conftest import OpsRun
 
 from dsrna import DARTS_V1, DARTS_V2, PRIMITIVES, Network, SearchNetwork
 from dsrna.backend import use_backend
-from dsrna.space import count_parameters
-from dsrna.space.ops import DilConv, FactorizedReduce, Identity, PoolBN, ReLUConvBN, SepConv, Zero, make_op
-from dsrna.space.search_network import MixedOp
+from dsrna.space import capture_batch_stats, count_parameters, frozen_batch_stats
+from dsrna.space.genotype import Genotype
+from dsrna.space.network import AuxiliaryHead, Cell
+from dsrna.space.ops import (BatchNorm2d, DepthwiseConv2d, DilConv, FactorizedReduce, Identity, PoolBN, ReLUConvBN,
+                             SepConv, Zero, drop_path, make_op)
+from dsrna.space.search_network import MixedOp, cell_nodes_reference
 
 
 def test_primitives_in_method_order():
@@ -75,8 +78,6 @@ def test_every_candidate_keeps_the_edge_shape(stride, size):
 def test_depthwise_conv_takes_one_value_per_setting():
     """Its kernels take one stride, padding and dilation for both axes: a per-axis value would run as
     the first axis' (and the bound graph would lower the per-axis conv: another function)."""
-    from dsrna.space.ops import DepthwiseConv2d
-
     assert DepthwiseConv2d(2, 3, stride=(2, 2), padding=1).stride == (2, 2)
     for geometry, message in ((dict(kernel_size=(3, 5), stride=1, padding=1), "kernel_size=(3, 5)"),
                               (dict(kernel_size=3, stride=1, padding=(1, 2), dilation=(1, 2)),
@@ -150,8 +151,6 @@ def test_darts_v2_parameter_count_matches_published_size():
 
 def test_auxiliary_head_pools_as_darts():
     """Two overlapping 5x5 windows per side: DARTS' stride 3 on its 8x8 CIFAR map, stride 2 on 7x7."""
-    from dsrna.space.network import AuxiliaryHead
-
     pool = AuxiliaryHead(1, 10).features[1]
     grid = torch.arange(64.0).view(1, 1, 8, 8)
     assert pool(grid).flatten().tolist() == [18.0, 21.0, 42.0, 45.0]
@@ -174,9 +173,6 @@ def test_final_network_shapes_and_auxiliary(stem, size):
 
 
 def test_drop_path_drops_op_outputs_in_training_only_and_never_a_skip():
-    from dsrna.space.genotype import Genotype
-    from dsrna.space.network import Cell
-
     def cell(op):
         edges = [(op, 0), (op, 1)] * 4
         return Cell(Genotype(edges, [2, 3, 4, 5], edges, [2, 3, 4, 5]), 4, 4, 4, False, False).train()
@@ -220,8 +216,6 @@ def test_partial_channel_edge_shuffles_the_mixed_and_the_bypass_channels():
 def test_drop_path_zeroes_whole_examples_and_rescales_the_kept_ones():
     """DARTS' drop path keeps each example with probability 1 - p and divides it by 1 - p (the
     expectation is unchanged); an example is kept or dropped as a whole."""
-    from dsrna.space.ops import drop_path
-
     out = drop_path(torch.ones(4000, 2, 3, 3), 0.25).flatten(1)
     assert torch.equal(out, out[:, :1].expand_as(out))
     kept = out[:, 0] != 0
@@ -256,9 +250,6 @@ def test_frozen_statistics_replay_the_clean_pass():
     """Replaying the statistics captured on the same batch gives the clean outputs and the clean
     gradients of the batch norm's affine parameters and of the weights before it: the statistics are
     biased variances with eps, and stay in the autograd graph of the weights (METHOD.md §2)."""
-    from dsrna.space import capture_batch_stats, frozen_batch_stats
-    from dsrna.space.ops import BatchNorm2d
-
     conv, bn = torch.nn.Conv2d(2, 3, 3).double(), BatchNorm2d(3).double()
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2.0)
@@ -279,9 +270,6 @@ def test_frozen_statistics_replay_the_clean_pass():
 def test_eval_mode_batch_norm_ignores_captured_and_frozen_statistics():
     """In eval mode a batch norm uses its running statistics: it records nothing under capture and
     needs nothing under replay."""
-    from dsrna.space import capture_batch_stats, frozen_batch_stats
-    from dsrna.space.ops import BatchNorm2d
-
     bn = BatchNorm2d(3)
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
@@ -298,8 +286,6 @@ def test_eval_mode_batch_norm_ignores_captured_and_frozen_statistics():
 
 def test_train_mode_batch_norm_updates_running_statistics_as_torch_does():
     """The fast train-mode path keeps nn.BatchNorm2d's bookkeeping: its momentum, its counter."""
-    from dsrna.space.ops import BatchNorm2d
-
     ours, theirs = BatchNorm2d(3, momentum=0.3), torch.nn.BatchNorm2d(3, momentum=0.3)
     x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(ours(x), theirs(x))
@@ -309,9 +295,6 @@ def test_train_mode_batch_norm_updates_running_statistics_as_torch_does():
 
 def test_statistics_contexts_restore_the_outer_mode():
     """A capture nested in a replay hands the replay back on exit (not plain batch statistics)."""
-    from dsrna.space import capture_batch_stats, frozen_batch_stats
-    from dsrna.space.ops import BatchNorm2d
-
     bn = BatchNorm2d(2).double()
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     with capture_batch_stats() as outer:
@@ -350,8 +333,6 @@ def test_factorized_reduce_halves_read_even_and_odd_pixels():
 
 def test_auxiliary_pool_of_a_five_pixel_map_is_two_by_two():
     """Under 6 pixels the two 5x5 windows would not fit apart: the map is average-pooled to 2x2."""
-    from dsrna.space.network import AuxiliaryHead
-
     pool = AuxiliaryHead(1, 10).features[1]
     x = torch.rand(1, 2, 5, 5)
     torch.testing.assert_close(pool(x), torch.nn.functional.adaptive_avg_pool2d(x, 2))
@@ -372,8 +353,6 @@ def test_a_candidate_replaced_by_zero_drops_out_of_its_edge_and_node():
     """Mixed ops skip `none`-like candidates: with one replaced by Zero (kept candidates no longer
     contiguous, and no longer the same on every edge of a node) the edge and the node are still the
     softmax-weighted sums of their candidates, each edge with its own row of weights."""
-    from dsrna.space.search_network import cell_nodes_reference
-
     op = MixedOp(4, 1).double()
     op.ops[4] = Zero(1)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
@@ -418,8 +397,6 @@ def test_architecture_starts_near_uniform():
 def test_auxiliary_pool_covers_a_non_square_map_per_side():
     """Two overlapping 5x5 windows per side, each side its own stride: an 8x7 map takes stride 3 down
     and 2 across, so the last window ends on the map's last row and column."""
-    from dsrna.space.network import AuxiliaryHead
-
     pool = AuxiliaryHead(1, 10).features[1]
     x = torch.rand(1, 2, 8, 7)
     torch.testing.assert_close(pool(x), torch.nn.functional.avg_pool2d(x, 5, stride=(3, 2)))
@@ -427,9 +404,6 @@ def test_auxiliary_pool_covers_a_non_square_map_per_side():
 
 def test_cell_outputs_the_states_its_genotype_concatenates():
     """A cell concatenates the states named by its *_concat, in that order, not just the last ones."""
-    from dsrna.space.genotype import Genotype
-    from dsrna.space.network import Cell
-
     # skips only: node 2 = 2 p0, node 3 = 2 p1, node 4 = 4 p0, node 5 = 4 p1 (p: the preprocessed inputs)
     edges = [("skip_connect", 0)] * 2 + [("skip_connect", 1)] * 2 + [("skip_connect", 2)] * 2 + [("skip_connect", 3)] * 2
     cell = Cell(Genotype(edges, [2, 5], edges, [2, 5]), 4, 4, 4, False, False).eval()
@@ -465,8 +439,6 @@ def test_imagenet_stems_put_a_relu_before_their_last_stride_two_conv():
 def test_final_network_validates_a_genotype_object():
     """A Genotype built in Python is checked as a JSON one is: a node reading a later state is named
     when the network is built, not an IndexError in its first forward."""
-    from dsrna.space.genotype import Genotype
-
     normal = list(DARTS_V2.normal)
     normal[0] = ("skip_connect", 5)
     with pytest.raises(ValueError, match=r"normal\[0\]: node 2 cannot take input 5"):
