@@ -270,7 +270,7 @@ template <typename T> void weighted_sum_family() {
     weighted_sum_case<T>(5, numel, true);
     weighted_sum_case<T>(5, numel, false);
   }
-  weighted_sum_case<T>(70, 1003, true);  // more inputs than one launch takes
+  weighted_sum_case<T>(70, 5000, true);  // more inputs than one launch takes, the dot in several chunks
 }
 
 }  // namespace
