@@ -13,7 +13,9 @@
 // to read and write the tensors), with one load in flight per thread and a staged halo of a third of
 // the tile; several rows per thread give each thread several independent loads, let adjacent outputs
 // share staged rows and cut the halo and the number of blocks. The weight gradient reduces over the
-// batch and the image, in deterministic partial sums.
+// batch and the image, in deterministic partial sums; at the DARTS strides and dilations (1 and 2)
+// each thread takes a segment of adjacent outputs of a row, whose K input rows it reads once into
+// registers, where the general kernel reads K*K inputs per output.
 #include <algorithm>
 #include <cstdint>
 
@@ -25,6 +27,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxPlanesPerBlock = 32;
 constexpr int kRowsPerThread = 4;  // outputs per thread of the (interval) forward, one column
+constexpr int kSegment = 4;        // outputs per thread of the weight gradient, one row
 constexpr size_t kMaxSharedBytes = 40 * 1024;
 
 int next_pow2(int64_t v) {
@@ -157,6 +160,18 @@ depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ x2, cons
   }
 }
 
+// The weight kernel's last step: the block's K*K sums into partial[chunk][c][k].
+template <typename Acc, int K>
+__device__ __forceinline__ void store_weight_partial(Acc (&acc)[K * K], Acc* scratch, Acc* __restrict__ partial,
+                                                     int64_t C) {
+  Acc* out = partial + (int64_t(blockIdx.y) * C + blockIdx.x) * K * K;
+#pragma unroll
+  for (int k = 0; k < K * K; ++k) {
+    const Acc total = block_sum(acc[k], scratch);
+    if (threadIdx.x == 0) out[k] = total;
+  }
+}
+
 // partial[chunk][c][k] = sum over this chunk's share of (n, oh, ow) of grad_y * x at tap k.
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads)
@@ -192,12 +207,57 @@ depthwise_weight_kernel(const T* __restrict__ x, const T* __restrict__ gy, acc_t
       }
     }
   }
-  Acc* out = partial + (int64_t(blockIdx.y) * g.C + c) * K * K;
+  store_weight_partial<Acc, K>(acc, scratch, partial, g.C);
+}
+
+// As depthwise_weight_kernel at stride S and dilation D known at compile time: a thread's unit is a
+// segment of kSegment adjacent outputs of one row, whose K*K taps read, per kernel row, one span of
+// (kSegment-1)*S + (K-1)*D + 1 inputs: loaded once into registers, where the general kernel loads
+// K*K inputs per output (25 for K=5 against 10 here at S=D=1).
+template <typename T, int K, int S, int D>
+__global__ void __launch_bounds__(kThreads)
+depthwise_weight_segment_kernel(const T* __restrict__ x, const T* __restrict__ gy, acc_t<T>* __restrict__ partial,
+                                DepthwiseGeometry g) {
+  using Acc = acc_t<T>;
+  constexpr int J = kSegment, kSpan = (J - 1) * S + (K - 1) * D + 1;
+  __shared__ Acc scratch[32];
+  const int c = blockIdx.x, p = g.padding;
+  const int segments_per_row = int(ceil_div(g.Wo, J));
+  const int64_t segments = g.N * g.Ho * segments_per_row;
+  const int64_t per_chunk = ceil_div(segments, gridDim.y);
+  const int64_t begin = blockIdx.y * per_chunk;
+  const int64_t end = begin + per_chunk < segments ? begin + per_chunk : segments;
+  Acc acc[K * K];
 #pragma unroll
-  for (int k = 0; k < K * K; ++k) {
-    const Acc total = block_sum(acc[k], scratch);
-    if (threadIdx.x == 0) out[k] = total;
+  for (int k = 0; k < K * K; ++k) acc[k] = 0;
+  for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
+    const int64_t row = q / segments_per_row;  // n * Ho + oh
+    const int ow0 = int(q - row * segments_per_row) * J;
+    const int64_t n = row / g.Ho;
+    const int oh = int(row - n * g.Ho);
+    const int64_t plane = n * g.C + c;
+    const T* gyp = gy + (plane * g.Ho + oh) * g.Wo + ow0;
+    Acc gv[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) gv[j] = ow0 + j < g.Wo ? to_acc(gyp[j]) : Acc(0);
+    const T* xp = x + plane * g.H * g.W;
+    const int iw0 = ow0 * S - p;
+#pragma unroll
+    for (int kh = 0; kh < K; ++kh) {
+      const int ih = oh * S - p + kh * D;
+      if (ih < 0 || ih >= g.H) continue;
+      const T* xr = xp + int64_t(ih) * g.W;
+      Acc xv[kSpan];
+#pragma unroll
+      for (int i = 0; i < kSpan; ++i) xv[i] = iw0 + i >= 0 && iw0 + i < g.W ? to_acc(xr[iw0 + i]) : Acc(0);
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) {
+#pragma unroll
+        for (int j = 0; j < J; ++j) acc[kh * K + kw] += gv[j] * xv[j * S + kw * D];
+      }
+    }
   }
+  store_weight_partial<Acc, K>(acc, scratch, partial, g.C);
 }
 
 // The stacked family's forward: as depthwise_forward_kernel, but the staged tile is the union of the
@@ -267,6 +327,11 @@ template <typename F> cudaError_t dispatch_kernel_size(int K, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// The weight gradient's segment kernel is compiled for the DARTS strides and dilations.
+bool weight_by_segments(const DepthwiseGeometry& g) {
+  return (g.stride == 1 || g.stride == 2) && (g.dilation == 1 || g.dilation == 2);
+}
+
 }  // namespace
 
 bool depthwise_supports_kernel_size(int64_t K) { return K == 3 || K == 5; }
@@ -308,9 +373,12 @@ cudaError_t interval_depthwise(DType dtype, const void* lower, const void* upper
 }
 
 int64_t depthwise_weight_chunks(const DepthwiseGeometry& g) {
-  // Enough blocks to fill the GPU (C * chunks of a few hundred) with ~1k positions per block.
-  const int64_t positions = g.N * g.Ho * g.Wo;
-  return std::max<int64_t>(1, std::min(ceil_div(positions, 1024), ceil_div(2048, std::max<int64_t>(g.C, 1))));
+  // Enough blocks to fill the GPU (C * chunks of a few hundred), each with a few units per thread:
+  // ~1k outputs, or 512 segments of kSegment outputs.
+  const bool by_segments = weight_by_segments(g);
+  const int64_t units = g.N * g.Ho * (by_segments ? ceil_div(g.Wo, kSegment) : g.Wo);
+  const int64_t per_block = by_segments ? 512 : 1024;
+  return std::max<int64_t>(1, std::min(ceil_div(units, per_block), ceil_div(2048, std::max<int64_t>(g.C, 1))));
 }
 
 cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, void* partial, const DepthwiseGeometry& g,
@@ -320,9 +388,18 @@ cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, voi
     return dispatch_kernel_size(g.K, [&](auto k) {
       constexpr int K = decltype(k)::value;
       const dim3 grid{unsigned(g.C), unsigned(chunks)};
-      depthwise_weight_kernel<T, K><<<grid, kThreads, 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(grad_y), static_cast<acc_t<T>*>(partial), g);
-      return cudaGetLastError();
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(grad_y),
+                                              static_cast<acc_t<T>*>(partial), g);
+        return cudaGetLastError();
+      };
+      if (!weight_by_segments(g)) return launch(depthwise_weight_kernel<T, K>);
+      if (g.stride == 1) {
+        return g.dilation == 1 ? launch(depthwise_weight_segment_kernel<T, K, 1, 1>)
+                               : launch(depthwise_weight_segment_kernel<T, K, 1, 2>);
+      }
+      return g.dilation == 1 ? launch(depthwise_weight_segment_kernel<T, K, 2, 1>)
+                             : launch(depthwise_weight_segment_kernel<T, K, 2, 2>);
     });
   });
 }

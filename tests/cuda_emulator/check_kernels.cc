@@ -290,6 +290,11 @@ int main() {
   }
   // A dilation so large that even one output row's tile outgrows shared memory: narrower tiles.
   interval_depthwise_case<double>({1, 2, 30, 70}, {5, 24, 12}, 1);
+  // The weight gradient over chunks that do not divide its 2*40*13 segments (3 of 347).
+  depthwise_weight_case<float>({2, 2, 40, 50}, kDarts[0], 1);
+  // The weight gradient's general kernel: a stride or dilation other than 1 and 2.
+  depthwise_weight_case<float>(kShapes[0], {3, 3, 3}, 1);
+  depthwise_weight_case<double>(kShapes[0], {5, 2, 1}, 3);
   // Convs whose paddings differ by other amounts than the DARTS ones, and one conv alone.
   depthwise_stack_case<double>({2, 3, 11, 6}, {{3, 0, 1}, {5, 1, 1}}, 2, 1);
   depthwise_stack_case<double>({2, 3, 11, 6}, {{5, 2, 1}}, 1, 2);
