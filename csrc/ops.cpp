@@ -660,24 +660,32 @@ std::tuple<Tensor, Tensor> interval_depthwise_conv2d_cuda(const Tensor& lower_, 
 // The input gradient of a depthwise conv. At stride 1 it is the conv of grad_y with the kernel flipped
 // and padding d(K-1) - p (the DARTS ops' "same" padding maps to itself): our forward kernel, which
 // needs no input-sized scratch and, timed apart on an H100, took 40 us where ATen's input gradient
-// took 68 (batch 256, C=16, 32x32, k=3). At stride 2 it is ATen's own input gradient (the kernel the reference
-// path runs; 2-4x faster than a gather kernel of ours on an H100), which takes an input-shaped tensor
-// for its shape only. The autograd formulas around it stay ours, so its double backward runs on our
-// forward and weight kernels.
-Tensor depthwise_conv2d_transpose_cuda(const Tensor& grad_y, const Tensor& weight, at::IntArrayRef input_hw,
+// took 68 (batch 256, C=16, 32x32, k=3). At stride 2 and dilations 1 and 2 (the DARTS ops) it is our
+// gather kernel; elsewhere ATen's own input gradient (the kernel the reference path runs), which
+// takes an input-shaped tensor for its shape only. The autograd formulas around it stay ours, so the
+// double backward runs on our forward and weight kernels.
+Tensor depthwise_conv2d_transpose_cuda(const Tensor& grad_y_, const Tensor& weight, at::IntArrayRef input_hw,
                                        int64_t stride, int64_t padding, int64_t dilation) {
   const char* op = "dsrna::depthwise_conv2d_transpose";
-  const auto g = transpose_geometry(grad_y, weight, input_hw, stride, padding, dilation, op);
-  TORCH_CHECK(gpu::depthwise_supports_kernel_size(g.K), op, ": the CUDA kernels support kernel sizes 3 and 5, got ",
-              g.K);
-  const c10::cuda::CUDAGuard guard(grad_y.device());
-  const int64_t N = grad_y.size(0), C = grad_y.size(1);
-  if (N * C * g.H * g.W == 0) return at::empty({N, C, g.H, g.W}, grad_y.options());
+  const auto cg = transpose_geometry(grad_y_, weight, input_hw, stride, padding, dilation, op);
+  const c10::cuda::CUDAGuard guard(grad_y_.device());
+  const int64_t N = grad_y_.size(0), C = grad_y_.size(1);
+  const auto g = gpu_geometry(N, C, cg, op);
+  if (N * C * g.H * g.W == 0) return at::empty({N, C, g.H, g.W}, grad_y_.options());
   const int64_t flipped_padding = dilation * (g.K - 1) - padding;
   if (stride == 1 && flipped_padding >= 0)
-    return depthwise_conv2d_cuda(grad_y, weight.flip({2, 3}), 1, flipped_padding, dilation);
+    return depthwise_conv2d_cuda(grad_y_, weight.flip({2, 3}), 1, flipped_padding, dilation);
+  const Tensor grad_y = grad_y_.contiguous();
+  const Tensor wc = weight.contiguous();
+  if (gpu::depthwise_transpose_supported(g)) {
+    Tensor grad_x = at::empty({N, C, g.H, g.W}, grad_y.options());
+    check_launch(gpu::depthwise_transpose(gpu_dtype(grad_y.scalar_type(), op), grad_y.data_ptr(), wc.data_ptr(),
+                                          grad_x.data_ptr(), g, c10::cuda::getCurrentCUDAStream()),
+                 op);
+    return grad_x;
+  }
   const Tensor input_shape = at::empty({N, C, g.H, g.W}, grad_y.options());
-  return std::get<0>(at::convolution_backward(grad_y.contiguous(), input_shape, weight.contiguous(), std::nullopt,
+  return std::get<0>(at::convolution_backward(grad_y, input_shape, wc, std::nullopt,
                                               {stride, stride}, {padding, padding}, {dilation, dilation}, false,
                                               {0, 0}, C, {true, false, false}));
 }

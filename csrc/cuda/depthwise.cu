@@ -1,8 +1,11 @@
 // CUDA kernels of the depthwise convolution family (kernel 3 and 5, any stride, padding, dilation).
 //
-// The input gradient has no kernel of its own (csrc/ops.cpp): at stride 1 it is the forward kernel on
-// the flipped filter, at stride 2 ATen's depthwise backward, which was 2-4x faster than our gather
-// kernel on an H100 (benchmarks/results/2026-11-26_nvidia-h100_profile.md).
+// The input gradient at stride 1 is the forward kernel on the flipped filter (csrc/ops.cpp). At stride
+// 2 a tiled gather kernel with one output per thread was 2-4x slower than ATen's depthwise backward on
+// an H100 (benchmarks/results/2026-11-26_nvidia-h100_profile.md), and ATen's is itself far from the
+// memory floor (64 us at batch 256, C=16, 32x32, k3 on an H200, where moving the tensors takes about
+// 5): depthwise_transpose_s2_kernel gathers four adjacent outputs per thread with the plane's weights
+// loaded once and every index known at compile time.
 //
 // Forward and interval forward share one scheme: a block owns an output tile of
 // (blockDim.x x blockDim.y * kRowsPerThread) pixels in each of blockDim.z planes (several small planes
@@ -260,6 +263,66 @@ depthwise_weight_segment_kernel(const T* __restrict__ x, const T* __restrict__ g
   store_weight_partial<Acc, K>(acc, scratch, partial, g.C);
 }
 
+// a / 2 rounded down, at compile time.
+__host__ __device__ constexpr int floor_half(int a) { return a >= 0 ? a / 2 : -((1 - a) / 2); }
+
+// grad_x of a stride-2 depthwise conv: grad_x[ih][iw] sums w[kh][kw] * grad_y[oh][ow] over the taps
+// with 2*oh = ih + p - kh*D and 2*ow = iw + p - kw*D. A thread takes kSegment adjacent pixels of a
+// grad_x row from an even column iw0; with P the padding's parity, iw + p - kw*D is 2*base + (j + P -
+// kw*D) for pixel j (base = (iw0 + p - P) / 2, i.e. (iw0 + p) / 2), so which (pixel, tap) pairs meet a
+// grad_y column, and which of the row's columns they read, is known at compile time: each kernel
+// row's columns are loaded once into registers.
+template <typename T, int K, int D, int P>
+__global__ void __launch_bounds__(kThreads)
+depthwise_transpose_s2_kernel(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
+                              DepthwiseGeometry g) {
+  using Acc = acc_t<T>;
+  constexpr int J = kSegment;
+  constexpr int kFirst = floor_half(P - (K - 1) * D), kLast = floor_half(J - 1 + P);  // column offsets from base
+  constexpr int kColumns = kLast - kFirst + 1;
+  const int segments_per_row = int(ceil_div(g.W, J));
+  const int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (q >= g.N * g.C * g.H * segments_per_row) return;
+  const int64_t row = q / segments_per_row;  // plane * H + ih
+  const int iw0 = int(q - row * segments_per_row) * J;
+  const int64_t plane = row / g.H;
+  const int ih = int(row - plane * g.H);
+  const T* wp = w + (plane % g.C) * K * K;
+  Acc wr[K * K];
+#pragma unroll
+  for (int i = 0; i < K * K; ++i) wr[i] = to_acc(wp[i]);
+  const int base = (iw0 + g.padding) / 2;
+  Acc acc[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) acc[j] = 0;
+#pragma unroll
+  for (int kh = 0; kh < K; ++kh) {
+    const int t = ih + g.padding - kh * D;
+    if (t & 1) continue;  // this tap row falls between grad_y rows
+    const int oh = t >> 1;
+    if (oh < 0 || oh >= g.Ho) continue;
+    const T* gyr = gy + (plane * g.Ho + oh) * g.Wo;
+    Acc v[kColumns];
+#pragma unroll
+    for (int i = 0; i < kColumns; ++i) {
+      const int ow = base + kFirst + i;
+      v[i] = ow >= 0 && ow < g.Wo ? to_acc(gyr[ow]) : Acc(0);
+    }
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) {
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        if ((j + P - kw * D) % 2 == 0) acc[j] += wr[kh * K + kw] * v[(j + P - kw * D) / 2 - kFirst];
+      }
+    }
+  }
+  T* out = gx + row * g.W + iw0;
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    if (iw0 + j < g.W) out[j] = from_acc<T>(acc[j]);
+  }
+}
+
 // The stacked family's forward: as depthwise_forward_kernel, but the staged tile is the union of the
 // T convs' input footprints (origin at the largest padding; conv t starts `padding - padding_of[t]`
 // further in), and every thread computes its pixel of all T*M outputs of its plane from it, so the
@@ -400,6 +463,33 @@ cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, voi
       }
       return g.dilation == 1 ? launch(depthwise_weight_segment_kernel<T, K, 2, 1>)
                              : launch(depthwise_weight_segment_kernel<T, K, 2, 2>);
+    });
+  });
+}
+
+bool depthwise_transpose_supported(const DepthwiseGeometry& g) {
+  return depthwise_supports_kernel_size(g.K) && g.stride == 2 && (g.dilation == 1 || g.dilation == 2);
+}
+
+cudaError_t depthwise_transpose(DType dtype, const void* grad_y, const void* w, void* grad_x,
+                                const DepthwiseGeometry& g, cudaStream_t stream) {
+  if (!depthwise_transpose_supported(g)) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_kernel_size(g.K, [&](auto k) {
+      constexpr int K = decltype(k)::value;
+      const int64_t segments = g.N * g.C * g.H * ceil_div(g.W, kSegment);
+      const dim3 grid{unsigned(ceil_div(segments, kThreads))};
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(grad_y), static_cast<const T*>(w),
+                                              static_cast<T*>(grad_x), g);
+        return cudaGetLastError();
+      };
+      const bool odd = g.padding % 2 != 0;
+      if (g.dilation == 1) {
+        return odd ? launch(depthwise_transpose_s2_kernel<T, K, 1, 1>) : launch(depthwise_transpose_s2_kernel<T, K, 1, 0>);
+      }
+      return odd ? launch(depthwise_transpose_s2_kernel<T, K, 2, 1>) : launch(depthwise_transpose_s2_kernel<T, K, 2, 0>);
     });
   });
 }

@@ -37,6 +37,11 @@ cudaError_t depthwise_forward(DType dtype, const void* x, const void* w, void* y
 // float32 and float64 only (bound propagation).
 cudaError_t interval_depthwise(DType dtype, const void* lower, const void* upper, const void* w, void* out_lower,
                                void* out_upper, const DepthwiseGeometry& g, cudaStream_t stream);
+// grad_x ([N, C, H, W]) of the conv from grad_y ([N, C, Ho, Wo]): compiled for stride 2 at dilations 1
+// and 2 (stride 1 is the forward on the flipped filter).
+bool depthwise_transpose_supported(const DepthwiseGeometry& g);
+cudaError_t depthwise_transpose(DType dtype, const void* grad_y, const void* w, void* grad_x,
+                                const DepthwiseGeometry& g, cudaStream_t stream);
 // partial: [chunks, C, K*K] accumulators; the caller sums over the chunks.
 int64_t depthwise_weight_chunks(const DepthwiseGeometry& g);
 cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, void* partial, const DepthwiseGeometry& g,

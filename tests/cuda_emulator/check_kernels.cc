@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -192,6 +193,31 @@ template <typename T> void depthwise_weight_case(Shape sh, Conv cv, int s) {
   check(what, total.data(), want, (std::is_same_v<Acc, double> ? 1e-13 : 1e-6) * terms);
 }
 
+// grad_x of a stride-2 conv of an input of shape `sh`, against scattering each grad_y value along its taps.
+template <typename T> void depthwise_transpose_case(Shape sh, Conv cv) {
+  const int s = 2;
+  const int64_t Ho = out_size(sh.H, cv.K, s, cv.p, cv.d), Wo = out_size(sh.W, cv.K, s, cv.p, cv.d);
+  const auto gy = random_values<T>(sh.N * sh.C * Ho * Wo);
+  const auto w = random_values<T>(sh.C * cv.K * cv.K);
+  std::vector<double> want(sh.N * sh.C * sh.H * sh.W, 0.0);
+  for (int64_t plane = 0; plane < sh.N * sh.C; ++plane)
+    for (int64_t oh = 0; oh < Ho; ++oh)
+      for (int64_t ow = 0; ow < Wo; ++ow)
+        for (int kh = 0; kh < cv.K; ++kh)
+          for (int kw = 0; kw < cv.K; ++kw) {
+            const int64_t ih = oh * s - cv.p + kh * cv.d, iw = ow * s - cv.p + kw * cv.d;
+            if (ih < 0 || ih >= sh.H || iw < 0 || iw >= sh.W) continue;
+            want[(plane * sh.H + ih) * sh.W + iw] +=
+                as_double(w[(plane % sh.C) * cv.K * cv.K + kh * cv.K + kw]) * as_double(gy[(plane * Ho + oh) * Wo + ow]);
+          }
+  std::vector<T> gx(want.size(), from_double<T>(NAN));
+  const std::string what = std::string("depthwise_transpose ") + Info<T>::name + " " + sh.str() + " k" +
+                           std::to_string(cv.K) + "p" + std::to_string(cv.p) + "d" + std::to_string(cv.d);
+  const DepthwiseGeometry g{sh.N, sh.C, sh.H, sh.W, Ho, Wo, cv.K, s, cv.p, cv.d};
+  launched(depthwise_transpose(Info<T>::dtype, gy.data(), w.data(), gx.data(), g, nullptr), what);
+  check(what, gx.data(), want, Info<T>::tol);
+}
+
 template <typename T> void depthwise_stack_case(Shape sh, const std::vector<Conv>& convs, int M, int s) {
   const int Tn = int(convs.size());
   const Conv& first = convs[0];
@@ -226,6 +252,7 @@ template <typename T> void depthwise_family() {
       for (const Conv& cv : kDarts) {
         depthwise_forward_case<T>(sh, cv, s);
         depthwise_weight_case<T>(sh, cv, s);
+        if (s == 2) depthwise_transpose_case<T>(sh, cv);
       }
       for (int M : {1, 3}) depthwise_stack_case<T>(sh, kDarts, M, s);
     }
@@ -290,6 +317,17 @@ int main() {
   }
   // A dilation so large that even one output row's tile outgrows shared memory: narrower tiles.
   interval_depthwise_case<double>({1, 2, 30, 70}, {5, 24, 12}, 1);
+  // Stride-2 input gradients at an odd padding with dilation 2 (the DARTS paddings are even there).
+  depthwise_transpose_case<float>(kShapes[0], {3, 1, 2});
+  depthwise_transpose_case<double>(kShapes[3], {5, 3, 2});
+  // Geometries the stride-2 input gradient kernel is not compiled for are refused, not run.
+  for (const auto& [stride, dilation] : {std::pair{1, 1}, std::pair{2, 3}}) {
+    const DepthwiseGeometry g{1, 1, 8, 8, 8, 8, 3, stride, 1, dilation};
+    const bool refused = !depthwise_transpose_supported(g) &&
+                         depthwise_transpose(DType::kFloat32, nullptr, nullptr, nullptr, g, nullptr) == cudaErrorInvalidValue;
+    failures += !refused;
+    std::printf("%s depthwise_transpose refuses stride %d dilation %d\n", refused ? "ok  " : "FAIL", stride, dilation);
+  }
   // The weight gradient over chunks that do not divide its 2*40*13 segments (3 of 347).
   depthwise_weight_case<float>({2, 2, 40, 50}, kDarts[0], 1);
   // The weight gradient's general kernel: a stride or dilation other than 1 and 2.
