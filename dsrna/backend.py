@@ -48,6 +48,14 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_environment() -> None:
+    """A ``ValueError`` if ``DSRNA_BACKEND`` is set to anything but a backend choice: the variable is read
+    at import, and without this check a typo surfaces at the first op, after a command's setup."""
+    name = os.environ.get("DSRNA_BACKEND")
+    if name is not None and name not in CHOICES:
+        raise ValueError(f"DSRNA_BACKEND={name!r} is not a backend; choose one of {', '.join(CHOICES)}")
+
+
 def set_backend(name: str) -> None:
     """Set the process-wide default backend (``auto``, ``reference``, ``triton`` or ``native``)."""
     global _global_backend

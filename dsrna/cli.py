@@ -78,8 +78,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"dsrna: warning: {message}", file=sys.stderr if file is None else file)
 
 
+# How an interrupted long run continues (its checkpoints are written atomically at each epoch's end).
+_RESUME_HINTS = {
+    "search": "; if an epoch finished, the same command with --resume continues from its checkpoint",
+    "train": "; if an epoch finished, the same command with --resume continues from its checkpoint",
+    "compare": "; the same command continues from the last finished stage",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    from dsrna.backend import BackendUnavailable
+    from dsrna.backend import BackendUnavailable, check_environment
     from dsrna.errors import DsrnaError, first_line
 
     argv = sys.argv[1:] if argv is None else argv
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsrna {args.command}: error: this subcommand is not available in this version", file=sys.stderr)
         return 2
     try:
+        check_environment()
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             return int(module.run(args) or 0)
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsrna {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"dsrna {args.command}: interrupted", file=sys.stderr)
+        print(f"dsrna {args.command}: interrupted{_RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

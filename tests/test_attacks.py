@@ -481,6 +481,8 @@ def test_cli_attack_refuses_a_norm_the_attack_lacks_before_any_work(tmp_path, ca
     # an l_inf budget of 8 (meant: 8/255) is said at once, before the model is even read
     assert main(["attack", str(tmp_path / "missing.pt"), "--eps", "0.1,8"]) == 2
     assert "warning: --eps 8 in l_inf covers the whole [0, 1] pixel range" in capsys.readouterr().err
+    assert main(["certify", str(tmp_path / "missing.pt"), "--eps", "0.1,2"]) == 2  # the certified-accuracy rows
+    assert "warning: --eps 2 in l_inf covers the whole [0, 1] pixel range" in capsys.readouterr().err
 
 
 @needs_torchattacks

@@ -155,3 +155,33 @@ def test_unavailable_subcommand_says_so(monkeypatch, capsys):
     monkeypatch.setitem(cli.SUBCOMMANDS, "later", "dsrna.commands.not_written_yet")
     assert cli.main(["later"]) == 2
     assert one_line_error(capsys.readouterr().err) == "dsrna later: error: this subcommand is not available in this version"
+
+
+def test_a_bad_backend_variable_fails_before_a_command_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DSRNA_BACKEND", "bogus")
+    out = tmp_path / "run"
+    assert cli.main(["search", "--layers", "3", "--init-channels", "4", "--epochs", "1", "--no-progress",
+                     "--out", str(out)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line == "dsrna search: error: DSRNA_BACKEND='bogus' is not a backend; choose one of auto, reference, triton, native"
+    assert not out.exists()
+    monkeypatch.setenv("DSRNA_BACKEND", "reference")
+    assert cli.main(["info", "--json"]) == 0
+
+
+@pytest.mark.parametrize("command,hint", [("search", "with --resume continues"), ("compare", "continues from the last"),
+                                          ("fake", None)])
+def test_an_interrupted_command_says_how_to_continue(fake_command, monkeypatch, command, hint, capsys):
+    if command != "fake":
+        monkeypatch.setitem(cli.SUBCOMMANDS, command, fake_command.__name__)
+    fake_command.error = KeyboardInterrupt()
+    assert cli.main([command]) == 130
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith(f"dsrna {command}: interrupted") and (hint in line if hint else line.endswith("interrupted"))
+
+
+@pytest.mark.parametrize("command", sorted(cli.SUBCOMMANDS))
+def test_no_option_shows_an_empty_default(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert "(default: )" not in " ".join(capsys.readouterr().out.split())

@@ -176,6 +176,19 @@ def test_results_table_is_printed_even_when_writing_fails(tmp_path, capsys, monk
     assert "certified radius (linf, ibp)" in captured.out and "No space left" in captured.err
 
 
+def test_compare_without_the_extra_attacks(tmp_path):
+    out = tmp_path / "compare"
+    assert main(["compare", "--methods", "darts", "--out", str(out), "--search-epochs", "1", "--search-layers", "3",
+                 "--search-channels", "4", "--search-batch-size", "8", "--search-max-steps", "1", "--train-epochs", "1",
+                 "--train-layers", "3", "--train-channels", "4", "--train-batch-size", "16", "--train-max-steps", "1",
+                 "--pgd-steps", "2", "--eval-limit", "8", "--certify-method", "ibp", "--certify-limit", "2",
+                 "--certify-max-eps", "0.5", "--no-extra-attacks", "--no-progress"]) == 0
+    row = json.loads((out / "compare.json").read_text())["methods"]["darts"]
+    assert row["cw"] is None and row["autoattack"] is None
+    assert [f.name for f in (out / "darts" / "train").glob("attack_*.json")] == ["attack_linf_fgsm-pgd.json"]
+    assert "C&W and AutoAttack were skipped (--no-extra-attacks)." in (out / "compare.md").read_text()
+
+
 def test_compare_table_says_when_radii_reached_the_cap():
     """A mean over radii cut at --certify-max-eps understates the true mean: the table says how many."""
     row = dict(clean_acc=0.9, fgsm=0.5, pgd=0.4, cw=None, autoattack=None, mean_radius=0.6671, search_time_s=30,

@@ -5,6 +5,7 @@ import math
 import re
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,12 @@ def test_jacobian_rows_per_image_and_the_zero_term_follow_the_config():
     config = RobustnessConfig(kind="jacobian", eps=0.2, norm="l2", estimator="random-row", n=3)
     torch.testing.assert_close(robustness_term(net, x, y, config, None), jacobian_metric(net, x, "l2", "exact", eps=0.2))
     assert robustness_term(net, x, y, RobustnessConfig(), None).dtype == torch.float64
+
+
+def test_an_linf_budget_holding_every_image_is_warned_about():
+    with pytest.warns(UserWarning, match="robustness eps 2 in l_inf covers the whole \\[0, 1\\] pixel range"):
+        RobustnessConfig(kind="jacobian", eps=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RobustnessConfig(kind="jacobian", eps=2.0, norm="l2")  # an l2 ball of radius 2 is a small part of the box
+        RobustnessConfig(kind="jacobian", eps=0.5)

@@ -355,6 +355,12 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
             run_search(config(out=str(out), resume=True, **cfg), tiny_data())
     with pytest.raises(CheckpointError, match="no checkpoint"):
         run_search(config(out=str(tmp_path / "empty"), resume=True, **cfg), tiny_data())
+    trained = tmp_path / "trained"  # --resume given the folder of a training run
+    trained.mkdir()
+    torch.save({"model": {}, "optimizer": {}, "epoch": 1}, trained / "checkpoint.pt")
+    torch.save({"state_dict": {}}, trained / "model.pt")
+    with pytest.raises(CheckpointError, match=f"cannot resume: {trained} holds a training run, not a search$"):
+        run_search(config(out=str(trained), resume=True, **cfg), tiny_data())
 
 
 class _PoisonAfterFirstEpoch(Dataset):

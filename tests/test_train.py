@@ -283,6 +283,55 @@ def test_checkpoints_given_as_models_say_which_file_to_use(tmp_path):
         load_model(tmp_path / "checkpoint.pt")
 
 
+def _untrained_model_file(path):
+    """A model.pt as dsrna train writes it, of an untrained 3-cell DARTS_V2 network (MNIST-sized)."""
+    from dsrna import DARTS_V2
+    from dsrna.evaluation.train import build_model
+
+    config = dict(init_channels=4, layers=3, num_classes=10, in_channels=1, auxiliary=False, stem="cifar",
+                  mean=[0.5], std=[0.25])
+    model = build_model(DARTS_V2, config)
+    torch.save({"state_dict": model.state_dict(), "genotype": DARTS_V2.to_dict(), "model_config": config,
+                "dataset": "mnist-mini"}, path)
+    return model
+
+
+def test_a_run_folder_stands_for_its_model_file(tmp_path):
+    saved = _untrained_model_file(tmp_path / "model.pt")
+    model, meta = load_model(tmp_path)
+    assert meta["dataset"] == "mnist-mini"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))
+
+
+def test_damaged_bytes_inside_a_model_file_are_refused(tmp_path):
+    """torch.load does not check the zip's checksums: a flipped byte in a tensor would load as another
+    weight. The loader checks them first."""
+    import struct
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    _untrained_model_file(path)
+    with zipfile.ZipFile(path) as archive:  # the largest tensor's bytes: past its local header
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26:member.header_offset + 30])
+    data[member.header_offset + 30 + name_length + extra_length + member.file_size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.pt is damaged: the checksum of its entry \S+ does not match"):
+        load_model(path)
+
+
+def test_non_finite_weights_are_refused_with_their_name(tmp_path):
+    path = tmp_path / "model.pt"
+    _untrained_model_file(path)
+    blob = torch.load(path, weights_only=True)
+    blob["state_dict"]["stem.0.weight"][0, 0, 0, 0] = float("nan")
+    blob["state_dict"]["classifier.bias"][0] = float("inf")
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match=r"holds NaN or infinite weights \(stem.0.weight and 1 more\): the run"):
+        load_model(path)
+
+
 def test_a_training_step_computes_what_the_recipe_says(tmp_path, monkeypatch):
     """One step, spied: cross-entropy with the configured label smoothing on the logits plus
     auxiliary_weight times it on the auxiliary logits, the gradient clipped to grad_clip, and the

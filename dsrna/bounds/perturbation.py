@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 NORMS = ("linf", "l2", "l1")
 # Dual norm exponent q of each ball: sup_{||d||_p <= eps} a.d = eps * ||a||_q.
 _DUAL = {"linf": 1, "l2": 2, "l1": float("inf")}
+
+
+def warn_if_whole_box(eps: float, norm: str, name: str) -> None:
+    """Warn that an l_inf budget of 1 or more holds every image in [0, 1] (so nothing is robust): most
+    likely a budget given in 0-255 units or as a count of levels."""
+    if norm == "linf" and eps >= 1:
+        warnings.warn(f"{name} {eps:g} in l_inf covers the whole [0, 1] pixel range, so no image can be robust; "
+                      f"budgets are in pixel units (8/255 is {name} {8 / 255:.4f})", stacklevel=3)
 
 
 class Ball:

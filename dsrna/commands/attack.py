@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import warnings
 
 HELP = "robust accuracy of a trained model.pt under FGSM/PGD (and C&W/AutoAttack with the extra)"
 
@@ -11,7 +10,7 @@ HELP = "robust accuracy of a trained model.pt under FGSM/PGD (and C&W/AutoAttack
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dsrna.attacks import ATTACKS, NORMS
 
-    parser.add_argument("model", help="model.pt written by dsrna train")
+    parser.add_argument("model", help="model.pt written by dsrna train, or its run folder")
     parser.add_argument("--norm", default="linf", choices=NORMS)
     parser.add_argument("--eps", required=True, help="comma-separated budgets in pixel units, e.g. 0.05,0.1,0.2")
     parser.add_argument("--attacks", default="fgsm,pgd", help=f"comma-separated, from {','.join(ATTACKS)} (cw: l2 only; autoattack: linf or l2; "
@@ -29,15 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsrna.attacks import ATTACKS
+    from dsrna.bounds.perturbation import warn_if_whole_box
     from dsrna.evaluation.attack import attack_table, check_attack_norm, evaluate_attacks
     from dsrna.evaluation.common import parse_floats, prepare_evaluation, result_name, write_json
     from dsrna.evaluation.report import plot_attack_curve
     from dsrna.plots import save_figure
 
     eps = parse_floats(args.eps, "--eps")
-    if args.norm == "linf" and max(eps) >= 1:  # images are in [0, 1]: such a ball holds every image
-        warnings.warn(f"--eps {max(eps):g} in l_inf covers the whole [0, 1] pixel range, so no image can be robust; "
-                      f"budgets are in pixel units (8/255 is --eps {8 / 255:.4f})")
+    warn_if_whole_box(max(eps), args.norm, "--eps")
     attacks = list(dict.fromkeys(a.strip() for a in args.attacks.split(",") if a.strip()))
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks:

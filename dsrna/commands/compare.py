@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--norm", default="linf", choices=("linf", "l2", "l1"), help="norm of FGSM and PGD")
     e.add_argument("--eps", default="0.1", help="FGSM/PGD budgets, comma-separated; the table shows the last")
     e.add_argument("--l2-eps", type=float, default=0.5, help="budget of C&W and AutoAttack (l2)")
+    e.add_argument("--no-extra-attacks", dest="extra_attacks", action="store_false",
+                   help="skip C&W and AutoAttack, which run where torchattacks is installed")
     e.add_argument("--pgd-steps", type=int, default=100)
     e.add_argument("--certify-norm", default="l2", choices=("linf", "l2", "l1"))
     e.add_argument("--certify-method", default="crown", choices=BOUND_METHODS)

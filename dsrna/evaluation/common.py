@@ -92,15 +92,16 @@ def check_model_fits_dataset(meta: dict, dataset: str) -> None:
 def prepare_evaluation(args) -> tuple[torch.device, torch.nn.Module, dict, DataLoader, Path]:
     """What ``dsrna attack`` and ``dsrna certify`` need, every input checked before the long work:
     ``(device, model, model.pt metadata, test loader, output folder)``."""
-    from dsrna.evaluation.train import load_model
+    from dsrna.evaluation.train import load_model, model_file
 
     device = pick_device(args.device)
-    model, meta = load_model(args.model, device)
+    path = model_file(args.model)
+    model, meta = load_model(path, device)
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
-        raise DataError(f"{args.model} does not record the data set it was trained on: pass --dataset")
+        raise DataError(f"{path} does not record the data set it was trained on: pass --dataset")
     check_model_fits_dataset(meta, dataset)
-    out = Path(args.out) if args.out else Path(args.model).parent
+    out = Path(args.out) if args.out else path.parent
     check_writable(out)
     loader = evaluation_loader(dataset, args.data_root, args.limit, args.batch_size)
     return device, model, meta, loader, out

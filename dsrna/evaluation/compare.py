@@ -61,6 +61,7 @@ class CompareConfig:
     norm: str = "linf"
     eps: list[float] = field(default_factory=lambda: [0.1])
     l2_eps: float = 0.5
+    extra_attacks: bool = True  # C&W and AutoAttack at l2_eps, where torchattacks is installed
     pgd_steps: int = 100
     certify_norm: str = "l2"
     certify_method: str = "crown"
@@ -97,7 +98,7 @@ def compare(config: CompareConfig) -> dict:
             raise ValueError(f"{out} holds a comparison run with other settings: {', '.join(differing)}; "
                              "choose another --out")
     write_json(settings, saved)
-    extra = has_torchattacks()
+    extra = config.extra_attacks and has_torchattacks()
     if extra:
         require_torchattacks("C&W and AutoAttack")  # a broken install fails now, not after hours of search
     rows = {}
@@ -105,7 +106,7 @@ def compare(config: CompareConfig) -> dict:
         rows[method] = _run_method(method, config, out / method, extra)
         result = dict(dataset=config.dataset, norm=config.norm, eps=config.eps[-1], l2_eps=config.l2_eps,
                       certify_norm=config.certify_norm, certify_method=config.certify_method,
-                      torchattacks=extra, methods=rows)
+                      torchattacks=extra, extra_attacks=config.extra_attacks, methods=rows)
         write_json(result, out / "compare.json")  # after every method, so partial results are visible
         atomic_write_text(out / "compare.md", compare_markdown(result))
     from dsrna.evaluation.report import write_report
@@ -314,6 +315,8 @@ def compare_markdown(result: dict) -> str:
     lines = [f"# DARTS vs DSRNA on {result['dataset']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    if not result["torchattacks"]:
+    if not result.get("extra_attacks", True):
+        lines += ["", "C&W and AutoAttack were skipped (--no-extra-attacks)."]
+    elif not result["torchattacks"]:
         lines += ["", "C&W and AutoAttack need the optional extra: pip install 'dsrna[attacks]'"]
     return "\n".join(lines) + "\n"

@@ -154,12 +154,18 @@ def build_model(genotype: Genotype, model_config: dict) -> Network:
                    mean=model_config["mean"], std=model_config["std"])
 
 
+def model_file(path: str | Path) -> Path:
+    """``path``, or the ``model.pt`` inside it when it is a run folder."""
+    path = Path(path)
+    return path / "model.pt" if path.is_dir() else path
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Network, dict]:
     """Rebuild a trained network from ``model.pt`` alone; returns ``(model in eval mode, metadata)``.
 
     The metadata holds ``genotype``, ``model_config``, ``dataset``, ``train_config`` and ``metrics``.
     """
-    path = Path(path)
+    path = model_file(path)
     blob = load_torch_file(path, "model file")
     if isinstance(blob, dict) and blob.get("format") == SEARCH_FORMAT:
         raise CheckpointError(f"{path} is a search checkpoint, not a trained model: train its genotype.json with "

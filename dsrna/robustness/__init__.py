@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from dsrna.errors import check_finite
 from dsrna.bounds.engine import DEFAULT_ERROR_SYMBOLS, METHODS
+from dsrna.bounds.perturbation import warn_if_whole_box
 from dsrna.robustness.jacobian import DUAL_EXPONENT, ESTIMATORS, jacobian_metric, jacobian_row_norm_sum
 
 KINDS = ("none", "cb", "jacobian", "combined")
@@ -49,7 +50,7 @@ class RobustnessConfig:
 
     ``kind``: ``none`` (plain DARTS), ``cb`` (DSRNA-CB), ``jacobian`` (DSRNA-Jacobian) or
     ``combined`` (R_CB + R_Jac). ``gamma`` weighs R in the architecture loss ``L_val - gamma * R``.
-    ``eps`` is the perturbation budget in [0, 1] pixel units under ``norm``; None takes the data
+    ``eps`` is the perturbation budget in pixel units (images in [0, 1]) under ``norm``; None takes the data
     set's: ``certified_defaults(dataset, norm)`` for R_CB, ``default_eps(dataset, norm)`` for R_Jac.
     ``method`` (None: ``certified_defaults``), ``reduce``, ``cb_scale`` and ``bound_dtype`` configure
     R_CB (bound method; reduction of the per-class margin bounds; "asinh" or "linear" averaging, see
@@ -90,6 +91,8 @@ class RobustnessConfig:
             check_finite(f"robustness {name}", getattr(self, name))
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"robustness eps must be a finite number > 0 (or None for the data set default); got {self.eps!r}")
+        if self.eps is not None:
+            warn_if_whole_box(self.eps, self.norm, "robustness eps")
         if not (isinstance(self.error_symbols, int) and self.error_symbols >= 0):
             raise ValueError(f"robustness error_symbols must be an integer >= 0; got {self.error_symbols!r}")
         if not (isinstance(self.n, int) and self.n >= 1):

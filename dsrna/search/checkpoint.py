@@ -11,6 +11,7 @@ import json
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,9 @@ def load_torch_file(path: Path, what: str, map_location: torch.device | str = "c
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}")
+    damaged = _damaged_member(path)
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged: the checksum of its entry {damaged} does not match its data")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -138,6 +142,17 @@ def load_torch_file(path: Path, what: str, map_location: torch.device | str = "c
         else:
             reason = "not a torch file, or truncated"
         raise CheckpointError(f"{path} is not a dsrna {what} ({reason})") from None
+
+
+def _damaged_member(path: Path) -> str | None:
+    """The first entry of the torch (zip) file at ``path`` whose data does not match its CRC-32, or None.
+    ``torch.load`` does not check them, so flipped bytes in a tensor would load as other weights; a
+    file that is not a zip archive is left to ``torch.load`` to refuse."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, EOFError):
+        return None
 
 
 def load_state_checked(module: torch.nn.Module, state_dict, path: Path, what: str) -> None:
@@ -152,6 +167,12 @@ def load_state_checked(module: torch.nn.Module, state_dict, path: Path, what: st
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
             problems.append(f"{label} {', '.join(keys[:3])}{more}")
     if not problems:
+        not_finite = [key for key, value in state_dict.items()
+                      if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+        if not_finite:
+            more = f" and {len(not_finite) - 1} more" if len(not_finite) > 1 else ""
+            raise CheckpointError(f"{path} holds NaN or infinite weights ({not_finite[0]}{more}): "
+                                  "the run it comes from diverged, or the file was edited")
         try:
             module.load_state_dict(state_dict)
             return
@@ -216,6 +237,9 @@ def load_checkpoint(path: Path, config: SearchConfig, map_location: torch.device
         raise CheckpointError(f"cannot resume: no checkpoint at {path}")
     payload = load_torch_file(path, "search checkpoint", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        kind = run_kind(path.parent)
+        if kind not in (None, "search"):
+            raise CheckpointError(f"cannot resume: {path.parent} holds a {kind} run, not a search")
         raise CheckpointError(f"{path} is not a dsrna search checkpoint (expected format {FORMAT})")
     try:
         saved = SearchConfig.from_dict(json.loads(payload["config"]))
