@@ -4,8 +4,8 @@
 // 2 a tiled gather kernel with one output per thread was 2-4x slower than ATen's depthwise backward on
 // an H100 (benchmarks/results/2026-11-26_nvidia-h100_profile.md), and ATen's is itself far from the
 // memory floor (64 us at batch 256, C=16, 32x32, k3 on an H200, where moving the tensors takes about
-// 5): depthwise_transpose_s2_kernel gathers four adjacent outputs per thread with the plane's weights
-// loaded once and every index known at compile time.
+// 4.4): depthwise_transpose_s2_kernel gathers four adjacent outputs per thread, with each kernel row's
+// weights loaded once and every index known at compile time.
 //
 // Forward and interval forward share one scheme: a block owns an output tile of
 // (blockDim.x x blockDim.y * kRowsPerThread) pixels in each of blockDim.z planes (several small planes
@@ -15,7 +15,8 @@
 // as slow as ATen's on an H200 (39-41 us at batch 256, C=16, 32x32, k3: about 5x the time it takes
 // to read and write the tensors), with one load in flight per thread and a staged halo of a third of
 // the tile; several rows per thread give each thread several independent loads, let adjacent outputs
-// share staged rows and cut the halo and the number of blocks. The weight gradient reduces over the
+// share staged rows (where the stride and dilation are compiled in) and cut the halo and the number
+// of blocks. The weight gradient reduces over the
 // batch and the image, in deterministic partial sums; at the DARTS strides and dilations (1 and 2)
 // each thread takes a segment of adjacent outputs of a row, whose K input rows it reads once into
 // registers, where the general kernel reads K*K inputs per output.
@@ -97,14 +98,17 @@ __device__ __forceinline__ void stage_window(int in_w, int tile_elems, int ih0, 
 
 // y = conv(x, w) or, with kInterval, the interval pair (x = lower, x2 = upper): centre through w
 // and radius through |w| from one staged tile each, y = centre - radius and y2 = centre + radius.
-template <typename T, int K, bool kInterval>
+// S and D are the stride and dilation where compiled for them (the DARTS ones, 1 and 2), else 0 (read
+// from g): known, the taps of adjacent outputs that read the same staged element compile to one load
+// (at S = D = 1, 18 shared loads per thread for K=3 where 36 are written out, 40 for K=5 against 100).
+template <typename T, int K, bool kInterval, int S, int D>
 __global__ void __launch_bounds__(kThreads)
 depthwise_forward_kernel(const T* __restrict__ x, const T* __restrict__ x2, const T* __restrict__ w,
                          T* __restrict__ y, T* __restrict__ y2, DepthwiseGeometry g, int tiles_x) {
   using Acc = acc_t<T>;
   constexpr int R = kRowsPerThread;
   extern __shared__ __align__(16) unsigned char shared_raw[];
-  const int s = g.stride, d = g.dilation;
+  const int s = S > 0 ? S : g.stride, d = D > 0 ? D : g.dilation;
   const int tw = blockDim.x, rows = blockDim.y * R;
   const int in_w = (tw - 1) * s + (K - 1) * d + 1;
   const int in_h = (rows - 1) * s + (K - 1) * d + 1;
@@ -288,9 +292,6 @@ depthwise_transpose_s2_kernel(const T* __restrict__ gy, const T* __restrict__ w,
   const int64_t plane = row / g.H;
   const int ih = int(row - plane * g.H);
   const T* wp = w + (plane % g.C) * K * K;
-  Acc wr[K * K];
-#pragma unroll
-  for (int i = 0; i < K * K; ++i) wr[i] = to_acc(wp[i]);
   const int base = (iw0 + g.padding) / 2;
   Acc acc[J];
 #pragma unroll
@@ -302,6 +303,9 @@ depthwise_transpose_s2_kernel(const T* __restrict__ gy, const T* __restrict__ w,
     const int oh = t >> 1;
     if (oh < 0 || oh >= g.Ho) continue;
     const T* gyr = gy + (plane * g.Ho + oh) * g.Wo;
+    Acc wr[K];  // this kernel row's weights: about half the rows fall between grad_y rows
+#pragma unroll
+    for (int kw = 0; kw < K; ++kw) wr[kw] = to_acc(wp[kh * K + kw]);
     Acc v[kColumns];
 #pragma unroll
     for (int i = 0; i < kColumns; ++i) {
@@ -312,7 +316,7 @@ depthwise_transpose_s2_kernel(const T* __restrict__ gy, const T* __restrict__ w,
     for (int kw = 0; kw < K; ++kw) {
 #pragma unroll
       for (int j = 0; j < J; ++j) {
-        if ((j + P - kw * D) % 2 == 0) acc[j] += wr[kh * K + kw] * v[(j + P - kw * D) / 2 - kFirst];
+        if ((j + P - kw * D) % 2 == 0) acc[j] += wr[kw] * v[(j + P - kw * D) / 2 - kFirst];
       }
     }
   }
@@ -390,9 +394,19 @@ template <typename F> cudaError_t dispatch_kernel_size(int K, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// The weight gradient's segment kernel is compiled for the DARTS strides and dilations.
-bool weight_by_segments(const DepthwiseGeometry& g) {
+// Kernels templated on the stride and dilation are compiled for the DARTS ones.
+bool compiled_geometry(const DepthwiseGeometry& g) {
   return (g.stride == 1 || g.stride == 2) && (g.dilation == 1 || g.dilation == 2);
+}
+
+// compiled(integral_constant S, integral_constant D) at the DARTS strides and dilations, else other().
+template <typename Compiled, typename Other>
+cudaError_t dispatch_geometry(const DepthwiseGeometry& g, Compiled&& compiled, Other&& other) {
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  if (!compiled_geometry(g)) return other();
+  if (g.stride == 1) return g.dilation == 1 ? compiled(One{}, One{}) : compiled(One{}, Two{});
+  return g.dilation == 1 ? compiled(Two{}, One{}) : compiled(Two{}, Two{});
 }
 
 }  // namespace
@@ -408,9 +422,14 @@ cudaError_t depthwise_forward(DType dtype, const void* x, const void* w, void* y
       const TileConfig c =
           tile_config(g.N * g.C, g.Ho, g.Wo, g.stride, (K - 1) * g.dilation + 1, sizeof(acc_t<T>), 1, kRowsPerThread);
       const dim3 grid{unsigned(ceil_div(g.N * g.C, c.block.z)), unsigned(c.tiles_x * c.tiles_y)};
-      depthwise_forward_kernel<T, K, false><<<grid, c.block, c.shared_bytes, stream>>>(
-          static_cast<const T*>(x), nullptr, static_cast<const T*>(w), static_cast<T*>(y), nullptr, g, c.tiles_x);
-      return cudaGetLastError();
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, c.block, c.shared_bytes, stream>>>(static_cast<const T*>(x), nullptr, static_cast<const T*>(w),
+                                                          static_cast<T*>(y), nullptr, g, c.tiles_x);
+        return cudaGetLastError();
+      };
+      return dispatch_geometry(
+          g, [&](auto s, auto d) { return launch(depthwise_forward_kernel<T, K, false, s(), d()>); },
+          [&] { return launch(depthwise_forward_kernel<T, K, false, 0, 0>); });
     });
   });
 }
@@ -424,10 +443,15 @@ cudaError_t interval_depthwise(DType dtype, const void* lower, const void* upper
       const TileConfig c =
           tile_config(g.N * g.C, g.Ho, g.Wo, g.stride, (K - 1) * g.dilation + 1, sizeof(acc_t<T>), 2, kRowsPerThread);
       const dim3 grid{unsigned(ceil_div(g.N * g.C, c.block.z)), unsigned(c.tiles_x * c.tiles_y)};
-      depthwise_forward_kernel<T, K, true><<<grid, c.block, c.shared_bytes, stream>>>(
-          static_cast<const T*>(lower), static_cast<const T*>(upper), static_cast<const T*>(w),
-          static_cast<T*>(out_lower), static_cast<T*>(out_upper), g, c.tiles_x);
-      return cudaGetLastError();
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, c.block, c.shared_bytes, stream>>>(static_cast<const T*>(lower), static_cast<const T*>(upper),
+                                                          static_cast<const T*>(w), static_cast<T*>(out_lower),
+                                                          static_cast<T*>(out_upper), g, c.tiles_x);
+        return cudaGetLastError();
+      };
+      return dispatch_geometry(
+          g, [&](auto s, auto d) { return launch(depthwise_forward_kernel<T, K, true, s(), d()>); },
+          [&] { return launch(depthwise_forward_kernel<T, K, true, 0, 0>); });
     });
   };
   if (dtype == DType::kFloat32) return launch(float{});
@@ -436,12 +460,11 @@ cudaError_t interval_depthwise(DType dtype, const void* lower, const void* upper
 }
 
 int64_t depthwise_weight_chunks(const DepthwiseGeometry& g) {
-  // Enough blocks to fill the GPU (C * chunks of a few hundred), each with a few units per thread:
-  // ~1k outputs, or 512 segments of kSegment outputs.
-  const bool by_segments = weight_by_segments(g);
-  const int64_t units = g.N * g.Ho * (by_segments ? ceil_div(g.Wo, kSegment) : g.Wo);
-  const int64_t per_block = by_segments ? 512 : 1024;
-  return std::max<int64_t>(1, std::min(ceil_div(units, per_block), ceil_div(2048, std::max<int64_t>(g.C, 1))));
+  // Enough blocks to fill the GPU (C * chunks of a few hundred), each with ~1k units (outputs, or
+  // segments of kSegment outputs), a few per thread: the block's closing K*K reductions cost about
+  // as much as a couple of units per thread.
+  const int64_t units = g.N * g.Ho * (compiled_geometry(g) ? ceil_div(g.Wo, kSegment) : g.Wo);
+  return std::max<int64_t>(1, std::min(ceil_div(units, 1024), ceil_div(2048, std::max<int64_t>(g.C, 1))));
 }
 
 cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, void* partial, const DepthwiseGeometry& g,
@@ -456,13 +479,9 @@ cudaError_t depthwise_weight(DType dtype, const void* x, const void* grad_y, voi
                                               static_cast<acc_t<T>*>(partial), g);
         return cudaGetLastError();
       };
-      if (!weight_by_segments(g)) return launch(depthwise_weight_kernel<T, K>);
-      if (g.stride == 1) {
-        return g.dilation == 1 ? launch(depthwise_weight_segment_kernel<T, K, 1, 1>)
-                               : launch(depthwise_weight_segment_kernel<T, K, 1, 2>);
-      }
-      return g.dilation == 1 ? launch(depthwise_weight_segment_kernel<T, K, 2, 1>)
-                             : launch(depthwise_weight_segment_kernel<T, K, 2, 2>);
+      return dispatch_geometry(
+          g, [&](auto s, auto d) { return launch(depthwise_weight_segment_kernel<T, K, s(), d()>); },
+          [&] { return launch(depthwise_weight_kernel<T, K>); });
     });
   });
 }

@@ -330,9 +330,11 @@ int main() {
   }
   // The weight gradient over chunks that do not divide its 2*40*13 segments (3 of 347).
   depthwise_weight_case<float>({2, 2, 40, 50}, kDarts[0], 1);
-  // The weight gradient's general kernel: a stride or dilation other than 1 and 2.
-  depthwise_weight_case<float>(kShapes[0], {3, 3, 3}, 1);
-  depthwise_weight_case<double>(kShapes[0], {5, 2, 1}, 3);
+  // The kernels for a stride or dilation other than 1 and 2 (read at run time, not compiled in).
+  for (const auto& [cv, s] : {std::pair{Conv{3, 3, 3}, 1}, std::pair{Conv{5, 2, 1}, 3}}) {
+    depthwise_forward_case<float>(kShapes[0], cv, s);
+    depthwise_weight_case<double>(kShapes[0], cv, s);
+  }
   // Convs whose paddings differ by other amounts than the DARTS ones, and one conv alone.
   depthwise_stack_case<double>({2, 3, 11, 6}, {{3, 0, 1}, {5, 1, 1}}, 2, 1);
   depthwise_stack_case<double>({2, 3, 11, 6}, {{5, 2, 1}}, 1, 2);
