@@ -16,10 +16,10 @@
 // to read and write the tensors), with one load in flight per thread and a staged halo of a third of
 // the tile; several rows per thread give each thread several independent loads, let adjacent outputs
 // share staged rows (where the stride and dilation are compiled in) and cut the halo and the number
-// of blocks. The weight gradient reduces over the
-// batch and the image, in deterministic partial sums; at the DARTS strides and dilations (1 and 2)
-// each thread takes a segment of adjacent outputs of a row, whose K input rows it reads once into
-// registers, where the general kernel reads K*K inputs per output.
+// of blocks. The weight gradient reduces over the batch and the image, in deterministic partial sums;
+// at the DARTS strides and dilations (1 and 2) each thread takes a segment of adjacent outputs of a
+// row, whose K input rows it reads once into registers, where the general kernel reads K*K inputs
+// per output.
 #include <algorithm>
 #include <cstdint>
 
@@ -31,7 +31,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxPlanesPerBlock = 32;
 constexpr int kRowsPerThread = 4;  // outputs per thread of the (interval) forward, one column
-constexpr int kSegment = 4;        // outputs per thread of the weight gradient, one row
+constexpr int kSegment = 4;        // adjacent outputs of a row per thread: weight and stride-2 input gradients
 constexpr size_t kMaxSharedBytes = 40 * 1024;
 
 int next_pow2(int64_t v) {
