@@ -58,7 +58,7 @@ template <typename F> cudaError_t dispatch_dtype(DType dtype, F&& f) {
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Floor division and modulo for a positive divisor and any sign of the dividend.
-__host__ __device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+// Floor division for a positive divisor and any sign of the dividend (usable in constant expressions).
+__host__ __device__ constexpr int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
 }  // namespace dsrna::gpu

@@ -267,9 +267,6 @@ depthwise_weight_segment_kernel(const T* __restrict__ x, const T* __restrict__ g
   store_weight_partial<Acc, K>(acc, scratch, partial, g.C);
 }
 
-// a / 2 rounded down, at compile time.
-__host__ __device__ constexpr int floor_half(int a) { return a >= 0 ? a / 2 : -((1 - a) / 2); }
-
 // grad_x of a stride-2 depthwise conv: grad_x[ih][iw] sums w[kh][kw] * grad_y[oh][ow] over the taps
 // with 2*oh = ih + p - kh*D and 2*ow = iw + p - kw*D. A thread takes kSegment adjacent pixels of a
 // grad_x row from an even column iw0; with P the padding's parity, iw + p - kw*D is 2*base + (j + P -
@@ -282,7 +279,7 @@ depthwise_transpose_s2_kernel(const T* __restrict__ gy, const T* __restrict__ w,
                               DepthwiseGeometry g) {
   using Acc = acc_t<T>;
   constexpr int J = kSegment;
-  constexpr int kFirst = floor_half(P - (K - 1) * D), kLast = floor_half(J - 1 + P);  // column offsets from base
+  constexpr int kFirst = floor_div(P - (K - 1) * D, 2), kLast = floor_div(J - 1 + P, 2);  // column offsets from base
   constexpr int kColumns = kLast - kFirst + 1;
   const int segments_per_row = int(ceil_div(g.W, J));
   const int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
