@@ -79,9 +79,10 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 # How an interrupted long run continues (its checkpoints are written atomically at each epoch's end).
+_EPOCH_CHECKPOINT_HINT = "; if an epoch finished, the same command with --resume continues from its checkpoint"
 _RESUME_HINTS = {
-    "search": "; if an epoch finished, the same command with --resume continues from its checkpoint",
-    "train": "; if an epoch finished, the same command with --resume continues from its checkpoint",
+    "search": _EPOCH_CHECKPOINT_HINT,
+    "train": _EPOCH_CHECKPOINT_HINT,
     "compare": "; the same command continues from the last finished stage",
 }
 
