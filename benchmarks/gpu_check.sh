@@ -11,8 +11,8 @@
 # Results land in $OUT (default gpu_results/) as they come: log.txt (stage lines and the benchmark's
 # progress), env.txt (nvidia-smi, versions, `dsrna info`), build.txt, tests.txt, plain.md (a plain
 # eager DARTS port beside the reference), profile.md (top kernels of a train step), depthwise.md
-# (the native depthwise ops against PyTorch's at batch 64 and 256), batchnorm.md (affine-free batch
-# norm against cuDNN's), loader.md (images/s of the ImageNet loader by worker count), torchrun.txt and
+# (the native depthwise ops against PyTorch's at batch 64 and 256), batchnorm.md (train-mode
+# batch norm, PyTorch's kernels against the fast backends'), loader.md (images/s of the ImageNet loader by worker count), torchrun.txt and
 # torchrun-search/ (a search under torchrun, NCCL), bench.jsonl (one row per measurement), bench.md
 # (tables), bench.png (speedups).
 # Without a GPU it still builds and tests, and runs the CPU --quick benchmark instead.
@@ -162,7 +162,7 @@ side plain && stage "plain eager port vs reference" 60 120 "$OUT/plain.md" "$PY"
 read -r -a PROFILE <<<"${GPU_CHECK_PROFILE:---metric train --backend auto --graph}"
 side profile && stage "kernel profile" 60 110 "$OUT/profile.md" "$PY" -m benchmarks.profile_step "${PROFILE[@]}"
 side depthwise && stage "depthwise ops vs PyTorch" 60 105 "$OUT/depthwise.md" "$PY" -m benchmarks.depthwise_micro --device cuda --batch 64,256
-side batchnorm && stage "batch norm: native vs cuDNN kernels" 30 100 "$OUT/batchnorm.md" "$PY" -m benchmarks.batchnorm_micro --device cuda
+side batchnorm && stage "batch norm: PyTorch's kernels vs the fast backends'" 60 100 "$OUT/batchnorm.md" "$PY" -m benchmarks.batchnorm_micro --device cuda --batch 64,256
 # What the ImageNet search's loader workers deliver on this host (against the search-imagenet row).
 side loader && stage "ImageNet loader by workers" 60 100 "$OUT/loader.md" "$PY" benchmarks/loader_throughput.py \
     --synthetic 1200 --workers 4,8,16 --batch 64 --batches 4

@@ -6,5 +6,6 @@ Importing this package needs Triton; :mod:`dsrna.ops` imports it inside a guard.
 """
 
 from . import weighted_sum  # noqa: F401
+from . import batch_norm  # noqa: F401
 from . import pool_bn  # noqa: F401
 from . import bound_ops  # noqa: F401

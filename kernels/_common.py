@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Under the interpreter every program instance costs milliseconds of Python, so launches use as few
 # (large) programs as possible; on a GPU blocks stay small enough to fill the SMs.
@@ -23,6 +24,11 @@ def block_size(n: int, gpu_block: int = 1024) -> int:
 def accumulator_is_fp64(*tensors: torch.Tensor) -> bool:
     """Accumulate in float64 only when an operand is float64 (gradcheck); otherwise in float32."""
     return any(t.dtype == torch.float64 for t in tensors)
+
+
+def accumulator(x: torch.Tensor) -> tuple:
+    """``(triton dtype, torch dtype)`` of the accumulators and per-channel statistics for ``x``."""
+    return (tl.float64, torch.float64) if accumulator_is_fp64(x) else (tl.float32, torch.float32)
 
 
 def contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Forward, train mode, two launches over a ``(channel, chunk)`` grid:
 
 1. ``_pool_stats_kernel``: pool each chunk on the fly and write its (count, mean, M2) partials
-   (Chan's parallel variance: no cancellation, no atomics, deterministic).
+   (Chan's parallel variance: no atomics, deterministic; the statistics are float64, as in
+   :mod:`.batch_norm`).
 2. ``_pool_bn_apply_kernel``: combine the partials of its channel, update the running statistics
    (one program per channel), pool again and write the normalised output and, for max pooling,
    the int8 offset of the maximum inside its window.
@@ -12,8 +13,9 @@ Eval mode is the second launch alone, with the running statistics.
 
 Backward needs ``y`` (which is ``x_hat`` because the BN has no affine part), the per-channel
 ``rstd`` and the int8 offsets: one launch for the per-channel sums of ``g`` and ``g * y`` (train
-mode only), then one gather launch over input positions: every input pixel collects from the (at
-most 3x3) windows containing it, so there are no atomics and the result is deterministic.
+mode only; :func:`.batch_norm.channel_sums_kernel`), then one gather launch over input positions:
+every input pixel collects from the (at most 3x3) windows containing it, so there are no atomics and
+the result is deterministic.
 
 Double backward (``create_graph=True``, e.g. the DSRNA-Jacobian step) differentiates a reference
 recomputation from the saved input instead, so higher derivatives are exactly PyTorch's.
@@ -29,7 +31,10 @@ import triton.language as tl
 from dsrna import backend
 from dsrna.ops.pool_bn import POOL_KINDS, pool3x3
 
-from ._common import INTERPRETED, accumulator_is_fp64, block_size, contiguous
+from . import batch_norm
+from ._common import INTERPRETED, accumulator, block_size, contiguous
+from .batch_norm import (channel_sums_kernel, combine_moments, exact, float_parts, merge_moments, update_running_stats,
+                         zero_moments)
 
 # ---------------------------------------------------------------------------------------------------
 # kernels
@@ -77,23 +82,13 @@ def _pool_stats_kernel(x_ptr, part_ptr, C, H, W, Ho, Wo, L, CHUNK, KIND_MAX: tl.
     c = tl.program_id(0)
     s = tl.program_id(1)
     S = tl.num_programs(1)
-    zero = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
-    count, mean, m2 = zero, zero, zero
+    count, mean, m2 = zero_moments()
     for t in range(0, CHUNK, BLOCK):
         j = s * CHUNK + t + tl.arange(0, BLOCK)
         mask = j < L
         row, oh, ow = _output_coords(j, c, C, Ho, Wo)
         p, _ = _pool_window(x_ptr, row * H * W, oh, ow, H, W, mask, KIND_MAX, STRIDE, ACC, BLOCK)
-        # Chan et al.: merge this block's (count, mean, M2) into the running triple.
-        block_count = tl.sum(mask.to(ACC), axis=0)
-        block_mean = tl.sum(tl.where(mask, p, 0.0), axis=0) / tl.maximum(block_count, 1.0)
-        d = tl.where(mask, p - block_mean, 0.0)
-        total = count + block_count
-        delta = block_mean - mean
-        share = block_count / tl.maximum(total, 1.0)
-        mean += delta * share
-        m2 += tl.sum(d * d, axis=0) + delta * delta * count * share
-        count = total
+        count, mean, m2 = merge_moments(count, mean, m2, p, mask)
     base = (c * S + s) * 3
     tl.store(part_ptr + base, count)
     tl.store(part_ptr + base + 1, mean)
@@ -101,33 +96,24 @@ def _pool_stats_kernel(x_ptr, part_ptr, C, H, W, Ho, Wo, L, CHUNK, KIND_MAX: tl.
 
 
 @triton.jit
-def _pool_bn_apply_kernel(x_ptr, y_ptr, arg_ptr, part_ptr, stats_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum, eps,
-                          C, H, W, Ho, Wo, L, CHUNK, S, KIND_MAX: tl.constexpr, STRIDE: tl.constexpr,
-                          TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
+def _pool_bn_apply_kernel(x_ptr, y_ptr, arg_ptr, part_ptr, stats_ptr, rmean_ptr, rvar_ptr, nbt_ptr, momentum_hi,
+                          momentum_lo, eps_hi, eps_lo, C, H, W, Ho, Wo, L, CHUNK, S, KIND_MAX: tl.constexpr,
+                          STRIDE: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                          S_BLOCK: tl.constexpr):
     c = tl.program_id(0)
     s = tl.program_id(1)
+    eps = exact(eps_hi, eps_lo)
     if TRAINING:
-        k = tl.arange(0, S_BLOCK)
-        kmask = k < S
-        counts = tl.load(part_ptr + (c * S + k) * 3, mask=kmask, other=0.0)
-        means = tl.load(part_ptr + (c * S + k) * 3 + 1, mask=kmask, other=0.0)
-        m2s = tl.load(part_ptr + (c * S + k) * 3 + 2, mask=kmask, other=0.0)
-        n = tl.sum(counts, axis=0)
-        mean = tl.sum(counts * means, axis=0) / n
-        d = means - mean
-        m2 = tl.sum(m2s + counts * d * d, axis=0)
-        rstd = 1.0 / tl.sqrt(m2 / n + eps)
+        mean, m2, n, rstd = combine_moments(part_ptr, c, S, eps, S_BLOCK)
         if s == 0:
-            rm = tl.load(rmean_ptr + c).to(ACC)
-            rv = tl.load(rvar_ptr + c).to(ACC)
-            unbiased = m2 / tl.maximum(n - 1.0, 1.0)
-            tl.store(rmean_ptr + c, ((1.0 - momentum) * rm + momentum * mean).to(rmean_ptr.dtype.element_ty))
-            tl.store(rvar_ptr + c, ((1.0 - momentum) * rv + momentum * unbiased).to(rvar_ptr.dtype.element_ty))
+            update_running_stats(rmean_ptr, rvar_ptr, c, mean, m2, n, momentum_hi, momentum_lo)
             if c == 0:
                 tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
     else:
-        mean = tl.load(rmean_ptr + c).to(ACC)
-        rstd = 1.0 / tl.sqrt(tl.load(rvar_ptr + c).to(ACC) + eps)
+        mean = tl.load(rmean_ptr + c).to(tl.float64)
+        rstd = 1.0 / tl.sqrt(tl.load(rvar_ptr + c).to(tl.float64) + eps)
+    mean = mean.to(ACC)
+    rstd = rstd.to(ACC)
     if s == 0:
         tl.store(stats_ptr + 2 * c, mean)
         tl.store(stats_ptr + 2 * c + 1, rstd)
@@ -143,27 +129,6 @@ def _pool_bn_apply_kernel(x_ptr, y_ptr, arg_ptr, part_ptr, stats_ptr, rmean_ptr,
 
 
 @triton.jit
-def _bn_grad_sums_kernel(g_ptr, y_ptr, part_ptr, C, Ho, Wo, L, CHUNK, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Per-(channel, chunk) partial sums of ``g`` and ``g * y`` (BN's train-mode backward)."""
-    c = tl.program_id(0)
-    s = tl.program_id(1)
-    S = tl.num_programs(1)
-    sum_g = tl.zeros([BLOCK], ACC)
-    sum_gy = tl.zeros([BLOCK], ACC)
-    for t in range(0, CHUNK, BLOCK):
-        j = s * CHUNK + t + tl.arange(0, BLOCK)
-        mask = j < L
-        row, oh, ow = _output_coords(j, c, C, Ho, Wo)
-        out = row * Ho * Wo + oh * Wo + ow
-        g = tl.load(g_ptr + out, mask=mask, other=0.0).to(ACC)
-        y = tl.load(y_ptr + out, mask=mask, other=0.0).to(ACC)
-        sum_g += g
-        sum_gy += g * y
-    tl.store(part_ptr + (c * S + s) * 2, tl.sum(sum_g, axis=0))
-    tl.store(part_ptr + (c * S + s) * 2 + 1, tl.sum(sum_gy, axis=0))
-
-
-@triton.jit
 def _pool_bn_grad_kernel(g_ptr, y_ptr, arg_ptr, part_ptr, stats_ptr, gx_ptr, C, H, W, Ho, Wo, L_in, L_out, CHUNK, S,
                          KIND_MAX: tl.constexpr, STRIDE: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr,
                          BLOCK: tl.constexpr, S_BLOCK: tl.constexpr, WINDOWS: tl.constexpr):
@@ -176,8 +141,8 @@ def _pool_bn_grad_kernel(g_ptr, y_ptr, arg_ptr, part_ptr, stats_ptr, gx_ptr, C, 
     if TRAINING:
         k = tl.arange(0, S_BLOCK)
         kmask = k < S
-        mean_g = tl.sum(tl.load(part_ptr + (c * S + k) * 2, mask=kmask, other=0.0), axis=0) / L_out
-        mean_gy = tl.sum(tl.load(part_ptr + (c * S + k) * 2 + 1, mask=kmask, other=0.0), axis=0) / L_out
+        mean_g = (tl.sum(tl.load(part_ptr + (c * S + k) * 2, mask=kmask, other=0.0), axis=0) / L_out).to(ACC)
+        mean_gy = (tl.sum(tl.load(part_ptr + (c * S + k) * 2 + 1, mask=kmask, other=0.0), axis=0) / L_out).to(ACC)
     for t in range(0, CHUNK, BLOCK):
         j = s * CHUNK + t + tl.arange(0, BLOCK)
         mask = j < L_in
@@ -221,27 +186,24 @@ def _grid(length: int) -> tuple[int, int, int]:
     return block, chunk, triton.cdiv(length, chunk)
 
 
-def _acc(x: torch.Tensor):
-    return (tl.float64, torch.float64) if accumulator_is_fp64(x) else (tl.float32, torch.float32)
-
-
 def _launch_forward(x, running_mean, running_var, num_batches_tracked, kind, stride, training, momentum, eps):
     x = contiguous(x)
     N, C, H, W = x.shape
     Ho, Wo = _out_size(H, stride), _out_size(W, stride)
-    acc, acc_torch = _acc(x)
+    acc, acc_torch = accumulator(x)
     y = torch.empty(N, C, Ho, Wo, device=x.device, dtype=x.dtype)
     arg = torch.empty(y.shape if kind == "max" else (0,), device=x.device, dtype=torch.int8)
     stats = torch.empty(C, 2, device=x.device, dtype=acc_torch)  # (mean, rstd) per channel
     L = N * Ho * Wo
     block, chunk, chunks = _grid(L)
     common = dict(KIND_MAX=kind == "max", STRIDE=stride, ACC=acc, BLOCK=block)
-    part = torch.empty(C, chunks, 3, device=x.device, dtype=acc_torch) if training else stats
+    part = torch.empty(C, chunks, 3, device=x.device, dtype=torch.float64) if training else stats
     if training:
         _pool_stats_kernel[(C, chunks)](x, part, C, H, W, Ho, Wo, L, chunk, **common)
     _pool_bn_apply_kernel[(C, chunks)](
-        x, y, arg if kind == "max" else y, part, stats, running_mean, running_var, num_batches_tracked, momentum, eps,
-        C, H, W, Ho, Wo, L, chunk, chunks, TRAINING=training, S_BLOCK=triton.next_power_of_2(chunks), **common)
+        x, y, arg if kind == "max" else y, part, stats, running_mean, running_var, num_batches_tracked,
+        *float_parts(momentum), *float_parts(eps), C, H, W, Ho, Wo, L, chunk, chunks, TRAINING=training,
+        S_BLOCK=triton.next_power_of_2(chunks), **common)
     return y, stats, arg
 
 
@@ -249,18 +211,17 @@ def _launch_backward(grad, x, y, stats, arg, kind, stride, training):
     grad = contiguous(grad)
     N, C, H, W = x.shape
     Ho, Wo = y.shape[2:]
-    acc, acc_torch = _acc(x)
     L_out, L_in = N * Ho * Wo, N * H * W
-    block_out, chunk_out, chunks_out = _grid(L_out)
-    part = stats
+    part, chunks_out = stats, 1
     if training:
-        part = torch.empty(C, chunks_out, 2, device=x.device, dtype=acc_torch)
-        _bn_grad_sums_kernel[(C, chunks_out)](grad, y, part, C, Ho, Wo, L_out, chunk_out, ACC=acc, BLOCK=block_out)
+        block_n, block_hw, chunk_n, chunks_out = batch_norm.tiles(N, C, Ho * Wo)
+        part = torch.empty(C, chunks_out, 2, device=x.device, dtype=torch.float64)
+        channel_sums_kernel[(C, chunks_out)](grad, y, part, C, Ho * Wo, N, chunk_n, BLOCK_N=block_n, BLOCK_HW=block_hw)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     block, chunk, chunks = _grid(L_in)
     _pool_bn_grad_kernel[(C, chunks)](
         grad, y, arg if kind == "max" else y, part, stats, gx, C, H, W, Ho, Wo, L_in, L_out, chunk, chunks_out,
-        KIND_MAX=kind == "max", STRIDE=stride, TRAINING=training, ACC=acc, BLOCK=block,
+        KIND_MAX=kind == "max", STRIDE=stride, TRAINING=training, ACC=accumulator(x)[0], BLOCK=block,
         S_BLOCK=triton.next_power_of_2(chunks_out), WINDOWS=3 if stride == 1 else 2)
     return gx
 
@@ -286,7 +247,7 @@ def _(x, running_mean, running_var, num_batches_tracked, kind, stride, training,
     N, C, H, W = x.shape
     y = x.new_empty(N, C, _out_size(H, stride), _out_size(W, stride))
     arg = x.new_empty(y.shape if kind == "max" else (0,), dtype=torch.int8)
-    return y, x.new_empty(C, 2, dtype=_acc(x)[1]), arg
+    return y, x.new_empty(C, 2, dtype=accumulator(x)[1]), arg
 
 
 @torch.library.custom_op("dsrna_triton::pool_bn_backward", mutates_args=())

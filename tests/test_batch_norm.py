@@ -21,13 +21,10 @@ def statistics(C, dtype, device):
     return torch.rand(C, dtype=dtype, device=device), 1 + torch.rand(C, dtype=dtype, device=device)
 
 
-@pytest.mark.parametrize("name", FAST)
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (1, 2, 1, 3), (2, 1, 3, 1)])
-def test_matches_reference_values_statistics_and_gradients(name, device, dtype, shape, assert_error_within):
-    require_backend(name, device)
-    x = (torch.randn(*shape, dtype=torch.float64, device=device) * 3 + 1).to(dtype)
+def check_against_reference(name, device, dtype, shape, assert_error_within, offset=1.0):
+    """Output, updated running statistics and input gradient of backend ``name`` within the float32
+    (or float64) reference's own error of the float64 values."""
+    x = (torch.randn(*shape, dtype=torch.float64, device=device) * 3 + offset).to(dtype)
     running = statistics(shape[1], dtype, device)
     g = torch.randn(*shape, dtype=dtype, device=device)
     results = []
@@ -38,6 +35,43 @@ def test_matches_reference_values_statistics_and_gradients(name, device, dtype, 
         grad, = torch.autograd.grad(y, xd, g.to(xd.dtype))
         results.append([y, mean, var, grad])
     assert_error_within(*results)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (1, 2, 1, 3), (2, 1, 3, 1)])
+def test_matches_reference_values_statistics_and_gradients(name, device, dtype, shape, assert_error_within):
+    require_backend(name, device)
+    check_against_reference(name, device, dtype, shape, assert_error_within)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 2 samples x 4 pixels, 2 tiles per program. Interpreted, the Triton kernels otherwise
+    run one program of one tile per channel; so they merge moments and sums within and across
+    programs, over partly masked tiles, as on a GPU."""
+    kernels = pytest.importorskip("dsrna.kernels.batch_norm")
+    monkeypatch.setattr(kernels, "tiles", lambda N, C, HW: (2, 4, 4, -(-N // 4)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+# Far from zero mean (1e3) float32 sums of squares would cancel; float64 has no exact value to compare with there.
+@pytest.mark.parametrize("dtype, offset", [(torch.float32, 1.0), (torch.float32, 1e3), (torch.float64, 1.0)])
+def test_triton_merges_partials_across_tiles_and_programs(small_tiles, device, dtype, offset, assert_error_within):
+    require_backend("triton", device)
+    check_against_reference("triton", device, dtype, (9, 3, 3, 5), assert_error_within, offset)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_ops_opcheck(device):
+    kernels = pytest.importorskip("dsrna.kernels.batch_norm")
+    require_backend("triton", device)
+    x = torch.randn(2, 3, 4, 5, device=device)
+    running = statistics(3, torch.float32, device)
+    torch.library.opcheck(kernels.batch_norm_forward_op, (x, *running, MOMENTUM, EPS))
+    y, invstd = kernels.batch_norm_forward_op(x, *running, MOMENTUM, EPS)
+    torch.library.opcheck(kernels.batch_norm_backward_op, (torch.randn_like(y), y, invstd))
 
 
 @pytest.mark.parametrize("name", FAST)

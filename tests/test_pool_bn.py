@@ -55,16 +55,11 @@ def test_rejects_bad_arguments():
         pool_bn(torch.zeros(1, 2, 3, 3), "max", 1, nn.BatchNorm2d(2))
 
 
-@pytest.mark.parametrize("name", FAST)
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind, stride", CASES)
-@pytest.mark.parametrize("training", [True, False])
-def test_fast_matches_reference_float32(name, device, kind, stride, training, assert_error_within):
-    """Output, input gradient and running statistics, odd sizes, errors relative to float64."""
-    require_backend(name, device)
-    x = with_ties(torch.randn(2, 3, 7, 9, device=device) * 2 + 1).requires_grad_()
+def check_against_reference(name, device, kind, stride, training, assert_error_within, shape=(2, 3, 7, 9)):
+    """Output, input gradient and running statistics, errors relative to float64."""
+    x = with_ties(torch.randn(*shape, device=device) * 2 + 1).requires_grad_()
     x64 = x.detach().double().requires_grad_()
-    bns = [make_bn(3, device, training=training) for _ in range(2)]
+    bns = [make_bn(shape[1], device, training=training) for _ in range(2)]
     bns[1].load_state_dict(bns[0].state_dict())
     bn64 = copy.deepcopy(bns[0]).double()
     fast = pool_bn(x, kind, stride, bns[0], backend_name=name)
@@ -77,6 +72,28 @@ def test_fast_matches_reference_float32(name, device, kind, stride, training, as
     assert_error_within([bns[0].running_mean, bns[0].running_var], [bns[1].running_mean, bns[1].running_var],
                         [bn64.running_mean, bn64.running_var])
     assert bns[0].num_batches_tracked.item() == bns[1].num_batches_tracked.item() == int(training)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind, stride", CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_fast_matches_reference_float32(name, device, kind, stride, training, assert_error_within):
+    """Odd sizes, ties in the max-pool windows."""
+    require_backend(name, device)
+    check_against_reference(name, device, kind, stride, training, assert_error_within)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind, stride", CASES)
+def test_triton_merges_partials_across_programs(monkeypatch, device, kind, stride, assert_error_within):
+    """Interpreted, the Triton kernels otherwise run one program per channel; with blocks of 4 and
+    chunks of 8 they merge statistics within and across programs over partly masked blocks, as on a GPU."""
+    kernels = pytest.importorskip("dsrna.kernels.pool_bn")
+    require_backend("triton", device)
+    monkeypatch.setattr(kernels, "_grid", lambda length: (4, 8, -(-length // 8)))
+    monkeypatch.setattr(kernels.batch_norm, "tiles", lambda N, C, HW: (2, 4, 4, -(-N // 4)))
+    check_against_reference("triton", device, kind, stride, True, assert_error_within, shape=(5, 2, 7, 9))
 
 
 @pytest.mark.parametrize("name", FAST)
