@@ -22,12 +22,14 @@ def block_size(n: int, gpu_block: int = 1024) -> int:
 
 
 def accumulator_is_fp64(*tensors: torch.Tensor) -> bool:
-    """Accumulate in float64 only when an operand is float64 (gradcheck); otherwise in float32."""
+    """Compute in float64 only when an operand is float64 (gradcheck); otherwise in float32 (the batch
+    norms' statistics are float64 always, see batch_norm.py)."""
     return any(t.dtype == torch.float64 for t in tensors)
 
 
 def accumulator(x: torch.Tensor) -> tuple:
-    """``(triton dtype, torch dtype)`` of the accumulators and per-channel statistics for ``x``."""
+    """``(triton dtype, torch dtype)`` of the elementwise arithmetic for ``x``, and of the per-channel
+    ``invstd`` or ``(mean, rstd)`` the batch-norm kernels return."""
     return (tl.float64, torch.float64) if accumulator_is_fp64(x) else (tl.float32, torch.float32)
 
 

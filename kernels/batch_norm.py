@@ -9,8 +9,9 @@ channel is split over ``(channel, chunk of samples)`` programs, each reading til
 rows, in two launches each way:
 
 forward
-1. ``_moments_kernel``: each program's ``(count, mean, M2)`` (Chan et al.'s parallel variance: no
-   atomics, deterministic).
+1. ``_moments_kernel``: each program's ``(count, mean, M2)``, from per-thread sums of ``d`` and
+   ``d^2`` with ``d = x - shift`` and ``shift`` a value of the channel (its first), so the sums
+   lose nothing to cancellation; no atomics, deterministic.
 2. ``_normalise_kernel``: combines its channel's partials, updates the running statistics (chunk 0)
    and writes ``y`` and ``invstd``.
 
@@ -19,13 +20,15 @@ backward, from ``y``: ``dL/dx = invstd * (g - mean(g) - y * mean(g * y))``
 2. ``_grad_kernel``: the formula, elementwise.
 
 The statistics (moments, sums, the running-statistics update) accumulate in float64, as PyTorch's
-CPU kernels do, so a channel far from zero mean loses no precision to cancellation; the elementwise
-parts run in the input's precision. An H100 or H200 runs float64 at half the float32 rate, and these
-kernels do a few such operations per element loaded (on GPUs with slow float64 they may not keep up
-with the memory).
+CPU kernels do; the elementwise parts run in the input's precision. The reduction passes do about
+four float64 operations and one conversion per element loaded: an H100 or H200 runs float64 at half
+the float32 rate, so they should stay near the memory's speed there (compiled and counted in the
+SASS, not yet timed); on GPUs with slow float64 they will not.
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
@@ -56,23 +59,12 @@ def exact(hi, lo):
 
 
 @triton.jit
-def zero_moments():
-    """``(count, mean, M2)`` of nothing, in float64."""
-    zero = tl.cast(0.0, tl.float64)
-    return zero, zero, zero
-
-
-@triton.jit
-def merge_moments(count, mean, m2, values, mask):
-    """Chan et al.: the running float64 ``(count, mean, M2)`` merged with those of the masked ``values``."""
-    values = values.to(tl.float64)
-    block_count = tl.sum(mask.to(tl.float64))
-    block_mean = tl.sum(tl.where(mask, values, 0.0)) / tl.maximum(block_count, 1.0)
-    d = tl.where(mask, values - block_mean, 0.0)
-    total = count + block_count
-    delta = block_mean - mean
-    share = block_count / tl.maximum(total, 1.0)
-    return total, mean + delta * share, m2 + tl.sum(d * d) + delta * delta * count * share
+def shifted_moments(count, shift, sum_d, sum_d2):
+    """Float64 ``(count, mean, M2)`` of ``count`` values from the sums of ``d = x - shift`` and ``d^2``
+    (tensors of per-thread sums)."""
+    s1 = tl.sum(sum_d)
+    mean_d = s1 / tl.maximum(count, 1.0)
+    return count, shift + mean_d, tl.maximum(tl.sum(sum_d2) - s1 * mean_d, 0.0)
 
 
 @triton.jit
@@ -89,6 +81,17 @@ def combine_moments(part_ptr, c, S, eps, S_BLOCK: tl.constexpr):
     d = means - mean
     m2 = tl.sum(m2s + counts * d * d, axis=0)
     return mean, m2, n, 1.0 / tl.sqrt(m2 / n + eps)
+
+
+@triton.jit
+def combine_sums(part_ptr, c, S, L, S_BLOCK: tl.constexpr):
+    """Float64 ``mean(g)`` and ``mean(g * y)`` of channel ``c`` (``L`` values) from its ``S`` partial
+    pairs of :func:`channel_sums_kernel`."""
+    k = tl.arange(0, S_BLOCK)
+    kmask = k < S
+    base = (c * S + k) * 2
+    return (tl.sum(tl.load(part_ptr + base, mask=kmask, other=0.0), axis=0) / L,
+            tl.sum(tl.load(part_ptr + base + 1, mask=kmask, other=0.0), axis=0) / L)
 
 
 @triton.jit
@@ -124,8 +127,12 @@ def channel_sums_kernel(g_ptr, y_ptr, part_ptr, C, HW, N, CHUNK_N, BLOCK_N: tl.c
 def float_parts(value: float) -> tuple[float, float]:
     """``value`` as two float32 numbers whose sum keeps about 48 bits: Triton passes Python floats as
     float32, which would round eps and momentum for the float64 statistics."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
+    hi = struct.unpack("f", struct.pack("f", value))[0]  # a tenth of a microsecond, no tensor
     return hi, value - hi
+
+
+MAX_CHUNKS = 256
+NUM_WARPS = 8  # 8 elements of a 2,048-element tile per thread: the float64 sums fit in 64 registers
 
 
 def tiles(N: int, C: int, HW: int) -> tuple[int, int, int, int]:
@@ -138,8 +145,10 @@ def tiles(N: int, C: int, HW: int) -> tuple[int, int, int, int]:
         return block_n, block_hw, block_n, triton.cdiv(N, block_n)
     block_hw = min(triton.next_power_of_2(HW), 1024)
     block_n = min(triton.next_power_of_2(N), max(1, 2048 // block_hw))
-    # Up to 4 tiles per program (fewer partials to combine) while that leaves 2,048 programs or more.
-    per_program = max(1, min(4, C * triton.cdiv(N, block_n) // 2048))
+    tiles_per_channel = triton.cdiv(N, block_n)
+    # Up to 4 tiles per program (fewer partials to combine) while that leaves 2,048 programs or more,
+    # and never more than MAX_CHUNKS programs per channel: every program reads all of its channel's partials.
+    per_program = max(1, min(4, C * tiles_per_channel // 2048), triton.cdiv(tiles_per_channel, MAX_CHUNKS))
     chunk_n = block_n * per_program
     return block_n, block_hw, chunk_n, triton.cdiv(N, chunk_n)
 
@@ -152,12 +161,17 @@ def tiles(N: int, C: int, HW: int) -> tuple[int, int, int, int]:
 def _moments_kernel(x_ptr, part_ptr, C, HW, N, CHUNK_N, BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr):
     c = tl.program_id(0)
     s = tl.program_id(1)
-    count, mean, m2 = zero_moments()
+    shift = tl.load(x_ptr + c * HW).to(tl.float64)
+    sum_d = tl.zeros([BLOCK_N, BLOCK_HW], tl.float64)
+    sum_d2 = tl.zeros([BLOCK_N, BLOCK_HW], tl.float64)
     for n0 in range(s * CHUNK_N, (s + 1) * CHUNK_N, BLOCK_N):
         for hw0 in range(0, HW, BLOCK_HW):
             offsets, mask = _tile(c, n0, hw0, C, HW, N, BLOCK_N, BLOCK_HW)
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-            count, mean, m2 = merge_moments(count, mean, m2, x, mask)
+            d = tl.where(mask, tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float64) - shift, 0.0)
+            sum_d += d
+            sum_d2 += d * d
+    count = ((tl.minimum(N, (s + 1) * CHUNK_N) - s * CHUNK_N) * HW).to(tl.float64)
+    count, mean, m2 = shifted_moments(count, shift, sum_d, sum_d2)
     base = (c * tl.num_programs(1) + s) * 3
     tl.store(part_ptr + base, count)
     tl.store(part_ptr + base + 1, mean)
@@ -188,10 +202,9 @@ def _grad_kernel(g_ptr, y_ptr, part_ptr, invstd_ptr, gx_ptr, C, HW, N, L, CHUNK_
                  BLOCK_N: tl.constexpr, BLOCK_HW: tl.constexpr, S_BLOCK: tl.constexpr):
     c = tl.program_id(0)
     s = tl.program_id(1)
-    k = tl.arange(0, S_BLOCK)
-    kmask = k < S
-    mean_g = (tl.sum(tl.load(part_ptr + (c * S + k) * 2, mask=kmask, other=0.0), axis=0) / L).to(ACC)
-    mean_gy = (tl.sum(tl.load(part_ptr + (c * S + k) * 2 + 1, mask=kmask, other=0.0), axis=0) / L).to(ACC)
+    mean_g, mean_gy = combine_sums(part_ptr, c, S, L, S_BLOCK)
+    mean_g = mean_g.to(ACC)
+    mean_gy = mean_gy.to(ACC)
     invstd = tl.load(invstd_ptr + c).to(ACC)
     for n0 in range(s * CHUNK_N, (s + 1) * CHUNK_N, BLOCK_N):
         for hw0 in range(0, HW, BLOCK_HW):
@@ -211,13 +224,19 @@ def _launch_forward(x, running_mean, running_var, momentum, eps):
     N, C, H, W = x.shape
     acc, acc_torch = accumulator(x)
     block_n, block_hw, chunk_n, chunks = tiles(N, C, H * W)
+    shape = dict(BLOCK_N=block_n, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
     part = torch.empty(C, chunks, 3, device=x.device, dtype=torch.float64)
-    _moments_kernel[(C, chunks)](x, part, C, H * W, N, chunk_n, BLOCK_N=block_n, BLOCK_HW=block_hw)
+    _moments_kernel[(C, chunks)](x, part, C, H * W, N, chunk_n, **shape)
     y = torch.empty_like(x)
     invstd = torch.empty(C, device=x.device, dtype=acc_torch)
-    _normalise_kernel[(C, chunks)](x, y, part, invstd, running_mean, running_var, *float_parts(momentum),
-                                   *float_parts(eps), C, H * W, N, chunk_n, chunks,
-                                   ACC=acc, BLOCK_N=block_n, BLOCK_HW=block_hw, S_BLOCK=triton.next_power_of_2(chunks))
+    # The kernel indexes the running statistics as contiguous vectors (a strided view is updated through a copy).
+    mean, var = contiguous(running_mean), contiguous(running_var)
+    _normalise_kernel[(C, chunks)](x, y, part, invstd, mean, var, *float_parts(momentum), *float_parts(eps),
+                                   C, H * W, N, chunk_n, chunks, ACC=acc, S_BLOCK=triton.next_power_of_2(chunks),
+                                   **shape)
+    for running, updated in ((running_mean, mean), (running_var, var)):
+        if updated is not running:
+            running.copy_(updated)
     return y, invstd
 
 
@@ -225,7 +244,7 @@ def _launch_backward(grad, y, invstd):
     grad = contiguous(grad)
     N, C, H, W = y.shape
     block_n, block_hw, chunk_n, chunks = tiles(N, C, H * W)
-    shape = dict(BLOCK_N=block_n, BLOCK_HW=block_hw)
+    shape = dict(BLOCK_N=block_n, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
     part = torch.empty(C, chunks, 2, device=y.device, dtype=torch.float64)
     channel_sums_kernel[(C, chunks)](grad, y, part, C, H * W, N, chunk_n, **shape)
     gx = torch.empty_like(y)

@@ -3,8 +3,7 @@
 Forward, train mode, two launches over a ``(channel, chunk)`` grid:
 
 1. ``_pool_stats_kernel``: pool each chunk on the fly and write its (count, mean, M2) partials
-   (Chan's parallel variance: no atomics, deterministic; the statistics are float64, as in
-   :mod:`.batch_norm`).
+   (float64 shifted sums as in :mod:`.batch_norm`: no atomics, deterministic).
 2. ``_pool_bn_apply_kernel``: combine the partials of its channel, update the running statistics
    (one program per channel), pool again and write the normalised output and, for max pooling,
    the int8 offset of the maximum inside its window.
@@ -33,8 +32,8 @@ from dsrna.ops.pool_bn import POOL_KINDS, pool3x3
 
 from . import batch_norm
 from ._common import INTERPRETED, accumulator, block_size, contiguous
-from .batch_norm import (channel_sums_kernel, combine_moments, exact, float_parts, merge_moments, update_running_stats,
-                         zero_moments)
+from .batch_norm import (channel_sums_kernel, combine_moments, combine_sums, exact, float_parts, shifted_moments,
+                         update_running_stats)
 
 # ---------------------------------------------------------------------------------------------------
 # kernels
@@ -82,13 +81,19 @@ def _pool_stats_kernel(x_ptr, part_ptr, C, H, W, Ho, Wo, L, CHUNK, KIND_MAX: tl.
     c = tl.program_id(0)
     s = tl.program_id(1)
     S = tl.num_programs(1)
-    count, mean, m2 = zero_moments()
+    shift = tl.load(x_ptr + c * H * W).to(tl.float64)  # a value of the channel (see .batch_norm)
+    sum_d = tl.zeros([BLOCK], tl.float64)
+    sum_d2 = tl.zeros([BLOCK], tl.float64)
     for t in range(0, CHUNK, BLOCK):
         j = s * CHUNK + t + tl.arange(0, BLOCK)
         mask = j < L
         row, oh, ow = _output_coords(j, c, C, Ho, Wo)
         p, _ = _pool_window(x_ptr, row * H * W, oh, ow, H, W, mask, KIND_MAX, STRIDE, ACC, BLOCK)
-        count, mean, m2 = merge_moments(count, mean, m2, p, mask)
+        d = tl.where(mask, p.to(tl.float64) - shift, 0.0)
+        sum_d += d
+        sum_d2 += d * d
+    count = (tl.minimum(L, (s + 1) * CHUNK) - s * CHUNK).to(tl.float64)
+    count, mean, m2 = shifted_moments(count, shift, sum_d, sum_d2)
     base = (c * S + s) * 3
     tl.store(part_ptr + base, count)
     tl.store(part_ptr + base + 1, mean)
@@ -139,10 +144,9 @@ def _pool_bn_grad_kernel(g_ptr, y_ptr, arg_ptr, part_ptr, stats_ptr, gx_ptr, C, 
     s = tl.program_id(1)
     rstd = tl.load(stats_ptr + 2 * c + 1).to(ACC)
     if TRAINING:
-        k = tl.arange(0, S_BLOCK)
-        kmask = k < S
-        mean_g = (tl.sum(tl.load(part_ptr + (c * S + k) * 2, mask=kmask, other=0.0), axis=0) / L_out).to(ACC)
-        mean_gy = (tl.sum(tl.load(part_ptr + (c * S + k) * 2 + 1, mask=kmask, other=0.0), axis=0) / L_out).to(ACC)
+        mean_g, mean_gy = combine_sums(part_ptr, c, S, L_out, S_BLOCK)
+        mean_g = mean_g.to(ACC)
+        mean_gy = mean_gy.to(ACC)
     for t in range(0, CHUNK, BLOCK):
         j = s * CHUNK + t + tl.arange(0, BLOCK)
         mask = j < L_in
@@ -216,7 +220,8 @@ def _launch_backward(grad, x, y, stats, arg, kind, stride, training):
     if training:
         block_n, block_hw, chunk_n, chunks_out = batch_norm.tiles(N, C, Ho * Wo)
         part = torch.empty(C, chunks_out, 2, device=x.device, dtype=torch.float64)
-        channel_sums_kernel[(C, chunks_out)](grad, y, part, C, Ho * Wo, N, chunk_n, BLOCK_N=block_n, BLOCK_HW=block_hw)
+        channel_sums_kernel[(C, chunks_out)](grad, y, part, C, Ho * Wo, N, chunk_n, BLOCK_N=block_n, BLOCK_HW=block_hw,
+                                             num_warps=batch_norm.NUM_WARPS)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     block, chunk, chunks = _grid(L_in)
     _pool_bn_grad_kernel[(C, chunks)](

@@ -56,11 +56,53 @@ def small_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-# Far from zero mean (1e3) float32 sums of squares would cancel; float64 has no exact value to compare with there.
+# Far from zero mean float32 sums of squares would cancel; a float64 input has no exact value to compare with there.
 @pytest.mark.parametrize("dtype, offset", [(torch.float32, 1.0), (torch.float32, 1e3), (torch.float64, 1.0)])
 def test_triton_merges_partials_across_tiles_and_programs(small_tiles, device, dtype, offset, assert_error_within):
     require_backend("triton", device)
     check_against_reference("triton", device, dtype, (9, 3, 3, 5), assert_error_within, offset)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_running_statistics_may_be_strided_views(name):
+    """A view such as ``buffer[:, 0]`` is updated where it lies, as by F.batch_norm."""
+    require_backend(name, "cpu")
+    x = torch.randn(3, 4, 5, 2, requires_grad=True)
+    initial = torch.rand(4, 2, 2) + 0.5
+    results = []
+    for fn in (lambda *a: batch_norm_train(*a, backend_name=name), batch_norm_train_reference):
+        storage = initial.clone()
+        fn(x, storage[:, 0, 1], storage[:, 1, 0], MOMENTUM, EPS)  # mean and variance: views of stride 4
+        results.append(storage)
+    assert not torch.equal(results[1], initial)
+    torch.testing.assert_close(*results)
+
+
+def test_triton_tiles_on_a_gpu_cover_every_sample_once(monkeypatch):
+    """The GPU branch of ``tiles`` (the interpreter takes the other one): chunks are whole tiles, cover
+    every sample once, stay few per channel, and blocks are powers of two."""
+    kernels = pytest.importorskip("dsrna.kernels.batch_norm")
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    for N in (1, 2, 3, 7, 64, 256, 1000, 4096, 65536):
+        for C in (1, 16, 256, 1024):
+            for HW in (1, 7, 49, 64, 196, 784, 1024, 3136, 12544):
+                block_n, block_hw, chunk_n, chunks = kernels.tiles(N, C, HW)
+                assert block_n & (block_n - 1) == 0 and block_hw & (block_hw - 1) == 0
+                assert block_n * block_hw <= 2048 and chunk_n % block_n == 0
+                assert (chunks - 1) * chunk_n < N <= chunks * chunk_n, (N, C, HW)
+                assert chunks <= kernels.MAX_CHUNKS
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_variance_far_from_zero_mean_keeps_float64_precision(small_tiles, name):
+    """A float64 channel at 1e4 +- 3: moments about a value of the channel keep its variance to about
+    1e-15; sums of squares about zero would lose about 1e-9."""
+    require_backend(name, "cpu")
+    x = (torch.randn(9, 2, 3, 5, dtype=torch.float64) * 3 + 1e4).requires_grad_()
+    var = torch.zeros(2, dtype=torch.float64)
+    batch_norm_train(x, torch.zeros(2, dtype=torch.float64), var, 1.0, EPS, name)  # momentum 1: the batch's
+    exact = (x - x.mean((0, 2, 3), keepdim=True)).square().sum((0, 2, 3)) / (x[:, 0].numel() - 1)
+    torch.testing.assert_close(var, exact.detach(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,12 +132,14 @@ def test_gradcheck_and_gradgradcheck(name):
         assert torch.autograd.gradgradcheck(fn, (x,))
 
 
-def test_both_backward_formulas_agree():
-    """Plain backward uses PyTorch's batch-norm backward kernel on the output; under create_graph
-    the same formula runs as differentiable ops."""
+@pytest.mark.parametrize("name", FAST)
+def test_both_backward_formulas_agree(name):
+    """Plain backward runs the backend's kernel on the output (PyTorch's batch-norm backward kernel
+    for native, our own for triton); under create_graph the same formula runs as differentiable ops."""
+    require_backend(name, "cpu")
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     g = torch.randn_like(x)
-    y = batch_norm_train(x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), MOMENTUM, EPS, "native")
+    y = batch_norm_train(x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), MOMENTUM, EPS, name)
     plain, = torch.autograd.grad(y, x, g, retain_graph=True)
     graphed, = torch.autograd.grad(y, x, g, create_graph=True)
     assert graphed.requires_grad and not plain.requires_grad
