@@ -20,8 +20,8 @@ backward, from ``y``: ``dL/dx = invstd * (g - mean(g) - y * mean(g * y))``
 2. ``_grad_kernel``: the formula, elementwise.
 
 The statistics (moments, sums, the running-statistics update) accumulate in float64, as PyTorch's
-CPU kernels do; the elementwise parts run in the input's precision. The reduction passes do about
-four float64 operations and one conversion per element loaded: an H100 or H200 runs float64 at half
+CPU kernels do; the elementwise parts run in the input's precision. The reduction passes do two or
+three float64 operations and one conversion per element loaded: an H100 or H200 runs float64 at half
 the float32 rate, so they should stay near the memory's speed there (compiled and counted in the
 SASS, not yet timed); on GPUs with slow float64 they will not.
 """

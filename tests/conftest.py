@@ -71,6 +71,16 @@ def assert_error_within():
     return check
 
 
+@pytest.fixture
+def small_triton_blocks(monkeypatch):
+    """Blocks of 16 elements for the 1-D Triton kernels (weighted sum, bound ops). Interpreted, they
+    otherwise run one program over a whole test tensor, so the code that splits the work across
+    programs and loops over blocks would go untested (batch norm and pool_bn: their own fixtures)."""
+    for module in ("weighted_sum", "bound_ops"):
+        kernels = pytest.importorskip(f"dsrna.kernels.{module}")
+        monkeypatch.setattr(kernels, "block_size", lambda n, gpu_block=1024: 16)
+
+
 def fit_mnist_mlp(hidden: int, n_test: int):
     """An MLP fitted for a second on 512 mnist-mini images: ``(model in eval mode, x_test, y_test)``
     with ``n_test`` test images. Attack and certification tests need a model that is actually right."""

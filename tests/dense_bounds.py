@@ -177,6 +177,23 @@ def sample_ball(x: torch.Tensor, eps: float, norm: str, n: int, clip: bool = Tru
     return points.clamp(0, 1) if clip else points
 
 
+def extreme_points(x: torch.Tensor, eps: float, norm: str, n: int, clip: bool = True) -> torch.Tensor:
+    """Points on the boundary of the ``norm`` ball, where affine bounds are reached and uniform samples
+    in many dimensions never come near: ``n`` random corners (l_inf) or sphere points (l_2), or every
+    vertex ``+-eps e_i`` (l_1, ``2 * dim`` points); ``[m, B, *x.shape[1:]]``, clamped into [0, 1]."""
+    B, dim = x.shape[0], x[0].numel()
+    if norm == "linf":
+        d = torch.randint(0, 2, (n, B, dim)).mul(2).sub(1).to(x.dtype) * eps
+    elif norm == "l2":
+        d = torch.randn(n, B, dim, dtype=x.dtype)
+        d = d / d.norm(dim=-1, keepdim=True) * eps
+    else:
+        vertices = torch.cat([torch.eye(dim, dtype=x.dtype), -torch.eye(dim, dtype=x.dtype)]) * eps
+        d = vertices[:, None, :].expand(2 * dim, B, dim)
+    points = x.unsqueeze(0) + d.reshape(d.shape[0], *x.shape)
+    return points.clamp(0, 1) if clip else points
+
+
 def project(points: torch.Tensor, x: torch.Tensor, eps: float, norm: str, clip: bool = True) -> torch.Tensor:
     """Some point of the set (ball, then box) near ``points``; exact Euclidean projection is not needed."""
     d = points - x
@@ -190,19 +207,33 @@ def project(points: torch.Tensor, x: torch.Tensor, eps: float, norm: str, clip: 
     return out.clamp(0, 1) if clip else out
 
 
-def pgd_min_margin(model, x, y, t, eps, norm, steps=20, clip=True):
-    """The margin ``f_y - f_t`` at the end of a small PGD attack minimising it over the set."""
+def pgd_minimise(model, x, spec, eps, norm, steps=20, clip=True):
+    """The outputs ``[B, K]`` at the end of a small PGD attack minimising ``(output * spec).sum(1)``
+    (``spec``: ``[B, K]``) over the set."""
     adv = sample_ball(x, eps, norm, 1, clip)[0]
     for _ in range(steps):
         adv = adv.detach().requires_grad_(True)
-        out = model(adv)
-        margin = out.gather(1, y[:, None]) - out.gather(1, t[:, None])
-        grad, = torch.autograd.grad(margin.sum(), adv)
+        grad, = torch.autograd.grad((model(adv) * spec).sum(), adv)
         if norm == "linf":
             step = grad.sign() * eps / 4
         else:
             step = grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *([1] * (x.dim() - 1))) * eps / 4
         adv = project(adv - step, x, eps, norm, clip)
     with torch.no_grad():
-        out = model(adv)
-        return (out.gather(1, y[:, None]) - out.gather(1, t[:, None])).squeeze(1)
+        return model(adv)
+
+
+def pgd_min_margin(model, x, y, t, eps, norm, steps=20, clip=True):
+    """The margin ``f_y - f_t`` at the end of a small PGD attack minimising it over the set."""
+    with torch.no_grad():
+        K = model(x).shape[1]
+    spec = torch.nn.functional.one_hot(y, K).to(x.dtype) - torch.nn.functional.one_hot(t, K).to(x.dtype)
+    out = pgd_minimise(model, x, spec, eps, norm, steps, clip)
+    return (out.gather(1, y[:, None]) - out.gather(1, t[:, None])).squeeze(1)
+
+
+def pgd_logit_extremes(model, x, K, eps, norm, steps=20, clip=True):
+    """The outputs ``[2K, B, K]`` where a PGD attack pushed each of the ``K`` logits down, then up."""
+    eye = torch.eye(K, dtype=x.dtype)
+    return torch.stack([pgd_minimise(model, x, sign * eye[k].expand(x.shape[0], K), eps, norm, steps, clip)
+                        for sign in (1, -1) for k in range(K)])

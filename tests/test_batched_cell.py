@@ -44,6 +44,21 @@ def step(net, x, y):
     return (logits, *torch.autograd.grad(F.cross_entropy(logits, y), list(net.parameters())))
 
 
+@pytest.fixture
+def batched(monkeypatch):
+    """The cells that ran on the batched path: the comparisons alone would also pass if every cell
+    quietly ran edge by edge."""
+    cells = []
+    original = batched_cell.forward_batched
+
+    def counted(cell, *args, **kwargs):
+        cells.append(cell)
+        return original(cell, *args, **kwargs)
+
+    monkeypatch.setattr(batched_cell, "forward_batched", counted)
+    return cells
+
+
 def batch_norm_state(net):
     return [b for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
 
@@ -68,7 +83,7 @@ def test_every_darts_cell_runs_batched_in_train_and_in_eval_mode(partial_channel
 
 
 @pytest.mark.parametrize("partial_channels", [1, 2])
-def test_eval_mode_uses_each_edges_running_statistics(partial_channels):
+def test_eval_mode_uses_each_edges_running_statistics(partial_channels, batched):
     """In eval mode the edges' pool outputs differ (each batch norm has its own running statistics,
     here made different on purpose); the batched cell pools once and normalises per edge."""
     fast, ref = pair(partial_channels)
@@ -80,17 +95,20 @@ def test_eval_mode_uses_each_edges_running_statistics(partial_channels):
             net.eval()
     x = torch.rand(2, 2, 9, 9, dtype=torch.float64)
     assert_close_all([fast(x)], [ref(x)])
+    assert batched == list(fast.cells)
     assert_close_all(batch_norm_state(fast), batch_norm_state(ref))  # nothing updated
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("partial_channels, steps, multiplier", [(1, 4, 4), (2, 4, 4), (1, 3, 2)])
-def test_two_train_steps_match_reference_with_batch_norm_bookkeeping(partial_channels, steps, multiplier, device):
+def test_two_train_steps_match_reference_with_batch_norm_bookkeeping(partial_channels, steps, multiplier, device,
+                                                                     batched):
     fast, ref = pair(partial_channels, device, steps, multiplier)
     x = torch.rand(3, 2, 9, 9, dtype=torch.float64, device=device)
     y = torch.tensor([0, 2, 1], device=device)
     for _ in range(2):
         assert_close_all(step(fast, x, y), step(ref, x, y))
+    assert batched == 2 * list(fast.cells)
     assert_close_all(batch_norm_state(fast), batch_norm_state(ref))
 
 
@@ -139,7 +157,7 @@ def test_statistics_captured_under_bf16_autocast_are_float32():
         assert store and {t.dtype for stats in store.values() for t in stats} == {torch.float32}
 
 
-def test_cells_it_does_not_know_run_per_edge():
+def test_cells_it_does_not_know_run_per_edge(batched):
     """An edge whose candidate differs from the DARTS op (here a 3x3 where the 5x5 sep conv goes)
     leaves its cell on the per-edge path, with the same results as the reference."""
     fast, ref = pair()
@@ -150,6 +168,7 @@ def test_cells_it_does_not_know_run_per_edge():
     x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
     y = torch.tensor([1, 0])
     assert_close_all(step(fast, x, y), step(ref, x, y))
+    assert batched == list(fast.cells[1:])
 
 
 def _prune_a_conv(net):
@@ -241,13 +260,14 @@ def test_an_affine_pool_batch_norm_runs_per_edge_with_its_scale_and_shift():
     assert_close_all(step(fast, x, y), step(ref, x, y))
 
 
-def test_four_partial_channel_groups_match_reference():
+def test_four_partial_channel_groups_match_reference(batched):
     """PC-DARTS' own K=4 (the other tests take K=2): the batched cell splits off C/K channels and
     shuffles in K groups as the reference mixed op does."""
     fast, ref = pair(4)
     x = torch.rand(2, 2, 8, 8, dtype=torch.float64)
     y = torch.tensor([1, 0])
     assert_close_all(step(fast, x, y), step(ref, x, y))
+    assert batched == list(fast.cells)
 
 
 def test_a_replayed_pass_changes_no_batch_norm_state():

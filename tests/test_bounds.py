@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dense_bounds import DenseBounds, dense_layers, sample_ball
+from dense_bounds import DenseBounds, dense_layers, extreme_points, pgd_logit_extremes, sample_ball
 from dsrna import SearchNetwork
 from dsrna.bounds import METHODS, BoundModel, logit_bounds, margin_lower_bound, margin_spec
 from dsrna.bounds import nodes
@@ -163,7 +163,8 @@ def _op_cases():
 
 @pytest.mark.parametrize("name,make", _op_cases(), ids=[c[0] for c in _op_cases()])
 def test_each_op_sound(name, make):
-    """Each op alone (plus a linear read-out) on a 5x5 input: bounds hold at sampled points, every norm and method."""
+    """Each op alone (plus a linear read-out) on a 5x5 input: bounds hold at sampled and attacked
+    points, every norm and method."""
     op = make()
     with torch.no_grad():
         for m in op.modules():
@@ -173,10 +174,13 @@ def test_each_op_sound(name, make):
     x = torch.rand(2, 2, 5, 5, dtype=torch.float64)
     features = op.double().eval()(x).flatten(1).shape[1]
     net = nn.Sequential(op, nn.Flatten(), nn.Linear(features, 3)).double().eval()
-    with torch.no_grad():
-        for norm in NORMS:
-            points = sample_ball(x, 0.2, norm, 500).flatten(0, 1)
-            outputs = net(points).view(500, 2, 3)
+    for norm in NORMS:
+        # Uniform samples, points of the ball's boundary, and each logit pushed down and up by PGD:
+        # uniform samples in 50 dimensions stay far from the bounds (bounds 10% too narrow passed).
+        points = torch.cat([sample_ball(x, 0.2, norm, 500), extreme_points(x, 0.2, norm, 100)])
+        attacked = pgd_logit_extremes(net, x, 3, 0.2, norm)
+        with torch.no_grad():
+            outputs = torch.cat([net(points.flatten(0, 1)).view(len(points), 2, 3), attacked])
             for method in METHODS:
                 lower, upper = logit_bounds(net, x, 0.2, norm, method)
                 assert (outputs >= lower - 1e-9).all() and (outputs <= upper + 1e-9).all(), (norm, method)

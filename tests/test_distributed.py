@@ -52,8 +52,9 @@ CASES = {"order1": dict(order=1), "order2": dict(order=2),
 
 
 def _search_steps(case, rank=0, world=1):
-    """STEPS search iterations on this rank's share of fixed global batches, BN in eval mode. The
-    ranks hold images r, r + world, ... of each global batch, as DistributedSampler deals them."""
+    """STEPS search iterations on this rank's share of fixed global batches, BN in eval mode: the
+    alphas after each step, the final state and each step's architecture gradient. The ranks hold
+    images r, r + world, ... of each global batch, as DistributedSampler deals them."""
     from dsrna import SearchNetwork
     from dsrna.robustness import RobustnessConfig
     from dsrna.search import SearchConfig, Searcher
@@ -70,13 +71,21 @@ def _search_steps(case, rank=0, world=1):
     kind = CASES[case].get("robustness", "none")
     robustness = RobustnessConfig(kind=kind, dataset="mnist-mini", **(dict(gamma=20.0) if kind != "none" else {}))
     searcher = Searcher(net, SearchConfig(layers=3, init_channels=4, order=CASES[case]["order"], robustness=robustness))
+    gradients, arch_gradient = [], searcher.arch_gradient
+
+    def recorded(*args, **kwargs):  # the averaged architecture gradient each step applies
+        grads, metrics = arch_gradient(*args, **kwargs)
+        gradients.append([g.detach().clone() for g in grads])
+        return grads, metrics
+
+    searcher.arch_gradient = recorded
     alphas = []
     for step in range(STEPS):
         (xt, yt), (xv, yv) = _global_batches(step)
         local = slice(rank, None, world)
         searcher.step((xt[local], yt[local]), (xv[local], yv[local]))
         alphas.append([a.detach().clone() for a in net.arch_parameters()])
-    return alphas, {k: v.clone() for k, v in net.state_dict().items()}
+    return alphas, {k: v.clone() for k, v in net.state_dict().items()}, gradients
 
 
 class _Stop(Exception):
@@ -168,7 +177,12 @@ def test_two_processes_match_one_process_and_agree_on_alpha(two_process_results,
         for a0, a1 in zip(per_rank[0][0][step], per_rank[1][0][step]):
             assert torch.equal(a0, a1), f"ranks disagree on alpha after step {step}"
     torch.set_num_threads(1)
-    alphas, state = _search_steps(case)
+    alphas, state, gradients = _search_steps(case)
+    # Adam's step hardly depends on the gradient's scale: compare the averaged gradients themselves
+    # (a sum over the ranks instead of their mean moved one alpha by 1.6e-5 only).
+    for step in range(STEPS):
+        for g_single, g_ddp in zip(gradients[step], per_rank[0][2][step]):
+            torch.testing.assert_close(g_ddp, g_single, atol=1e-6, rtol=1e-4)
     for a_single, a_ddp in zip(alphas[-1], per_rank[0][0][-1]):
         torch.testing.assert_close(a_ddp, a_single, atol=1e-5, rtol=1e-4)
     for name, value in state.items():

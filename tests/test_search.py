@@ -300,20 +300,39 @@ def tiny_data(n_train=16, n_val=12, poison=None) -> SearchData:
     return SearchData(train, TensorDataset(x[n_train:], y[n_train:]), num_classes=3, in_channels=1)
 
 
+def count_search_steps(monkeypatch) -> list:
+    """From now on, one entry per ``Searcher.step`` call: a resumed run must not start over (a
+    deterministic run started over ends with the same weights and log)."""
+    steps, real_step = [], Searcher.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Searcher, "step", counted)
+    return steps
+
+
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     # 3 validation batches per pass and 2 steps per epoch: epoch 2 crosses a validation pass.
     cfg = dict(epochs=2, max_steps_per_epoch=2, deterministic=True, seed=3)
     full = run_search(config(out=str(tmp_path / "full"), **cfg), tiny_data())
 
+    interrupted = []
+
     def interrupt(epoch, record):
+        interrupted.append(record)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_search(config(out=str(tmp_path / "cut"), **cfg), tiny_data(), on_epoch_end=interrupt)
     # the checkpoint keeps the log: a lost or torn log.jsonl is rewritten whole (checked below)
     (tmp_path / "cut" / "log.jsonl").write_text("{torn line\n")
+    steps = count_search_steps(monkeypatch)
     resumed = run_search(config(out=str(tmp_path / "cut"), resume=True, **cfg), tiny_data())
 
+    assert len(steps) == 2  # epoch 2 only: a run started over would pass every comparison below too
+    assert resumed.history[0] == interrupted[0]  # epoch 1's record as it was written, time included
     keys = ("train_loss", "val_loss", "train_acc", "val_acc", "genotype", "step")
     assert [{k: r[k] for k in keys} for r in resumed.history] == [{k: r[k] for k in keys} for r in full.history]
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
@@ -695,7 +714,7 @@ def test_the_logged_losses_are_the_means_over_the_epochs_images(tmp_path, monkey
         assert record[key] == pytest.approx(sum(s[key] for s in steps) / len(steps), rel=1e-6)
 
 
-def test_resume_restores_the_random_state(tmp_path):
+def test_resume_restores_the_random_state(tmp_path, monkeypatch):
     """R_Jac's random rows come from torch's generator: an interrupted run resumes with the state the
     uninterrupted one had, so both end with the same weights."""
     cfg = dict(epochs=2, max_steps_per_epoch=2, deterministic=True, seed=3,
@@ -708,7 +727,9 @@ def test_resume_restores_the_random_state(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_search(config(out=str(tmp_path / "cut"), **cfg), tiny_data(), on_epoch_end=interrupt)
     torch.manual_seed(12345)  # what ran in between does not matter
+    steps = count_search_steps(monkeypatch)
     run_search(config(out=str(tmp_path / "cut"), resume=True, **cfg), tiny_data())
+    assert len(steps) == 2  # epoch 2 only
     a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"] for run in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

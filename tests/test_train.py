@@ -13,15 +13,30 @@ TINY = dict(dataset="mnist-mini", layers=3, init_channels=4, batch_size=16, epoc
             eval_limit=32, progress=False, report=False)
 
 
-def _interrupt_second_evaluation(monkeypatch):
-    """Make the run stop during epoch 2, after epoch 1's checkpoint was written."""
+def count_epochs(monkeypatch) -> list:
+    """From now on, one entry per trained epoch: a resumed run must not start over (a deterministic
+    run started over ends with the same weights, log and learning rates)."""
+    import dsrna.evaluation.train as module
+
+    epochs, real_epoch = [], module._train_epoch
+
+    def counted(*args, **kwargs):
+        epochs.append(1)
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_train_epoch", counted)
+    return epochs
+
+
+def _interrupt_at_evaluation(monkeypatch, at=2):
+    """A KeyboardInterrupt at the ``at``-th end-of-epoch evaluation (after the checkpoint of epoch at-1)."""
     import dsrna.evaluation.train as module
 
     calls = []
 
     def flaky(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == at:
             raise KeyboardInterrupt
         return evaluate(*args, **kwargs)
 
@@ -55,13 +70,15 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, lr_schedule):
     settings = {**TINY, "lr_schedule": lr_schedule}
     whole = train(TrainConfig(out=str(tmp_path / "whole"), **settings))
     with monkeypatch.context() as patch:
-        _interrupt_second_evaluation(patch)
+        _interrupt_at_evaluation(patch)
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(out=str(tmp_path / "split"), **settings))
     assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(CheckpointError, match="already holds a training run: pass --resume"):
         train(TrainConfig(out=str(tmp_path / "split"), **settings))
+    epochs = count_epochs(monkeypatch)
     resumed = train(TrainConfig(out=str(tmp_path / "split"), resume=True, **settings))
+    assert len(epochs) == 1  # epoch 2 of 2
     a = torch.load(whole.model_path, weights_only=True)["state_dict"]
     b = torch.load(resumed.model_path, weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -154,7 +171,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 def _interrupted_run(tmp_path, monkeypatch, **settings):
     """A run folder whose run stopped after epoch 1's checkpoint."""
     with monkeypatch.context() as patch:
-        _interrupt_second_evaluation(patch)
+        _interrupt_at_evaluation(patch)
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(**{**TINY, **settings}))
 
@@ -421,33 +438,16 @@ def test_a_model_file_with_foreign_weights_is_refused(tmp_path):
 
 # --- resume: what a resumed run must restore (each found untested by a mutation audit) ---------------
 
-_TINY_RUN = dict(dataset="mnist-mini", layers=3, init_channels=4, batch_size=16, epochs=2, max_steps_per_epoch=2,
-                 eval_limit=32, progress=False, report=False)
-
-
-def _interrupt_at_evaluation(monkeypatch, at=2):
-    """A KeyboardInterrupt at the ``at``-th end-of-epoch evaluation (after the checkpoint of epoch at-1)."""
-    import dsrna.evaluation.train as module
-
-    calls, evaluate = [], module.evaluate
-
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == at:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(module, "evaluate", flaky)
-
-
 def test_resume_restores_the_learning_rate_schedule_and_the_earlier_epochs(tmp_path, monkeypatch):
-    settings = {**_TINY_RUN, "epochs": 3}
+    settings = {**TINY, "epochs": 3}
     train(TrainConfig(out=str(tmp_path / "whole"), **settings))
     with monkeypatch.context() as patch:
         _interrupt_at_evaluation(patch)
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(out=str(tmp_path / "split"), **settings))
+    epochs = count_epochs(monkeypatch)
     result = train(TrainConfig(out=str(tmp_path / "split"), resume=True, **settings))
+    assert len(epochs) == 2  # epochs 2 and 3 of 3
 
     def log(run):
         return [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]

@@ -13,6 +13,7 @@ from dsrna import backend
 from dsrna.ops.weighted_sum import weighted_sum_reference
 
 kernels = pytest.importorskip("dsrna.kernels.weighted_sum")
+pytestmark = pytest.mark.usefixtures("small_triton_blocks")  # several programs per launch
 
 
 def triton_device(device):

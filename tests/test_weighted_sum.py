@@ -12,6 +12,7 @@ from conftest import DEVICES, require_backend
 
 OP = "weighted_sum"
 FAST = [b for b in backend.registered_ops()[OP] if b != "reference"]
+pytestmark = pytest.mark.usefixtures("small_triton_blocks")  # several programs per launch
 
 
 def impl(name, device):
@@ -55,21 +56,22 @@ def test_non_contiguous_inputs(name, device):
 
 @pytest.mark.parametrize("name", FAST)
 @pytest.mark.parametrize("device", DEVICES)
-def test_channel_slices_and_broadcast_rows(name, device):
+@pytest.mark.parametrize("h, w", [(5, 7), (17, 40)])  # rows of 140 and of 2,720 elements (native blocks: 1,024)
+def test_channel_slices_and_broadcast_rows(name, device, h, w):
     """The batched cell's candidates are channel slices of one stacked tensor (rows over the batch,
     contiguous within a row); the fast paths read them in place. Also a tensor broadcast along the
     batch (row stride 0) and a transposed one (copied). Values and both gradients."""
     fn = impl(name, device)
-    stacked = torch.randn(3, 12, 5, 7, dtype=torch.float64, device=device, requires_grad=True)
-    row = torch.randn(1, 4, 5, 7, dtype=torch.float64, device=device, requires_grad=True)
-    other = torch.randn(3, 7, 5, 4, dtype=torch.float64, device=device, requires_grad=True)
-    w = torch.rand(5, dtype=torch.float64, device=device, requires_grad=True)
-    inputs = lambda: [*stacked.split(4, dim=1), row.expand(3, 4, 5, 7), other.transpose(1, 3)]  # noqa: E731
-    g = torch.randn(3, 4, 5, 7, dtype=torch.float64, device=device)
+    stacked = torch.randn(3, 12, h, w, dtype=torch.float64, device=device, requires_grad=True)
+    row = torch.randn(1, 4, h, w, dtype=torch.float64, device=device, requires_grad=True)
+    other = torch.randn(3, w, h, 4, dtype=torch.float64, device=device, requires_grad=True)
+    weights = torch.rand(5, dtype=torch.float64, device=device, requires_grad=True)
+    inputs = lambda: [*stacked.split(4, dim=1), row.expand(3, 4, h, w), other.transpose(1, 3)]  # noqa: E731
+    g = torch.randn(3, 4, h, w, dtype=torch.float64, device=device)
     results = []
     for f in (fn, weighted_sum_reference):
-        y = f(inputs(), w)
-        results.append([y, *torch.autograd.grad(y, (stacked, row, other, w), g)])
+        y = f(inputs(), weights)
+        results.append([y, *torch.autograd.grad(y, (stacked, row, other, weights), g)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
