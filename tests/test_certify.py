@@ -2,6 +2,7 @@
 statistics (certified accuracy, mean, median) follow from the radii."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import fit_mnist_mlp
 from dsrna.attacks import pgd
-from dsrna.bounds import certified_radius
+from dsrna.bounds import certified_radius, margin_lower_bound
 from dsrna.evaluation.certify import certified_accuracy, certify, certify_table
 
 
@@ -32,6 +33,12 @@ def test_pgd_never_breaks_an_image_below_its_certified_radius(trained_mlp, norm,
         x_adv = pgd(model, xi, yi, 0.999 * radii[i].item(), norm, steps=30, restarts=2)
         with torch.no_grad():
             assert model(x_adv).argmax(1).item() == yi.item(), f"image {i} broken below its radius {radii[i]:.4g}"
+    # The radius is as large as the bound allows: just above it (2 tol) some margin bound is not positive.
+    inner = certified & (radii < 4.0 - 1e-3)
+    assert inner.any()
+    above = margin_lower_bound(model, x[inner], y[inner], radii[inner] + 2e-4, norm, method)
+    above = above.scatter(1, y[inner][:, None], math.inf)  # the column t = y holds 0
+    assert (above.min(1).values <= 0).all()
     # The radius is not vacuous: attacking far beyond it breaks some image (the bound is not infinitely loose).
     far = pgd(model, x[certified], y[certified], 20 * radii[certified].max().item(), norm, steps=30)
     with torch.no_grad():

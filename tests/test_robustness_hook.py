@@ -196,6 +196,7 @@ def test_documented_default_budgets():
 @pytest.mark.parametrize("field, value, message", [
     ("gamma", -1.0, "robustness gamma must be a finite number >= 0, got -1.0"),
     ("gamma", math.inf, "robustness gamma must be a finite number >= 0, got inf"),
+    ("gamma", math.nan, "robustness gamma must be a finite number >= 0, got nan"),
     ("inner_gamma", -0.1, "robustness inner_gamma must be a finite number >= 0, got -0.1"),
     ("eps", 0.0, "robustness eps must be a finite number > 0"),
     ("eps", math.inf, "robustness eps must be a finite number > 0"),

@@ -1,5 +1,6 @@
 """The bilevel search engine: steps, the second-order gradient, the robustness hook, runs and resume."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -155,7 +156,10 @@ def test_two_layer_network_has_only_reduction_cells_and_still_steps(order):
     net = SearchNetwork(C=4, num_classes=3, layers=2, in_channels=1)  # built directly: SearchConfig refuses it
     assert all(cell.reduction for cell in net.cells)
     normal, reduce = net.alphas_normal.detach().clone(), net.alphas_reduce.detach().clone()
-    Searcher(net, config(order=order)).step(batch(seed=1), batch(seed=2))
+    searcher = Searcher(net, config(order=order))
+    grads, _ = searcher.arch_gradient(batch(seed=2), batch(seed=1))
+    assert torch.equal(grads[net.arch_parameters().index(net.alphas_normal)], torch.zeros_like(normal))
+    searcher.step(batch(seed=1), batch(seed=2))
     assert not torch.equal(net.alphas_reduce, reduce)
     # only Adam's (coupled) weight decay moves the unused normal alphas: at most one step of arch_lr
     assert torch.isfinite(net.alphas_normal).all()
@@ -230,6 +234,11 @@ def test_robustness_hook(monkeypatch, order):
         expected = torch.autograd.grad(val_loss - gamma * r, net.arch_parameters())
         for a, e in zip(grads, expected):
             torch.testing.assert_close(a, e)
+    else:  # R reaches the unrolled gradient: the same step without the term gives another gradient
+        plain = Searcher(copy.deepcopy(net), config(order=order))
+        plain.set_epoch(1)  # the same learning rate in the unrolled step
+        plain, _ = plain.arch_gradient(val, train)
+        assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads, plain))
 
 
 def _saved_bytes(fn) -> int:
