@@ -14,6 +14,7 @@ place with ``python setup.py build_ext --inplace``.
 import os
 import shutil
 import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -61,14 +62,19 @@ def _extensions():
     # Only csrc/ops.cpp includes torch headers (the slow part of the build); the kernels are plain
     # C++ headers it instantiates and .cu files with plain CUDA.
     sources = [os.path.join(CSRC, "ops.cpp")]
-    compile_args = {"cxx": ["-O3"]}
+    # The CPU kernels split their work with at::parallel_for, whose OpenMP backend (that of PyTorch's
+    # Linux wheels) runs the whole range on the calling thread unless the caller is compiled with
+    # OpenMP; the extension then shares the libgomp that torch has loaded (dsrna._C.built_with_openmp).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    compile_args = {"cxx": ["-O3", *openmp]}
+    link_args = openmp
     if use_cuda:
         sources += [os.path.join(CSRC, "cuda", name) for name in ("weighted_sum.cu", "depthwise.cu")]
         compile_args["nvcc"] = ["-O3", "-std=c++17"]
-        ext = CUDAExtension("dsrna._C", sources, extra_compile_args=compile_args,
+        ext = CUDAExtension("dsrna._C", sources, extra_compile_args=compile_args, extra_link_args=link_args,
                             define_macros=[("DSRNA_WITH_CUDA", None)])
     else:
-        ext = CppExtension("dsrna._C", sources, extra_compile_args=compile_args)
+        ext = CppExtension("dsrna._C", sources, extra_compile_args=compile_args, extra_link_args=link_args)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

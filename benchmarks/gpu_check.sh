@@ -12,9 +12,9 @@
 # progress), env.txt (nvidia-smi, versions, `dsrna info`), build.txt, tests.txt, plain.md (a plain
 # eager DARTS port beside the reference), profile.md (top kernels of a train step), depthwise.md
 # (the native depthwise ops against PyTorch's at batch 64 and 256), batchnorm.md (train-mode
-# batch norm, PyTorch's kernels against the fast backends'), loader.md (images/s of the ImageNet loader by worker count), torchrun.txt and
-# torchrun-search/ (a search under torchrun, NCCL), bench.jsonl (one row per measurement), bench.md
-# (tables), bench.png (speedups).
+# batch norm, PyTorch's kernels against the fast backends'), loader.md (images/s of the ImageNet
+# loader by worker count), torchrun.txt and torchrun-search/ (a search under torchrun, NCCL),
+# bench.jsonl (one row per measurement), bench.md (tables), bench.png (speedups).
 # Without a GPU it still builds and tests, and runs the CPU --quick benchmark instead.
 # Knobs: PYTHON (default python3), GPU_CHECK_BUDGET, MAX_JOBS (default 16), GPU_CHECK_SKIP_BUILD=1,
 # GPU_CHECK_BENCH (extra `dsrna bench` arguments), GPU_CHECK_SIDE (the side measurements of step 4b

@@ -1259,4 +1259,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return false;
 #endif
   });
+  // Without OpenMP, at::parallel_for runs every CPU kernel on the calling thread (see setup.py).
+  module.def("built_with_openmp", [] {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  });
 }

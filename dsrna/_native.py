@@ -33,4 +33,9 @@ def built_with_cuda() -> bool:
     return C is not None and bool(C.built_with_cuda())
 
 
-__all__ = ["C", "LOAD_ERROR", "REBUILD_HINT", "built_with_cuda"]
+def built_with_openmp() -> bool:
+    """Whether the loaded extension's CPU kernels run on torch's threads (else on one)."""
+    return C is not None and bool(C.built_with_openmp())
+
+
+__all__ = ["C", "LOAD_ERROR", "REBUILD_HINT", "built_with_cuda", "built_with_openmp"]

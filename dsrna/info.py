@@ -49,7 +49,8 @@ def collect() -> dict[str, Any]:
                      "torch_cuda": torch.version.cuda, "triton": _triton_version()},
         "devices": _devices(),
         "native_extension": {"loaded": _native.C is not None, "error": _native.LOAD_ERROR,
-                             "built_with_cuda": _native.built_with_cuda()},
+                             "built_with_cuda": _native.built_with_cuda(),
+                             "built_with_openmp": _native.built_with_openmp()},
         "backends": status,
         "ops": {op: list(names) for op, names in ops.items()},
         "auto": auto,
@@ -71,7 +72,9 @@ def format_report(data: dict[str, Any]) -> str:
         lines.append("  cuda: none visible")
     ext = data["native_extension"]
     if ext["loaded"]:
-        lines.append(f"native extension dsrna._C: loaded, {'with' if ext['built_with_cuda'] else 'without'} CUDA kernels")
+        threads = "on torch's threads" if ext["built_with_openmp"] else "on one thread (built without OpenMP)"
+        lines.append(f"native extension dsrna._C: loaded, {'with' if ext['built_with_cuda'] else 'without'} CUDA "
+                     f"kernels, CPU kernels {threads}")
     else:
         lines.append(f"native extension dsrna._C: not loaded ({ext['error']})")
     lines.append(f"backend selected: {data['selected_backend']}")

@@ -25,6 +25,8 @@ def test_extension_is_built_and_registers_its_ops():
         assert hasattr(torch.ops.dsrna, op)
     assert backend.backend_status("native", "cpu") == (True, "dsrna._C loaded")
     assert isinstance(_native.built_with_cuda(), bool)
+    if sys.platform.startswith("linux"):  # setup.py builds with OpenMP there: the CPU kernels use torch's threads
+        assert _native.built_with_openmp()
 
 
 def test_info_reports_backends_truthfully(capsys):
@@ -43,6 +45,7 @@ def test_info_reports_backends_truthfully(capsys):
 
     report = format_report(data)
     assert f"torch {torch.__version__}" in report and "backends for cuda tensors:" in report
+    assert ("CPU kernels on torch's threads" in report) == _native.built_with_openmp()
     if not torch.cuda.is_available():
         assert "cuda: none visible" in report and "no CUDA device visible" in report
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from dsrna import SearchNetwork, _native, backend, use_backend
 from dsrna.ops import (depthwise_conv2d, depthwise_conv2d_reference, depthwise_conv2d_stack,
-                       depthwise_conv2d_stack_reference, depthwise_conv2d_stack_transpose_reference,
+                       depthwise_conv2d_stack_reference, depthwise_conv2d_stack_transpose,
+                       depthwise_conv2d_stack_transpose_reference, depthwise_conv2d_transpose,
                        depthwise_conv2d_transpose_reference)
 from dsrna.ops.bound_ops import interval_depthwise_conv2d
 from conftest import DEVICES, OpsRun, require_backend
@@ -198,6 +199,48 @@ def test_native_backend_runs_its_kernels(k):
     with OpsRun() as ran:
         interval_depthwise_conv2d(x.detach(), x.detach() + 1, w.detach(), 2, k // 2, 1, backend_name="native")
     assert ran.names >= {"dsrna.interval_depthwise_conv2d"} and "aten.convolution" not in ran.names
+    # The transposed maps called directly, as the CROWN backward step calls them, and their gradients.
+    g = torch.randn(2, 3, 9, 8, requires_grad=True)
+    with OpsRun() as ran:
+        out = depthwise_conv2d_transpose(g, w, (9, 8), 1, k // 2, 1, backend_name="native")
+        torch.autograd.grad(out.sum(), (g, w))
+        g2 = torch.randn(2, 6, 9, 8, requires_grad=True)
+        out = depthwise_conv2d_stack_transpose(g2, [stacked, stacked], (9, 8), 1, [k // 2, k - 1], [1, 2],
+                                               backend_name="native")
+        torch.autograd.grad(out.sum(), g2)
+    assert {"dsrna.depthwise_conv2d_transpose", "dsrna.depthwise_conv2d_stack_transpose"} <= ran.names
+    assert not ran.names & {"aten.convolution", "aten.convolution_backward"}
+
+
+@needs_native
+@pytest.mark.parametrize("k, s, d", [(3, 1, 1), (5, 2, 2)])
+def test_native_cpu_kernels_split_their_planes_over_threads(k, s, d):
+    """With two threads (the tests otherwise run on one) the CPU kernels' planes are split into
+    several tasks: the results equal the one-thread results exactly (every plane is computed alone,
+    weight-gradient partials are summed in a fixed order) and the reference's within rounding."""
+    x, w = conv_inputs((8, 64, 8, 8), k, torch.float64, "cpu")  # 512 planes, several grains of work
+    p = d * (k - 1) // 2
+    stacked = w.detach().reshape(1, 64, k, k)
+
+    def run():
+        y = depthwise_conv2d(x, w, s, p, d, backend_name="native")
+        g = torch.ones_like(y) + y.detach()
+        return [y, *torch.autograd.grad(y, (x, w), g),
+                depthwise_conv2d_stack(x.detach(), [stacked, stacked], s, [p, p], [d, d], backend_name="native")]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = run()
+        torch.set_num_threads(1)
+        serial = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(parallel, serial):
+        assert torch.equal(a, b)
+    y = depthwise_conv2d_reference(x, w, s, p, d)
+    torch.testing.assert_close(parallel[0], y)
+    torch.testing.assert_close(parallel[1:3], list(torch.autograd.grad(y, (x, w), torch.ones_like(y) + y.detach())))
 
 
 def test_default_geometry_is_pytorchs():

@@ -406,10 +406,16 @@ def test_cell_outputs_the_states_its_genotype_concatenates():
     """A cell concatenates the states named by its *_concat, in that order, not just the last ones."""
     # skips only: node 2 = 2 p0, node 3 = 2 p1, node 4 = 4 p0, node 5 = 4 p1 (p: the preprocessed inputs)
     edges = [("skip_connect", 0)] * 2 + [("skip_connect", 1)] * 2 + [("skip_connect", 2)] * 2 + [("skip_connect", 3)] * 2
-    cell = Cell(Genotype(edges, [2, 5], edges, [2, 5]), 4, 4, 4, False, False).eval()
+    # a reduction cell: node 2 = FR(p0) + FR'(p1) (strided skips), then 3 = 2 n2, 4 = 4 n2, 5 = 8 n2
+    reduce = [("skip_connect", 0), ("skip_connect", 1)] + [("skip_connect", i) for i in (2, 2, 3, 3, 4, 4)]
+    genotype = Genotype(edges, [2, 5], reduce, [3, 4, 5])
+    cell = Cell(genotype, 4, 4, 4, False, False).eval()
     s0, s1 = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
     expected = torch.cat([2 * cell.preprocess0(s0), 4 * cell.preprocess1(s1)], dim=1)
     torch.testing.assert_close(cell(s0, s1), expected)
+    cell = Cell(genotype, 4, 4, 4, True, False).eval()
+    n2 = cell.ops[0](cell.preprocess0(s0)) + cell.ops[1](cell.preprocess1(s1))
+    torch.testing.assert_close(cell(s0, s1), torch.cat([2 * n2, 4 * n2, 8 * n2], dim=1))
 
 
 def test_final_network_applies_its_drop_path_rate():
