@@ -34,8 +34,9 @@ def built_with_cuda() -> bool:
 
 
 def built_with_openmp() -> bool:
-    """Whether the loaded extension's CPU kernels run on torch's threads (else on one)."""
-    return C is not None and bool(C.built_with_openmp())
+    """Whether the loaded extension's CPU kernels run on torch's threads (else on one; an extension
+    built before this check existed has none and counts as without)."""
+    return C is not None and bool(getattr(C, "built_with_openmp", lambda: False)())
 
 
 __all__ = ["C", "LOAD_ERROR", "REBUILD_HINT", "built_with_cuda", "built_with_openmp"]
