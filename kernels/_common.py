@@ -21,16 +21,21 @@ def block_size(n: int, gpu_block: int = 1024) -> int:
     return min(gpu_block, triton.next_power_of_2(max(n, 16)))
 
 
-def accumulator_is_fp64(*tensors: torch.Tensor) -> bool:
-    """Compute in float64 only when an operand is float64 (gradcheck); otherwise in float32 (the batch
-    norms' statistics are float64 always, see batch_norm.py)."""
-    return any(t.dtype == torch.float64 for t in tensors)
+def accumulator(*tensors: torch.Tensor) -> tuple:
+    """``(triton dtype, torch dtype)`` the kernels compute in for these operands: float64 only when one
+    is float64 (gradcheck), otherwise float32 (the batch norms' statistics are float64 always, see
+    batch_norm.py). Also the dtype of the partial sums and per-channel statistics they return."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return tl.float64, torch.float64
+    return tl.float32, torch.float32
 
 
-def accumulator(x: torch.Tensor) -> tuple:
-    """``(triton dtype, torch dtype)`` of the elementwise arithmetic for ``x``, and of the per-channel
-    ``invstd`` or ``(mean, rstd)`` the batch-norm kernels return."""
-    return (tl.float64, torch.float64) if accumulator_is_fp64(x) else (tl.float32, torch.float32)
+def promoted_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype PyTorch's arithmetic would give these operands together: the kernels' result dtype."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def contiguous(x: torch.Tensor) -> torch.Tensor:

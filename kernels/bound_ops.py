@@ -21,7 +21,7 @@ import triton.language as tl
 from dsrna import backend
 from dsrna.ops.bound_ops import RELU_MODES
 
-from ._common import accumulator_is_fp64, block_size, contiguous
+from ._common import accumulator, block_size, contiguous, promoted_dtype
 from .weighted_sum import weighted_sum_op
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,17 +72,6 @@ def _crown_relu_backward_kernel(A_ptr, lslope_ptr, uslope_ptr, uint_ptr, out_ptr
     tl.store(bias_ptr + row, tl.sum(bias, axis=0).to(bias_ptr.dtype.element_ty))
 
 
-def _acc(*tensors):
-    return tl.float64 if accumulator_is_fp64(*tensors) else tl.float32
-
-
-def _result_dtype(*tensors) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 # ---------------------------------------------------------------------------------------------------
 # relu_relaxation
 
@@ -90,20 +79,20 @@ def _result_dtype(*tensors) -> torch.dtype:
 @torch.library.custom_op("dsrna_triton::relu_relaxation", mutates_args=())
 def relu_relaxation_op(lower: torch.Tensor, upper: torch.Tensor, fast_lin: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lower, upper = contiguous(lower), contiguous(upper)
-    dtype = _result_dtype(lower, upper)
+    dtype = promoted_dtype(lower, upper)
     outs = tuple(torch.empty(lower.shape, device=lower.device, dtype=dtype) for _ in range(3))
     n = lower.numel()
     if n:
         block = block_size(n)
         with backend.device_scope(lower.device):
             _relu_relaxation_kernel[(triton.cdiv(n, block),)](lower, upper, *outs, n, FAST_LIN=fast_lin,
-                                                               ACC=_acc(lower, upper), BLOCK=block)
+                                                               ACC=accumulator(lower, upper)[0], BLOCK=block)
     return outs
 
 
 @relu_relaxation_op.register_fake
 def _(lower, upper, fast_lin):
-    dtype = _result_dtype(lower, upper)
+    dtype = promoted_dtype(lower, upper)
     return tuple(torch.empty(lower.shape, device=lower.device, dtype=dtype) for _ in range(3))
 
 
@@ -151,20 +140,20 @@ def _rows(A: torch.Tensor, slope: torch.Tensor) -> tuple[int, int, int]:
 def crown_relu_backward_op(A: torch.Tensor, lower_slope: torch.Tensor, upper_slope: torch.Tensor,
                            upper_intercept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A, lower_slope, upper_slope, upper_intercept = map(contiguous, (A, lower_slope, upper_slope, upper_intercept))
-    dtype = _result_dtype(A, lower_slope, upper_slope, upper_intercept)
+    dtype = promoted_dtype(A, lower_slope, upper_slope, upper_intercept)
     B, S, M = _rows(A, lower_slope)
     out = torch.empty(A.shape, device=A.device, dtype=dtype)
     bias = torch.empty(B, S, device=A.device, dtype=dtype)
     if B * S:
         with backend.device_scope(A.device):
             _crown_relu_backward_kernel[(B * S,)](A, lower_slope, upper_slope, upper_intercept, out, bias, S, M,
-                                                  ACC=_acc(A, lower_slope), BLOCK=block_size(M))
+                                                  ACC=accumulator(A, lower_slope)[0], BLOCK=block_size(M))
     return out, bias
 
 
 @crown_relu_backward_op.register_fake
 def _(A, lower_slope, upper_slope, upper_intercept):
-    dtype = _result_dtype(A, lower_slope, upper_slope, upper_intercept)
+    dtype = promoted_dtype(A, lower_slope, upper_slope, upper_intercept)
     return torch.empty(A.shape, device=A.device, dtype=dtype), A.new_empty(A.shape[:2], dtype=dtype)
 
 

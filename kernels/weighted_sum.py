@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from dsrna import backend
-from ._common import accumulator_is_fp64, block_size, contiguous
+from ._common import accumulator, block_size, contiguous, promoted_dtype
 
 # ---------------------------------------------------------------------------------------------------
 # kernels
@@ -80,13 +80,6 @@ def _weighted_sum_grad_kernel(xs, row_strides, w_ptr, g_ptr, gxs, partial_ptr, n
 # launchers
 
 
-def _common_dtype(tensors) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _prepare(xs) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...], int, bool]:
     """``(inputs, row strides, row length, whether any row stride differs from the row length)``.
 
@@ -104,12 +97,8 @@ def _prepare(xs) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...], int, bool]:
     return tuple(inputs), tuple(strides), inner, any(stride != inner for stride in strides)
 
 
-def _acc_dtype(*tensors):
-    return tl.float64 if accumulator_is_fp64(*tensors) else tl.float32
-
-
 def _launch_weighted_sum(xs: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    dtype = _common_dtype(xs)
+    dtype = promoted_dtype(*xs)
     xs, strides, inner, rows = _prepare(xs)
     w = contiguous(w)
     out = torch.empty_like(xs[0], dtype=dtype, memory_format=torch.contiguous_format)
@@ -118,7 +107,7 @@ def _launch_weighted_sum(xs: list[torch.Tensor], w: torch.Tensor) -> torch.Tenso
         block = block_size(n)
         with backend.device_scope(out.device):
             _weighted_sum_kernel[(triton.cdiv(n, block),)](xs, strides, w, out, n, inner, N=len(xs), ROWS=rows,
-                                                          ACC=_acc_dtype(*xs, w), BLOCK=block)
+                                                          ACC=accumulator(*xs, w)[0], BLOCK=block)
     return out
 
 
@@ -133,8 +122,7 @@ def _launch_grad(xs, w, g, scale: bool, dot: bool) -> tuple[list[torch.Tensor], 
     strides, inner, rows = (0,) * count, 1, False  # unread without DOT
     if dot:
         xs, strides, inner, rows = _prepare(xs)
-    acc = _acc_dtype(g, *(xs if dot else ()), *((w,) if scale else ()))
-    acc_torch = torch.float64 if acc == tl.float64 else torch.float32
+    acc, acc_torch = accumulator(g, *(xs if dot else ()), *((w,) if scale else ()))
     gxs = tuple(torch.empty_like(g, memory_format=torch.contiguous_format) for _ in range(count)) if scale else ()
     partial = torch.empty(programs, count, device=g.device, dtype=acc_torch) if dot else None
     if n:
@@ -160,7 +148,7 @@ def weighted_sum_op(xs: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
 
 @weighted_sum_op.register_fake
 def _(xs, w):
-    return torch.empty_like(xs[0], dtype=_common_dtype(xs), memory_format=torch.contiguous_format)
+    return torch.empty_like(xs[0], dtype=promoted_dtype(*xs), memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("dsrna_triton::weighted_sum_backward", mutates_args=())
@@ -194,7 +182,7 @@ def batched_dot_op(xs: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
 
 @batched_dot_op.register_fake
 def _(xs, g):
-    dtype = torch.float64 if accumulator_is_fp64(g, *xs) else torch.float32
+    dtype = accumulator(g, *xs)[1]
     return g.new_empty(len(xs), dtype=dtype)
 
 

@@ -46,15 +46,16 @@ FLOATS = {"momentum_hi", "momentum_lo", "eps_hi", "eps_lo"}
 TUPLES = {"xs": "*{dt}", "gxs": "*{dt}", "row_strides": "i64"}  # one per input (N)
 
 SCRIPT = r"""
-import json, sys
+import importlib, json, pkgutil, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import dsrna.kernels
 
 spec = json.loads(sys.argv[1])
-seen = {f"{module}.{name}" for module in ("weighted_sum", "batch_norm", "pool_bn", "bound_ops")
-        for name, obj in vars(getattr(dsrna.kernels, module)).items()
+modules = [m.name for m in pkgutil.iter_modules(dsrna.kernels.__path__) if not m.name.startswith("_")]
+seen = {f"{module}.{name}" for module in modules
+        for name, obj in vars(importlib.import_module(f"dsrna.kernels.{module}")).items()
         if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")
         and obj.fn.__module__ == f"dsrna.kernels.{module}"}  # defined there, not imported
 missing = seen - set(spec["kernels"])
