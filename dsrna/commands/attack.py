@@ -9,21 +9,14 @@ HELP = "robust accuracy of a trained model.pt under FGSM/PGD (and C&W/AutoAttack
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dsrna.attacks import ATTACKS, NORMS
+    from dsrna.evaluation.common import add_evaluation_arguments
 
-    parser.add_argument("model", help="model.pt written by dsrna train, or its run folder")
-    parser.add_argument("--norm", default="linf", choices=NORMS)
+    add_evaluation_arguments(parser, "attack", NORMS, batch_size=128, outputs="attack_<norm>_<attacks>.json/.png")
     parser.add_argument("--eps", required=True, help="comma-separated budgets in pixel units, e.g. 0.05,0.1,0.2")
     parser.add_argument("--attacks", default="fgsm,pgd", help=f"comma-separated, from {','.join(ATTACKS)} (cw: l2 only; autoattack: linf or l2; "
                         "both need the extra: pip install 'dsrna[attacks]')")
     parser.add_argument("--steps", type=int, default=20, help="PGD steps (the paper reports 100)")
     parser.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
-    parser.add_argument("--dataset", help="default: the data set the model was trained on")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--limit", type=int, help="attack N test images only: the first N (ImageNet: N evenly spaced, every class alike)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="folder for attack_<norm>_<attacks>.json/.png (default: the model's folder)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,22 +9,15 @@ HELP = "certified radius per test image of a trained model.pt (IBP, CROWN-IBP or
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dsrna.evaluation.certify import METHODS, NORMS
+    from dsrna.evaluation.common import add_evaluation_arguments
 
-    parser.add_argument("model", help="model.pt written by dsrna train, or its run folder")
-    parser.add_argument("--norm", default="linf", choices=NORMS)
+    add_evaluation_arguments(parser, "certify", NORMS, batch_size=32, outputs="certify_<norm>_<method>.json and its pictures")
     parser.add_argument("--method", default="crown", choices=METHODS,
                         help="bound method (docs/bounds.md); crown and crown-symbolic are the tightest and the costliest")
     parser.add_argument("--eps", help="comma-separated budgets for the certified-accuracy table (default: none)")
     parser.add_argument("--max-eps", type=float, help="upper end of the bisection (default: the larger of 1 and the largest --eps)")
     parser.add_argument("--tol", type=float, help="bisection tolerance (default: the bound engine's)")
     parser.add_argument("--candidates", type=int, help="eps values tested per bound pass (default 1)")
-    parser.add_argument("--dataset", help="default: the data set the model was trained on")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--limit", type=int, help="certify N test images only: the first N (ImageNet: N evenly spaced, every class alike)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="folder for certify_<norm>_<method>.json and its pictures (default: the model's folder)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -89,6 +89,21 @@ def check_model_fits_dataset(meta: dict, dataset: str) -> None:
                             f"pass the --dataset it was trained on ({meta.get('dataset')})")
 
 
+def add_evaluation_arguments(parser, verb: str, norms: Sequence[str], batch_size: int, outputs: str) -> None:
+    """The flags that ``dsrna attack`` and ``dsrna certify`` share, i.e. what :func:`prepare_evaluation`
+    reads (plus ``--norm`` and ``--no-progress``)."""
+    parser.add_argument("model", help="model.pt written by dsrna train, or its run folder")
+    parser.add_argument("--norm", default="linf", choices=norms)
+    parser.add_argument("--dataset", help="default: the data set the model was trained on")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--limit", type=int,
+                        help=f"{verb} N test images only: the first N (ImageNet: N evenly spaced, every class alike)")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help=f"folder for {outputs} (default: the model's folder)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
 def prepare_evaluation(args) -> tuple[torch.device, torch.nn.Module, dict, DataLoader, Path]:
     """What ``dsrna attack`` and ``dsrna certify`` need, every input checked before the long work:
     ``(device, model, model.pt metadata, test loader, output folder)``."""

@@ -188,17 +188,9 @@ class ReLUConvBN(nn.Module):
         return self.op(x)
 
 
-class DilConv(nn.Module):
-    """ReLU, depthwise (dilated) kxk conv, pointwise 1x1 conv, BN."""
-
-    def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation, affine=True):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            DepthwiseConv2d(C_in, kernel_size, stride, padding, dilation),
-            nn.Conv2d(C_in, C_out, 1, bias=False),
-            BatchNorm2d(C_out, affine=affine),
-        )
+class _ReLUFirst(nn.Module):
+    """An op whose ``self.op`` is an ``nn.Sequential`` that starts with a ReLU: a mixed op computes that
+    ReLU once for all such candidates of an edge and hands it to :meth:`after_relu`."""
 
     def forward(self, x):
         return self.op(x)
@@ -212,7 +204,20 @@ class DilConv(nn.Module):
         return x
 
 
-class SepConv(nn.Module):
+class DilConv(_ReLUFirst):
+    """ReLU, depthwise (dilated) kxk conv, pointwise 1x1 conv, BN."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation, affine=True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            DepthwiseConv2d(C_in, kernel_size, stride, padding, dilation),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            BatchNorm2d(C_out, affine=affine),
+        )
+
+
+class SepConv(_ReLUFirst):
     """Two stacked DilConv-shaped stages without dilation; only the first is strided."""
 
     def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
@@ -227,17 +232,6 @@ class SepConv(nn.Module):
             nn.Conv2d(C_in, C_out, 1, bias=False),
             BatchNorm2d(C_out, affine=affine),
         )
-
-    def forward(self, x):
-        return self.op(x)
-
-    def after_relu(self, relu_x):
-        """The op applied to an input that already went through its leading ReLU."""
-        # Not ``self.op[1:](relu_x)``: slicing an ``nn.Sequential`` builds a new module per call.
-        x = relu_x
-        for m in itertools.islice(self.op._modules.values(), 1, None):
-            x = m(x)
-        return x
 
 
 class Identity(nn.Module):
