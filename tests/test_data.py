@@ -174,37 +174,12 @@ def test_cifar10_missing_batch(tmp_path):
         get_dataset("cifar10", root=tmp_path)
 
 
-def test_cifar10_refuses_a_label_equal_to_the_class_count(tmp_path):
-    write_cifar_layout(tmp_path, np.random.default_rng(9))
-    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
-    with open(batch, "wb") as file:
-        pickle.dump({"batch_label": "test_batch", "labels": [3, 10], "data": np.zeros((2, 3072), np.uint8)}, file)
-    with pytest.raises(DataError, match=r"labels outside 0..9"):
-        get_dataset("cifar10", root=tmp_path, train=False)
-
-
-def test_cifar10_refuses_a_negative_label(tmp_path):
-    write_cifar_layout(tmp_path, np.random.default_rng(11))
-    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as file:
-        pickle.dump({"batch_label": "test_batch", "labels": [-1, 3], "data": np.zeros((2, 3072), np.uint8)}, file)
-    with pytest.raises(DataError, match=r"labels outside 0..9"):
-        get_dataset("cifar10", root=tmp_path, train=False)
-
-
 def test_mnist_refuses_images_of_another_size(tmp_path):
     """Valid IDX files of 32x32 images (another data set's) are not read as MNIST."""
     write_mnist_layout(tmp_path, "MNIST", np.random.default_rng(12))
     write_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte", np.zeros((4, 32, 32)))
     with pytest.raises(DataError, match=r"expected uint8 28x28 images, found torch.uint8 \(4, 32, 32\)"):
         get_dataset("mnist", root=tmp_path, train=False)
-
-
-def test_cifar10_without_images_is_an_error_not_an_empty_data_set(tmp_path):
-    write_cifar_layout(tmp_path, np.random.default_rng(10))
-    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as file:
-        pickle.dump({"batch_label": "test_batch", "labels": [], "data": np.zeros((0, 3072), np.uint8)}, file)
-    with pytest.raises(DataError, match=r"cifar-10-batches-py: the files hold no images"):
-        get_dataset("cifar10", root=tmp_path, train=False)
 
 
 def test_cifar10_refuses_foreign_pickles_and_bad_shapes(tmp_path):
@@ -475,3 +450,87 @@ def test_an_explicit_data_root_beats_the_environment(monkeypatch):
 
     monkeypatch.setenv(DATA_ROOT_ENV, "/elsewhere")
     assert data_root("given") == Path("given") and data_root(None) == Path("/elsewhere")
+
+
+# --- what the recipes and constants are, as get_dataset builds them ---------------------------------
+
+
+def test_normalisation_constants_are_the_training_sets_statistics():
+    """The published per-channel statistics (a swapped channel or a typo would pass every shape test);
+    the shipped MNIST sample's own pixels agree with MNIST's to the third decimal."""
+    expected = {"mnist": ((0.1307,), (0.3081,)), "fashion-mnist": ((0.2860,), (0.3530,)),
+                "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+    for name, (mean, std) in expected.items():
+        assert (dataset_info(name).mean, dataset_info(name).std) == (mean, std), name
+    mini = get_dataset("mnist-mini")
+    pixels = mini.images.double() / 255
+    assert abs(pixels.mean().item() - dataset_info("mnist-mini").mean[0]) < 2e-3
+    assert abs(pixels.std().item() - dataset_info("mnist-mini").std[0]) < 2e-3
+
+
+def test_mnist_mini_labels_belong_to_their_images():
+    """A nearest-class-mean classifier fitted on the training split gets 81% of the test split (10%
+    if images and labels were shuffled apart)."""
+    train, test = get_dataset("mnist-mini"), get_dataset("mnist-mini", train=False)
+    flat = train.images.double().flatten(1)
+    means = torch.stack([flat[train.targets == c].mean(0) for c in range(10)])
+    predicted = torch.cdist(test.images.double().flatten(1), means).argmin(1)
+    assert (predicted == test.targets).double().mean() > 0.75
+
+
+def _transform_types(dataset) -> list[type]:
+    transform = dataset.transform
+    return [type(t) for t in getattr(transform, "transforms", [transform])]
+
+
+def test_get_dataset_applies_each_data_sets_recipe(tmp_path, monkeypatch):
+    import torchvision.transforms as T
+
+    monkeypatch.setattr(sources, "IMAGENET_CLASSES", 3)  # the miniature ImageNet's class count
+
+    write_cifar_layout(tmp_path / "c", np.random.default_rng(9))
+    cifar = get_dataset("cifar10", root=tmp_path / "c", augment=True)
+    assert _transform_types(cifar) == [T.RandomCrop, T.RandomHorizontalFlip] and cifar.transform.transforms[0].padding == 4
+    mnist = get_dataset("mnist-mini", augment=True)
+    assert _transform_types(mnist) == [T.RandomCrop] and mnist.transform.padding == 2
+    assert get_dataset("mnist-mini").transform is None
+
+    write_image_folder(tmp_path / "i")
+    train = get_dataset("imagenet", root=tmp_path / "i", augment=True)
+    assert _transform_types(train) == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ColorJitter, T.ToTensor]
+    jitter = train.transform.transforms[2]
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.6, 1.4),) * 3 + ((-0.2, 0.2),)
+    val = get_dataset("imagenet", root=tmp_path / "i", train=False)
+    assert _transform_types(val) == [T.Resize, T.CenterCrop, T.ToTensor]
+    # Evaluation images are the same whatever the random state.
+    torch.manual_seed(1)
+    first = val[3][0]
+    torch.manual_seed(2)
+    assert torch.equal(first, val[3][0])
+
+
+def test_imagenet_without_its_val_folder_says_so(tmp_path):
+    write_image_folder(tmp_path)
+    shutil.rmtree(tmp_path / "val")
+    with pytest.raises(DataError, match=r"ImageNet not found: .*val is not a folder"):
+        get_dataset("imagenet", root=tmp_path)
+
+
+@pytest.mark.parametrize("labels,rows,message", [
+    ([3, 10], 2, r"test_batch: labels outside 0..9"),  # a label equal to the class count
+    ([-1, 3], 2, r"test_batch: labels outside 0..9"),
+    ([], 0, r"test_batch: no images"),  # an error, not an empty data set
+    ([1, 2, 3], 2, r"test_batch: 2 images but 3 labels"),  # named per batch: later labels would shift
+])
+def test_cifar10_refuses_a_bad_batch_by_its_name(tmp_path, labels, rows, message):
+    write_cifar_layout(tmp_path, np.random.default_rng(9))
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as file:
+        pickle.dump({"batch_label": "test_batch", "labels": labels, "data": np.zeros((rows, 3072), np.uint8)}, file)
+    with pytest.raises(DataError, match=message):
+        get_dataset("cifar10", root=tmp_path, train=False)
+
+
+def test_subset_fraction_draws_with_its_seed():
+    draws = [get_dataset("mnist-mini", subset_fraction=0.1, seed=seed).indices for seed in (1, 1, 2)]
+    assert draws[0] == draws[1] and draws[0] != draws[2]

@@ -636,6 +636,38 @@ def test_atomic_write_gives_the_umask_mode_and_leaves_no_temp_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["private.txt", "public.txt"]
 
 
+def test_rng_state_restores_every_generator():
+    """torch's, numpy's and Python's: user transforms and samplers draw from all three."""
+    import random
+
+    import numpy as np
+
+    from dsrna.search.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.normal(), [random.random() for _ in range(3)]
+
+    first = draws()
+    set_rng_state(state)
+    assert draws() == first
+
+
+def test_an_unreadable_checkpoint_says_why(tmp_path, monkeypatch):
+    from dsrna.search.checkpoint import load_torch_file
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"epoch": 1}, path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt is not a dsrna checkpoint \(Permission denied\)"):
+        load_torch_file(path, "checkpoint")
+
+
 @pytest.mark.parametrize("world", [1, 3, 4])
 def test_resumable_sampler_continues_at_any_position_with_any_world_size(world):
     """A resumed run deals the rest of the interrupted pass exactly: no example twice, none skipped

@@ -54,6 +54,8 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     assert [r["lr"] for r in log] == pytest.approx([0.025, 0.0125])
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "rng", "epoch"} <= set(checkpoint) and checkpoint["epoch"] == 2
+    group = checkpoint["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"], group["initial_lr"]) == (0.9, 3e-4, 0.025)  # DARTS' SGD
 
     # model.pt alone rebuilds the network, in eval mode, with the reported accuracy.
     model, meta = load_model(result.model_path)
@@ -86,15 +88,16 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, lr_schedule):
         train(TrainConfig(out=str(tmp_path / "split"), resume=True, **{**settings, "layers": 4}))
 
 
-def test_divergence_raises_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_divergence_raises_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, poison):
     real = torch.nn.functional.cross_entropy
     calls = []
 
     def poisoned(input, target, *args, **kwargs):
         if torch.is_grad_enabled():
             calls.append(1)
-            if len(calls) > 4:  # epoch 1 = 2 steps x (main + auxiliary loss); epoch 2 goes NaN
-                return real(input, target, *args, **kwargs) * float("nan")
+            if len(calls) > 6:  # 2 steps x (main + auxiliary loss) per epoch: the last step of epoch 2
+                return real(input, target, *args, **kwargs) * poison
         return real(input, target, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
@@ -110,6 +113,16 @@ def test_imagenet_preset_is_darts_mobile_recipe():
     assert (config.lr, config.lr_schedule, config.weight_decay, config.drop_path_prob, config.label_smoothing) == \
         (0.1, "exponential", 3e-5, 0.0, 0.1)
     assert (TrainConfig().resolved().weight_decay, TrainConfig(weight_decay=0.0).resolved().weight_decay) == (3e-4, 0.0)
+
+
+def test_small_image_presets_are_the_darts_cifar10_recipe():
+    darts = dict(batch_size=96, layers=20, init_channels=36, lr=0.025, lr_schedule="cosine", weight_decay=3e-4,
+                 drop_path_prob=0.2, label_smoothing=0.0, stem="cifar")
+    for dataset, extra in (("cifar10", dict(epochs=600, cutout=16)), ("mnist", dict(epochs=100, cutout=0)),
+                           ("fashion-mnist", dict(epochs=100, cutout=0))):
+        config = TrainConfig(dataset=dataset).resolved()
+        assert {key: getattr(config, key) for key in {**darts, **extra}} == {**darts, **extra}, dataset
+    assert (TrainConfig().resolved().momentum, TrainConfig().resolved().grad_clip) == (0.9, 5.0)
 
 
 def test_a_last_batch_of_one_image_is_left_out_and_the_exponential_schedule_logs_each_epochs_rate(tmp_path, monkeypatch):
@@ -128,13 +141,31 @@ def test_a_last_batch_of_one_image_is_left_out_and_the_exponential_schedule_logs
     assert [r["lr"] for r in log] == pytest.approx([0.025, 0.025 * 0.97])
 
 
-def test_bf16_autocast_trains(tmp_path):
+def test_bf16_autocast_trains(tmp_path, monkeypatch):
+    import dsrna.evaluation.train as module
+
+    seen, build = [], module.build_model
+
+    def spied(*args):
+        model = build(*args)
+        model.register_forward_hook(lambda m, inputs, output: seen.append(
+            (torch.is_autocast_enabled("cpu"), output[0].dtype if isinstance(output, tuple) else output.dtype)))
+        return model
+
+    monkeypatch.setattr(module, "build_model", spied)
     result = train(TrainConfig(out=str(tmp_path), amp="bf16", **{**TINY, "epochs": 1, "max_steps_per_epoch": 1}))
     assert result.metrics["test_acc"] is not None
+    assert seen and all(seen_one == (True, torch.bfloat16) for seen_one in seen)  # the train step and evaluation
 
 
-def test_bad_input_is_one_line(tmp_path, capsys):
+def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
+    import dsrna.evaluation.train as module
     from dsrna.cli import main
+
+    def not_refused(*args):  # each input below must be refused before the network is built
+        raise AssertionError("the bad input reached the training")
+
+    monkeypatch.setattr(module, "build_model", not_refused)
 
     bad = tmp_path / "genotype.json"
     bad.write_text(json.dumps({"normal": [["conv_9x9", 0]] * 8, "normal_concat": [2, 3, 4, 5],
@@ -206,7 +237,7 @@ def test_resume_compares_the_genotype_contents_not_how_it_is_named(tmp_path, mon
     _interrupted_run(tmp_path, monkeypatch, genotype="g.json", out="run")
     # An edited file is another architecture: the weights in the checkpoint do not belong to it.
     (tmp_path / "g.json").write_text(DARTS_V2.to_json().replace("max_pool_3x3", "avg_pool_3x3"))
-    with pytest.raises(CheckpointError, match="different settings: genotype"):
+    with pytest.raises(CheckpointError, match=r"different settings: genotype\.reduce$"):  # named, not printed whole
         train(TrainConfig(genotype="g.json", out="run", resume=True, **TINY))
     # The same contents by another path, or as JSON text, are the same architecture.
     (tmp_path / "g.json").write_text(DARTS_V2.to_json())
@@ -370,13 +401,16 @@ def test_a_training_step_computes_what_the_recipe_says(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda params, max_norm: clips.append(max_norm) or real_clip(params, max_norm))
     config = TrainConfig(out=str(tmp_path / "run"), **{**TINY, "epochs": 1, "max_steps_per_epoch": 1},
-                         label_smoothing=0.1, auxiliary=True, auxiliary_weight=0.3, grad_clip=2.5)
+                         label_smoothing=0.1, auxiliary=True, auxiliary_weight=0.3, grad_clip=2.5, momentum=0.5,
+                         weight_decay=1e-3)
     monkeypatch.setattr(train_module, "evaluate", lambda *args: (0.0, 0.0))  # only the step's own losses
     result = train(config)
     (smoothing, main), (_, aux) = losses
     assert smoothing == 0.1 and clips == [2.5]
     log = json.loads((result.out / "log.jsonl").read_text())
     assert log["train_loss"] == pytest.approx(main + 0.3 * aux, rel=1e-5) and log["train_loss"] > 1.0
+    group = torch.load(result.out / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"]) == (0.5, 1e-3)
 
 
 def test_steps_per_epoch_take_the_last_partial_batch(tmp_path, monkeypatch):
@@ -401,10 +435,10 @@ def test_steps_per_epoch_take_the_last_partial_batch(tmp_path, monkeypatch):
 def test_the_run_reports_its_last_epochs_test_metrics(tmp_path, monkeypatch):
     import dsrna.evaluation.train as train_module
 
-    epochs = iter([(2.0, 0.25), (1.0, 0.5)])
+    epochs = iter([(1.0, 0.5), (2.0, 0.25)])  # the last epoch is the worse one: last, not best
     monkeypatch.setattr(train_module, "evaluate", lambda *args: next(epochs))
     result = train(TrainConfig(out=str(tmp_path / "run"), **TINY))
-    assert (result.metrics["test_loss"], result.metrics["test_acc"]) == (1.0, 0.5)
+    assert (result.metrics["test_loss"], result.metrics["test_acc"]) == (2.0, 0.25)
 
 
 def test_evaluate_counts_images_not_batches():
@@ -457,3 +491,81 @@ def test_resume_restores_the_learning_rate_schedule_and_the_earlier_epochs(tmp_p
     assert result.metrics["train_time_s"] == pytest.approx(sum(r["time_s"] for r in log("split")))
     with pytest.raises(CheckpointError, match="max_steps_per_epoch"):  # another step cap is another run
         train(TrainConfig(out=str(tmp_path / "split"), resume=True, **{**settings, "max_steps_per_epoch": 1}))
+
+
+# --- found untested by the second mutation audit of training and checkpoints -------------------------
+
+def test_a_checkpoint_write_that_fails_halfway_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The checkpoint goes through a temporary file: torch.save dying halfway through epoch 2's write
+    (disk full, a kill) leaves epoch 1's checkpoint whole, and the run resumes from it."""
+    import dsrna.evaluation.common as common
+
+    real_save, saves = torch.save, []
+
+    def dies_halfway(obj, target, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # epoch 2's checkpoint
+            with open(target, "wb") as file:
+                file.write(b"PK\x03\x04 half a zip")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, target, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(common.torch, "save", dies_halfway)
+        with pytest.raises(OSError, match="No space left"):
+            train(TrainConfig(out=str(tmp_path), **TINY))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+    epochs = count_epochs(monkeypatch)
+    assert train(TrainConfig(out=str(tmp_path), resume=True, **TINY)).metrics["epochs"] == 2 and len(epochs) == 1
+
+
+def test_an_unwritable_folder_is_refused_before_training(tmp_path, monkeypatch):
+    import dsrna.search.checkpoint as checkpoint
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    epochs = count_epochs(monkeypatch)
+    with pytest.raises(CheckpointError, match="cannot write in .*read-only.*Permission denied"):
+        train(TrainConfig(out=str(tmp_path / "read-only"), **TINY))
+    assert epochs == []
+
+
+@pytest.mark.parametrize("change", [dict(weight_decay=1e-3), dict(cutout=4), dict(momentum=0.5), dict(lr=0.1),
+                                    dict(label_smoothing=0.1), dict(seed=1), dict(auxiliary_weight=0.2),
+                                    dict(lr_schedule="exponential"), dict(max_steps_per_epoch=None)])
+def test_resume_refuses_every_setting_that_changes_the_numbers(tmp_path, monkeypatch, change):
+    _interrupted_run(tmp_path, monkeypatch, out=str(tmp_path / "run"))
+    (key, value), = change.items()
+    epochs = count_epochs(monkeypatch)
+    with pytest.raises(CheckpointError, match=f"different settings: {key}="):
+        train(TrainConfig(**{**TINY, "out": str(tmp_path / "run"), "resume": True, **change}))
+    assert epochs == []
+
+
+def test_changed_settings_names_each_difference():
+    from dsrna.errors import changed_settings
+
+    assert changed_settings({"a": None, "b": 2}, {"a": 1, "b": 2, "c": 3}) == ["a=None (now 1)", "c=None (now 3)"]
+    assert changed_settings({"r": {"gamma": 0.01, "eps": 1}}, {"r": {"gamma": 0.5, "eps": 1}}) == ["r.gamma=0.01 (now 0.5)"]
+    assert changed_settings({"genotype": {"normal": "x" * 200}}, {"genotype": "y" * 200}) == ["genotype"]
+
+
+def test_the_train_command_passes_every_flag_and_reports_a_percentage(tmp_path, monkeypatch, capsys):
+    """`dsrna train` builds the TrainConfig its flags say (defaults included) and prints accuracy in %."""
+    import dataclasses
+
+    import dsrna.evaluation.train as module
+    from dsrna.cli import main
+
+    given = []
+    monkeypatch.setattr(module, "train", lambda config: given.append(config) or module.TrainResult(
+        tmp_path, tmp_path / "model.pt", {"test_acc": 0.5, "parameters": 1_500_000}))
+    assert main(["train", "--out", str(tmp_path), "--data-root", "/data", "--no-progress"]) == 0
+    expected = dataclasses.replace(TrainConfig(), out=str(tmp_path), data_root="/data", progress=False)
+    assert dataclasses.asdict(given[0]) == dataclasses.asdict(expected)
+    assert "test accuracy 50.00%, 1.500M parameters" in capsys.readouterr().out
+    main(["train", "--out", str(tmp_path), "--no-auxiliary", "--eval-limit", "7", "--grad-clip", "1.5"])
+    assert (given[1].auxiliary, given[1].eval_limit, given[1].grad_clip) == (False, 7, 1.5)

@@ -62,7 +62,7 @@ def _reason(exc: Exception) -> str:
 
 def _check_labels(labels: torch.Tensor, count: int, num_classes: int, where: str) -> None:
     if count == 0:
-        raise DataError(f"{where}: the files hold no images")
+        raise DataError(f"{where}: no images")
     if labels.numel() != count:
         raise DataError(f"{where}: {count} images but {labels.numel()} labels")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
@@ -156,6 +156,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
                         f"{_cifar10_how_to_get(path.parent.parent)}") from exc
     if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: expected uint8 data of shape [N, 3072], found {images.dtype} {images.shape}")
+    # Per batch: in the concatenation, one batch's extra label would shift every later image's.
+    _check_labels(torch.from_numpy(labels), images.shape[0], 10, str(path))
     return images.reshape(-1, 3, 32, 32), labels  # rows are the red, green, blue planes, row-major
 
 
@@ -168,7 +170,6 @@ def read_cifar10(root: Path, train: bool, transform: Transform) -> ImageArrayDat
     parts = [_read_cifar_batch(folder / name) for name in (CIFAR10_TRAIN_BATCHES if train else CIFAR10_TEST_BATCHES)]
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    _check_labels(labels, images.shape[0], 10, str(folder))
     return ImageArrayDataset(images, labels, CIFAR10_CLASSES, transform)
 
 
