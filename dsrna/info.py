@@ -42,8 +42,11 @@ def collect() -> dict[str, Any]:
     status = {device: {name: dict(zip(("usable", "reason"), backend.backend_status(name, device)))
                        for name in backend.BACKENDS}
               for device in DEVICE_TYPES}
-    auto = {device: {op: backend.resolve(op, device, "auto") for op in ops}
-            for device in DEVICE_TYPES if device == "cpu" or torch.cuda.is_available()}
+    # Under use_backend("auto"): a request of "auto" means "the selected backend", and the report must
+    # show auto's own choice also when DSRNA_BACKEND or a context selects another one.
+    with backend.use_backend("auto"):
+        auto = {device: {op: backend.resolve(op, device) for op in ops}
+                for device in DEVICE_TYPES if device == "cpu" or torch.cuda.is_available()}
     return {
         "versions": {"dsrna": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
                      "torch_cuda": torch.version.cuda, "triton": _triton_version()},

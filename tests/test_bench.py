@@ -218,3 +218,104 @@ def test_loader_throughput_reads_synthetic_imagenet_through_the_real_pipeline(tm
     assert [(r["workers"], r["images"]) for r in rows] == [(0, 8), (1, 8)]
     assert all(r["images_per_s"] > 0 for r in rows)
     assert "| 1 | 4 |" in done.stdout
+
+
+def test_percentiles_of_fixed_samples_reach_the_row_and_the_all_rows_table(tmp_path, monkeypatch):
+    """The p20/p80 fields are the 20th/80th percentiles of the timed samples (not their min/max), the
+    warm-up step stays out of them, and the All rows table shows p20 before p80."""
+    times = iter([999.0, 50.0, 10.0, 40.0, 20.0, 30.0])  # one warm-up step, then five timed ones (ms)
+    monkeypatch.setattr(harness, "_time_once", lambda step, device: next(times))
+    monkeypatch.setitem(workloads.BUILDERS, "forward", cheap)
+    assert harness.run(options(tmp_path, ("forward",), warmup=1, repeats=5)) == 0
+    row = rows_of(tmp_path)["forward", "reference"]
+    # numpy's linear interpolation over the sorted 10, 20, 30, 40, 50: rank 0.2 * 4 = 0.8 -> 18, 3.2 -> 42
+    assert (row["n"], row["median_ms"], row["p20_ms"], row["p80_ms"]) == (5, 30.0, pytest.approx(18.0), pytest.approx(42.0))
+    report.render(tmp_path)
+    text = (tmp_path / harness.REPORT_FILE).read_text()
+    all_rows = text.split("## All rows", 1)[1]
+    assert "| p20 ms | p80 ms |" in all_rows
+    assert "| tiny-b2 | forward | reference | ok | 30.000 | 18.000 | 42.000 | 5 | 66.7 |  |  |" in all_rows
+
+
+def test_peak_memory_restarts_after_the_warm_up_and_before_a_graph_capture_only(tmp_path, monkeypatch):
+    """On a GPU each row's peak memory counter is reset once: after the eager warm-up (so the warm-up's
+    allocations stay out), or for a +graph row before the set-up and capture (a replay allocates
+    nothing; a reset after the capture would report almost nothing). Runs the harness logic on the
+    CPU with the CUDA calls replaced."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12345)
+    monkeypatch.setattr(harness, "_time_once", lambda step, device: (step(), 1.0)[1])
+    monkeypatch.setattr(harness, "backend_status", lambda name, device: (True, ""))
+    monkeypatch.setattr(harness, "CudaGraphStep", lambda step: events.append("capture") or step)
+
+    def build(metric, shape, backend, device):
+        events.append("build")
+        return lambda: events.append("step")
+
+    monkeypatch.setattr(harness, "build", build)
+    opts = options(tmp_path, ("forward",), device=torch.device("cuda"), warmup=2, repeats=3)
+    expected = {"reference": ["build", "step", "step", "reset", "step", "step", "step"],
+                "reference+graph": ["reset", "build", "capture"] + ["step"] * 5}
+    for backend, sequence in expected.items():  # two rows: the counter restarts for each
+        events.clear()
+        fields = harness.measure(TINY, "forward", backend, opts, hard_limit=30.0)
+        assert fields["status"] == "ok", fields["status"]
+        assert fields["peak_mem_bytes"] == 12345 and fields["n"] == 3
+        assert events == sequence
+
+
+def test_cpu_rows_are_never_compared_with_the_h200_baseline(tmp_path):
+    """The baseline comparison takes GPU rows only: a CPU row with the baseline's model, metric and
+    batch is not a line of it (a CPU run's report has no comparison at all)."""
+    cpu = dict(device="AMD EPYC", device_type="cpu", peak_mem_gb=None, launches=None)
+    rows = [gpu_row("train", 64, "reference", 260.0), gpu_row("forward", 64, "reference", 5000.0, **cpu)]
+    text = report.baseline_comparison(rows, report.load_baseline())
+    assert "| train | 64 | reference | 257 | 260 |" in text
+    assert "| forward | 64 |" not in text and "AMD EPYC" not in text
+    (tmp_path / harness.ROWS_FILE).write_text(json.dumps(rows[1]) + "\n")
+    assert report.baseline_comparison(rows[1:], report.load_baseline()) is None
+    assert report.render(tmp_path, compare_baseline=True).startswith("No reference row matches BASELINE.md's model")
+    assert "## Reference against BASELINE.md" not in (tmp_path / harness.REPORT_FILE).read_text()
+
+
+def test_chart_bars_grow_up_for_a_speedup_and_down_for_a_slowdown(tmp_path, monkeypatch):
+    """Each bar spans from 1x to the backend's speedup over the reference: 2x faster reaches 2, 2x
+    slower reaches 0.5 (not the inverse)."""
+    import matplotlib.axes
+
+    bars, original = {}, matplotlib.axes.Axes.bar
+
+    def bar(self, *args, **kwargs):
+        container = original(self, *args, **kwargs)
+        bars[kwargs["label"]] = [(p.get_y(), p.get_y() + p.get_height()) for p in container.patches]
+        return container
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    rows = [gpu_row("train", 64, "reference", 100.0), gpu_row("train", 64, "native", 50.0),
+            gpu_row("train", 64, "triton", 200.0), gpu_row("forward", 64, "reference", 10.0),
+            gpu_row("forward", 64, "native", 2.5), gpu_row("forward", 64, "triton", 10.0)]
+    report.chart(rows, tmp_path / harness.CHART_FILE)
+    assert set(bars) == {"native", "triton"}
+    assert bars["native"] == [pytest.approx((1.0, 2.0)), pytest.approx((1.0, 4.0))]  # train, forward
+    assert bars["triton"] == [pytest.approx((1.0, 0.5)), pytest.approx((1.0, 1.0))]
+
+
+def test_bench_command_passes_its_options_to_the_harness(tmp_path, monkeypatch):
+    """`dsrna bench` builds the harness options from its flags: --quick also shrinks the ImageNet-size
+    row, --row-timeout and --time-budget are used, and without them the defaults apply."""
+    seen = []
+    monkeypatch.setattr(harness, "run", lambda opts: seen.append(opts) or 0)
+    monkeypatch.setattr(report, "render", lambda out, compare_baseline=False: "")
+    assert main(["bench", "--quick", "--device", "cpu", "--only", "forward", "--backends", "reference",
+                 "--row-timeout", "7", "--time-budget", "11", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    quick, full = seen
+    assert quick.imagenet == harness.IMAGENET_QUICK and quick.imagenet.image < 224
+    assert [(s.batch, s.image, s.C, s.layers) for s in quick.shapes] == [(4, 16, 4, 3)]
+    assert (quick.row_timeout, quick.time_budget, quick.warmup, quick.repeats) == (7.0, 11.0, 1, 2)
+    assert quick.metrics == ("forward",) and quick.backends == ("reference",) and quick.device.type == "cpu"
+    assert full.imagenet == harness.IMAGENET and full.imagenet.image == 224
+    assert [(s.batch, s.image, s.C, s.layers) for s in full.shapes] == [(64, 32, 16, 8), (256, 32, 16, 8)]
+    assert (full.row_timeout, full.time_budget, full.warmup, full.repeats) == (150.0, None, 3, 10)

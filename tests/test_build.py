@@ -88,3 +88,46 @@ def test_import_without_extension_warns_once_and_falls_back():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_info_auto_column_is_what_resolve_picks():
+    """`dsrna info`'s "what auto picks" is backend.resolve's choice per op, not the first backend
+    registered for it (the reference, always)."""
+    with backend.use_backend("auto"):
+        data = collect()
+        expected = {op: backend.resolve(op, "cpu", "auto") for op in data["ops"]}
+    assert data["auto"]["cpu"] == expected
+    if backend.backend_status("native", "cpu")[0]:  # native comes first on a CPU (AUTO_ORDER)
+        assert data["auto"]["cpu"]["weighted_sum"] == "native"
+    report = format_report(data)
+    assert f"auto: cpu -> {expected['weighted_sum']}" in report
+    with backend.use_backend("reference"):  # another selection does not change what auto would pick
+        assert collect()["auto"] == data["auto"]
+
+
+@pytest.mark.parametrize("with_cuda", [True, False])
+def test_info_says_whether_the_extension_has_cuda_kernels(monkeypatch, with_cuda):
+    """The "with/without CUDA kernels" wording follows dsrna._C.built_with_cuda(), both ways."""
+    monkeypatch.setattr(_native, "built_with_cuda", lambda: with_cuda)
+    data = collect()
+    assert data["native_extension"]["built_with_cuda"] is with_cuda
+    data["native_extension"].update(loaded=True, error=None)  # the wording is only shown for a loaded extension
+    report = format_report(data)
+    word, other = ("with", "without") if with_cuda else ("without", "with")
+    assert f"dsrna._C: loaded, {word} CUDA kernels" in report
+    assert f"dsrna._C: loaded, {other} CUDA kernels" not in report
+
+
+def test_info_shows_the_selected_backend():
+    """`backend selected:` is the backend in effect (use_backend / set_backend), not always auto."""
+    with backend.use_backend("reference"):
+        data = collect()
+    assert data["selected_backend"] == "reference"
+    assert "backend selected: reference" in format_report(data)
+    previous = backend.get_backend()
+    backend.set_backend("reference")
+    try:
+        assert collect()["selected_backend"] == "reference"
+    finally:
+        backend.set_backend(previous)
+    assert collect()["selected_backend"] == previous

@@ -217,3 +217,118 @@ def test_compare_refuses_a_folder_holding_another_run(tmp_path, capsys, kind, ma
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"already holds a {kind} run: choose another --out") and err.count("\n") == 0, err
     assert sorted(p.name for p in out.iterdir()) == [marker]
+
+
+def test_compare_table_rows_put_each_figure_in_its_column():
+    """Every figure of a row is distinct, so a swapped column (C&W and AutoAttack), a duration in the
+    wrong unit or a parameter count at the wrong scale shows in the row."""
+    from dsrna.evaluation.compare import compare_table_rows
+
+    row = dict(clean_acc=0.9, fgsm=0.6, pgd=0.5, cw=0.4, autoattack=0.3, mean_radius=0.25, search_time_s=600,
+               parameters=123_000, n=4, at_max_eps=0, max_eps=1.0)
+    result = dict(dataset="mnist", norm="l2", eps=1.0, l2_eps=0.5, certify_norm="l1", certify_method="ibp",
+                  torchattacks=True, methods={"darts": row, "dsrna-cb": dict(row, search_time_s=30)})
+    head, rows = compare_table_rows(result)
+    assert head == ["method", "clean", "FGSM l2 1", "PGD l2 1", "C&W l2 0.5", "AutoAttack l2 0.5",
+                    "mean cert. radius (l1, ibp)", "search time", "params"]
+    assert rows == [["darts", "90.00", "60.00", "50.00", "40.00", "30.00", "0.25", "10.0 min", "0.123M"],
+                    ["dsrna-cb", "90.00", "60.00", "50.00", "40.00", "30.00", "0.25", "30 s", "0.123M"]]
+
+
+def test_search_time_is_shown_in_seconds_minutes_or_hours():
+    """Guards the unit conversions of the table's search time (60 s a minute, 3600 s an hour)."""
+    from dsrna.evaluation.compare import _duration
+
+    assert _duration(30) == "30 s" and _duration(119) == "119 s"
+    assert _duration(120) == "2.0 min" and _duration(600) == "10.0 min" and _duration(7199) == "120.0 min"
+    assert _duration(7200) == "2.0 h" and _duration(9000) == "2.5 h"
+
+
+def test_compare_command_defaults_are_compare_configs(monkeypatch):
+    """`dsrna compare` without options runs CompareConfig's defaults (the paper's settings): a flag
+    whose default differs from the config's (e.g. --certify-norm linf instead of l2) is caught."""
+    import dsrna.evaluation.compare
+    from dsrna.cli import build_parser
+    from dsrna.commands.compare import run
+    from dsrna.evaluation.compare import CompareConfig
+
+    args = build_parser(only="compare").parse_args(["compare"])
+    assert args.certify_norm == "l2" and args.norm == "linf" and args.gamma == 0.01
+    seen = []
+    monkeypatch.setattr(dsrna.evaluation.compare, "compare", lambda config: seen.append(config) or dict(
+        dataset=config.dataset, norm=config.norm, eps=config.eps[-1], l2_eps=config.l2_eps, torchattacks=False,
+        certify_norm=config.certify_norm, certify_method=config.certify_method, methods={}))
+    assert run(args) == 0
+    assert seen == [CompareConfig()]
+
+
+def test_compare_hands_its_settings_to_every_stage(tmp_path, monkeypatch):
+    """Each stage gets the settings compare was given (faked stages record them): the search's
+    --search-order and --gamma, training's --amp, the attacks' --norm, certification's --certify-norm
+    (not --norm); the table takes FGSM/PGD at the last --eps and C&W/AutoAttack from their own file."""
+    import types
+
+    import dsrna.attacks
+    import dsrna.evaluation.attack
+    import dsrna.evaluation.certify
+    import dsrna.evaluation.compare
+    import dsrna.evaluation.report
+    import dsrna.evaluation.train
+    import dsrna.search
+    from dsrna import DARTS_V2
+
+    searches, trains, attacks, certifies = [], [], [], []
+
+    def run_search(config):
+        searches.append(config)
+        times = [200.0, 400.0] if config.robustness.kind == "none" else [30.0]  # darts: 10 min over 2 epochs
+        return types.SimpleNamespace(history=[{"time_s": t} for t in times])
+
+    def evaluate_attacks(model, loader, eps, names, norm, **kwargs):
+        attacks.append((tuple(names), norm, list(eps)))
+        accs = {"fgsm": [0.8, 0.6], "pgd": [0.7, 0.5], "cw": [0.4], "autoattack": [0.3]}
+        return dict(norm=norm, eps=list(eps), attacks=list(names), n=8, clean_acc=0.9,
+                    robust_acc={name: accs[name][:len(eps)] for name in names})
+
+    def certify(model, loader, norm, method, **kwargs):
+        certifies.append((norm, method))
+        return dict(norm=norm, method=method, n=4, radii=[0.0, 0.1, 0.3, 0.6], correct=[False, True, True, True],
+                    mean_radius=0.25, median_radius=0.2, at_max_eps=0, max_eps=1.0, clean_acc=0.75, eps=[],
+                    certified_acc=[])
+
+    model = torch.nn.Linear(122, 1000)  # 123,000 parameters
+    monkeypatch.setattr(dsrna.search, "run_search", run_search)
+    monkeypatch.setattr(dsrna.evaluation.train, "train", trains.append)
+    monkeypatch.setattr(dsrna.evaluation.train, "load_model", lambda path, device: (
+        model, {"model_config": {"num_classes": 10}, "genotype": DARTS_V2.to_dict()}))
+    monkeypatch.setattr(dsrna.evaluation.attack, "evaluate_attacks", evaluate_attacks)
+    monkeypatch.setattr(dsrna.evaluation.certify, "certify", certify)
+    monkeypatch.setattr(dsrna.evaluation.compare, "evaluation_loader", lambda *a, **k: None)
+    monkeypatch.setattr(dsrna.evaluation.report, "write_report", lambda *a, **k: None)
+    monkeypatch.setattr(dsrna.attacks, "has_torchattacks", lambda: True)
+    monkeypatch.setattr(dsrna.attacks, "require_torchattacks", lambda attack: None)
+
+    out = tmp_path / "compare"
+    assert main(["compare", "--methods", "darts,dsrna-cb", "--out", str(out), "--search-order", "2",
+                 "--gamma", "0.5", "--amp", "bf16", "--norm", "l2", "--eps", "0.5,1", "--l2-eps", "0.25",
+                 "--certify-norm", "l1", "--certify-method", "ibp", "--no-progress"]) == 0
+    assert [(c.order, c.robustness.kind) for c in searches] == [(2, "none"), (2, "cb")]
+    assert searches[1].robustness.gamma == 0.5
+    assert [t.amp for t in trains] == ["bf16", "bf16"]
+    assert attacks == [(("fgsm", "pgd"), "l2", [0.5, 1.0]), (("cw", "autoattack"), "l2", [0.25])] * 2
+    assert certifies == [("l1", "ibp")] * 2
+    result = json.loads((out / "compare.json").read_text())
+    for method in ("darts", "dsrna-cb"):
+        folder = out / method / "train"
+        row = result["methods"][method]
+        attack = json.loads((folder / "attack_l2_fgsm-pgd.json").read_text())
+        assert attack["norm"] == "l2"
+        assert row["fgsm"] == attack["robust_acc"]["fgsm"][-1] and row["pgd"] == attack["robust_acc"]["pgd"][-1]
+        extra = json.loads((folder / "attack_l2_cw-autoattack.json").read_text())
+        assert row["cw"] == extra["robust_acc"]["cw"][0] and row["autoattack"] == extra["robust_acc"]["autoattack"][0]
+        assert json.loads((folder / "certify_l1_ibp.json").read_text())["norm"] == "l1"
+    table = (out / "compare.md").read_text()
+    assert "| method | clean | FGSM l2 1 | PGD l2 1 | C&W l2 0.25 | AutoAttack l2 0.25 | mean cert. radius (l1, ibp) |" \
+        in table
+    assert "| darts | 90.00 | 60.00 | 50.00 | 40.00 | 30.00 | 0.25 | 10.0 min | 0.123M |" in table
+    assert "| dsrna-cb | 90.00 | 60.00 | 50.00 | 40.00 | 30.00 | 0.25 | 30 s | 0.123M |" in table

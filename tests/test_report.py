@@ -141,3 +141,136 @@ def test_a_log_with_epochs_on_some_lines_still_gets_its_curves(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert "<h2>Training curves</h2>" in write_report(tmp_path).read_text()
+
+
+def _drawn_figures(monkeypatch):
+    """The report's figures, kept for inspection instead of being rendered into the page."""
+    import matplotlib.pyplot as plt
+
+    import dsrna.evaluation.report
+
+    figures = []
+
+    def keep(fig):
+        figures.append(fig)
+        plt.close(fig)
+        return ""
+
+    monkeypatch.setattr(dsrna.evaluation.report, "_png", keep)
+    return figures
+
+
+def _report_of_run_folder(tmp_path, monkeypatch):
+    _run_folder(tmp_path)
+    figures = _drawn_figures(monkeypatch)
+    with pytest.warns(UserWarning, match="not JSON records"):  # the fixture's torn last line
+        write_report(tmp_path)
+    return figures
+
+
+def _figure(figures, ylabel=None, suptitle=None):
+    found = [f for f in figures
+             if (ylabel is None or f.axes[0].get_ylabel() == ylabel)
+             and (suptitle is None or f.get_suptitle() == suptitle)]
+    assert len(found) == 1, [f.axes[0].get_ylabel() for f in figures]
+    return found[0]
+
+
+def test_certified_curve_counts_the_correctly_classified_images(tmp_path, monkeypatch):
+    """Certified accuracy over eps: of the fixture's 4 images, the misclassified one (radius 0) is never
+    certified, so the curve starts at 75% and drops by 25% at each correct radius (0.1, 0.2, 0.4).
+    Guards against counting misclassified images and an off-by-one in the steps."""
+    figures = _report_of_run_folder(tmp_path, monkeypatch)
+    (line,) = _figure(figures, ylabel="certified accuracy (%)").axes[0].lines
+    assert list(line.get_xdata()) == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.4])
+    assert list(line.get_ydata()) == pytest.approx([75.0, 50.0, 25.0, 0.0, 0.0])
+
+
+def test_attack_curve_draws_clean_and_robust_accuracy_in_percent(tmp_path, monkeypatch):
+    """The clean-accuracy line sits on the robust curves' scale (%), not at the fraction 0.75."""
+    figures = _report_of_run_folder(tmp_path, monkeypatch)
+    clean, fgsm, pgd = _figure(figures, ylabel="robust accuracy (%)").axes[0].lines
+    assert list(clean.get_ydata()) == pytest.approx([75.0, 75.0])
+    assert list(fgsm.get_xdata()) == pytest.approx([0.0, 0.1]) and list(fgsm.get_ydata()) == pytest.approx([75, 50])
+    assert list(pgd.get_xdata()) == pytest.approx([0.0, 0.1]) and list(pgd.get_ydata()) == pytest.approx([75, 25])
+
+
+def test_accuracy_fields_share_a_panel():
+    """Accuracies are drawn together (as losses), not each in a panel of its own."""
+    records = [{"epoch": 1, "train_acc": 0.5, "val_acc": 0.4, "test_accuracy": 0.3, "train_loss": 1.0, "lr": 0.1}]
+    assert _curve_groups(records, "epoch") == {"accuracy": ["train_acc", "val_acc", "test_accuracy"],
+                                               "loss": ["train_loss"], "lr": ["lr"]}
+
+
+def test_run_log_curves_are_drawn_over_the_epochs(tmp_path, monkeypatch):
+    """One panel per group, each curve over the epochs it has a value at (R from epoch 2 on)."""
+    figures = _report_of_run_folder(tmp_path, monkeypatch)
+    (fig,) = [f for f in figures if f.axes[0].get_title() == "loss"]
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert list(panels) == ["loss", "accuracy", "robustness"]
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+              for ax in panels.values() for line in ax.lines}
+    assert curves["train_loss"] == ([1, 2, 3], pytest.approx([2.0, 1.0, 2 / 3]))
+    assert curves["val_loss"] == ([1, 2, 3], pytest.approx([2.1, 1.05, 0.7]))
+    assert [line.get_label() for line in panels["accuracy"].lines] == ["train_acc"]
+    assert curves["train_acc"] == ([1, 2, 3], pytest.approx([0.3, 0.6, 0.9]))
+    assert curves["robustness"] == ([2, 3], pytest.approx([-0.2, -0.3]))
+
+
+def test_alpha_heatmaps_show_each_cells_own_weights(tmp_path, monkeypatch):
+    """The reduction cell's heatmap shows the reduce alphas (0.5 on the first op), not the normal ones."""
+    import numpy as np
+
+    figures = _report_of_run_folder(tmp_path, monkeypatch)
+    expected = {"normal": [[1 / 8] * 8] * 14, "reduce": [[0.5] + [0.5 / 7] * 7] * 14}
+    for kind, table in expected.items():
+        fig = _figure(figures, suptitle=f"softmax(alpha), {kind} cell")
+        panels = [ax for ax in fig.axes if ax.get_title().startswith("epoch")]
+        assert [ax.get_title() for ax in panels] == ["epoch 1", "epoch 2", "epoch 3"]
+        for ax in panels:
+            np.testing.assert_allclose(ax.images[0].get_array(), table)
+
+
+def test_a_search_folders_cells_are_embedded_once(tmp_path):
+    """A search folder has its own normal.png and reduce.png: the report shows them, and does not draw
+    the genotype's cells a second time."""
+    from dsrna.plots import plot_cell
+
+    DARTS_V2.to_json(tmp_path / "genotype.json")
+    plot_cell(DARTS_V2, False, tmp_path / "normal.png")
+    plot_cell(DARTS_V2, True, tmp_path / "reduce.png")
+    page = write_report(tmp_path).read_text()
+    assert "<h2>Cells</h2>" not in page
+    assert re.findall(r"<figcaption>([^<]*)</figcaption>", page) == ["normal.png", "reduce.png"]
+    assert page.count("<img ") == 2
+
+
+@pytest.mark.parametrize("reduction", [False, True])
+def test_cell_picture_draws_the_genotypes_edges(monkeypatch, tmp_path, reduction):
+    """Each op's arrow starts at its source node and ends at its own intermediate node (edges 2k and
+    2k+1 feed node k), labelled with the op, from the cell asked for; every concatenated node feeds
+    the output."""
+    from matplotlib.text import Annotation
+
+    import dsrna.plots
+
+    drawn = []
+    monkeypatch.setattr(dsrna.plots, "save_figure", lambda fig, path: drawn.append(fig) or path)
+    dsrna.plots.plot_cell(DARTS_V2, reduction, tmp_path / "cell.png")
+    (ax,) = drawn[0].axes
+    names = {"$c_{k-2}$": 0, "$c_{k-1}$": 1, "$c_{k}$": "out", "0": 2, "1": 3, "2": 4, "3": 5}
+    node_at = {tuple(t.get_position()): names[t.get_text()] for t in ax.texts
+               if not isinstance(t, Annotation) and t.get_text() in names}
+    assert sorted(map(str, node_at.values())) == sorted(map(str, names.values()))
+
+    def node(xy):
+        (hit,) = [n for at, n in node_at.items() if at == pytest.approx(tuple(xy))]
+        return hit
+
+    arrows = [(node(a.xyann), node(a.xy)) for a in ax.texts if isinstance(a, Annotation)]
+    edges = DARTS_V2.reduce if reduction else DARTS_V2.normal
+    concat = DARTS_V2.reduce_concat if reduction else DARTS_V2.normal_concat
+    targets = [2, 2, 3, 3, 4, 4, 5, 5]  # two edges into each of the four intermediate nodes, in order
+    assert arrows == [(source, target) for (op, source), target in zip(edges, targets)] + [(n, "out") for n in concat]
+    labels = [t.get_text() for t in ax.texts if not isinstance(t, Annotation) and t.get_text() not in names]
+    assert labels == [op for op, source in edges]

@@ -127,7 +127,9 @@ def test_the_inner_robustness_term_enters_the_weight_step():
     with capture_batch_stats() as stats:
         loss = F.cross_entropy(net(x), y)
     grads = torch.autograd.grad(loss - 0.5 * dsrna.robustness.robustness_term(net, x, y, rc, stats), searcher.weights)
-    searcher.weight_step((x, y))
+    metrics = searcher.weight_step((x, y))
+    # the logged training loss stays the cross-entropy: R is logged on its own
+    torch.testing.assert_close(metrics["train_loss"], loss.detach(), rtol=1e-12, atol=0)
     for w, w0, g in zip(searcher.weights, before, grads):
         torch.testing.assert_close(w.detach(), w0 - searcher.lr * g, rtol=1e-9, atol=1e-12)
 
@@ -294,8 +296,12 @@ def test_robustness_none_never_calls_the_metric(monkeypatch):
 
 
 def test_partial_channels_and_bf16_steps():
-    searcher = Searcher(tiny_net(partial_channels=2), config(amp="bf16"))
+    net = tiny_net(partial_channels=2)
+    dtypes = []
+    net.stem[0].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    searcher = Searcher(net, config(amp="bf16"))
     metrics = searcher.step(batch(seed=1), batch(seed=2))
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # both steps ran under autocast
     assert torch.isfinite(metrics["train_loss"]) and torch.isfinite(metrics["val_loss"])
     assert searcher.net.betas_normal.grad is None and not torch.equal(searcher.net.betas_normal, torch.zeros(14))
 
@@ -431,6 +437,68 @@ def test_arch_start_epoch_freezes_architecture(tmp_path):
         config(epochs=2, arch_start_epoch=2)
 
 
+def test_the_weight_optimiser_trains_at_the_scheduled_rate():
+    """set_epoch puts the warm-up and cosine rate into SGD itself, not only into searcher.lr."""
+    cfg = config(epochs=10, lr=0.5, lr_warmup_epochs=5, lr_reference_batch=16, batch_size=4)
+    searcher = Searcher(tiny_net(), cfg)
+    for epoch in (0, 3, 7):
+        searcher.set_epoch(epoch)
+        assert searcher.w_optimizer.param_groups[0]["lr"] == searcher.lr == learning_rate(cfg, epoch)
+
+
+def test_steps_count_the_correct_predictions_of_their_batches():
+    """train_correct / val_correct are the predictions the step's own forward passes got right (the
+    logged accuracies are built from them)."""
+    net = tiny_net()
+    searcher = Searcher(net, config())
+    train, val = batch(n=12, seed=3), batch(n=12, seed=4)
+    for step, (x, y), key in ((searcher.arch_step, val, "val_correct"), (searcher.weight_step, train, "train_correct")):
+        with torch.no_grad():  # train-mode BN on the same batch and parameters: the step's own logits
+            right = int((net(x).argmax(1) == y).sum())
+        assert 0 < right < 12  # a mix, so that counting the wrong ones, or none, would differ
+        assert int(step(*((val, train) if key == "val_correct" else (train,)))[key]) == right
+
+
+def test_the_architecture_optimiser_takes_its_settings():
+    searcher = Searcher(tiny_net(), config(arch_lr=1e-2, arch_betas=(0.3, 0.9), arch_weight_decay=2e-3))
+    group = searcher.a_optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-2, (0.3, 0.9), 2e-3)
+
+
+def test_a_step_before_the_architecture_starts_leaves_it_alone():
+    searcher = Searcher(tiny_net(), config(epochs=3, arch_start_epoch=1))
+    alphas = [a.detach().clone() for a in searcher.arch]
+    metrics = searcher.step(batch(seed=1), batch(seed=2))
+    assert "val_loss" not in metrics and all(torch.equal(a, b) for a, b in zip(searcher.arch, alphas))
+
+
+def test_resume_refuses_another_schedule_or_precision():
+    base = config(epochs=10)
+    for change in (dict(lr_warmup_epochs=2), dict(lr_reference_batch=256), dict(amp="bf16"), dict(lr_min=0.002)):
+        (key, _), = change.items()
+        assert [d.split("=")[0] for d in base.differences(config(epochs=10, **change))] == [key]
+    # what may change on resume is not named
+    assert base.differences(config(epochs=10, num_workers=2, data_root="/x", log_every=5)) == []
+    with pytest.raises(ValueError, match="lr_min <= lr"):
+        config(lr=0.01, lr_min=0.02)
+
+
+def test_the_pictures_show_each_cell(tmp_path, monkeypatch):
+    import dsrna.plots as plots
+
+    cells, tables = [], []
+    monkeypatch.setattr(plots, "plot_cell", lambda genotype, reduction, path, title: cells.append((reduction, path.name)))
+    monkeypatch.setattr(plots, "plot_alpha_heatmaps", lambda t, path, title: tables.append(t))
+    result = run_search(config(out=str(tmp_path), epochs=1, max_steps_per_epoch=1), tiny_data())
+    assert cells == [(False, "normal.png"), (True, "reduce.png")]
+    (table,) = tables
+    normal, reduce = table["normal: softmax(alpha)"], table["reduce: softmax(alpha)"]
+    assert not torch.equal(normal, reduce)
+    logged = result.history[0]["alphas"]
+    torch.testing.assert_close(normal, torch.tensor(logged["normal"]))
+    torch.testing.assert_close(reduce, torch.tensor(logged["reduce"]))
+
+
 def test_cli_search_on_mnist_mini(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["search", "--layers", "3", "--init-channels", "4", "--epochs", "1", "--batch-size", "4",
@@ -454,6 +522,8 @@ def test_cli_preset_and_flags():
     cfg = config_from_args(args)
     assert (cfg.dataset, cfg.stem, cfg.partial_channels, cfg.amp, cfg.arch_start_epoch) == ("imagenet", "imagenet", 2, "bf16", 35)
     assert cfg.epochs == 40 and cfg.subset_fractions == (0.1, 0.025) and cfg.augment and cfg.num_workers == 4
+    assert (cfg.lr, cfg.lr_min, cfg.lr_reference_batch, cfg.lr_warmup_epochs, cfg.arch_lr, cfg.batch_size) == \
+        (0.5, 0.0, 1024, 5, 6e-3, 128)  # PC-DARTS' ImageNet schedule
     assert (cfg.robustness.kind, cfg.robustness.gamma, cfg.robustness.robust_batch) == ("cb", 0.1, 8)
     plain = config_from_args(build_parser("search").parse_args(["search"]))
     assert plain.dataset == "mnist-mini" and plain.robustness.kind == "none" and plain.epochs == 50
@@ -753,6 +823,32 @@ def test_the_logged_losses_are_the_means_over_the_epochs_images(tmp_path, monkey
     assert len(steps) == 4  # 16 training images in batches of 4, every batch the same size
     for key in ("train_loss", "val_loss"):
         assert record[key] == pytest.approx(sum(s[key] for s in steps) / len(steps), rel=1e-6)
+
+
+def test_every_logged_figure_of_an_epoch(tmp_path, monkeypatch):
+    """Accuracies are correct predictions over images, the rate is images per second of that epoch
+    alone, and the learning rate the one the epoch trained at."""
+    steps, ends = [], []
+    real_step = Searcher.step
+
+    def recording(self, train_batch, val_batch):
+        metrics = real_step(self, train_batch, val_batch)
+        steps.append({k: float(v) for k, v in metrics.items()})
+        return metrics
+
+    monkeypatch.setattr(Searcher, "step", recording)
+    cfg = config(out=str(tmp_path / "run"), epochs=2)
+    import time
+
+    history = run_search(cfg, tiny_data(), on_epoch_end=lambda epoch, record: ends.append(time.perf_counter())).history
+    for epoch, record in enumerate(history):
+        mine = steps[4 * epoch:4 * epoch + 4]  # 16 training images in batches of 4; 4 validation batches
+        assert record["train_acc"] == pytest.approx(sum(s["train_correct"] for s in mine) / 16)
+        assert record["val_acc"] == pytest.approx(sum(s["val_correct"] for s in mine) / 16)
+        assert record["images_per_s"] * record["time_s"] == pytest.approx(16)
+        assert record["lr"] == pytest.approx(learning_rate(cfg, epoch))
+    assert history[1]["lr"] < history[0]["lr"]  # cosine over 2 epochs
+    assert history[1]["time_s"] <= ends[1] - ends[0]  # the second epoch's own time, not the run's
 
 
 def test_resume_restores_the_random_state(tmp_path, monkeypatch):
