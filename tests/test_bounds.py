@@ -742,3 +742,25 @@ def test_a_ball_clipped_to_the_box_is_bounded_at_least_as_tightly_as_the_box():
     for norm in ("l2", "l1"):
         bound = Ball(x, 5.0, norm, (0.0, 1.0)).concretize(A, bias)
         assert (bound >= box_only).all() and bound.item() == 0.0
+
+
+def test_crown_symbolic_clips_the_ball_to_the_pixel_box():
+    """The l_inf ball of radius 0.5 around 0, clipped to [0, 1], is the ball of radius 0.25 around 0.25:
+    the same bound (an unclipped ball is only looser, which no soundness test sees)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                        nn.Linear(8, 3)).double().eval()
+    x, y = torch.zeros(2, 1, 2, 2, dtype=torch.float64), torch.tensor([0, 1])
+    clipped = margin_lower_bound(net, x, y, 0.5, "linf", "crown-symbolic")
+    torch.testing.assert_close(clipped, margin_lower_bound(net, x + 0.25, y, 0.25, "linf", "crown-symbolic"))
+
+
+def test_a_budget_of_one_covers_the_whole_box():
+    from dsrna.bounds.perturbation import warn_if_whole_box
+
+    with pytest.warns(UserWarning, match="covers the whole"):
+        warn_if_whole_box(1.0, "linf", "eps")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_whole_box(0.99, "linf", "eps")
+        warn_if_whole_box(2.0, "l2", "eps")

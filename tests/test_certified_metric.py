@@ -212,3 +212,12 @@ def test_metric_bounds_the_ball_of_the_given_norm():
             r = certified_bound_metric(net, x, y, 0.01, norm, "crown-ibp")
             torch.testing.assert_close(r, gamma.masked_fill(label, float("inf")).min(1).values.mean())
             assert not torch.allclose(r, certified_bound_metric(net, x, y, 0.01, "linf", "crown-ibp"))
+
+
+def test_certified_defaults_per_data_set_and_norm():
+    """R_CB's own defaults: crown-symbolic at a small budget on CIFAR-10 (l_inf 1e-6, l_2 4.4e-5), else
+    crown-ibp at the evaluation default (docs/bounds.md)."""
+    assert certified_defaults("cifar10", "linf") == ("crown-symbolic", 1e-6)
+    assert certified_defaults("cifar10", "l2") == ("crown-symbolic", 4.4e-5)
+    assert certified_defaults("cifar10", "l1") == ("crown-ibp", default_eps("cifar10", "l1"))
+    assert certified_defaults("mnist", "linf") == ("crown-ibp", default_eps("mnist", "linf"))

@@ -153,3 +153,14 @@ def test_rejects_self_and_boolean_inputs_and_an_empty_concat():
         Genotype.from_json(_edit(normal=normal))
     with pytest.raises(ValueError, match="normal_concat"):
         Genotype.from_json(_edit(normal_concat=[]))
+
+
+def test_ties_go_to_the_lower_input_and_the_first_op():
+    """DARTS' rule on equal weights (all alphas zero, as at the start of a search): each node keeps its
+    two lowest-numbered inputs, each with the first op that is not `none`."""
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1)
+    with torch.no_grad():
+        net.alphas_normal.zero_()
+        net.alphas_reduce.zero_()
+    genotype = net.genotype()
+    assert genotype.normal == [(PRIMITIVES[1], 0), (PRIMITIVES[1], 1)] * 4 == genotype.reduce

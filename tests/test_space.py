@@ -481,3 +481,25 @@ def test_one_by_one_convs_run_their_hooks_and_current_pruned_weights():
     with torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, out: seen.append(module)):
         reduce(x)
     assert reduce.conv_1 in seen and reduce.conv_2 in seen
+
+
+# --- found untested by a mutation audit of the final network ------------------------------------------
+
+def test_the_auxiliary_head_reads_the_cell_at_two_thirds_of_the_depth():
+    """DARTS' head sits after cell 2 * layers // 3 (the second reduction); any other cell with the same
+    channel count would give an auxiliary output of the same shape."""
+    torch.manual_seed(0)
+    net = Network(DARTS_V2, C=4, num_classes=3, layers=5, in_channels=1, auxiliary=True).train()
+    seen = {}
+    net.cells[2 * 5 // 3].register_forward_hook(lambda module, inputs, output: seen.update(output=output))
+    _, aux = net(torch.rand(2, 1, 8, 8))
+    torch.testing.assert_close(aux, net.auxiliary_head(seen["output"]))
+
+
+def test_drop_path_reaches_every_op_at_its_full_rate():
+    """At a drop rate of nearly 1 every op of every node is dropped: the cell's output is all zeros
+    (dropping only some edges, or at half the rate, leaves values)."""
+    edges = [("sep_conv_3x3", 0), ("sep_conv_3x3", 1)] * 4
+    cell = Cell(Genotype(edges, [2, 3, 4, 5], edges, [2, 3, 4, 5]), 4, 4, 4, False, False).train()
+    torch.manual_seed(0)
+    assert not cell(torch.rand(64, 4, 6, 6), torch.rand(64, 4, 6, 6), 1 - 1e-7).any()
