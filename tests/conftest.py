@@ -81,6 +81,17 @@ def small_triton_blocks(monkeypatch):
         monkeypatch.setattr(kernels, "block_size", lambda n, gpu_block=1024: 16)
 
 
+def refuse_new_files(monkeypatch) -> None:
+    """From now on every folder refuses new files, as a read-only one does: the temporary file that
+    each of dsrna's atomic writes starts with raises ``PermissionError``."""
+    import dsrna.search.checkpoint as checkpoint
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+
+
 def fit_mnist_mlp(hidden: int, n_test: int):
     """An MLP fitted for a second on 512 mnist-mini images: ``(model in eval mode, x_test, y_test)``
     with ``n_test`` test images. Attack and certification tests need a model that is actually right."""

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import refuse_new_files
 
 from dsrna.cli import main
 from dsrna.evaluation.compare import compare_markdown
@@ -86,7 +87,6 @@ def test_attack_and_certify_check_their_inputs_before_any_work(tmp_path, capsys,
     import dsrna.evaluation.attack
     import dsrna.evaluation.certify
     import dsrna.evaluation.compare
-    import dsrna.search.checkpoint
 
     train = tmp_path / "train"
     assert main(["train", "--layers", "3", "--init-channels", "4", "--epochs", "1", "--batch-size", "16",
@@ -140,10 +140,7 @@ def test_attack_and_certify_check_their_inputs_before_any_work(tmp_path, capsys,
         assert "does not record the data set it was trained on: pass --dataset" in capsys.readouterr().err
 
     # An output folder that cannot be written is found before the attack, not after it.
-    def read_only(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(dsrna.search.checkpoint.tempfile, "mkstemp", read_only)
+    refuse_new_files(monkeypatch)
     for argv in ([*attack, "--eps", "0.1", "--out", str(tmp_path / "out")], [*certify, "--out", str(tmp_path / "out")],
                  ["report", str(train)]):
         assert main(argv) == 2

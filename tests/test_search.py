@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
+from conftest import refuse_new_files
 
 import dsrna.robustness
 from dsrna import Genotype, SearchNetwork
@@ -663,17 +665,12 @@ def test_search_config_refuses_a_non_positive_grad_clip():
 
 
 def test_search_checks_its_folder_before_any_step(tmp_path, monkeypatch):
-    import dsrna.search.checkpoint as checkpoint
-
     (tmp_path / "trained").mkdir()
     (tmp_path / "trained" / "model.pt").write_bytes(b"kept")
     with pytest.raises(CheckpointError, match="already holds a training run: choose another --out"):
         run_search(config(out=str(tmp_path / "trained"), epochs=1, max_steps_per_epoch=1), tiny_data())
 
-    def read_only(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    refuse_new_files(monkeypatch)
     steps = []
     monkeypatch.setattr(Searcher, "step", lambda *args: steps.append(1))
     with pytest.raises(CheckpointError, match="cannot write in .*read-only.*Permission denied"):
@@ -809,25 +806,9 @@ def test_each_epoch_sees_the_training_half_in_a_new_order(tmp_path, monkeypatch)
     assert orders[0] != orders[1]
 
 
-def test_the_logged_losses_are_the_means_over_the_epochs_images(tmp_path, monkeypatch):
-    steps = []
-    real_step = Searcher.step
-
-    def recording(self, train_batch, val_batch):
-        metrics = real_step(self, train_batch, val_batch)
-        steps.append({k: float(v) for k, v in metrics.items() if k in ("train_loss", "val_loss")})
-        return metrics
-
-    monkeypatch.setattr(Searcher, "step", recording)
-    record = run_search(config(out=str(tmp_path / "run"), epochs=1), tiny_data()).history[0]
-    assert len(steps) == 4  # 16 training images in batches of 4, every batch the same size
-    for key in ("train_loss", "val_loss"):
-        assert record[key] == pytest.approx(sum(s[key] for s in steps) / len(steps), rel=1e-6)
-
-
 def test_every_logged_figure_of_an_epoch(tmp_path, monkeypatch):
-    """Accuracies are correct predictions over images, the rate is images per second of that epoch
-    alone, and the learning rate the one the epoch trained at."""
+    """Losses are means over the epoch's images, accuracies correct predictions over images, the rate
+    images per second of that epoch alone, and the learning rate the one the epoch trained at."""
     steps, ends = [], []
     real_step = Searcher.step
 
@@ -838,11 +819,12 @@ def test_every_logged_figure_of_an_epoch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Searcher, "step", recording)
     cfg = config(out=str(tmp_path / "run"), epochs=2)
-    import time
-
     history = run_search(cfg, tiny_data(), on_epoch_end=lambda epoch, record: ends.append(time.perf_counter())).history
+    assert len(steps) == 8  # 16 training images in batches of 4, every batch the same size; 2 epochs
     for epoch, record in enumerate(history):
-        mine = steps[4 * epoch:4 * epoch + 4]  # 16 training images in batches of 4; 4 validation batches
+        mine = steps[4 * epoch:4 * epoch + 4]  # and 4 validation batches of 4 per epoch
+        for key in ("train_loss", "val_loss"):
+            assert record[key] == pytest.approx(sum(s[key] for s in mine) / len(mine), rel=1e-6)
         assert record["train_acc"] == pytest.approx(sum(s["train_correct"] for s in mine) / 16)
         assert record["val_acc"] == pytest.approx(sum(s["val_correct"] for s in mine) / 16)
         assert record["images_per_s"] * record["time_s"] == pytest.approx(16)

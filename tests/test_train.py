@@ -2,9 +2,11 @@
 divergence keeps the last good checkpoint, bad input is one clear line."""
 
 import json
+import re
 
 import pytest
 import torch
+from conftest import refuse_new_files
 
 from dsrna.errors import CheckpointError, DivergenceError
 from dsrna.evaluation.train import TrainConfig, evaluate, load_model, train
@@ -453,12 +455,6 @@ def test_evaluate_counts_images_not_batches():
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
 
 
-def test_resume_refuses_another_drop_path_rate(tmp_path, monkeypatch):
-    _interrupted_run(tmp_path, monkeypatch, out=str(tmp_path / "run"), drop_path_prob=0.2)
-    with pytest.raises(CheckpointError, match="drop_path_prob=0.2 \\(now 0.1\\)"):
-        train(TrainConfig(**{**TINY, "out": str(tmp_path / "run"), "drop_path_prob": 0.1, "resume": True}))
-
-
 def test_a_model_file_with_foreign_weights_is_refused(tmp_path):
     """Only an older auxiliary head's extra batch norm is skipped; any other unknown weight means
     another architecture."""
@@ -521,12 +517,7 @@ def test_a_checkpoint_write_that_fails_halfway_keeps_the_previous_one(tmp_path, 
 
 
 def test_an_unwritable_folder_is_refused_before_training(tmp_path, monkeypatch):
-    import dsrna.search.checkpoint as checkpoint
-
-    def read_only(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
+    refuse_new_files(monkeypatch)
     epochs = count_epochs(monkeypatch)
     with pytest.raises(CheckpointError, match="cannot write in .*read-only.*Permission denied"):
         train(TrainConfig(out=str(tmp_path / "read-only"), **TINY))
@@ -535,12 +526,15 @@ def test_an_unwritable_folder_is_refused_before_training(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change", [dict(weight_decay=1e-3), dict(cutout=4), dict(momentum=0.5), dict(lr=0.1),
                                     dict(label_smoothing=0.1), dict(seed=1), dict(auxiliary_weight=0.2),
-                                    dict(lr_schedule="exponential"), dict(max_steps_per_epoch=None)])
+                                    dict(drop_path_prob=0.1), dict(lr_schedule="exponential"),
+                                    dict(max_steps_per_epoch=None)])
 def test_resume_refuses_every_setting_that_changes_the_numbers(tmp_path, monkeypatch, change):
     _interrupted_run(tmp_path, monkeypatch, out=str(tmp_path / "run"))
     (key, value), = change.items()
+    before = TrainConfig(**TINY).resolved()
     epochs = count_epochs(monkeypatch)
-    with pytest.raises(CheckpointError, match=f"different settings: {key}="):
+    with pytest.raises(CheckpointError, match=re.escape(f"different settings: {key}={getattr(before, key)!r} "
+                                                        f"(now {value!r})") + "$"):
         train(TrainConfig(**{**TINY, "out": str(tmp_path / "run"), "resume": True, **change}))
     assert epochs == []
 
