@@ -36,7 +36,8 @@ from dsrna import SearchNetwork
 from dsrna.attacks import project
 from dsrna.bounds import BoundModel, margin_lower_bound
 from dsrna.bounds.engine import DEFAULT_ERROR_SYMBOLS
-from dsrna.robustness.certified import certified_bound_metric, default_eps
+from dsrna.robustness import RobustnessConfig
+from dsrna.robustness.certified import certified_bound_metric, default_eps, dithered
 from dsrna.space import capture_batch_stats, frozen_batch_stats
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -194,7 +195,9 @@ def _tight_rows(first: str, net: SearchNetwork, x: torch.Tensor, y: torch.Tensor
         net(x)
     twins = dict(zip(net.modules(), twin.modules()))
     twin_stats = {twins[bn]: tuple(v.double() for v in values) for bn, values in stats.items()}
-    batch, (x, y) = x, (x[:n], y[:n])
+    # The bound images dithered as R_CB dithers them (--dither): clean margin, attack and bound all
+    # at the dithered point; the batch norms keep the clean batch's statistics, as in the search.
+    batch, (x, y) = x, (dithered(x[:n], args.dither, torch.Generator().manual_seed(2)), y[:n])
     with torch.no_grad(), frozen_batch_stats(twin_stats):
         logits = twin(x.double())
     clean = _min_margin(logits.gather(1, y[:, None]) - logits, y)
@@ -217,10 +220,11 @@ def part_share(args) -> None:
     for name in args.datasets:
         x, y, net = _setup(name, args)
         n = args.bound_images or x.shape[0]
+        bound_images = dithered(x[:n], args.dither, torch.Generator().manual_seed(2))
         for method in args.methods:
-            _, clean = _certified_min_margin(net, x, x[:n], y[:n], 0.0, "linf", method, args)
+            _, clean = _certified_min_margin(net, x, bound_images, y[:n], 0.0, "linf", method, args)
             for norm, eps in ((norm, eps) for norm in args.norms for eps in args.eps):
-                _, g = _certified_min_margin(net, x, x[:n], y[:n], eps, norm, method, args)
+                _, g = _certified_min_margin(net, x, bound_images, y[:n], eps, norm, method, args)
                 print(f"| {name} | {norm} | {eps:g} | {method} | {g.norm():.4g} | {(g - clean).norm() / clean.norm():.3g} | "
                       f"{torch.nn.functional.cosine_similarity(g, clean, dim=0):.4f} |", flush=True)
 
@@ -283,6 +287,8 @@ def main() -> None:
                         "images of the batch, with the whole batch's batch-norm statistics (default: all)")
     parser.add_argument("--norms", default="linf", help="parts tight, along, share: comma list of linf, l2")
     parser.add_argument("--methods", default="crown-ibp,crown-symbolic", help="parts tight, along, share: comma list")
+    parser.add_argument("--dither", type=float, default=RobustnessConfig.cb_dither,
+                        help="parts tight, along, share: R_CB's dither of the bound images (0: none)")
     parser.add_argument("--max-error-symbols", type=int, default=DEFAULT_ERROR_SYMBOLS, help="parts tight, along, share: crown-symbolic's budget")
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")

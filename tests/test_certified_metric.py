@@ -1,5 +1,7 @@
 """R_CB (certified_bound_metric), default_eps and certified_radius."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,8 +9,8 @@ import torch.nn as nn
 from dense_bounds import pgd_min_margin
 from dsrna import SearchNetwork
 from dsrna.bounds import certified_radius, margin_lower_bound
-from dsrna.robustness.certified import certified_bound_metric, certified_defaults, default_eps
-from dsrna.space import capture_batch_stats
+from dsrna.robustness.certified import certified_bound_metric, certified_defaults, default_eps, dithered
+from dsrna.space import capture_batch_stats, frozen_batch_stats
 
 
 def _tiny_search():
@@ -99,16 +101,6 @@ def test_default_eps():
     assert default_eps("cifar10", "linf") > 0 and default_eps("mnist", "l2") > 0
     with pytest.raises(ValueError, match="no default eps"):
         default_eps("svhn", "linf")
-
-
-def test_certified_defaults():
-    """crown-symbolic at a small eps where it is measured tight (CIFAR-10); crown-ibp at the evaluation budget elsewhere."""
-    for norm in ("linf", "l2"):
-        method, eps = certified_defaults("cifar10", norm)
-        assert method == "crown-symbolic" and eps < default_eps("cifar10", norm) / 10
-    assert certified_defaults("mnist", "linf") == ("crown-ibp", default_eps("mnist", "linf"))
-    with pytest.raises(ValueError, match="no default eps"):
-        certified_defaults("svhn", "linf")
 
 
 def _classifier():
@@ -215,9 +207,76 @@ def test_metric_bounds_the_ball_of_the_given_norm():
 
 
 def test_certified_defaults_per_data_set_and_norm():
-    """R_CB's own defaults: crown-symbolic at a small budget on CIFAR-10 (l_inf 1e-6, l_2 4.4e-5), else
-    crown-ibp at the evaluation default (docs/bounds.md)."""
+    """R_CB's own defaults (docs/bounds.md): crown-symbolic at a small budget where it is measured
+    tight on the search super-network (CIFAR-10 l_inf 1e-6 and l_2 4.4e-5; MNIST l_inf 1e-6 and l_2
+    2e-6), else crown-ibp at the evaluation default."""
     assert certified_defaults("cifar10", "linf") == ("crown-symbolic", 1e-6)
     assert certified_defaults("cifar10", "l2") == ("crown-symbolic", 4.4e-5)
-    assert certified_defaults("cifar10", "l1") == ("crown-ibp", default_eps("cifar10", "l1"))
-    assert certified_defaults("mnist", "linf") == ("crown-ibp", default_eps("mnist", "linf"))
+    for mnist in ("mnist", "mnist-mini"):
+        assert certified_defaults(mnist, "linf") == ("crown-symbolic", 1e-6)
+        assert certified_defaults(mnist, "l2") == ("crown-symbolic", 2e-6)
+    for dataset, norm in (("cifar10", "l1"), ("mnist", "l1"), ("fashion-mnist", "linf"), ("imagenet", "linf"),
+                          ("imagenet", "l2")):
+        assert certified_defaults(dataset, norm) == ("crown-ibp", default_eps(dataset, norm))
+    with pytest.raises(ValueError, match="no default eps"):
+        certified_defaults("svhn", "linf")
+
+
+def test_dithered_images_stay_in_the_pixel_box_and_round_to_the_same_8_bit_image():
+    levels = torch.randint(0, 256, (2, 3, 8, 8))
+    x = levels / 255.0
+    noisy = dithered(x, 1e-3, torch.Generator().manual_seed(0))
+    assert (noisy - x).abs().max() <= 1e-3 and (noisy != x).float().mean() > 0.9
+    assert noisy.min() >= 0 and noisy.max() <= 1
+    assert torch.equal((noisy * 255).round().long(), levels)
+    torch.testing.assert_close(noisy, dithered(x, 1e-3, torch.Generator().manual_seed(0)), rtol=0, atol=0)
+    assert dithered(x, 0.0) is x
+    for bad in (-1e-3, 1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"dither must be a number in \[0, 1\)"):
+            certified_bound_metric(_tiny_search().eval(), x[:, :1], torch.tensor([0, 1]), 0.01, dither=bad)
+
+
+def test_dither_breaks_the_ties_of_a_flat_image_region():
+    """A flat image region makes every max-pool window over it an exact tie, which no eps > 0 decides:
+    crown-symbolic runs out of error symbols and its bound is vacuous. Dithered by a quarter of an
+    8-bit level, the same image is bounded tightly (the first-order drop of the margin at eps 1e-6)
+    by the images' bound at the dithered point, drawn from the generator."""
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=1).double().train()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    x[:, :, :, :5] = 0.0  # a flat background, as MNIST's
+    y = torch.tensor([0, 1, 2, 0])
+    with torch.no_grad(), capture_batch_stats() as stats:
+        net(x)
+
+    def metric(dither):
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = certified_bound_metric(net, x[:1], y[:1], 1e-6, "linf", "crown-symbolic", bn_stats=stats,
+                                       max_error_symbols=64, dither=dither, generator=torch.Generator().manual_seed(3))
+        return r.item(), [str(w.message) for w in caught]
+
+    tied, tied_warnings = metric(0.0)
+    assert tied < -100 and any("ran out of its 64 error symbols" in w for w in tied_warnings)
+    bound, warned = metric(1e-3)
+    assert not warned
+    point = dithered(x[:1], 1e-3, torch.Generator().manual_seed(3))
+    with torch.no_grad(), frozen_batch_stats(stats):
+        logits = net(point)
+    clean = (logits[0, y[0]] - logits[0]).masked_fill(torch.arange(3) == y[0], float("inf")).min().item()
+    assert 0 <= clean - bound < 1e-4, (clean, bound)
+    with torch.no_grad():
+        at_point = margin_lower_bound(net, point, y[:1], 1e-6, "linf", "crown-symbolic", bn_stats=stats,
+                                      max_error_symbols=64)
+    assert bound == at_point.masked_fill(torch.arange(3) == y[0], float("inf")).min().item()
+
+
+def test_each_rank_dithers_its_own_images_as_one_process_would(monkeypatch):
+    """Under torch.distributed each rank keeps its slice (r, r + W, ...) of one draw for the global
+    batch, as DistributedSampler deals the images: W processes dither what one process would."""
+    x = torch.full((3, 1, 4, 4), 0.5)
+    one_process = dithered(torch.full((6, 1, 4, 4), 0.5), 1e-3, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    torch.testing.assert_close(dithered(x, 1e-3, torch.Generator().manual_seed(0)), one_process[1::2], rtol=0, atol=0)

@@ -25,9 +25,9 @@ def fake_certified(monkeypatch):
     module.calls = []
 
     def certified_bound_metric(net, x, y, eps, norm, method, reduce="min", bn_stats=None, scale="linear", dtype=None,
-                               max_error_symbols=None):
+                               max_error_symbols=None, dither=None):
         module.calls.append(dict(eps=eps, norm=norm, method=method, reduce=reduce, bn_stats=bn_stats, scale=scale, dtype=dtype,
-                                 max_error_symbols=max_error_symbols))
+                                 max_error_symbols=max_error_symbols, dither=dither))
         return net(x).mean() * 0 + 7.0
 
     def default_eps(dataset, norm):
@@ -118,7 +118,9 @@ def test_cb_and_combined_dispatch_with_resolved_eps(fake_certified):
     cb = robustness_term(net, x, y, RobustnessConfig(kind="cb", method="ibp", reduce="mean"), stats)
     assert cb.item() == 7.0
     assert fake_certified.calls == [dict(eps=0.01, norm="linf", method="ibp", reduce="mean", bn_stats=stats,
-                                         scale="asinh", dtype=torch.float64, max_error_symbols=2048)]
+                                         scale="asinh", dtype=torch.float64, max_error_symbols=2048, dither=1e-3)]
+    robustness_term(net, x, y, RobustnessConfig(kind="cb", cb_dither=0.0), stats)
+    assert fake_certified.calls[-1]["dither"] == 0.0
 
     config = RobustnessConfig(kind="combined", eps=0.3, norm="linf", estimator="exact")
     combined = robustness_term(net, x, y, config, None)
@@ -173,24 +175,18 @@ def test_cb_kind_with_the_real_certified_metric():
     with capture_batch_stats() as stats:
         net(x)
     config = RobustnessConfig(kind="cb", eps=0.001, method="ibp")
+    torch.manual_seed(5)
     r = robustness_term(net, x, y, config, stats)
-    expected = certified_bound_metric(net, x, y, 0.001, "linf", "ibp", reduce="min", bn_stats=stats, scale="asinh")
-    torch.testing.assert_close(r, expected)
+    torch.manual_seed(5)  # the same dither
+    expected = certified_bound_metric(net, x, y, 0.001, "linf", "ibp", reduce="min", bn_stats=stats, scale="asinh",
+                                      dither=config.cb_dither)
+    torch.testing.assert_close(r, expected, rtol=0, atol=0)
+    assert r != certified_bound_metric(net, x, y, 0.001, "linf", "ibp", reduce="min", bn_stats=stats, scale="asinh")
     assert torch.isfinite(r)
     # crown-symbolic's budget reaches the bound pass: none at all gives another (sound, looser) value.
     budgets = [robustness_term(net, x, y, RobustnessConfig(kind="cb", eps=0.01, method="crown-symbolic", error_symbols=e),
                                stats).item() for e in (2048, 0)]
     assert budgets[0] != budgets[1] and all(map(math.isfinite, budgets)), budgets
-
-
-def test_documented_default_budgets():
-    """The defaults docs/bounds.md and docs/robustness.md justify with measurements."""
-    from dsrna.robustness import certified_defaults, default_eps
-
-    assert certified_defaults("cifar10", "linf") == ("crown-symbolic", 1e-6)
-    assert certified_defaults("cifar10", "l2") == ("crown-symbolic", 4.4e-5)
-    assert certified_defaults("mnist", "linf") == ("crown-ibp", 0.003)
-    assert (default_eps("cifar10", "linf"), default_eps("cifar10", "l2"), default_eps("mnist", "linf")) == (0.001, 0.02, 0.003)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -562,9 +562,12 @@ def test_search_halves_take_the_training_augmentation():
     (["--gamma", "5", "--eps", "0.3", "--warmup-epochs", "1"], "robustness gamma, eps, warmup_epochs have no effect"),
     (["--robustness", "jacobian", "--method", "ibp"],
      "robustness method has no effect with kind 'jacobian': drop it or choose kind cb or combined"),
-    # mnist-mini's R_CB runs crown-ibp, which has no error symbols
-    (["--robustness", "cb", "--error-symbols", "100"], "robustness error_symbols has no effect with method "
-                                                         "'crown-ibp', the default on mnist-mini: drop it or choose"),
+    # ImageNet's R_CB runs crown-ibp, which has no error symbols (refused before the data is looked for)
+    (["--dataset", "imagenet", "--robustness", "cb", "--error-symbols", "100"],
+     "robustness error_symbols has no effect with method 'crown-ibp', the default on imagenet: drop it or choose"),
+    (["--robustness", "cb", "--cb-dither", "1"], "R_CB's dither must be a number in [0, 1) (pixel units); got 1.0"),
+    (["--robustness", "jacobian", "--cb-dither", "0"],
+     "robustness cb_dither has no effect with kind 'jacobian': drop it or choose kind cb or combined"),
     (["--robustness", "combined", "--method", "ibp", "--error-symbols", "100"],
      "robustness error_symbols has no effect with method 'ibp': drop it or choose method crown-symbolic"),
     (["--layers", "2"], "layers must be >= 3, got 2: with fewer, every cell is a reduction cell"),
@@ -623,13 +626,71 @@ def test_a_checkpointed_config_with_settings_of_an_unused_term_still_loads():
     assert SearchConfig.from_dict(saved).robustness.error_symbols == 100
 
 
+def test_resume_compares_what_r_ran_with_not_its_defaults(tmp_path, monkeypatch):
+    """A run that left R_CB's method and eps to the data set is not resumed with other ones after the
+    defaults change (a dsrna upgrade): its checkpoint keeps what R ran with, and giving those values
+    explicitly resumes it."""
+    import dsrna.robustness.certified as certified
+    from dsrna.search.checkpoint import load_checkpoint, save_checkpoint
+
+    left_to_defaults = config(robustness=RobustnessConfig(kind="cb"))
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, config=left_to_defaults, net=tiny_net(), searcher_state={}, epoch=1, step=2, data_state={},
+                    world_size=1, history=[])
+    assert load_checkpoint(path, left_to_defaults)["epoch"] == 1
+    monkeypatch.setitem(certified._CB_DEFAULTS, ("mnist-mini", "linf"), ("crown-ibp", 0.003))
+    with pytest.raises(CheckpointError, match=r"settings: robustness.robust_batch=2 \(now None\), robustness.method="
+                                              r"'crown-symbolic' \(now 'crown-ibp'\), robustness.cb_eps=1e-06 \(now 0.003\)$"):
+        load_checkpoint(path, left_to_defaults)
+    explicit = config(robustness=RobustnessConfig(kind="cb", method="crown-symbolic", eps=1e-6, robust_batch=2))
+    assert load_checkpoint(path, explicit)["epoch"] == 1
+    with pytest.raises(CheckpointError, match=r"robustness.cb_eps=1e-06 \(now 1e-05\)$"):
+        load_checkpoint(path, config(robustness=RobustnessConfig(kind="cb", method="crown-symbolic", eps=1e-5,
+                                                                 robust_batch=2)))
+    # what is recorded: R_CB's and R_Jac's budgets apart, and nothing without R
+    combined = RobustnessConfig(kind="combined", dataset="cifar10", norm="l2")
+    assert combined.in_effect() == dict(robust_batch=2, method="crown-symbolic", cb_eps=4.4e-5, jacobian_eps=0.02)
+    assert RobustnessConfig(kind="jacobian", eps=0.1).in_effect() == dict(robust_batch=None, jacobian_eps=0.1)
+    assert RobustnessConfig().in_effect() == {}
+
+
+def test_a_run_saved_before_r_cb_dithered_resumes_without_dither():
+    saved = config(robustness=RobustnessConfig(kind="cb", cb_dither=0.0)).to_dict()
+    del saved["robustness"]["cb_dither"]
+    assert SearchConfig.from_dict(saved).robustness.cb_dither == 0.0
+    saved = config(robustness=RobustnessConfig(kind="jacobian")).to_dict()  # R_CB's setting does not apply
+    del saved["robustness"]["cb_dither"]
+    assert SearchConfig.from_dict(saved).robustness.cb_dither == RobustnessConfig.cb_dither
+
+
+def test_a_parameter_gone_non_finite_stops_the_search_before_its_checkpoint(tmp_path, monkeypatch):
+    """An architecture step whose R is finite but whose gradient is not (a vacuous bound's overflow)
+    leaves every loss of the epoch finite and NaN alphas behind: the epoch's checkpoint must not keep them."""
+    real_step, epochs = Searcher.step, []
+
+    def last_step_poisons_alpha(self, *args, **kwargs):
+        metrics = real_step(self, *args, **kwargs)
+        epochs.append(self.epoch)
+        if epochs.count(1) == 2:  # the second and last step of epoch 2
+            with torch.no_grad():
+                self.net.alphas_normal[0, 0] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(Searcher, "step", last_step_poisons_alpha)
+    with pytest.raises(DivergenceError, match=r"diverged in epoch 2 \(a weight or architecture parameter is no longer "
+                                              r"finite\); the last good checkpoint .* is kept"):
+        run_search(config(out=str(tmp_path), max_steps_per_epoch=2, epochs=3), tiny_data())
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1 and torch.isfinite(saved["model"]["alphas_normal"]).all()
+
+
 def test_an_error_symbol_budget_follows_the_data_sets_default_method():
     """R_CB's default method is the searched data set's: crown-symbolic on CIFAR-10 reads the budget,
     whatever data set a RobustnessConfig made on its own was told."""
     robustness = RobustnessConfig(kind="cb", error_symbols=100)
     assert SearchConfig(dataset="cifar10", robustness=robustness).robustness.error_symbols == 100
-    with pytest.raises(ValueError, match="'crown-ibp', the default on mnist-mini"):
-        SearchConfig(dataset="mnist-mini", robustness=robustness)
+    with pytest.raises(ValueError, match="'crown-ibp', the default on imagenet"):
+        SearchConfig(dataset="imagenet", robustness=robustness)
 
 
 def test_architecture_optimizer_follows_the_device_on_resume():

@@ -37,14 +37,16 @@ _FLAGS = {
     # gradient kept: it certifies trained networks (dsrna certify), it does not fit a search step.
     "--method": ("robustness.method", dict(choices=["ibp", "crown-ibp", "crown-symbolic"],
                                               help="bound method of R_CB; default per data set: crown-symbolic "
-                                                   "on CIFAR-10, crown-ibp elsewhere (full CROWN is for "
+                                                   "on CIFAR-10 and MNIST, crown-ibp elsewhere (full CROWN is for "
                                                    "dsrna certify: it does not fit a search step)")),
     "--cb-scale": ("robustness.cb_scale", dict(choices=["asinh", "linear"],
                                                help="R_CB averages asinh(bound) (default: finite on vacuous bounds) or the bound")),
     "--bound-dtype": ("robustness.bound_dtype", dict(choices=["float64", "float32"], help="precision of R_CB's bound pass; default float64")),
     "--error-symbols": ("robustness.error_symbols", dict(type=int, help="crown-symbolic's error-symbol budget per robust example "
-                                                                        "(only that method reads it); default 2048 "
-                                                                        "(MNIST needs about 8192)")),
+                                                                        "(only that method reads it); default 2048")),
+    "--cb-dither": ("robustness.cb_dither", dict(type=float, help="R_CB bounds its images plus uniform noise of this "
+                                                                  "amplitude (pixel units), which breaks the ties of flat "
+                                                                  "regions; default 1e-3 (a quarter of an 8-bit level), 0: none")),
     "--estimator": ("robustness.estimator", dict(choices=["random-row", "exact", "top1", "projection"],
                                                  help="Jacobian-norm estimator of R_Jac; default random-row")),
     "--robust-batch": ("robustness.robust_batch", dict(type=int, help="R on the first M validation examples "

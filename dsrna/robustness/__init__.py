@@ -39,6 +39,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def check_dither(amount: float) -> None:
+    """Refuse an R_CB dither outside [0, 1) pixel units (NaN included)."""
+    if not (isinstance(amount, (int, float)) and 0 <= amount < 1):
+        raise ValueError(f"R_CB's dither must be a number in [0, 1) (pixel units); got {amount!r}")
+
+
 def _check_choice(field: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"robustness {field} must be one of {', '.join(choices)}; got {value!r}")
@@ -55,7 +61,10 @@ class RobustnessConfig:
     ``method`` (None: ``certified_defaults``), ``reduce``, ``cb_scale`` and ``bound_dtype`` configure
     R_CB (bound method; reduction of the per-class margin bounds; "asinh" or "linear" averaging, see
     :func:`certified_bound_metric`; the precision of the bound pass), ``error_symbols`` is the
-    ``crown-symbolic`` method's budget per example (docs/bounds.md), ``estimator`` and ``n`` configure R_Jac. ``robust_batch``: R is
+    ``crown-symbolic`` method's budget per example (docs/bounds.md), ``cb_dither`` the noise R_CB adds to
+    its images before bounding them (:func:`dsrna.robustness.certified.dithered`: the default, a quarter of
+    an 8-bit grey level, breaks the exact ties of flat image regions, where no max-pool window is ever
+    decided, and every dithered image rounds back to the same 8-bit image), ``estimator`` and ``n`` configure R_Jac. ``robust_batch``: R is
     computed on the first ``robust_batch`` examples of the validation batch (None: all of it, or
     ``SYMBOLIC_ROBUST_BATCH`` when R_CB runs crown-symbolic, which costs ``n + E`` image passes per
     example); the caller slices the batch, this module sees only the slice. ``warmup_epochs``: epochs searched
@@ -71,6 +80,7 @@ class RobustnessConfig:
     cb_scale: str = "asinh"
     bound_dtype: str = "float64"
     error_symbols: int = DEFAULT_ERROR_SYMBOLS
+    cb_dither: float = 1e-3
     estimator: str = "random-row"
     n: int = 1
     robust_batch: int | None = None
@@ -95,6 +105,7 @@ class RobustnessConfig:
             warn_if_whole_box(self.eps, self.norm, "robustness eps")
         if not (isinstance(self.error_symbols, int) and self.error_symbols >= 0):
             raise ValueError(f"robustness error_symbols must be an integer >= 0; got {self.error_symbols!r}")
+        check_dither(self.cb_dither)
         if not (isinstance(self.n, int) and self.n >= 1):
             raise ValueError(f"robustness n (Jacobian rows or projections per example) must be an integer >= 1; got {self.n!r}")
         if self.robust_batch is not None and not (isinstance(self.robust_batch, int) and self.robust_batch >= 1):
@@ -120,7 +131,7 @@ class RobustnessConfig:
         if kind != "none":
             fields |= {"gamma", "eps", "norm", "robust_batch", "warmup_epochs", "inner_gamma"}
         if kind in ("cb", "combined"):
-            fields |= {"method", "reduce", "cb_scale", "bound_dtype", "error_symbols"}
+            fields |= {"method", "reduce", "cb_scale", "bound_dtype", "error_symbols", "cb_dither"}
         if kind in ("jacobian", "combined"):
             fields |= {"estimator", "n"}
         return fields
@@ -137,8 +148,11 @@ class RobustnessConfig:
     @classmethod
     def saved_settings(cls, saved: dict, dataset: str) -> dict:
         """A saved run's robustness settings without those its R never read: a run saved before they were
-        refused may hold some; they never changed its numbers, so they are dropped rather than refused."""
+        refused may hold some; they never changed its numbers, so they are dropped rather than refused.
+        A run saved before R_CB dithered its images ran without dither."""
         kept = {k: v for k, v in saved.items() if k in cls.fields_in_use(saved.get("kind", "none"))}
+        if "cb_dither" in cls.fields_in_use(saved.get("kind", "none")):
+            kept.setdefault("cb_dither", 0.0)
         if "error_symbols" in kept:
             method = cls(**{**kept, "error_symbols": DEFAULT_ERROR_SYMBOLS, "dataset": dataset}).resolved_method()
             if method != "crown-symbolic":
@@ -156,6 +170,20 @@ class RobustnessConfig:
     def active(self, epoch: int) -> bool:
         """Whether R enters the architecture loss at ``epoch`` (0-based): on, and past the warm-up."""
         return self.kind != "none" and epoch >= self.warmup_epochs
+
+    # The fields whose None means "the data set's default": in_effect() gives what they resolve to.
+    RESOLVED = ("method", "eps", "robust_batch")
+
+    def in_effect(self) -> dict:
+        """What the ``RESOLVED`` fields are once the data set's defaults are applied (nothing without
+        R). A search checkpoint keeps it, so that resuming after a default changed is refused rather
+        than silently computing another R."""
+        settings = {} if self.kind == "none" else {"robust_batch": self.resolved_robust_batch()}
+        if self.uses_certified:
+            settings |= {"method": self.resolved_method(), "cb_eps": self.resolved_eps(certified=True)}
+        if self.uses_jacobian:
+            settings["jacobian_eps"] = self.resolved_eps()
+        return settings
 
     def resolved_method(self) -> str:
         """R_CB's bound method: ``method``, or the data set's default for ``norm`` when it is None."""
@@ -192,7 +220,7 @@ def robustness_term(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Ro
                                                          config.resolved_method(),
                                                          reduce=config.reduce, bn_stats=bn_stats, scale=config.cb_scale,
                                                          dtype=BOUND_DTYPES[config.bound_dtype],
-                                                         max_error_symbols=config.error_symbols))
+                                                         max_error_symbols=config.error_symbols, dither=config.cb_dither))
     if config.uses_jacobian:
         terms.append(jacobian_metric(net, x, norm=config.norm, estimator=config.estimator, n=config.n, eps=config.resolved_eps(),
                                      bn_stats=bn_stats))

@@ -92,14 +92,14 @@ def _row_norm_sums(net, x, norm, estimator, n, bn_stats, generator) -> tuple[tor
         elif estimator == "random-row":
             if n > K:
                 raise ValueError(f"random-row draws n distinct rows per image: n={n} exceeds the {K} classes")
-            scores = _this_ranks_draw(lambda b: torch.rand(b, K, device=x.device, generator=generator), B, dim=0)
+            scores = this_ranks_draw(lambda b: torch.rand(b, K, device=x.device, generator=generator), B, dim=0)
             rows = scores.argsort(dim=1)[:, :n]  # n distinct rows, uniformly, per image
             cotangents = F.one_hot(rows, K).to(logits.dtype).transpose(0, 1)  # [n, B, K]
         elif estimator == "top1":
             cotangents = F.one_hot(logits.detach().argmax(dim=1), K).to(logits.dtype)[None]  # [1, B, K]
         else:  # projection
-            v = _this_ranks_draw(lambda b: torch.randn(n, b, K, device=x.device, dtype=logits.dtype,
-                                                       generator=generator), B, dim=1)
+            v = this_ranks_draw(lambda b: torch.randn(n, b, K, device=x.device, dtype=logits.dtype,
+                                                      generator=generator), B, dim=1)
             cotangents = v / v.norm(dim=2, keepdim=True)
         vjps = _input_vjps(logits, x_in, cotangents, differentiable)  # [r, B, *x.shape[1:]]
         if estimator == "projection":
@@ -111,7 +111,7 @@ def _row_norm_sums(net, x, norm, estimator, n, bn_stats, generator) -> tuple[tor
     return (sums if differentiable else sums.detach()), K
 
 
-def _this_ranks_draw(draw, B: int, dim: int) -> torch.Tensor:
+def this_ranks_draw(draw, B: int, dim: int) -> torch.Tensor:
     """``draw(B)``, one slice per image along ``dim``. Under torch.distributed every rank draws for
     the whole global batch (the ranks' generators agree: they are seeded alike) and keeps the slices
     of its images, r, r + W, ... as DistributedSampler deals them: the ranks' estimates are then

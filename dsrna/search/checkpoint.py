@@ -225,6 +225,7 @@ def save_checkpoint(path: Path, *, config: SearchConfig, net: torch.nn.Module, s
         "rng": rng_state(),
         "data": data_state,
         "history": history,
+        "robustness_in_effect": config.robustness.in_effect(),
     }
     atomic_write(path, lambda temp: torch.save(payload, temp))
 
@@ -248,7 +249,7 @@ def load_checkpoint(path: Path, config: SearchConfig, map_location: torch.device
     if saved.batch_size * payload.get("world_size", 1) == config.batch_size * distributed.world_size():
         # the same global batch over another number of processes (2 x 64 -> 4 x 32)
         saved = dataclasses.replace(saved, batch_size=config.batch_size)
-    differing = config.differences(saved)
+    differing = config.differences(saved, payload.get("robustness_in_effect"))  # older checkpoints lack it
     if differing:
         raise CheckpointError(f"cannot resume {path}: it belongs to a run with different settings: "
                               f"{', '.join(differing[:3])}")

@@ -154,11 +154,21 @@ class SearchConfig:
             data = {**data, "robustness": read}
         return cls(**data)
 
-    def differences(self, other: "SearchConfig") -> list[str]:
+    def differences(self, other: "SearchConfig", other_robustness: dict | None = None) -> list[str]:
         """The fields that change the run's numbers and differ from ``other``'s, as
-        :func:`dsrna.errors.changed_settings` shows them."""
-        mine = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE}
-        return changed_settings(other.to_dict(), mine)
+        :func:`dsrna.errors.changed_settings` shows them. R's method, budgets and robust batch are
+        compared as they take effect (``other_robustness``: ``other.robustness.in_effect()`` as its
+        checkpoint recorded it; None: resolved now), so a setting left to a default that changed
+        since differs, and one given explicitly as that default was does not."""
+        def numbers(config: SearchConfig, robustness: dict) -> dict:
+            data = {k: v for k, v in config.to_dict().items() if k not in self.RESUMABLE}
+            data["robustness"] = {**{k: v for k, v in data["robustness"].items() if k not in robustness_class.RESOLVED},
+                                  **robustness}
+            return data
+
+        robustness_class = _robustness_config_class()
+        before = other.robustness.in_effect() if other_robustness is None else other_robustness
+        return changed_settings(numbers(other, before), numbers(self, self.robustness.in_effect()))
 
 
 # PC-DARTS' ImageNet protocol (Xu et al. 2020): 10% / 2.5% per-class subsets, 224x224 inputs through a

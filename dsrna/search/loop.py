@@ -309,6 +309,11 @@ def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on
             distributed.all_reduce_sum_(sums)
             totals = sums.tolist()
             _check_finite(totals, epoch, checkpoint_path)
+            # A finite R with a non-finite gradient (a vacuous bound's overflow) passes the losses of
+            # its own step but updates the architecture to NaN: never checkpoint such a network.
+            # (Every rank holds the same parameters, so all stop together.)
+            if not torch.stack([p.isfinite().all() for p in net.parameters()]).all():
+                _diverged(epoch, checkpoint_path, "a weight or architecture parameter is no longer finite")
             genotype = net.genotype()
             record = {
                 "epoch": epoch + 1,
@@ -349,6 +354,10 @@ def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on
 def _check_finite(sums: list[float], epoch: int, checkpoint_path: Path) -> None:
     bad = next((v for v in (sums[0], sums[3], sums[6]) if not math.isfinite(v)), None)
     if bad is not None:
-        kept = f"the last good checkpoint {checkpoint_path} is kept" if checkpoint_path.exists() else "no checkpoint was written"
-        raise DivergenceError(f"the search diverged in epoch {epoch + 1} (a loss became {bad}); {kept}; "
-                              "try a smaller --gamma or learning rate")
+        _diverged(epoch, checkpoint_path, f"a loss became {bad}")
+
+
+def _diverged(epoch: int, checkpoint_path: Path, what: str) -> None:
+    kept = f"the last good checkpoint {checkpoint_path} is kept" if checkpoint_path.exists() else "no checkpoint was written"
+    raise DivergenceError(f"the search diverged in epoch {epoch + 1} ({what}); {kept}; "
+                          "try a smaller --gamma or learning rate")
