@@ -520,8 +520,10 @@ def test_cli_preset_and_flags():
     from dsrna.commands.search import config_from_args
 
     args = build_parser("search").parse_args(["search", "--preset", "imagenet-pcdarts", "--epochs", "40",
-                                              "--robustness", "cb", "--gamma", "0.1", "--robust-batch", "8"])
+                                              "--robustness", "cb", "--gamma", "0.1", "--robust-batch", "8",
+                                              "--cb-dither", "5e-4"])
     cfg = config_from_args(args)
+    assert cfg.robustness.cb_dither == 5e-4
     assert (cfg.dataset, cfg.stem, cfg.partial_channels, cfg.amp, cfg.arch_start_epoch) == ("imagenet", "imagenet", 2, "bf16", 35)
     assert cfg.epochs == 40 and cfg.subset_fractions == (0.1, 0.025) and cfg.augment and cfg.num_workers == 4
     assert (cfg.lr, cfg.lr_min, cfg.lr_reference_batch, cfg.lr_warmup_epochs, cfg.arch_lr, cfg.batch_size) == \

@@ -52,6 +52,9 @@ def test_non_contiguous_inputs(name, device):
     xs = [b.transpose(0, 2) for b in base[:2]] + [b.transpose(0, 2).contiguous() for b in base[2:]]  # mixed strides
     w = torch.rand(4, device=device)
     torch.testing.assert_close(fn(xs, w), weighted_sum_reference(xs, w))
+    # every other channel: dense in the last dims, strided only in dim 1 (not rows of C*H*W)
+    xs = [torch.randn(2, 6, 4, device=device)[:, ::2] for _ in range(3)]
+    torch.testing.assert_close(fn(xs, w[:3]), weighted_sum_reference(xs, w[:3]))
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -89,6 +92,26 @@ def test_low_precision_error_no_worse_than_reference(name, device, dtype):
     ref_err = (weighted_sum_reference(xs, w).double() - exact).abs().max()
     err = (out.double() - exact).abs().max()
     assert err <= 2 * ref_err + torch.finfo(dtype).eps * exact.abs().max()
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_sums_in_float32_and_rounds_once(name, device, dtype):
+    """The fast paths accumulate in float32 and round the sum once: every element is the exact sum
+    rounded to the nearest value of the dtype, up to float32's own accumulation error (rounding each
+    product first, as the reference does, misses by more than half a unit in the last place)."""
+    fn = impl(name, device)
+    torch.manual_seed(0)
+    xs = [(torch.rand(4096, device=device) + 0.5).to(dtype) for _ in range(16)]
+    w = torch.rand(16, device=device) + 0.1
+    exact = weighted_sum_reference([x.double() for x in xs], w.double())
+    # exact >= 0.8 stays far from the subnormals: an ulp is eps times its binade. Triton's CPU
+    # interpreter converts float32 to bfloat16 by truncation (a GPU rounds to nearest): a whole ulp there.
+    truncates = name == "triton" and device == "cpu" and dtype == torch.bfloat16
+    rounding = torch.finfo(dtype).eps * (1 if truncates else 0.5) * 2.0 ** torch.floor(torch.log2(exact))
+    accumulation = 16 * 2.0 ** -24 * exact
+    assert ((fn(xs, w).double() - exact).abs() <= rounding + accumulation).all()
 
 
 @pytest.mark.parametrize("name", FAST)

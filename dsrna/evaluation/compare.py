@@ -47,7 +47,7 @@ class CompareConfig:
     search_order: int = 1
     search_max_steps: int | None = None
     gamma: float = 0.01
-    robust_eps: float | None = None  # None: dsrna.robustness.default_eps(dataset, robust_norm)
+    robust_eps: float | None = None  # None: the data set's, R_CB's and R_Jac's apart (as dsrna search)
     robust_norm: str = "linf"
     robust_batch: int | None = None
     # final training
