@@ -78,6 +78,11 @@ def _arch_grad(net: SearchNetwork) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in net.arch_parameters() if p.grad is not None])
 
 
+def _bound_images(x: torch.Tensor, n: int, args) -> torch.Tensor:
+    """The first ``n`` images of the batch dithered as R_CB dithers them (``--dither``), with a fixed seed."""
+    return dithered(x[:n], args.dither, torch.Generator().manual_seed(2))
+
+
 def _certified_min_margin(net: SearchNetwork, batch: torch.Tensor, x, y, eps: float, norm: str, method: str,
                           args) -> tuple[torch.Tensor, torch.Tensor]:
     """As the search computes R_CB: the float64 certified min margin ``[B]`` of ``(x, y)`` with the
@@ -195,9 +200,9 @@ def _tight_rows(first: str, net: SearchNetwork, x: torch.Tensor, y: torch.Tensor
         net(x)
     twins = dict(zip(net.modules(), twin.modules()))
     twin_stats = {twins[bn]: tuple(v.double() for v in values) for bn, values in stats.items()}
-    # The bound images dithered as R_CB dithers them (--dither): clean margin, attack and bound all
-    # at the dithered point; the batch norms keep the clean batch's statistics, as in the search.
-    batch, (x, y) = x, (dithered(x[:n], args.dither, torch.Generator().manual_seed(2)), y[:n])
+    # Clean margin, attack and bound all at the dithered point; the batch norms keep the clean batch's
+    # statistics, as in the search.
+    batch, (x, y) = x, (_bound_images(x, n, args), y[:n])
     with torch.no_grad(), frozen_batch_stats(twin_stats):
         logits = twin(x.double())
     clean = _min_margin(logits.gather(1, y[:, None]) - logits, y)
@@ -220,7 +225,7 @@ def part_share(args) -> None:
     for name in args.datasets:
         x, y, net = _setup(name, args)
         n = args.bound_images or x.shape[0]
-        bound_images = dithered(x[:n], args.dither, torch.Generator().manual_seed(2))
+        bound_images = _bound_images(x, n, args)
         for method in args.methods:
             _, clean = _certified_min_margin(net, x, bound_images, y[:n], 0.0, "linf", method, args)
             for norm, eps in ((norm, eps) for norm in args.norms for eps in args.eps):

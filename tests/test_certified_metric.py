@@ -220,6 +220,8 @@ def test_certified_defaults_per_data_set_and_norm():
         assert certified_defaults(dataset, norm) == ("crown-ibp", default_eps(dataset, norm))
     with pytest.raises(ValueError, match="no default eps"):
         certified_defaults("svhn", "linf")
+    # the evaluation defaults themselves (docs/robustness.md)
+    assert (default_eps("cifar10", "linf"), default_eps("cifar10", "l2"), default_eps("mnist", "linf")) == (0.001, 0.02, 0.003)
 
 
 def test_dithered_images_stay_in_the_pixel_box_and_round_to_the_same_8_bit_image():

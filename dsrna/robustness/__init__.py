@@ -150,8 +150,9 @@ class RobustnessConfig:
         """A saved run's robustness settings without those its R never read: a run saved before they were
         refused may hold some; they never changed its numbers, so they are dropped rather than refused.
         A run saved before R_CB dithered its images ran without dither."""
-        kept = {k: v for k, v in saved.items() if k in cls.fields_in_use(saved.get("kind", "none"))}
-        if "cb_dither" in cls.fields_in_use(saved.get("kind", "none")):
+        in_use = cls.fields_in_use(saved.get("kind", "none"))
+        kept = {k: v for k, v in saved.items() if k in in_use}
+        if "cb_dither" in in_use:
             kept.setdefault("cb_dither", 0.0)
         if "error_symbols" in kept:
             method = cls(**{**kept, "error_symbols": DEFAULT_ERROR_SYMBOLS, "dataset": dataset}).resolved_method()

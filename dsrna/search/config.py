@@ -162,11 +162,10 @@ class SearchConfig:
         since differs, and one given explicitly as that default was does not."""
         def numbers(config: SearchConfig, robustness: dict) -> dict:
             data = {k: v for k, v in config.to_dict().items() if k not in self.RESUMABLE}
-            data["robustness"] = {**{k: v for k, v in data["robustness"].items() if k not in robustness_class.RESOLVED},
+            data["robustness"] = {**{k: v for k, v in data["robustness"].items() if k not in config.robustness.RESOLVED},
                                   **robustness}
             return data
 
-        robustness_class = _robustness_config_class()
         before = other.robustness.in_effect() if other_robustness is None else other_robustness
         return changed_settings(numbers(other, before), numbers(self, self.robustness.in_effect()))
 
