@@ -9,7 +9,8 @@ import torch.nn as nn
 from dense_bounds import pgd_min_margin
 from dsrna import SearchNetwork
 from dsrna.bounds import certified_radius, margin_lower_bound
-from dsrna.robustness.certified import certified_bound_metric, certified_defaults, default_eps, dithered
+from dsrna.robustness.certified import (certified_bound_metric, certified_defaults, default_eps, dithered,
+                                       shows_vacuous_bound)
 from dsrna.space import capture_batch_stats, frozen_batch_stats
 
 
@@ -190,6 +191,11 @@ def test_float64_bound_pass_keeps_a_float32_nets_vacuous_bound_finite():
     r = certified_bound_metric(net, x, y, 0.1, "linf", "ibp", scale="asinh", dtype=torch.float64)
     assert r.dtype == torch.float32 and torch.isfinite(r) and r < -80
     assert not torch.isfinite(certified_bound_metric(net, x, y, 0.1, "linf", "ibp", scale="asinh"))
+    # which the search reports as vacuous, on either scale; an informative bound is not
+    linear = certified_bound_metric(net, x, y, 0.1, "linf", "ibp", dtype=torch.float64)
+    assert shows_vacuous_bound(r.item(), "asinh") and shows_vacuous_bound(linear.item(), "linear")
+    assert not shows_vacuous_bound(-14.0, "asinh") and not shows_vacuous_bound(-14.0, "linear")
+    assert shows_vacuous_bound(-14.6, "asinh") and not shows_vacuous_bound(-9e5, "linear")
 
 
 def test_metric_bounds_the_ball_of_the_given_norm():

@@ -52,6 +52,12 @@ def test_log_curves_skip_the_epochs_without_a_value():
     records = [{"epoch": 1, "train_loss": 2.0, "val_loss": None, "robustness": None, "flag": True},
                {"epoch": 2, "train_loss": 1.0, "val_loss": 1.5, "robustness": -0.3, "flag": False}]
     assert _curve_groups(records, "epoch") == {"loss": ["train_loss", "val_loss"], "robustness": ["robustness"]}
+    # a combined search's terms share R's panel
+    combined = [{**r, "robustness_cb": r["robustness"], "robustness_jacobian": r["robustness"], "entropy_normal": 2.0}
+                for r in records]
+    assert _curve_groups(combined, "epoch") == {"loss": ["train_loss", "val_loss"],
+                                                "robustness": ["robustness", "robustness_cb", "robustness_jacobian"],
+                                                "entropy_normal": ["entropy_normal"]}
 
 
 def test_report_names_an_unreadable_file_it_leaves_out(tmp_path):

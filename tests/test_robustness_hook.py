@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import dsrna.robustness as robustness
 from dsrna import SearchNetwork
-from dsrna.robustness import RobustnessConfig, jacobian_metric, robustness_term
+from dsrna.robustness import RobustnessConfig, jacobian_metric, robustness_term, robustness_terms
 from dsrna.space import capture_batch_stats
 
 
@@ -126,6 +126,9 @@ def test_cb_and_combined_dispatch_with_resolved_eps(fake_certified):
     combined = robustness_term(net, x, y, config, None)
     assert fake_certified.calls[-1]["eps"] == 0.3
     torch.testing.assert_close(combined, 7.0 + jacobian_metric(net, x, "linf", "exact", eps=0.3))
+    terms = robustness_terms(net, x, y, config, None)  # the same terms apart, as the search logs them
+    assert set(terms) == {"cb", "jacobian"} and terms["cb"].item() == 7.0
+    torch.testing.assert_close(terms["jacobian"], jacobian_metric(net, x, "linf", "exact", eps=0.3))
     # default budgets: R_CB its own (CIFAR-10: 1e-5 here), R_Jac the evaluation one (0.05)
     cifar = RobustnessConfig(kind="combined", dataset="cifar10", norm="l2", estimator="exact")
     combined = robustness_term(net, x, y, cifar, None)

@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -143,7 +144,8 @@ def test_step_updates_architecture_and_weights(order):
     before_alpha = [a.detach().clone() for a in net.arch_parameters()]
     before_w = net.classifier.weight.detach().clone()
     metrics = searcher.step(batch(seed=1), batch(seed=2))
-    assert set(metrics) == {"train_loss", "train_correct", "train_count", "val_loss", "val_correct", "val_count", "robustness"}
+    assert set(metrics) == {"train_loss", "train_correct", "train_count", "val_loss", "val_correct", "val_count", "robustness",
+                            "robustness_cb", "robustness_jacobian"}
     assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.values())
     assert all(not torch.equal(a, b) for a, b in zip(net.arch_parameters(), before_alpha))
     assert not torch.equal(net.classifier.weight, before_w)
@@ -199,7 +201,7 @@ def test_learning_rate_schedule():
 
 
 class _FakeMetric:
-    """A differentiable stand-in for the robustness metrics that records how it is called."""
+    """A differentiable stand-in for ``robustness_terms`` (one R_Jac term) that records how it is called."""
 
     def __init__(self):
         self.calls = []
@@ -209,13 +211,13 @@ class _FakeMetric:
         from dsrna.space import frozen_batch_stats
 
         with frozen_batch_stats(bn_stats):
-            return -net(x).pow(2).mean()
+            return {"jacobian": -net(x).pow(2).mean()}
 
 
 @pytest.mark.parametrize("order", [1, 2])
 def test_robustness_hook(monkeypatch, order):
     fake = _FakeMetric()
-    monkeypatch.setattr(dsrna.robustness, "robustness_term", fake)
+    monkeypatch.setattr(dsrna.robustness, "robustness_terms", fake)
     gamma = 0.5
     cfg = config(order=order, robustness=RobustnessConfig(kind="jacobian", gamma=gamma, robust_batch=2, warmup_epochs=1))
     net = tiny_net()
@@ -234,7 +236,7 @@ def test_robustness_hook(monkeypatch, order):
 
         with capture_batch_stats() as stats:
             val_loss = F.cross_entropy(net(val[0]), val[1])
-        r = fake(net, val[0][:2], val[1][:2], cfg.robustness, stats)
+        r = fake(net, val[0][:2], val[1][:2], cfg.robustness, stats)["jacobian"]
         expected = torch.autograd.grad(val_loss - gamma * r, net.arch_parameters())
         for a, e in zip(grads, expected):
             torch.testing.assert_close(a, e)
@@ -280,7 +282,7 @@ def test_first_order_architecture_step_saves_nothing_for_the_weights():
 
 def test_cifar10_dsrna_cb_defaults_to_crown_symbolic_on_two_images(monkeypatch):
     fake = _FakeMetric()
-    monkeypatch.setattr(dsrna.robustness, "robustness_term", fake)
+    monkeypatch.setattr(dsrna.robustness, "robustness_terms", fake)
     cfg = config(dataset="cifar10", robustness=RobustnessConfig(kind="cb"))
     assert cfg.robustness.resolved_method() == "crown-symbolic"
     Searcher(tiny_net(), cfg).arch_gradient(batch(seed=2), batch(seed=1))
@@ -290,9 +292,9 @@ def test_cifar10_dsrna_cb_defaults_to_crown_symbolic_on_two_images(monkeypatch):
 
 def test_robustness_none_never_calls_the_metric(monkeypatch):
     def boom(*args):
-        raise AssertionError("robustness_term called with --robustness none")
+        raise AssertionError("robustness_terms called with --robustness none")
 
-    monkeypatch.setattr(dsrna.robustness, "robustness_term", boom)
+    monkeypatch.setattr(dsrna.robustness, "robustness_terms", boom)
     searcher = Searcher(tiny_net(), config(order=2))
     searcher.step(batch(seed=1), batch(seed=2))
 
@@ -831,23 +833,49 @@ def test_searcher_names_what_it_needs():
 
 
 def test_logged_robustness_is_the_mean_over_the_epochs_steps(monkeypatch, tmp_path):
-    values = iter([0.1, 0.2, 0.6])
+    """A combined R logs its sum and, apart, its R_CB and R_Jac terms, each the mean over the epoch's steps."""
+    values = iter([(0.1, -1.0), (0.2, -2.0), (0.6, -6.0)])
 
     def per_step(net, x, y, cfg, bn_stats):  # differentiable in alpha, one value per step whatever the batch
-        return net.alphas_normal.sum() * 0.0 + next(values)
+        cb, jacobian = next(values)
+        return {"cb": net.alphas_normal.sum() * 0.0 + cb, "jacobian": net.alphas_normal.sum() * 0.0 + jacobian}
 
-    monkeypatch.setattr(dsrna.robustness, "robustness_term", per_step)
+    monkeypatch.setattr(dsrna.robustness, "robustness_terms", per_step)
     cfg = config(epochs=1, max_steps_per_epoch=3, out=str(tmp_path / "run"),
-                 robustness=RobustnessConfig(kind="jacobian", gamma=0.1))
-    result = run_search(cfg, tiny_data())
-    assert result.history[-1]["robustness"] == pytest.approx(0.3)
+                 robustness=RobustnessConfig(kind="combined", gamma=0.1, method="ibp"))
+    record = run_search(cfg, tiny_data()).history[-1]
+    assert record["robustness"] == pytest.approx(0.3 - 3.0)
+    assert (record["robustness_cb"], record["robustness_jacobian"]) == (pytest.approx(0.3), pytest.approx(-3.0))
+
+
+@pytest.mark.parametrize("kind, r_cb, warns", [("cb", -30.0, True), ("cb", -0.2, False), ("combined", -30.0, True),
+                                               ("combined", -0.2, False)])
+def test_a_vacuous_certified_bound_is_reported_once(monkeypatch, tmp_path, kind, r_cb, warns):
+    """R_CB at -30 on the asinh scale means a margin bound near -5e12: the search says so, once a run;
+    a combined R's R_Jac term (here -40) does not count."""
+    def terms(net, x, y, cfg, bn_stats):
+        zero = net.alphas_normal.sum() * 0.0
+        return {"cb": zero + r_cb} | ({"jacobian": zero - 40.0} if kind == "combined" else {})
+
+    monkeypatch.setattr(dsrna.robustness, "robustness_terms", terms)
+    cfg = config(epochs=2, max_steps_per_epoch=1, out=str(tmp_path / "run"),
+                 robustness=RobustnessConfig(kind=kind, gamma=0.1, method="crown-ibp", eps=0.01))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_search(cfg, tiny_data())
+    vacuous = [str(w.message) for w in caught if "vacuous" in str(w.message)]
+    if warns:
+        (message,) = vacuous
+        assert "epoch 1's mean R_CB is -30 on the asinh scale" in message and "crown-ibp at eps 0.01" in message
+    else:
+        assert vacuous == []
 
 
 def test_a_nan_robustness_term_stops_the_search(monkeypatch, tmp_path):
     def nan_term(net, x, y, cfg, bn_stats):
-        return net.alphas_normal.sum() * 0.0 + float("nan")
+        return {"jacobian": net.alphas_normal.sum() * 0.0 + float("nan")}
 
-    monkeypatch.setattr(dsrna.robustness, "robustness_term", nan_term)
+    monkeypatch.setattr(dsrna.robustness, "robustness_terms", nan_term)
     cfg = config(epochs=1, max_steps_per_epoch=2, out=str(tmp_path / "run"),
                  robustness=RobustnessConfig(kind="jacobian", gamma=0.1))
     with pytest.raises(DivergenceError, match="diverged in epoch 1"):

@@ -129,15 +129,16 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def _curve_groups(records: list[dict], x_key: str | None) -> dict[str, list[str]]:
-    """The numeric fields of the log by panel: losses together, accuracies together, each other
-    field alone. None marks an epoch without the value (R in its warm-up, val_loss before the
-    architecture starts): the curve skips it."""
+    """The numeric fields of the log by panel: losses together, accuracies together, R with its terms
+    (a combined search's R_CB and R_Jac), each other field alone. None marks an epoch without the value
+    (R in its warm-up, val_loss before the architecture starts): the curve skips it."""
     present = {k: [r[k] for r in records if r.get(k) is not None] for k in dict.fromkeys(k for r in records for k in r)}
     groups: dict[str, list[str]] = {}
     for key, values in present.items():
         if key == x_key or not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             continue
-        group = "loss" if "loss" in key else "accuracy" if key.endswith("acc") or "accuracy" in key else key
+        group = ("loss" if "loss" in key else "accuracy" if key.endswith("acc") or "accuracy" in key
+                 else "robustness" if key.startswith("robustness") else key)
         groups.setdefault(group, []).append(key)
     return groups
 

@@ -3,7 +3,8 @@
 ``certified_bound_metric`` (R_CB, :mod:`dsrna.robustness.certified`) comes from the bound engine
 :mod:`dsrna.bounds`; ``jacobian_metric`` (R_Jac, :mod:`dsrna.robustness.jacobian`) from input-Jacobian
 row norms. :class:`RobustnessConfig` holds the search's ``--robustness`` options and
-:func:`robustness_term` computes the R of the architecture loss ``L_val - gamma * R`` on a batch.
+:func:`robustness_term` computes the R of the architecture loss ``L_val - gamma * R`` on a batch
+(:func:`robustness_terms`, its terms one by one).
 """
 
 from __future__ import annotations
@@ -205,30 +206,37 @@ class RobustnessConfig:
         return self.robust_batch
 
 
-def robustness_term(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: RobustnessConfig,
-                    bn_stats: dict | None) -> torch.Tensor:
-    """R on the batch ``(x, y)`` (already cut to ``config.robust_batch``), a scalar to maximise.
+def robustness_terms(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: RobustnessConfig,
+                     bn_stats: dict | None) -> dict[str, torch.Tensor]:
+    """The terms of R on the batch ``(x, y)`` (already cut to ``config.robust_batch``), scalars to
+    maximise: ``"cb"`` (R_CB) and/or ``"jacobian"`` (R_Jac) as ``config.kind`` asks; none for ``none``.
 
     ``bn_stats`` is the store :func:`dsrna.space.capture_batch_stats` recorded during the clean
     forward pass of this batch (None: the metrics run that pass themselves when the net has
-    train-mode batch norms). Kind ``none`` returns a zero tensor without touching the net.
+    train-mode batch norms).
     """
-    if config.kind == "none":
-        return torch.zeros((), dtype=x.dtype, device=x.device)
-    terms = []
+    terms = {}
     if config.uses_certified:
-        terms.append(_certified().certified_bound_metric(net, x, y, config.resolved_eps(certified=True), config.norm,
-                                                         config.resolved_method(),
-                                                         reduce=config.reduce, bn_stats=bn_stats, scale=config.cb_scale,
-                                                         dtype=BOUND_DTYPES[config.bound_dtype],
-                                                         max_error_symbols=config.error_symbols, dither=config.cb_dither))
+        terms["cb"] = _certified().certified_bound_metric(
+            net, x, y, config.resolved_eps(certified=True), config.norm, config.resolved_method(), reduce=config.reduce,
+            bn_stats=bn_stats, scale=config.cb_scale, dtype=BOUND_DTYPES[config.bound_dtype],
+            max_error_symbols=config.error_symbols, dither=config.cb_dither)
     if config.uses_jacobian:
-        terms.append(jacobian_metric(net, x, norm=config.norm, estimator=config.estimator, n=config.n, eps=config.resolved_eps(),
-                                     bn_stats=bn_stats))
-    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        terms["jacobian"] = jacobian_metric(net, x, norm=config.norm, estimator=config.estimator, n=config.n,
+                                            eps=config.resolved_eps(), bn_stats=bn_stats)
+    return terms
+
+
+def robustness_term(net: nn.Module, x: torch.Tensor, y: torch.Tensor, config: RobustnessConfig,
+                    bn_stats: dict | None) -> torch.Tensor:
+    """R on the batch ``(x, y)``: the sum of :func:`robustness_terms` (R_CB + R_Jac for ``combined``);
+    kind ``none`` returns a zero tensor without touching the net."""
+    terms = robustness_terms(net, x, y, config, bn_stats)
+    return sum(terms.values()) if terms else torch.zeros((), dtype=x.dtype, device=x.device)
 
 
 __all__ = [
     "KINDS", "NORMS", "METHODS", "REDUCTIONS", "SCALES", "ESTIMATORS", "RobustnessConfig", "robustness_term",
+    "robustness_terms",
     "certified_bound_metric", "certified_defaults", "default_eps", "jacobian_metric", "jacobian_row_norm_sum",
 ]

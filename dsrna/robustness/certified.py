@@ -60,6 +60,18 @@ _CB_DEFAULTS = {
 }
 
 
+# A certified margin bound below -VACUOUS_BOUND says nothing about robustness: the logits of an
+# initialised or trained network differ by tens, while the interval bounds of a deep super-network reach
+# -1e58 (docs/bounds.md). The search warns when an epoch's R_CB shows such a bound.
+VACUOUS_BOUND = 1e6
+
+
+def shows_vacuous_bound(r: float, scale: str) -> bool:
+    """Whether a mean R_CB of ``r`` on ``scale`` ("asinh" or "linear") shows that some image's certified
+    margin bound is below ``-VACUOUS_BOUND`` (a mean lies below a value only if one of its terms does)."""
+    return r < (-math.asinh(VACUOUS_BOUND) if scale == "asinh" else -VACUOUS_BOUND)
+
+
 def certified_defaults(dataset: str, norm: str = "linf") -> tuple[str, float]:
     """R_CB's bound method and eps when none is given: crown-symbolic at a small eps where it is tight
     (CIFAR-10, MNIST), else crown-ibp at :func:`default_eps`."""

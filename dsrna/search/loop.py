@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,6 +31,8 @@ from tqdm import tqdm
 
 from dsrna import backend
 from dsrna.errors import CheckpointError, DataError, DivergenceError, DsrnaError
+from dsrna.robustness import RobustnessConfig
+from dsrna.robustness.certified import VACUOUS_BOUND, shows_vacuous_bound
 from dsrna.search import distributed
 from dsrna.search.checkpoint import (atomic_write_text, check_writable, load_checkpoint, load_state_checked,
                                      refuse_existing_run, save_checkpoint, set_rng_state)
@@ -275,14 +278,16 @@ def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on
     val_stream = ValidationStream(val_loader, val_sampler, world, val_state["val_epoch"], val_state["val_consumed"])
     genotype = net.genotype()
 
+    warned_vacuous = False  # once a run is enough
     progress = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, unit="step",
                     desc="search", dynamic_ncols=True, disable=rank != 0 or not config.progress)
     try:
         for epoch in range(start_epoch, config.epochs):
             searcher.set_epoch(epoch)
             train_sampler.set_epoch(epoch)
-            # train loss, train correct, train count, val loss, val correct, val count, R, steps with R
-            sums = torch.zeros(8, dtype=torch.float64, device=device)
+            # train loss, train correct, train count, val loss, val correct, val count, R, steps with R,
+            # and R's terms R_CB and R_Jac
+            sums = torch.zeros(10, dtype=torch.float64, device=device)
             # R is off during its warm-up: the epoch logs None then, not the 0 the steps return
             with_r = torch.full((), float(searcher.robustness_active), device=device)
             started = time.perf_counter()
@@ -292,8 +297,8 @@ def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on
                 if searcher.arch_active:
                     xv, yv = (t.to(device, non_blocking=True) for t in next(val_stream))
                     m = stepper.step((x, y), (xv, yv))
-                    sums[3:8] += torch.stack([m["val_loss"] * m["val_count"], m["val_correct"], m["val_count"],
-                                              m["robustness"], with_r]).double()
+                    sums[3:10] += torch.stack([m["val_loss"] * m["val_count"], m["val_correct"], m["val_count"],
+                                               m["robustness"], with_r, m["robustness_cb"], m["robustness_jacobian"]]).double()
                 else:
                     m = stepper.weight_step((x, y))
                 sums[0:3] += torch.stack([m["train_loss"] * m["train_count"], m["train_correct"], m["train_count"]]).double()
@@ -324,6 +329,10 @@ def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on
                 "val_loss": totals[3] / totals[5] if totals[5] else None,
                 "val_acc": totals[4] / totals[5] if totals[5] else None,
                 "robustness": totals[6] / totals[7] if totals[7] else None,
+                # a combined R's terms apart
+                **({"robustness_cb": totals[8] / totals[7] if totals[7] else None,
+                    "robustness_jacobian": totals[9] / totals[7] if totals[7] else None}
+                   if config.robustness.kind == "combined" else {}),
                 **architecture_entropy(net),
                 "genotype": genotype.to_dict(),
                 # softmax(alpha) per epoch, so the report can draw the heatmaps over the run
@@ -334,6 +343,8 @@ def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on
                 "world_size": world,
             }
             history.append(record)
+            if rank == 0 and not warned_vacuous:
+                warned_vacuous = _warn_if_vacuous(record, config.robustness)
             # the other ranks wait here for rank 0's files: a full disk or an unwritable --out stops them all
             with distributed.fail_together():
                 if rank == 0:
@@ -349,6 +360,20 @@ def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on
     finally:
         progress.close()
     return SearchResult(genotype=genotype, out=out, history=history)
+
+
+def _warn_if_vacuous(record: dict, robustness: RobustnessConfig) -> bool:
+    """Warn when the epoch's R_CB shows a vacuous certified bound; returns whether it warned."""
+    r = record.get("robustness_cb" if robustness.kind == "combined" else "robustness")
+    if not robustness.uses_certified or r is None or not shows_vacuous_bound(r, robustness.cb_scale):
+        return False
+    warnings.warn(f"R_CB's certified bounds are vacuous: epoch {record['epoch']}'s mean R_CB is {r:.4g} on the "
+                  f"{robustness.cb_scale} scale, so some robust image's margin bound is below -{VACUOUS_BOUND:,.0f}. With "
+                  f"{robustness.resolved_method()} at eps {robustness.resolved_eps(certified=True):g} R_CB is finite but "
+                  "does not measure robustness (docs/bounds.md, \"R_CB in the search\"): crown-symbolic at a small "
+                  "eps is tight where the input is small (the CIFAR-10 and MNIST defaults), and --robustness jacobian "
+                  "works everywhere", RuntimeWarning, stacklevel=2)
+    return True
 
 
 def _check_finite(sums: list[float], epoch: int, checkpoint_path: Path) -> None:

@@ -168,24 +168,25 @@ class Searcher:
 
     # --- objectives -------------------------------------------------------------------------------
 
-    def _robustness(self, net, x, y, bn_stats) -> torch.Tensor:
-        """R on the first ``robust_batch`` examples (BN statistics of the whole clean batch)."""
-        from dsrna.robustness import robustness_term
+    def _robustness(self, net, x, y, bn_stats) -> dict[str, torch.Tensor]:
+        """R's terms on the first ``robust_batch`` examples (BN statistics of the whole clean batch)."""
+        from dsrna.robustness import robustness_terms
 
         m = self.config.robustness.resolved_robust_batch() or x.shape[0]
-        return robustness_term(net, x[:m], y[:m], self.config.robustness, bn_stats)
+        return robustness_terms(net, x[:m], y[:m], self.config.robustness, bn_stats)
 
     def _arch_objective(self, net, x, y):
-        """``(L_val - gamma * R, L_val, logits, R)`` of ``net`` on a validation batch. L_val's forward
-        runs under ``capture_batch_stats`` so R sees the clean batch's BN statistics."""
+        """``(L_val - gamma * R, L_val, logits, R's terms)`` of ``net`` on a validation batch (no terms
+        while R is off). L_val's forward runs under ``capture_batch_stats`` so R sees the clean batch's
+        BN statistics."""
         robust = self.robustness_active
         with self._autocast(x.device), _capturing(robust) as bn_stats:
             logits = net(x)
         val_loss = _cross_entropy(logits, y)
         if not robust:
-            return val_loss, val_loss, logits, torch.zeros((), device=x.device)
-        r = self._robustness(net, x, y, bn_stats)
-        return val_loss - self.config.robustness.gamma * r, val_loss, logits, r
+            return val_loss, val_loss, logits, {}
+        terms = self._robustness(net, x, y, bn_stats)
+        return val_loss - self.config.robustness.gamma * sum(terms.values()), val_loss, logits, terms
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -197,16 +198,19 @@ class Searcher:
         if self.config.order == 2:
             if train_batch is None:
                 raise ValueError("the second-order architecture step needs the training batch too")
-            grads, val_loss, logits, r = self._unrolled_arch_gradient(train_batch, val_batch)
+            grads, val_loss, logits, terms = self._unrolled_arch_gradient(train_batch, val_batch)
         else:
             # The weights are constants of this gradient: without them autograd keeps no tensor for
             # their gradients (R_CB's bound pass and R_Jac's double backward kept many).
             with _frozen(self.weights):
-                loss, val_loss, logits, r = self._arch_objective(self.net, x, y)
+                loss, val_loss, logits, terms = self._arch_objective(self.net, x, y)
                 # with fewer than 3 layers every cell reduces and the normal alphas get no gradient
                 grads = torch.autograd.grad(loss, self.arch, allow_unused=True, materialize_grads=True)
-        metrics = {"val_loss": val_loss.detach(), "val_correct": (logits.argmax(1) == y).sum(),
-                   "robustness": r.detach(), "val_count": _count(y)}
+        # R, and R_CB and R_Jac apart (a combined R logs both; zero while R is off)
+        zero = val_loss.new_zeros(())
+        metrics = {"val_loss": val_loss.detach(), "val_correct": (logits.argmax(1) == y).sum(), "val_count": _count(y),
+                   "robustness": sum(terms.values(), zero).detach(),
+                   **{f"robustness_{kind}": terms.get(kind, zero).detach() for kind in ("cb", "jacobian")}}
         return distributed.all_reduce_mean(grads), metrics
 
     def arch_step(self, val_batch, train_batch=None) -> dict[str, torch.Tensor]:
@@ -248,12 +252,12 @@ class Searcher:
                 w_shadow.copy_(w_unrolled)
             for a_shadow, a in zip(shadow_arch, self.arch):
                 a_shadow.copy_(a)
-        loss, val_loss, logits, r = self._arch_objective(shadow, xv, yv)
+        loss, val_loss, logits, terms = self._arch_objective(shadow, xv, yv)
         grads = torch.autograd.grad(loss, shadow_arch + shadow_weights, allow_unused=True, materialize_grads=True)
         d_alpha, v = grads[:len(shadow_arch)], grads[len(shadow_arch):]
         v = distributed.all_reduce_mean(v)  # the same finite-difference direction on every rank
         hvp = finite_difference_hvp(shadow, self.weights, v, xt, yt, self.config.unrolled_radius)
-        return [da - eta * h for da, h in zip(d_alpha, hvp)], val_loss, logits, r
+        return [da - eta * h for da, h in zip(d_alpha, hvp)], val_loss, logits, terms
 
     def weight_step(self, train_batch) -> dict[str, torch.Tensor]:
         """One SGD step on the weights (architecture fixed), gradient clipped to ``grad_clip``."""
@@ -266,7 +270,7 @@ class Searcher:
             loss = _cross_entropy(logits, y)
             train_loss = loss
             if robust:
-                loss = loss - inner_gamma * self._robustness(self.net, x, y, bn_stats)
+                loss = loss - inner_gamma * sum(self._robustness(self.net, x, y, bn_stats).values())
             self.w_optimizer.zero_grad(set_to_none=True)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.weights, self.config.grad_clip)
