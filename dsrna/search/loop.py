@@ -320,18 +320,21 @@ def _run(config: SearchConfig, device: torch.device, data: SearchData | None, on
             if not torch.stack([p.isfinite().all() for p in net.parameters()]).all():
                 _diverged(epoch, checkpoint_path, "a weight or architecture parameter is no longer finite")
             genotype = net.genotype()
+
+            def mean(total: int, count: int) -> float | None:  # None: nothing counted (no architecture step, R off)
+                return totals[total] / totals[count] if totals[count] else None
+
             record = {
                 "epoch": epoch + 1,
                 "step": step,
                 "lr": searcher.lr,
-                "train_loss": totals[0] / totals[2],
-                "train_acc": totals[1] / totals[2],
-                "val_loss": totals[3] / totals[5] if totals[5] else None,
-                "val_acc": totals[4] / totals[5] if totals[5] else None,
-                "robustness": totals[6] / totals[7] if totals[7] else None,
+                "train_loss": mean(0, 2),
+                "train_acc": mean(1, 2),
+                "val_loss": mean(3, 5),
+                "val_acc": mean(4, 5),
+                "robustness": mean(6, 7),
                 # a combined R's terms apart
-                **({"robustness_cb": totals[8] / totals[7] if totals[7] else None,
-                    "robustness_jacobian": totals[9] / totals[7] if totals[7] else None}
+                **({"robustness_cb": mean(8, 7), "robustness_jacobian": mean(9, 7)}
                    if config.robustness.kind == "combined" else {}),
                 **architecture_entropy(net),
                 "genotype": genotype.to_dict(),
