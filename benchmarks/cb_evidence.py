@@ -45,9 +45,9 @@ CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
 def _batch(name: str, batch: int, image: int = 32):
-    """MNIST: the shipped mnist-mini test images; CIFAR-10 (not shipped): random 3-channel images of
-    ``image``^2 pixels (32: its size)."""
-    if name == "mnist-mini":
+    """The first test images of a data set on disk (mnist-mini is shipped; mnist and fashion-mnist are
+    read from ``$DSRNA_DATA_ROOT``); CIFAR-10: random 3-channel images of ``image``^2 pixels (32: its size)."""
+    if name != "cifar10":
         from dsrna.data import dataset_info, get_dataset
 
         data = get_dataset(name, train=False)

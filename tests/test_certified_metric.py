@@ -214,14 +214,14 @@ def test_metric_bounds_the_ball_of_the_given_norm():
 
 def test_certified_defaults_per_data_set_and_norm():
     """R_CB's own defaults (docs/bounds.md): crown-symbolic at a small budget where it is measured
-    tight on the search super-network (CIFAR-10 l_inf 1e-6 and l_2 4.4e-5; MNIST l_inf 1e-6 and l_2
-    2e-6), else crown-ibp at the evaluation default."""
+    tight on the search super-network (CIFAR-10 l_inf 1e-6 and l_2 4.4e-5; MNIST and Fashion-MNIST
+    l_inf 1e-6 and l_2 2e-6), else crown-ibp at the evaluation default."""
     assert certified_defaults("cifar10", "linf") == ("crown-symbolic", 1e-6)
     assert certified_defaults("cifar10", "l2") == ("crown-symbolic", 4.4e-5)
-    for mnist in ("mnist", "mnist-mini"):
-        assert certified_defaults(mnist, "linf") == ("crown-symbolic", 1e-6)
-        assert certified_defaults(mnist, "l2") == ("crown-symbolic", 2e-6)
-    for dataset, norm in (("cifar10", "l1"), ("mnist", "l1"), ("fashion-mnist", "linf"), ("imagenet", "linf"),
+    for dataset in ("mnist", "mnist-mini", "fashion-mnist"):
+        assert certified_defaults(dataset, "linf") == ("crown-symbolic", 1e-6)
+        assert certified_defaults(dataset, "l2") == ("crown-symbolic", 2e-6)
+    for dataset, norm in (("cifar10", "l1"), ("mnist", "l1"), ("fashion-mnist", "l1"), ("imagenet", "linf"),
                           ("imagenet", "l2")):
         assert certified_defaults(dataset, norm) == ("crown-ibp", default_eps(dataset, norm))
     with pytest.raises(ValueError, match="no default eps"):
