@@ -10,6 +10,7 @@ multi-tensor ``_foreach`` op counts once, as it launches once on a GPU).
 
     PYTHONPATH=. python benchmarks/footprint.py [--batch 8 --init-channels 16 --layers 8 --device cpu]
     PYTHONPATH=. python benchmarks/footprint.py --bound-methods ibp,crown-ibp [--keep-all-bounds]
+    PYTHONPATH=. python benchmarks/footprint.py --bound-methods crown-ibp,crown --float64 --image 8 --eps 1e-6 --bound-images 1
     PYTHONPATH=. python benchmarks/footprint.py --recompute-cost 10 [--backend native]
 
 ``--recompute-cost N``: what the batched cell's recomputation of its depthwise stages in backward
@@ -17,7 +18,10 @@ saves and costs, both measured in one process: the bytes saved for backward and 
 train steps (forward, loss, backward), with the recomputation and without it, the two alternating.
 
 A bound pass's peak is the growth of the process's peak resident memory over the pass (a fresh
-process per method: that peak only ever grows), float32, l_inf at CIFAR-10's default eps.
+process per method: that peak only ever grows), with its seconds; l_inf at CIFAR-10's default eps unless
+``--eps``; the batch norms take the whole batch's statistics, as in the search, and the pass bounds its
+first ``--bound-images`` images (default all); ``--float64`` for the methods whose intervals overflow
+float32 on the deep super-network (crown-ibp and crown, docs/bounds.md).
 """
 
 from __future__ import annotations
@@ -74,21 +78,22 @@ def forward_ops(net: SearchNetwork, x: torch.Tensor) -> int:
                if ours(e) and not ours(e.cpu_parent) and e.name.split("::")[-1] not in _NO_KERNEL)
 
 
-def bound_pass_peak_gib(net: SearchNetwork, x: torch.Tensor, method: str, keep_all_bounds: bool) -> float:
-    """Growth of this process's peak resident memory over one no-grad pass bounding the margins of
-    class 0 (Linux counts ru_maxrss in KiB)."""
+def bound_pass_cost(net: SearchNetwork, x: torch.Tensor, method: str, eps: float, bound_images: int,
+                    keep_all_bounds: bool) -> tuple[float, float]:
+    """``(seconds, GiB)`` of one no-grad pass bounding the margins of class 0 on the first
+    ``bound_images`` images of ``x``, under the statistics of all of ``x``; GiB is the growth of this
+    process's peak resident memory over the pass (Linux counts ru_maxrss in KiB)."""
     from dsrna.bounds import BoundModel, margin_spec
-    from dsrna.robustness.certified import default_eps
     from dsrna.space import capture_batch_stats
 
     with torch.no_grad(), capture_batch_stats() as stats:
         net(x)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    x = x[:bound_images]
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
     with torch.no_grad():
-        prop = BoundModel(net, stats).propagation(x, default_eps("cifar10", "linf"), "linf", method,
-                                                  keep_all_bounds=keep_all_bounds)
+        prop = BoundModel(net, stats).propagation(x, eps, "linf", method, keep_all_bounds=keep_all_bounds)
         prop.lower_bound(margin_spec(torch.zeros(len(x), dtype=torch.long), 10, x.dtype))
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
+    return time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
 
 
 @contextlib.contextmanager
@@ -143,6 +148,10 @@ def main() -> None:
     parser.add_argument("--bound-methods", help="comma-separated bound methods: report their passes' peak memory (CPU)")
     parser.add_argument("--keep-all-bounds", action="store_true", help="keep every node's interval (the old behaviour)")
     parser.add_argument("--one-bound-pass", help=argparse.SUPPRESS)  # the child process of --bound-methods
+    parser.add_argument("--image", type=int, default=32, help="side of the random 3-channel images")
+    parser.add_argument("--float64", action="store_true", help="network and images in float64")
+    parser.add_argument("--eps", type=float, help="--bound-methods: l_inf budget (default: CIFAR-10's default)")
+    parser.add_argument("--bound-images", type=int, help="--bound-methods: bound the first N images of the batch")
     parser.add_argument("--recompute-cost", type=int, metavar="N",
                         help="time N train steps with and without the depthwise stages' recomputation")
     parser.add_argument("--backend", default="native", help="--recompute-cost: a fast backend (the batched cell)")
@@ -151,25 +160,35 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = SearchNetwork(C=args.init_channels, layers=args.layers).to(args.device)
-    x = torch.rand(args.batch, 3, 32, 32, device=args.device)
+    dtype = torch.float64 if args.float64 else torch.float32
+    net = SearchNetwork(C=args.init_channels, layers=args.layers).to(args.device, dtype)
+    x = torch.rand(args.batch, 3, args.image, args.image, device=args.device, dtype=dtype)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
     if args.one_bound_pass:
-        print(bound_pass_peak_gib(net, x, args.one_bound_pass, args.keep_all_bounds))
+        from dsrna.robustness.certified import default_eps
+
+        eps = args.eps if args.eps is not None else default_eps("cifar10", "linf")
+        print(*bound_pass_cost(net, x, args.one_bound_pass, eps, args.bound_images or args.batch, args.keep_all_bounds))
         return
+    shape = (f"C={args.init_channels}, {args.layers} cells, batch {args.batch}, {args.image}x{args.image}, "
+             f"{dtype}".replace("torch.", ""))
     if args.bound_methods:
         kept = "every interval kept" if args.keep_all_bounds else "intervals released after their last use"
-        print(f"C={args.init_channels}, {args.layers} cells, batch {args.batch}, 32x32, float32, no gradient, {kept}\n")
-        print("| method | peak growth (GiB) |")
-        print("|---|---|")
+        bounded = f", the first {args.bound_images} bounded" if args.bound_images else ""
+        print(f"{shape}{bounded}, l_inf eps {args.eps or 'CIFAR-10 default'}, no gradient, {kept}, "
+              f"{torch.get_num_threads()} threads\n")
+        print("| method | seconds | peak growth (GiB) |")
+        print("|---|---|---|")
         for method in args.bound_methods.split(","):
-            child = [sys.executable, __file__, "--one-bound-pass", method, "--batch", str(args.batch),
-                     "--init-channels", str(args.init_channels), "--layers", str(args.layers)]
-            child += ["--keep-all-bounds"] if args.keep_all_bounds else []
-            peak = float(subprocess.run(child, check=True, capture_output=True, text=True).stdout.split()[-1])
-            print(f"| {method} | {peak:.2f} |")
+            child = [sys.executable, __file__, "--one-bound-pass", method]
+            child += [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in
+                      ("batch", "init_channels", "layers", "image", "eps", "bound_images", "threads")
+                      if getattr(args, name) is not None]
+            child += ["--keep-all-bounds"] * args.keep_all_bounds + ["--float64"] * args.float64
+            seconds, peak = map(float, subprocess.run(child, check=True, capture_output=True, text=True).stdout.split()[-2:])
+            print(f"| {method} | {seconds:.1f} | {peak:.2f} |")
         return
-    print(f"C={args.init_channels}, {args.layers} cells, batch {args.batch}, 32x32, float32, train mode, {args.device}"
+    print(f"{shape}, train mode, {args.device}"
           f"{f', {torch.get_num_threads()} threads' if args.device == 'cpu' else ''}\n")
     if args.recompute_cost:
         net.backend = args.backend
