@@ -37,7 +37,7 @@ _FLAGS = {
     # gradient kept: it certifies trained networks (dsrna certify), it does not fit a search step.
     "--method": ("robustness.method", dict(choices=["ibp", "crown-ibp", "crown-symbolic"],
                                               help="bound method of R_CB; default per data set: crown-symbolic "
-                                                   "on CIFAR-10 and MNIST, crown-ibp elsewhere (full CROWN is for "
+                                                   "on CIFAR-10, MNIST and Fashion-MNIST, crown-ibp elsewhere (full CROWN is for "
                                                    "dsrna certify: it does not fit a search step)")),
     "--cb-scale": ("robustness.cb_scale", dict(choices=["asinh", "linear"],
                                                help="R_CB averages asinh(bound) (default: finite on vacuous bounds) or the bound")),

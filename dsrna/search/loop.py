@@ -374,8 +374,8 @@ def _warn_if_vacuous(record: dict, robustness: RobustnessConfig) -> bool:
                   f"{robustness.cb_scale} scale, so some robust image's margin bound is below -{VACUOUS_BOUND:,.0f}. With "
                   f"{robustness.resolved_method()} at eps {robustness.resolved_eps(certified=True):g} R_CB is finite but "
                   "does not measure robustness (docs/bounds.md, \"R_CB in the search\"): crown-symbolic at a small "
-                  "eps is tight where the input is small (the CIFAR-10 and MNIST defaults), and --robustness jacobian "
-                  "works everywhere", RuntimeWarning, stacklevel=2)
+                  "eps is tight where the input is small (the CIFAR-10, MNIST and Fashion-MNIST defaults), and "
+                  "--robustness jacobian works everywhere", RuntimeWarning, stacklevel=2)
     return True
 
 
